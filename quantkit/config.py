@@ -1,0 +1,74 @@
+"""Validated settings for one quantization run. Core modules take these, never CLI objects."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .packing import SUPPORTED_BITS
+
+METHODS = ("gptq", "rtn")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How each Linear weight is quantized.
+
+    :param bits: bits per weight (2, 3, 4 or 8).
+    :param group_size: input channels sharing one scale/zero; -1 = one group per output row.
+    :param sym: symmetric grid with a fixed zero point (2**(bits-1)); asymmetric otherwise.
+    :param damp: Hessian damping as a fraction of mean(diag(H)).
+    :param act_order: process columns by decreasing Hessian diagonal (GPTQ "desc_act").
+    :param static_groups: with act_order, fix group parameters before the pass so g_idx stays i // group_size.
+    :param true_sequential: quantize a layer's Linears stage by stage, each seeing the quantized earlier ones.
+    :param method: "gptq" (calibrated) or "rtn" (round-to-nearest, no calibration).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    damp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    method: str = "gptq"
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"group size must be -1 (per row) or positive, got {self.group_size}")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.static_groups and not self.act_order:
+            raise ValueError("static groups only apply with act-order")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def effective_group_size(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """Which text calibrates the run and how it is cut into samples."""
+
+    source: str = "pydocs-calib"
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples <= 0:
+            raise ValueError(f"samples must be positive, got {self.samples}")
+        if self.seq_len < 8:
+            raise ValueError(f"seq-len must be at least 8, got {self.seq_len}")
+
+    @property
+    def tokens_needed(self) -> int:
+        return self.samples * self.seq_len

@@ -1,0 +1,64 @@
+"""Pure uniform-grid quantization primitives shared by GPTQ and round-to-nearest.
+
+Scales are rounded to float16 when computed, because the on-disk format stores them in float16: the
+solver then works with exactly the scales a loader will read, so dequantizing the files reproduces the
+solver's output bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_FP16_MIN_SCALE = 2.0**-24  # smallest positive float16 (subnormal); keeps scales from rounding to 0
+_FP16_MAX = 65504.0
+
+
+def group_qparams(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """Per-row grid parameters for w [rows, cols] -> (scale [rows] float32, zero [rows] float32 integer-valued)."""
+    maxq = 2**bits - 1
+    w = w.float()
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    scale = ((xmax - xmin) / maxq).clamp(_FP16_MIN_SCALE, _FP16_MAX).half().float()
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """w [rows, cols] -> integer codes (float dtype) in [0, 2**bits) given per-row scale/zero [rows]."""
+    return torch.clamp(torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, 2**bits - 1)
+
+
+def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """The format's dequantization, W = scale * (q - zero), in float32. Broadcasts over trailing dims."""
+    return scale.float() * (codes.float() - zero.float())
+
+
+def rtn_quantize(weight: Tensor, bits: int, group_size: int, sym: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Round-to-nearest baseline: weight [N, K] -> (codes int32 [N, K], scales [N, G], zeros int32 [N, G])."""
+    n_out, n_in = weight.shape
+    g = n_in if group_size == -1 else group_size
+    codes = torch.empty(n_out, n_in, dtype=torch.int32, device=weight.device)
+    scales, zeros = [], []
+    for start in range(0, n_in, g):
+        block = weight[:, start:start + g].float()
+        scale, zero = group_qparams(block, bits, sym)
+        codes[:, start:start + g] = quantize_codes(block, scale, zero, bits).to(torch.int32)
+        scales.append(scale)
+        zeros.append(zero)
+    return codes, torch.stack(scales, dim=1), torch.stack(zeros, dim=1).to(torch.int32)
+
+
+def dequantize_grouped(codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:
+    """codes [N, K], scales/zeros [N, G], g_idx [K] -> float32 weight [N, K]."""
+    idx = g_idx.long()
+    return dequantize_codes(codes, scales[:, idx], zeros[:, idx])

@@ -1,0 +1,85 @@
+import math
+
+import pytest
+import torch
+
+from quantkit.config import QuantSpec
+from quantkit.gptq import accumulate_hessian, gptq_quantize
+from quantkit.gptq_format import dequantize_module, module_tensors
+from quantkit.quant import dequantize_grouped, rtn_quantize
+
+
+def _correlated(n_out=64, n_in=128, tokens=1024, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n_out, n_in, generator=g)
+    X = torch.randn(tokens, n_in, generator=g) @ torch.randn(n_in, n_in, generator=g)
+    return W, X, 2 * X.T @ X / X.shape[0]
+
+
+def test_accumulate_hessian_equals_batch_formula():
+    X = torch.randn(300, 16)
+    H, n = torch.zeros(16, 16), 0
+    for chunk in X.split(70):
+        H, n = accumulate_hessian(H, n, chunk.reshape(2, -1, 16) if chunk.shape[0] % 2 == 0 else chunk)
+    assert n == 300
+    torch.testing.assert_close(H, 2 * X.T @ X / 300, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=32), QuantSpec(bits=3, group_size=64, sym=False),
+                                  QuantSpec(bits=4, group_size=-1, act_order=True),
+                                  QuantSpec(bits=2, group_size=32, act_order=True, static_groups=True)],
+                         ids=["4b-g32", "3b-g64-asym", "4b-row-actorder", "2b-g32-static"])
+def test_gptq_beats_rtn_and_leaves_inputs_alone(spec):
+    W, X, H = _correlated()
+    W0, H0 = W.clone(), H.clone()
+    res = gptq_quantize(W, H, spec)
+    assert torch.equal(W, W0) and torch.equal(H, H0)
+    codes, scales, zeros = rtn_quantize(W, spec.bits, spec.group_size, spec.sym)
+    g_idx = torch.arange(W.shape[1]) // spec.effective_group_size(W.shape[1])
+    rtn = dequantize_grouped(codes, scales, zeros, g_idx)
+    out_err = lambda Wq: (X @ (W - Wq).T).pow(2).mean().item()  # noqa: E731
+    assert out_err(res.weight) < 0.8 * out_err(rtn)
+    assert res.codes.shape == W.shape and int(res.codes.min()) >= 0 and int(res.codes.max()) <= spec.maxq
+    assert res.loss > 0 and math.isfinite(res.loss)
+
+
+def test_partial_last_group_has_its_own_scale():
+    W, X, H = _correlated(n_out=16, n_in=96)
+    res = gptq_quantize(W, H, QuantSpec(bits=4, group_size=64))  # 64 + a ragged group of 32
+    assert res.scales.shape == (16, 2)
+    assert torch.equal(res.g_idx, (torch.arange(96) // 64).to(torch.int32))
+
+
+def test_act_order_g_idx_is_a_permuted_grouping():
+    W, X, H = _correlated(n_out=8, n_in=64)
+    res = gptq_quantize(W, H, QuantSpec(bits=4, group_size=16, act_order=True))
+    assert sorted(torch.bincount(res.g_idx.long()).tolist()) == [16, 16, 16, 16]
+    assert not torch.equal(res.g_idx, (torch.arange(64) // 16).to(torch.int32))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=32), QuantSpec(bits=8, group_size=-1),
+                                  QuantSpec(bits=4, group_size=48, sym=False),
+                                  QuantSpec(bits=3, group_size=32, act_order=True)])
+def test_written_tensors_reproduce_the_solver_exactly(spec):
+    W, X, H = _correlated(n_out=64, n_in=96)
+    res = gptq_quantize(W, H, spec)
+    fmt = "gptq" if spec.sym else "gptq_v2"
+    t = module_tensors("m", res, spec.bits, fmt)
+    got = dequantize_module(t["m.qweight"], t["m.qzeros"], t["m.scales"], t["m.g_idx"], spec.bits, fmt)
+    assert torch.equal(got, res.weight)
+
+
+def test_dead_input_channels_quantize_to_zero():
+    W, X, H = _correlated(n_out=8, n_in=64)
+    H[5, :] = 0
+    H[:, 5] = 0
+    res = gptq_quantize(W, H, QuantSpec(bits=4, group_size=32))
+    assert torch.all(res.weight[:, 5] == 0)
+
+
+def test_singular_hessian_retries_with_more_damping():
+    W = torch.randn(8, 32)
+    H = torch.ones(32, 32) - 0.05 * torch.eye(32)  # eigenvalues -0.05 (x31) and 31.95: indefinite
+    res = gptq_quantize(W, H, QuantSpec(bits=4, group_size=32, damp=0.01))
+    assert res.damp == pytest.approx(0.1)
+    assert torch.isfinite(res.weight).all()
