@@ -1,0 +1,130 @@
+"""Calibration and evaluation text: a name or path -> documents -> token windows [n, seq_len]. No model code."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import CalibSpec
+from .errors import CalibrationError
+
+BUILTIN_SETS = {
+    "pydocs-calib": "pydocs-calib.jsonl",  # CPython 3.11 stdlib docstrings, calibration half
+    "pydocs-eval": "pydocs-eval.jsonl",    # the disjoint evaluation half; never calibrate on it
+}
+DEFAULT_CALIB = "pydocs-calib"
+DEFAULT_EVAL = "pydocs-eval"
+
+
+def builtin_dir() -> Path:
+    """Where the built-in sets live: inside the installed package, or calibration/ in a source checkout."""
+    packaged = Path(__file__).parent / "calibration_data"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "calibration"
+
+
+def load_documents(source: str) -> list[str]:
+    """Texts of a built-in set, a local .txt/.jsonl/.parquet file, or hf:<dataset>[:config][:split]."""
+    if source in BUILTIN_SETS:
+        return _read_jsonl(builtin_dir() / BUILTIN_SETS[source])
+    if source.startswith("hf:"):
+        return _read_hf_dataset(source[3:])
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise CalibrationError(f"calibration set {source!r} not found: not a built-in set "
+                               f"({', '.join(BUILTIN_SETS)}), a file, or hf:<dataset id>")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return [_read_text(path)]
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise CalibrationError(f"{path}: unsupported calibration file type {suffix!r} (use .txt, .jsonl or .parquet)")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"{path} is not valid UTF-8 (byte {e.start}); re-encode it as UTF-8") from None
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        text = obj.get("text") if isinstance(obj, dict) else obj
+        if not isinstance(text, str):
+            raise CalibrationError(f"{path}:{lineno}: expected a string or an object with a \"text\" string")
+        docs.append(text)
+    return docs
+
+
+def _read_parquet(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise CalibrationError(f"{path} is not a readable parquet file: {e}") from None
+    if "text" not in table.column_names:
+        raise CalibrationError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
+    return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
+
+
+def _read_hf_dataset(spec: str) -> list[str]:
+    parts = spec.split(":")
+    if not parts[0] or len(parts) > 3:
+        raise CalibrationError(f"bad dataset spec 'hf:{spec}': use hf:<dataset id>[:config][:split]")
+    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), \
+        (parts[2] if len(parts) > 2 and parts[2] else "train")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:
+        raise CalibrationError(f"cannot load dataset {name!r} (config {config}, split {split}): "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if "text" not in ds.column_names:
+        raise CalibrationError(f"dataset {name!r} has no 'text' column (columns: {', '.join(ds.column_names)})")
+    return [t for t in ds["text"] if isinstance(t, str)]
+
+
+def token_stream(tokenizer, documents: list[str]) -> Tensor:
+    """All documents joined by blank lines, tokenized without special tokens: LongTensor [T]."""
+    text = "\n\n".join(d for d in documents if d.strip())
+    if not text:
+        return torch.empty(0, dtype=torch.long)
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_batch(tokenizer, spec: CalibSpec) -> Tensor:
+    """`spec.samples` non-overlapping windows of `spec.seq_len` tokens, chosen with `spec.seed`: [samples, seq_len]."""
+    stream = token_stream(tokenizer, load_documents(spec.source))
+    n_windows = stream.numel() // spec.seq_len
+    if n_windows < spec.samples:
+        raise CalibrationError(f"calibration set {spec.source!r} has {stream.numel()} tokens; --samples {spec.samples} "
+                               f"x --seq-len {spec.seq_len} needs {spec.tokens_needed}")
+    g = torch.Generator().manual_seed(spec.seed)
+    chosen = torch.randperm(n_windows, generator=g)[: spec.samples].sort().values
+    windows = stream[: n_windows * spec.seq_len].view(n_windows, spec.seq_len)
+    return windows[chosen].clone()
+
+
+def evaluation_windows(tokenizer, source: str, seq_len: int, max_tokens: int | None = None) -> Tensor:
+    """Consecutive non-overlapping windows from the start of an evaluation set: [n, seq_len]."""
+    stream = token_stream(tokenizer, load_documents(source))
+    n = stream.numel() // seq_len
+    if max_tokens is not None:
+        n = min(n, max_tokens // seq_len)
+    if n < 1:
+        raise CalibrationError(f"evaluation set {source!r} has {stream.numel()} tokens; need at least {seq_len}")
+    return stream[: n * seq_len].view(n, seq_len).clone()

@@ -1,0 +1,163 @@
+"""Running calibration activations through decoder layers: layer inputs, Hessians, propagation.
+
+Hooks are always removed in `finally`. Layers are called exactly as the model's own forward calls them
+(the keyword arguments are recorded from a real forward), so rotary embeddings, masks and GQA need no
+per-architecture code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .gptq import accumulate_hessian
+from .model_skeleton import linear_modules
+
+
+class _StopForward(Exception):
+    """Raised from a hook once everything needed from a forward pass has been recorded."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: records its call, then passes the input through or stops the forward."""
+
+    def __init__(self, wrapped: nn.Module, sink: list, stop: bool):
+        super().__init__()
+        self.sink, self.stop = sink, stop
+        object.__setattr__(self, "_wrapped", wrapped)  # not a submodule: keeps the layer out of state_dict
+
+    def __getattr__(self, name):  # the model may read layer attributes such as `attention_type`
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_wrapped"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink.append((hidden_states, args, kwargs))
+        if self.stop:
+            raise _StopForward
+        return hidden_states
+
+
+@dataclass
+class LayerCall:
+    """Everything a decoder layer is called with besides the hidden states."""
+    args: tuple
+    kwargs: dict
+
+
+def _to(obj, device):
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: Tensor, batch_size: int,
+                         device: torch.device, storage_dtype: torch.dtype) -> tuple[list[Tensor], list[LayerCall]]:
+    """Hidden states entering layer 0 (CPU mini-batches) and each layer's call arguments.
+
+    Needs the model's non-layer input modules (embeddings, rotary tables) materialised on `device`.
+    """
+    originals = list(layers)
+    try:
+        # one sample through pass-through recorders: each layer's own kwargs (masks can differ per layer)
+        sink: list = []
+        for i, layer in enumerate(originals):
+            layers[i] = _Recorder(layer, sink, stop=i == len(originals) - 1)
+        try:
+            model(input_ids=input_ids[:1].to(device), use_cache=False)
+        except _StopForward:
+            pass
+        calls = [LayerCall(args, kwargs) for _, args, kwargs in sink]
+        if len(calls) != len(originals):  # the model chained layers in a way pass-through broke: reuse layer 0's
+            calls = [calls[0]] * len(originals)
+
+        sink = []
+        layers[0] = _Recorder(originals[0], sink, stop=True)
+        batches = []
+        for start in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids=input_ids[start:start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+            batches.append(sink.pop()[0].to("cpu", storage_dtype))
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    for call in calls:
+        call.kwargs.pop("use_cache", None)
+    return batches, calls
+
+
+def _run(layer: nn.Module, hidden: Tensor, call: LayerCall) -> Tensor:
+    out = layer(hidden, *call.args, **call.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def discover_groups(layer: nn.Module, hidden: Tensor, call: LayerCall) -> list[list[str]]:
+    """The layer's Linear modules in execution order, grouped by shared input (q/k/v share one, gate/up one)."""
+    order: list[tuple[str, Tensor]] = []
+    handles = [m.register_forward_pre_hook(lambda mod, inp, name=name: order.append((name, inp[0])))
+               for name, m in linear_modules(layer).items()]
+    try:
+        _run(layer, hidden, call)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    prev = None
+    for name, x in order:
+        if name in seen:
+            continue
+        seen.add(name)
+        if prev is not None and x is prev:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        prev = x
+    return groups
+
+
+@torch.no_grad()
+def collect_hessians(layer: nn.Module, groups: list[list[str]], batches: list[Tensor], call: LayerCall,
+                     device: torch.device, dtype: torch.dtype) -> list[Tensor]:
+    """One float32 Hessian per group, from inputs to the group's first member; the forward stops after the last."""
+    modules = linear_modules(layer)
+    state = []
+    handles = []
+    for gi, group in enumerate(groups):
+        first = modules[group[0]]
+        entry = {"H": torch.zeros(first.in_features, first.in_features, device=device), "n": 0}
+        state.append(entry)
+
+        def hook(mod, inp, entry=entry, last=gi == len(groups) - 1):
+            entry["H"], entry["n"] = accumulate_hessian(entry["H"], entry["n"], inp[0])
+            if last:
+                raise _StopForward
+        handles.append(first.register_forward_pre_hook(hook))
+    try:
+        for hidden in batches:
+            try:
+                _run(layer, hidden.to(device, dtype), call)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return [entry["H"] for entry in state]
+
+
+@torch.no_grad()
+def propagate(layer: nn.Module, batches: list[Tensor], call: LayerCall, device: torch.device,
+              dtype: torch.dtype) -> None:
+    """Replace each mini-batch in place by the layer's output on it (the next layer's input)."""
+    for i, hidden in enumerate(batches):
+        batches[i] = _run(layer, hidden.to(device, dtype), call).to("cpu", hidden.dtype)

@@ -1,0 +1,111 @@
+"""Finding and reading a base checkpoint: config.json plus safetensors shards, one tensor at a time."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import QuantkitError
+from .hub import cached_snapshot, hub_cache_dir, looks_like_repo_id
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local directory, or a repo id already in the local hub cache (never downloaded)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise QuantkitError(f"{model} is a file; pass the model directory that holds config.json")
+    if looks_like_repo_id(model):
+        snapshot = cached_snapshot(model)
+        if snapshot is not None:
+            return snapshot
+    raise QuantkitError(f"model {model!r} not found: it is neither a directory nor a repo id in the local "
+                        f"Hugging Face cache ({hub_cache_dir()})")
+
+
+def read_config_dict(model_dir: Path) -> dict:
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise QuantkitError(f"{model_dir} has no config.json; is it a Hugging Face model directory?")
+    try:
+        return json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QuantkitError(f"{cfg_path} is not valid JSON: {e}") from None
+
+
+class SafetensorsCheckpoint:
+    """Name -> tensor access over a (possibly sharded) safetensors checkpoint; loads only what is asked for."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+        self.weight_map = self._weight_map(model_dir)
+        self._handles: dict[str, object] = {}
+
+    @staticmethod
+    def _weight_map(model_dir: Path) -> dict[str, str]:
+        index = model_dir / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+                raise QuantkitError(f"{index} is not a valid safetensors index: {e}") from None
+            missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
+            if missing:
+                raise QuantkitError(f"{index} names shard {missing[0]}, which is missing from {model_dir}")
+            return weight_map
+        shards = sorted(model_dir.glob("*.safetensors"))
+        if not shards:
+            pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise QuantkitError(f"{model_dir} holds only pickle weights ({pickles[0]}); quantkit never unpickles "
+                                    "checkpoints. Convert them to safetensors first")
+            raise QuantkitError(f"{model_dir} has no .safetensors weights")
+        if len(shards) > 1:
+            raise QuantkitError(f"{model_dir} has {len(shards)} safetensors files but no {INDEX_NAME}")
+        return {name: shards[0].name for name in _open(shards[0]).keys()}
+
+    def _handle(self, filename: str):
+        if filename not in self._handles:
+            self._handles[filename] = _open(self.model_dir / filename)
+        return self._handles[filename]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def get(self, name: str) -> Tensor:
+        if name not in self.weight_map:
+            raise QuantkitError(f"tensor {name} is missing from the checkpoint in {self.model_dir}")
+        filename = self.weight_map[name]
+        try:
+            return self._handle(filename).get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types for truncated or garbled data
+            raise QuantkitError(f"cannot read tensor {name} from {self.model_dir / filename}: {e}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(self.weight_map[name]).get_slice(name).get_shape())
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _open(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:
+        raise QuantkitError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def torch_dtype_of(config_dict: dict) -> torch.dtype:
+    name = config_dict.get("dtype") or config_dict.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)

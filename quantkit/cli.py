@@ -1,0 +1,114 @@
+"""The `quantkit` command: click parsing only; the work happens in the library."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from . import __version__
+from .errors import QuantkitError
+
+
+def _fail(e: Exception) -> click.ClickException:
+    return click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "accelerate", "huggingface_hub", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="quantkit")
+def cli() -> None:
+    """Quantize Hugging Face causal LMs to GPTQ checkpoints and prove they are good."""
+
+
+@cli.command("import-gguf")
+@click.argument("gguf_file", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="dtype of the written weights (float32 keeps the GGUF values exactly)")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="largest safetensors shard")
+@click.option("--overwrite", is_flag=True, help="replace OUT_DIR if it exists")
+def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
+    """Convert GGUF_FILE into a safetensors checkpoint in OUT_DIR (config, tokenizer, chat template)."""
+    from .gguf_import import import_gguf
+    from .writer import parse_size
+
+    _setup_logging(quiet=False)
+    try:
+        shard = parse_size(max_shard_size)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-shard-size") from None
+    try:
+        out = import_gguf(gguf_file, out_dir, dtype=dtype, max_shard_bytes=shard, overwrite=overwrite)
+    except QuantkitError as e:
+        raise _fail(e) from None
+    click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
+@click.option("--group-size", type=int, default=128, show_default=True, help="input channels per scale; -1 = per row")
+@click.option("--sym/--asym", default=True, show_default=True, help="symmetric grid (v1 format) or asymmetric (v2)")
+@click.option("--damp", type=float, default=0.01, show_default=True, help="Hessian damping, fraction of mean diagonal")
+@click.option("--act-order/--no-act-order", default=False, show_default=True, help="quantize columns by decreasing Hessian diagonal (desc_act)")
+@click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
+              help="quantize a layer's Linears in order, each seeing the already-quantized ones")
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
+              help="gptq (calibrated) or rtn (round-to-nearest baseline, no calibration)")
+@click.option("--calib", default="pydocs-calib", show_default=True,
+              help="built-in set, a .txt/.jsonl/.parquet file, or hf:<dataset>[:config][:split]")
+@click.option("--samples", type=int, default=128, show_default=True, help="calibration samples")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="tokens per calibration sample")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--repo-id", default=None, help="hub-cache repo id to publish as, NAMESPACE/NAME")
+@click.option("--out", type=click.Path(path_type=str), default=None, help="write to this directory instead of the hub cache")
+@click.option("--overwrite", is_flag=True, help="replace an existing output")
+@click.option("--max-shard-size", default="2GB", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object; no progress or log lines")
+def quantize(model, bits, group_size, sym, damp, act_order, true_sequential, method, calib, samples, seq_len, seed,
+             device, repo_id, out, overwrite, max_shard_size, as_json):
+    """Quantize MODEL (a directory or a repo id in the local hub cache) to a GPTQ checkpoint."""
+    from .config import CalibSpec, QuantSpec
+
+    if repo_id and out:
+        raise click.UsageError("--repo-id and --out are mutually exclusive")
+    try:
+        spec = QuantSpec(bits=int(bits), group_size=group_size, sym=sym, damp=damp, act_order=act_order,
+                         true_sequential=true_sequential, method=method)
+    except ValueError as e:
+        hint = "--group-size" if "group" in str(e) else "--damp" if "damp" in str(e) else None
+        raise click.BadParameter(str(e), param_hint=hint) from None
+    try:
+        calib_spec = CalibSpec(source=calib, samples=samples, seq_len=seq_len, seed=seed)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--samples" if "samples" in str(e) else "--seq-len") from None
+    _setup_logging(quiet=as_json)
+    from .pipeline import quantize as run_quantize
+
+    try:
+        result = run_quantize(model, spec, calib_spec, repo_id=repo_id, out=out, overwrite=overwrite, device=device,
+                              max_shard_size=max_shard_size, progress=not as_json)
+    except QuantkitError as e:
+        raise _fail(e) from None
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    click.echo(f"wrote {result.path}  ({result.seconds:.0f}s, peak RSS {result.peak_rss_mb:.0f} MB)")
+    if result.repo_id:
+        click.echo(f"load it with: AutoModelForCausalLM.from_pretrained(\"{result.repo_id}\")")
+
+
+def main() -> None:
+    cli(prog_name="quantkit")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The README.md model card written next to a quantized checkpoint."""
+from __future__ import annotations
+
+from .config import CalibSpec, QuantSpec
+
+
+def render_model_card(*, repo_id: str | None, source: str, spec: QuantSpec, calib: CalibSpec | None,
+                      version: str, fmt: str, layer_losses: list[dict], size_bytes: int) -> str:
+    title = repo_id or f"{source} ({spec.method.upper()} {spec.bits}-bit)"
+    group = "per row" if spec.group_size == -1 else str(spec.group_size)
+    lines = [
+        "---",
+        f"base_model: {source}",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        f"tags: [gptq, {spec.bits}-bit, quantkit]",
+        "---",
+        f"# {title}",
+        "",
+        f"{spec.bits}-bit {spec.method.upper()} quantization of `{source}`, made with quantkit {version}.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| method | {spec.method} |",
+        f"| bits | {spec.bits} |",
+        f"| group size | {group} |",
+        f"| symmetric | {spec.sym} |",
+        f"| act-order (desc_act) | {spec.act_order} |",
+        f"| true sequential | {spec.true_sequential} |",
+        f"| damping | {spec.damp} |",
+        f"| checkpoint format | {fmt} |",
+        f"| weights on disk | {size_bytes / 2**20:.1f} MiB |",
+    ]
+    if calib is not None and spec.method == "gptq":
+        lines += [f"| calibration set | {calib.source} |",
+                  f"| calibration tokens | {calib.samples} x {calib.seq_len} (seed {calib.seed}) |"]
+    lines += [
+        "",
+        "## Load it",
+        "",
+        "Needs `transformers`, `optimum` and `gptqmodel` (CPU or CUDA):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id or "<this directory>"}", device_map="auto")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or "<this directory>"}")',
+        "```",
+        "",
+        "Check it against its base model with `quantkit verify`.",
+    ]
+    if layer_losses:
+        worst = sorted(layer_losses, key=lambda r: -max(r["losses"].values()))[:5]
+        lines += ["", "## GPTQ loss, highest layers", "", "| layer | module | loss |", "|---|---|---|"]
+        for r in worst:
+            name, loss = max(r["losses"].items(), key=lambda kv: kv[1])
+            lines.append(f"| {r['index']} | {name} | {loss:.4g} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,322 @@
+"""quantize(): the only module that knows the order of the steps. Logs and progress live here."""
+from __future__ import annotations
+
+import logging
+import re
+import resource
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .calibration import calibration_batch
+from .capture import capture_layer_inputs, collect_hessians, discover_groups, propagate
+from .checkpoint import SafetensorsCheckpoint, read_config_dict, resolve_model_dir, torch_dtype_of
+from .config import CalibSpec, QuantSpec
+from .errors import QuantkitError
+from .gptq import GPTQResult, gptq_quantize
+from .gptq_format import checkpoint_format, module_tensors, quantization_config
+from .hub import cached_snapshot, hub_cache_dir, publish_snapshot, repo_lock, sha256_file, validate_repo_id
+from .model_card import render_model_card
+from .model_skeleton import build_skeleton, decoder_layers, linear_modules, load_config, materialize, release
+from .quant import rtn_quantize
+from .writer import ShardWriter, parse_size, write_json
+
+log = logging.getLogger("quantkit")
+
+MANIFEST_NAME = "quantkit.json"
+# tokenizer, chat template and generation files carried over from the base model as they are
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+              "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+              "generation_config.json")
+OUTPUT_DTYPE = torch.float16  # dtype of unquantized tensors in GPTQ checkpoints (what the kernels expect)
+
+
+@dataclass
+class QuantizeResult:
+    repo_id: str | None
+    path: str
+    bits: int
+    group_size: int
+    sym: bool
+    method: str
+    checkpoint_format: str
+    seconds: float
+    peak_rss_mb: float
+    device: str
+    layers: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QuantkitError("--device cuda requested, but no CUDA device is available (torch "
+                            f"{torch.__version__}); use --device cpu or install a CUDA build of torch")
+    if device not in ("cpu", "cuda"):
+        raise QuantkitError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def default_repo_id(model: str, model_dir: Path, spec: QuantSpec) -> str:
+    name = model.rstrip("/").split("/")[-1] if not Path(model).is_dir() else model_dir.resolve().name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-") or "model"
+    group = "row" if spec.group_size == -1 else str(spec.group_size)
+    return f"quantkit/{name}-{spec.method}-{spec.bits}bit-g{group}{'' if spec.sym else '-asym'}"
+
+
+def _compute_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """CPUs without fast half-precision matmuls run forwards in float32; GPUs use the model's own dtype."""
+    if device.type == "cpu" or model_dtype not in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return model_dtype
+
+
+class _Target:
+    """Where the result goes: a repo id in the hub cache, or a plain directory. Checked before any work."""
+
+    def __init__(self, model: str, model_dir: Path, spec: QuantSpec, repo_id: str | None, out: Path | None,
+                 overwrite: bool, work_dir: Path | None):
+        self.out = Path(out).expanduser() if out is not None else None
+        self.repo_id = None if self.out is not None else validate_repo_id(repo_id or default_repo_id(model, model_dir, spec))
+        if self.out is not None:
+            if self.out.exists() and not self.out.is_dir():
+                raise QuantkitError(f"--out {self.out} exists and is not a directory")
+            if self.out.is_dir() and any(self.out.iterdir()) and not overwrite:
+                raise QuantkitError(f"{self.out} already exists and is not empty; pass --overwrite to replace it")
+            base = self.out.resolve().parent
+            label = self.out.name
+        else:
+            existing = cached_snapshot(self.repo_id)
+            if existing is not None and not overwrite:
+                raise QuantkitError(f"{self.repo_id} already exists in the hub cache ({existing}); "
+                                    "pass --overwrite to replace it")
+            base = hub_cache_dir().resolve().parent / "quantkit-work"
+            label = self.repo_id.replace("/", "--")
+        self.work = (Path(work_dir) if work_dir else base) / f".{label}.quantkit-{uuid.uuid4().hex[:8]}"
+        self.staging = self.work / "output"
+
+    def publish(self, file_hashes: dict[str, str]) -> Path:
+        if self.out is None:
+            return publish_snapshot(self.staging, self.repo_id, file_hashes)
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.replaced-{uuid.uuid4().hex[:8]}")
+            self.out.rename(old)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.staging.rename(self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out
+
+
+def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = CalibSpec(), *, repo_id: str | None = None,
+             out: str | Path | None = None, overwrite: bool = False, device: str = "auto",
+             max_shard_size: str = "2GB", work_dir: str | Path | None = None, progress: bool = False) -> QuantizeResult:
+    """Quantize MODEL (a local directory or a repo id in the hub cache) layer by layer and publish the result.
+
+    :param model: base checkpoint: a directory with config.json and safetensors weights, or a cached repo id.
+    :param spec: quantization settings.
+    :param calib: calibration text and sampling (unused for method "rtn").
+    :param repo_id: hub-cache repo id to publish as (default derived from the model name and settings).
+    :param out: publish into this plain directory instead of the hub cache.
+    :param overwrite: replace an existing output.
+    :param device: "auto", "cpu" or "cuda".
+    :param max_shard_size: largest safetensors shard, e.g. "2GB".
+    :param progress: show a per-layer progress bar (on a terminal).
+    """
+    t0 = time.perf_counter()
+    model_dir = resolve_model_dir(model)
+    config_dict = read_config_dict(model_dir)
+    config = load_config(model_dir, config_dict)
+    checkpoint = SafetensorsCheckpoint(model_dir)
+    dev = resolve_device(device)
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as e:
+        raise QuantkitError(str(e)) from None
+    target = _Target(model, model_dir, spec, repo_id, Path(out) if out else None, overwrite, work_dir)
+    lock = repo_lock(target.repo_id) if target.repo_id else _nullcontext()
+    with lock:
+        target.staging.mkdir(parents=True)
+        try:
+            layers, files = _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, target,
+                                 shard_bytes, progress)
+            path = target.publish(files)
+        finally:
+            shutil.rmtree(target.work, ignore_errors=True)
+    return QuantizeResult(repo_id=target.repo_id, path=str(path), bits=spec.bits, group_size=spec.group_size,
+                          sym=spec.sym, method=spec.method, checkpoint_format=checkpoint_format(spec),
+                          seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(peak_rss_mb(), 1),
+                          device=str(dev), layers=layers)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, target, shard_bytes, progress):
+    """Quantize every layer into target.staging and write the side files; returns (layer reports, file hashes)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:
+        raise QuantkitError(f"cannot load the tokenizer from {model_dir}: {e}") from None
+    skeleton = build_skeleton(config)
+    prefix, layers = decoder_layers(skeleton, config.num_hidden_layers)
+    compute_dtype = _compute_dtype(torch_dtype_of(config_dict), dev)
+    writer = ShardWriter(target.staging, shard_bytes)
+
+    if spec.method == "gptq":
+        input_ids = calibration_batch(tokenizer, calib)
+        log.info("calibration: %d x %d tokens from %s", calib.samples, calib.seq_len, calib.source)
+        batches, calls = _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype)
+    reports = []
+    bar = _progress_bar(len(layers), progress)
+    for i, layer in enumerate(layers):
+        t_layer = time.perf_counter()
+        materialize(layer, f"{prefix}.{i}", checkpoint, dev, compute_dtype)
+        if spec.method == "gptq":
+            results = _gptq_layer(layer, batches, calls[i], spec, dev, compute_dtype, last=i == len(layers) - 1)
+        else:
+            results = _rtn_layer(layer, spec)
+        fmt = checkpoint_format(spec)
+        for name, res in results.items():
+            bias = linear_modules(layer)[name].bias
+            writer.add(module_tensors(f"{prefix}.{i}.{name}", res, spec.bits, fmt, bias))
+        losses = {name: res.loss for name, res in results.items()}
+        damps = {name: res.damp for name, res in results.items() if res.damp != spec.damp}
+        reports.append({"index": i, "seconds": round(time.perf_counter() - t_layer, 2), "losses": losses,
+                        **({"damp_raised": damps} if damps else {})})
+        log.info("layer %d/%d  %s  (%.1fs)", i + 1, len(layers),
+                 "  ".join(f"{n.split('.')[-1]}={v:.4g}" for n, v in losses.items()), reports[-1]["seconds"])
+        release(layer)
+        bar.update(1)
+    bar.close()
+
+    quantized = {f"{prefix}.{i}.{name}.{p}" for i, layer in enumerate(layers)
+                 for name in linear_modules(layer) for p in ("weight", "bias")}
+    for name in checkpoint.names():  # embeddings, norms, lm_head: copied as they are, in float16
+        if name not in quantized:
+            t = checkpoint.get(name)
+            writer.add({name: t.to(OUTPUT_DTYPE) if t.is_floating_point() else t})
+    writer.finish()
+    return reports, _write_side_files(model, model_dir, config_dict, spec, calib, target, reports, writer.total_bytes)
+
+
+def _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype):
+    """Materialise the modules outside the decoder layers (not lm_head), run the calibration batch up to layer 0."""
+    out_emb = skeleton.get_output_embeddings()
+    inputs = [(name, m) for name, m in skeleton.named_modules()
+              if m is not out_emb and not name.startswith(prefix + ".") and any(True for _ in m.parameters(recurse=False))]
+    for name, module in inputs:
+        _materialize_direct(module, name, checkpoint, dev, compute_dtype)
+    batch_size = max(1, 8192 // input_ids.shape[1])
+    try:
+        return capture_layer_inputs(skeleton, layers, input_ids, batch_size, dev, compute_dtype)
+    finally:
+        for _, module in inputs:
+            _release_direct(module)
+
+
+def _materialize_direct(module, prefix, checkpoint, dev, dtype):
+    from accelerate.utils import set_module_tensor_to_device
+
+    for pname in list(module._parameters):
+        tensor = checkpoint.get(f"{prefix}.{pname}")
+        set_module_tensor_to_device(module, pname, dev, value=tensor.to(dtype) if tensor.is_floating_point() else tensor)
+
+
+def _release_direct(module) -> None:
+    for pname, p in list(module._parameters.items()):
+        if p is not None:
+            module._parameters[pname] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+def _gptq_layer(layer, batches, call, spec: QuantSpec, dev, compute_dtype, last: bool) -> dict[str, GPTQResult]:
+    """GPTQ every Linear of one layer (stage by stage when true-sequential), then propagate the batches."""
+    groups = discover_groups(layer, batches[0][:1].to(dev, compute_dtype), call)
+    modules = linear_modules(layer)
+    stages = [[g] for g in groups] if spec.true_sequential else [groups]
+    results: dict[str, GPTQResult] = {}
+    for stage in stages:
+        hessians = collect_hessians(layer, stage, batches, call, dev, compute_dtype)
+        for group, H in zip(stage, hessians):
+            for name in group:
+                weight = modules[name].weight
+                res = gptq_quantize(weight.data, H, spec)
+                weight.data.copy_(res.weight.to(weight.dtype))  # later stages see the quantized weights
+                results[name] = _to_cpu(res)
+        del hessians
+    if not last:  # the final layer's outputs are never used
+        propagate(layer, batches, call, dev, compute_dtype)
+    return {name: results[name] for name in modules}
+
+
+def _rtn_layer(layer, spec: QuantSpec) -> dict[str, GPTQResult]:
+    results = {}
+    for name, module in linear_modules(layer).items():
+        codes, scales, zeros = rtn_quantize(module.weight.data, spec.bits, spec.group_size, spec.sym)
+        g = spec.effective_group_size(module.in_features)
+        g_idx = (torch.arange(module.in_features) // g).to(torch.int32)
+        results[name] = GPTQResult(codes=codes.cpu(), scales=scales.cpu(), zeros=zeros.cpu(), g_idx=g_idx,
+                                   weight=None, loss=0.0, damp=spec.damp)
+    return results
+
+
+def _to_cpu(res: GPTQResult) -> GPTQResult:
+    return GPTQResult(codes=res.codes.cpu(), scales=res.scales.cpu(), zeros=res.zeros.cpu(), g_idx=res.g_idx.cpu(),
+                      weight=None, loss=res.loss, damp=res.damp)
+
+
+def _write_side_files(model, model_dir, config_dict, spec, calib, target, reports, weight_bytes) -> dict[str, str]:
+    """config.json, quantize_config.json, tokenizer/generation files, model card and manifest; returns sha256s."""
+    staging = target.staging
+    qcfg = quantization_config(spec, __version__)
+    config = {k: v for k, v in config_dict.items() if k not in ("torch_dtype",)}
+    config.update(dtype="float16", use_cache=True, quantization_config=qcfg)
+    write_json(staging / "config.json", config)
+    write_json(staging / "quantize_config.json", qcfg)
+    for name in SIDE_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, staging / name)
+    source = model if not Path(model).is_dir() else str(Path(model).resolve())
+    (staging / "README.md").write_text(render_model_card(
+        repo_id=target.repo_id, source=source, spec=spec, calib=calib, version=__version__,
+        fmt=checkpoint_format(spec), layer_losses=[r for r in reports if r["losses"]], size_bytes=weight_bytes))
+    hashes = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+    manifest = {
+        "quantkit_version": __version__,
+        "source": {"model": source, "model_type": config_dict.get("model_type")},
+        "quantization": spec.to_dict(),
+        "calibration": calib.__dict__ if spec.method == "gptq" else None,
+        "layers": [{k: v for k, v in r.items() if k != "seconds"} for r in reports],
+        "files": {name: {"sha256": digest, "size": (staging / name).stat().st_size} for name, digest in hashes.items()},
+    }
+    write_json(staging / MANIFEST_NAME, manifest)
+    hashes[MANIFEST_NAME] = sha256_file(staging / MANIFEST_NAME)
+    return hashes
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="GPTQ", unit="layer", disable=not (enabled and sys.stderr.isatty()))
