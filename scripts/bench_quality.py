@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Quality and cost of quantkit on the demo model: perplexity of base, RTN and GPTQ on the same eval tokens.
+
+Each quantization runs as its own `quantkit quantize --json` process, so wall time and peak RSS are that
+run's own. Usage: python scripts/bench_quality.py MODEL_DIR [--bits 4 --group-size 64 --samples 128 --seq-len 512]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def run_quantize(model_dir: str, out: str, args, method: str) -> dict:
+    cmd = [sys.executable, "-m", "quantkit", "quantize", model_dir, "--out", out, "--overwrite", "--json",
+           "--method", method, "--bits", str(args.bits), "--group-size", str(args.group_size),
+           "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+    if args.no_true_sequential:
+        cmd.append("--no-true-sequential")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"quantize failed: {proc.stderr.strip().splitlines()[-1]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model_dir")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--no-true-sequential", action="store_true")
+    args = p.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantkit.calibration import DEFAULT_EVAL, evaluation_windows
+    from quantkit.dequantized import load_dequantized
+    from quantkit.evaluate import perplexity
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    windows = evaluation_windows(tokenizer, DEFAULT_EVAL, 512, args.eval_tokens)
+    rows = []
+    base = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    rows.append(("unquantized", perplexity(base, windows), None))
+    del base
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in ("rtn", "gptq"):
+            out = os.path.join(tmp, method)
+            res = run_quantize(args.model_dir, out, args, method)
+            rows.append((method, perplexity(load_dequantized(out), windows), res))
+    print(f"eval: {windows.numel()} tokens of {DEFAULT_EVAL} ({windows.shape[0]} x 512); "
+          f"{args.bits}-bit g{args.group_size} sym; calibration {args.samples} x {args.seq_len}")
+    print("| method | perplexity | quantize wall s | peak RSS MB |")
+    print("|---|---|---|---|")
+    for name, ppl, res in rows:
+        cost = f"{res['wall_s']:.0f} | {res['peak_rss_mb']:.0f}" if res else " | "
+        print(f"| {name} | {ppl:.2f} | {cost} |")
+
+
+if __name__ == "__main__":
+    main()

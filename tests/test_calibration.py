@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+from quantkit.calibration import BUILTIN_SETS, builtin_dir, calibration_batch, evaluation_windows, load_documents
+from quantkit.config import CalibSpec
+from quantkit.errors import CalibrationError
+
+
+def test_builtin_sets_exist_and_are_disjoint():
+    calib = load_documents("pydocs-calib")
+    evals = load_documents("pydocs-eval")
+    assert len(calib) > 1000 and len(evals) > 300
+    assert not set(calib) & set(evals)
+    for f in BUILTIN_SETS.values():
+        assert (builtin_dir() / f).is_file()
+
+
+def test_batch_shape_and_determinism(tiny_tokenizer):
+    spec = CalibSpec(samples=4, seq_len=32, seed=1)
+    a, b = calibration_batch(tiny_tokenizer, spec), calibration_batch(tiny_tokenizer, spec)
+    assert a.shape == (4, 32) and a.equal(b)
+    assert not a.equal(calibration_batch(tiny_tokenizer, CalibSpec(samples=4, seq_len=32, seed=2)))
+
+
+def test_local_txt_jsonl_and_parquet(tmp_path, tiny_tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": text}) for _ in range(2)))
+    pq.write_table(pa.table({"text": [text, text]}), tmp_path / "a.parquet")
+    for name in ("a.txt", "a.jsonl", "a.parquet"):
+        ids = calibration_batch(tiny_tokenizer, CalibSpec(source=str(tmp_path / name), samples=2, seq_len=16))
+        assert ids.shape == (2, 16)
+
+
+def test_too_short_set_says_found_and_needed(tmp_path, tiny_tokenizer):
+    (tmp_path / "short.txt").write_text("only a few words here")
+    with pytest.raises(CalibrationError, match=r"has \d+ tokens; --samples 8 x --seq-len 64 needs 512"):
+        calibration_batch(tiny_tokenizer, CalibSpec(source=str(tmp_path / "short.txt"), samples=8, seq_len=64))
+
+
+def test_empty_set(tmp_path, tiny_tokenizer):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(CalibrationError, match="has 0 tokens"):
+        calibration_batch(tiny_tokenizer, CalibSpec(source=str(tmp_path / "empty.txt"), samples=1, seq_len=8))
+
+
+def test_bad_files_fail_cleanly(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 latin-1")
+    with pytest.raises(CalibrationError, match="not valid UTF-8"):
+        load_documents(str(tmp_path / "bad.txt"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n')
+    with pytest.raises(CalibrationError, match=r"bad.jsonl:2: not valid JSON"):
+        load_documents(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(CalibrationError, match="not found"):
+        load_documents(str(tmp_path / "missing.txt"))
+    (tmp_path / "a.csv").write_text("x")
+    with pytest.raises(CalibrationError, match="unsupported calibration file type"):
+        load_documents(str(tmp_path / "a.csv"))
+
+
+def test_hf_dataset_offline_fails_with_one_line():
+    with pytest.raises(CalibrationError, match="cannot load dataset 'no-such/dataset'"):
+        load_documents("hf:no-such/dataset")
+
+
+def test_evaluation_windows_are_consecutive(tiny_tokenizer):
+    w = evaluation_windows(tiny_tokenizer, "pydocs-eval", 64, max_tokens=64 * 5)
+    assert w.shape == (5, 64)

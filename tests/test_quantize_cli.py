@@ -1,0 +1,214 @@
+"""End-to-end `quantkit quantize` on a tiny random Llama, and every bad input the CLI must refuse cleanly."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from quantkit.cli import cli
+from quantkit.dequantized import load_dequantized
+from quantkit.hub import sha256_file
+
+FAST = ["--samples", "8", "--seq-len", "32", "--group-size", "32"]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def tree(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_llama_dir, tmp_path_factory):
+    """One quantize run into a private hub cache, shared by the assertions below."""
+    cache = tmp_path_factory.mktemp("hub")
+    old = os.environ.get("HF_HUB_CACHE")
+    os.environ["HF_HUB_CACHE"] = str(cache)
+    try:
+        r = run("quantize", tiny_llama_dir, "--repo-id", "test/tiny-gptq", "--json", *FAST)
+    finally:
+        os.environ.pop("HF_HUB_CACHE") if old is None else os.environ.__setitem__("HF_HUB_CACHE", old)
+    assert r.exit_code == 0, r.output
+    return cache, json.loads(r.output)
+
+
+def test_json_result_schema(quantized):
+    _, res = quantized
+    assert {"repo_id", "path", "bits", "group_size", "sym", "seconds", "peak_rss_mb", "layers"} <= res.keys()
+    assert res["repo_id"] == "test/tiny-gptq" and res["bits"] == 4 and res["group_size"] == 32 and res["sym"] is True
+    assert len(res["layers"]) == 2 and set(res["layers"][0]["losses"]) >= {"self_attn.q_proj", "mlp.down_proj"}
+    assert res["peak_rss_mb"] > 0 and res["seconds"] > 0
+
+
+def test_published_into_hub_cache_layout(quantized):
+    cache, res = quantized
+    folder = cache / "models--test--tiny-gptq"
+    revision = (folder / "refs" / "main").read_text()
+    snapshot = folder / "snapshots" / revision
+    assert Path(res["path"]) == snapshot
+    names = {p.name for p in snapshot.iterdir()}
+    assert {"config.json", "quantize_config.json", "model.safetensors.index.json", "README.md", "quantkit.json",
+            "tokenizer.json", "tokenizer_config.json"} <= names
+    assert all((snapshot / n).is_symlink() for n in names)
+    from huggingface_hub import scan_cache_dir
+
+    info = scan_cache_dir(cache)
+    assert not info.warnings and [r.repo_id for r in info.repos] == ["test/tiny-gptq"]
+    assert not [p for p in folder.iterdir() if p.name not in ("blobs", "snapshots", "refs")]
+
+
+def test_config_manifest_and_card(quantized, tiny_llama_dir):
+    _, res = quantized
+    snap = Path(res["path"])
+    config = json.loads((snap / "config.json").read_text())
+    qcfg = config["quantization_config"]
+    assert qcfg == json.loads((snap / "quantize_config.json").read_text())
+    assert qcfg["quant_method"] == "gptq" and qcfg["bits"] == 4 and qcfg["group_size"] == 32
+    assert qcfg["checkpoint_format"] == "gptq" and qcfg["meta"]["quantizer"][0].startswith("quantkit:")
+    manifest = json.loads((snap / "quantkit.json").read_text())
+    for name, entry in manifest["files"].items():
+        assert sha256_file(snap / name) == entry["sha256"]
+    assert set(manifest["files"]) | {"quantkit.json"} == {p.name for p in snap.iterdir()}
+    card = (snap / "README.md").read_text()
+    assert str(tiny_llama_dir.resolve()) in card and "group size | 32" in card and "pydocs-calib" in card
+
+
+def test_gptq_tensors_have_the_documented_shapes(quantized):
+    from safetensors import safe_open
+
+    snap = Path(quantized[1]["path"])
+    index = json.loads((snap / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.0.mlp.down_proj"  # in=128, out=64, group 32
+    with safe_open(str(snap / index[f"{name}.qweight"]), "pt") as f:
+        assert f.get_tensor(f"{name}.qweight").shape == (128 * 4 // 32, 64)
+        assert f.get_tensor(f"{name}.qzeros").shape == (4, 64 * 4 // 32)
+        assert f.get_tensor(f"{name}.scales").dtype == torch.float16
+        assert f.get_tensor(f"{name}.g_idx").tolist() == [i // 32 for i in range(128)]
+    assert f"{name}.weight" not in index and "lm_head.weight" in index
+
+
+def test_dequantized_weights_stay_close_to_the_originals(quantized, tiny_llama_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    cache, res = quantized
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    deq = load_dequantized("test/tiny-gptq")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    w, wq = base.model.layers[1].mlp.up_proj.weight, deq.model.layers[1].mlp.up_proj.weight
+    assert 0 < ((w - wq).norm() / w.norm()).item() < 0.2
+    ids = torch.randint(0, 500, (1, 16))
+    assert torch.isfinite(deq(ids).logits).all()
+
+
+def test_only_one_decoder_layer_is_materialised_at_a_time(tiny_tokenizer, tmp_path, hub_cache, monkeypatch):
+    from conftest import make_tiny_model
+    from quantkit import model_skeleton, pipeline
+
+    model_dir = make_tiny_model(tmp_path / "deep", tiny_tokenizer, layers=6)
+    seen = []
+    real = model_skeleton.materialize
+
+    def spy(module, prefix, *a, **kw):
+        layers = module_parent[0]
+        seen.append(sum(any(p.device.type != "meta" for p in layer.parameters()) for layer in layers))
+        return real(module, prefix, *a, **kw)
+
+    module_parent = []
+    real_decoder_layers = pipeline.decoder_layers
+
+    def capture_layers(model, n):
+        prefix, layers = real_decoder_layers(model, n)
+        module_parent.append(layers)
+        return prefix, layers
+
+    monkeypatch.setattr(pipeline, "materialize", spy)
+    monkeypatch.setattr(pipeline, "decoder_layers", capture_layers)
+    r = run("quantize", model_dir, "--json", *FAST)
+    assert r.exit_code == 0, r.output
+    assert seen == [0] * 6  # when a layer is loaded, every other layer is empty
+
+
+def test_out_dir_overwrite_and_rtn(tiny_llama_dir, tmp_path):
+    out = tmp_path / "q"
+    assert run("quantize", tiny_llama_dir, "--out", out, "--method", "rtn", "--bits", "8").exit_code == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 8
+    r = run("quantize", tiny_llama_dir, "--out", out, "--method", "rtn")
+    assert r.exit_code == 1 and "already exists" in r.output and "--overwrite" in r.output
+    assert run("quantize", tiny_llama_dir, "--out", out, "--method", "rtn", "--overwrite").exit_code == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no work or staging directories left behind
+
+
+def test_existing_repo_needs_overwrite(tiny_llama_dir, hub_cache):
+    assert run("quantize", tiny_llama_dir, "--repo-id", "a/b", "--method", "rtn").exit_code == 0
+    before = tree(hub_cache / "models--a--b")
+    r = run("quantize", tiny_llama_dir, "--repo-id", "a/b", "--method", "rtn", "--group-size", "64")
+    assert r.exit_code == 1 and "a/b already exists in the hub cache" in r.output
+    assert tree(hub_cache / "models--a--b") == before
+    r = run("quantize", tiny_llama_dir, "--repo-id", "a/b", "--method", "rtn", "--group-size", "64", "--overwrite")
+    assert r.exit_code == 0
+    snapshots = list((hub_cache / "models--a--b" / "snapshots").iterdir())
+    assert len(snapshots) == 1  # the replaced revision and its blobs are gone
+
+
+def _assert_clean_failure(r, hub_cache, message, code=1):
+    assert r.exit_code == code, r.output
+    assert message in r.output, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert "Traceback" not in r.output and len(errors) == 1 and message in errors[0]
+    assert not list(hub_cache.glob("models--*")), "nothing may be published"
+
+
+def test_missing_path(hub_cache, tmp_path):
+    _assert_clean_failure(run("quantize", tmp_path / "nope"), hub_cache, "not found")
+
+
+def test_directory_without_config(hub_cache, tmp_path):
+    _assert_clean_failure(run("quantize", tmp_path), hub_cache, "has no config.json")
+
+
+def test_pickle_only_checkpoint_is_refused(hub_cache, tmp_path, tiny_llama_dir):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    _assert_clean_failure(run("quantize", d), hub_cache, "only pickle weights (pytorch_model.bin)")
+
+
+def test_unsupported_architecture(hub_cache, tmp_path, tiny_tokenizer):
+    from conftest import make_tiny_model
+
+    d = make_tiny_model(tmp_path / "gpt2", tiny_tokenizer, model_type="gpt2", n_embd=32, n_layer=1, n_head=2)
+    _assert_clean_failure(run("quantize", d), hub_cache, "unsupported architecture 'gpt2'")
+
+
+def test_bits_5_is_a_usage_error(hub_cache, tiny_llama_dir):
+    _assert_clean_failure(run("quantize", tiny_llama_dir, "--bits", "5"), hub_cache, "'5' is not one of", code=2)
+
+
+def test_bad_group_size_names_the_flag(hub_cache, tiny_llama_dir):
+    _assert_clean_failure(run("quantize", tiny_llama_dir, "--group-size", "0"), hub_cache, "--group-size", code=2)
+
+
+def test_empty_and_short_calibration(hub_cache, tiny_llama_dir, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    _assert_clean_failure(run("quantize", tiny_llama_dir, "--calib", tmp_path / "empty.txt"), hub_cache,
+                          "has 0 tokens; --samples 128 x --seq-len 512 needs 65536")
+    (tmp_path / "short.txt").write_text("a short calibration text " * 20)
+    r = run("quantize", tiny_llama_dir, "--calib", tmp_path / "short.txt", "--samples", "4", "--seq-len", "64")
+    _assert_clean_failure(r, hub_cache, "needs 256")
+
+
+def test_invalid_repo_id(hub_cache, tiny_llama_dir):
+    _assert_clean_failure(run("quantize", tiny_llama_dir, "--repo-id", "../escape"), hub_cache, "invalid repo id")
+
+
+def test_quantize_by_cached_repo_id(tiny_llama_dir, hub_cache):
+    assert run("quantize", tiny_llama_dir, "--repo-id", "base/tiny", "--method", "rtn").exit_code == 0
+    # a quantized model in the cache is found by repo id, and refused as a base
+    r = run("quantize", "base/tiny", "--method", "rtn", "--repo-id", "x/y")
+    assert r.exit_code == 1 and "already quantized" in r.output
