@@ -1,6 +1,7 @@
 """quantize(): the only module that knows the order of the steps. Logs and progress live here."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import resource
@@ -106,6 +107,7 @@ class _Target:
                                     "pass --overwrite to replace it")
             base = hub_cache_dir().resolve().parent / "quantkit-work"
             label = self.repo_id.replace("/", "--")
+        self.owns_work_root = work_dir is None and self.out is None
         self.work = (Path(work_dir) if work_dir else base) / f".{label}.quantkit-{uuid.uuid4().hex[:8]}"
         self.staging = self.work / "output"
 
@@ -149,7 +151,7 @@ def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = Calib
     except ValueError as e:
         raise QuantkitError(str(e)) from None
     target = _Target(model, model_dir, spec, repo_id, Path(out) if out else None, overwrite, work_dir)
-    lock = repo_lock(target.repo_id) if target.repo_id else _nullcontext()
+    lock = repo_lock(target.repo_id) if target.repo_id else contextlib.nullcontext()
     with lock:
         target.staging.mkdir(parents=True)
         try:
@@ -158,18 +160,13 @@ def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = Calib
             path = target.publish(files)
         finally:
             shutil.rmtree(target.work, ignore_errors=True)
+            if target.owns_work_root:
+                with contextlib.suppress(OSError):
+                    target.work.parent.rmdir()  # quantkit's shared work folder, when no other run uses it
     return QuantizeResult(repo_id=target.repo_id, path=str(path), bits=spec.bits, group_size=spec.group_size,
                           sym=spec.sym, method=spec.method, checkpoint_format=checkpoint_format(spec),
                           seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(peak_rss_mb(), 1),
                           device=str(dev), layers=layers)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, target, shard_bytes, progress):
@@ -209,6 +206,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         log.info("layer %d/%d  %s  (%.1fs)", i + 1, len(layers),
                  "  ".join(f"{n.split('.')[-1]}={v:.4g}" for n, v in losses.items()), reports[-1]["seconds"])
         release(layer)
+        checkpoint.close()  # unmap the shards: touched pages of mapped files would otherwise count as resident
         bar.update(1)
     bar.close()
 
