@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .config import QuantSpec
 from .errors import NumericalError
-from .quant import dequantize_codes, group_qparams, quantize_codes
+from .quant import dequantize_codes, group_qparams
 
 
 @dataclass(frozen=True)
@@ -104,14 +104,12 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec) -> GPTQResul
                 scale, zero = group_qparams(cols, spec.bits, spec.sym)
                 scales[:, col // group], zeros[:, col // group] = scale, zero
             w = W1[:, i]
-            d = Hinv1[i, i]
-            q = quantize_codes(w.unsqueeze(1), scale, zero, spec.bits).squeeze(1)
-            dq = dequantize_codes(q, scale, zero)
+            q = torch.round(w / scale).add_(zero).clamp_(0, spec.maxq)
             codes[:, col] = q
-            losses += (w - dq) ** 2 / d**2 / 2
-            err = (w - dq) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            err = (w - scale * (q - zero)).div_(Hinv1[i, i])
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # propagate this column's error to the rest of the block
             Err1[:, i] = err
+        losses += Err1.pow(2).sum(dim=1) / 2  # (w - q)^2 / d^2 / 2 summed over the block's columns
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     if perm is not None:
