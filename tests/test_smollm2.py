@@ -66,8 +66,9 @@ def test_gptq_beats_round_to_nearest(smollm2_dir, gptq_g64, tmp_path, eval_windo
     base_ppl = perplexity(AutoModelForCausalLM.from_pretrained(smollm2_dir).eval(), eval_windows)
     rtn_ppl = perplexity(load_dequantized(rtn.path), eval_windows)
     gptq_ppl = perplexity(load_dequantized(gptq_g64.path), eval_windows)
+    # even with only 16 x 256 calibration tokens GPTQ closes a good part of round-to-nearest's gap
     assert base_ppl < gptq_ppl < rtn_ppl, (base_ppl, gptq_ppl, rtn_ppl)
-    assert gptq_ppl < base_ppl * 1.25
+    assert gptq_ppl - base_ppl < 0.75 * (rtn_ppl - base_ppl), (base_ppl, gptq_ppl, rtn_ppl)
 
 
 def test_ragged_last_group_is_written(rtn_g128):
