@@ -212,3 +212,19 @@ def test_quantize_by_cached_repo_id(tiny_llama_dir, hub_cache):
     # a quantized model in the cache is found by repo id, and refused as a base
     r = run("quantize", "base/tiny", "--method", "rtn", "--repo-id", "x/y")
     assert r.exit_code == 1 and "already quantized" in r.output
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
+def test_other_llama_family_architectures(model_type, tiny_tokenizer, tmp_path):
+    from conftest import make_tiny_model
+
+    extra = {"head_dim": 16} if model_type == "qwen3" else {}
+    model_dir = make_tiny_model(tmp_path / model_type, tiny_tokenizer, model_type=model_type, **extra)
+    r = run("quantize", model_dir, "--out", tmp_path / "q", *FAST)
+    assert r.exit_code == 0, r.output
+    deq = load_dequantized(str(tmp_path / "q"))
+    assert torch.isfinite(deq(torch.randint(0, 500, (1, 8))).logits).all()
+    if model_type == "qwen2":  # q/k/v carry a bias, stored beside the packed weight
+        from quantkit.checkpoint import SafetensorsCheckpoint
+
+        assert "model.layers.0.self_attn.q_proj.bias" in SafetensorsCheckpoint(tmp_path / "q").names()
