@@ -72,6 +72,7 @@ def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
 @click.option("--sym/--asym", default=True, show_default=True, help="symmetric grid (v1 format) or asymmetric (v2)")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Hessian damping, fraction of mean diagonal")
 @click.option("--act-order/--no-act-order", default=False, show_default=True, help="quantize columns by decreasing Hessian diagonal (desc_act)")
+@click.option("--static-groups", is_flag=True, help="with --act-order: fix group parameters first, so g_idx stays in order")
 @click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
               help="quantize a layer's Linears in order, each seeing the already-quantized ones")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
@@ -87,7 +88,7 @@ def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
 @click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object; no progress or log lines")
-def quantize(model, bits, group_size, sym, damp, act_order, true_sequential, method, calib, samples, seq_len, seed,
+def quantize(model, bits, group_size, sym, damp, act_order, static_groups, true_sequential, method, calib, samples, seq_len, seed,
              device, repo_id, out, overwrite, max_shard_size, as_json):
     """Quantize MODEL (a directory or a repo id in the local hub cache) to a GPTQ checkpoint."""
     from .config import CalibSpec, QuantSpec
@@ -96,9 +97,11 @@ def quantize(model, bits, group_size, sym, damp, act_order, true_sequential, met
         raise click.UsageError("--repo-id and --out are mutually exclusive")
     try:
         spec = QuantSpec(bits=int(bits), group_size=group_size, sym=sym, damp=damp, act_order=act_order,
-                         true_sequential=true_sequential, method=method)
+                         static_groups=static_groups, true_sequential=true_sequential, method=method)
     except ValueError as e:
-        hint = "--group-size" if "group" in str(e) else "--damp" if "damp" in str(e) else None
+        msg = str(e)
+        hint = ("--static-groups" if "static" in msg else "--group-size" if "group" in msg
+                else "--damp" if "damp" in msg else None)
         raise click.BadParameter(str(e), param_hint=hint) from None
     try:
         calib_spec = CalibSpec(source=calib, samples=samples, seq_len=seq_len, seed=seed)
@@ -118,6 +121,15 @@ def quantize(model, bits, group_size, sym, damp, act_order, true_sequential, met
     click.echo(f"wrote {result.path}  ({result.seconds:.0f}s, peak RSS {result.peak_rss_mb:.0f} MB)")
     if result.repo_id:
         click.echo(f"load it with: AutoModelForCausalLM.from_pretrained(\"{result.repo_id}\")")
+
+
+def _register_commands() -> None:
+    from .cli_verify import verify_command
+
+    cli.add_command(verify_command)
+
+
+_register_commands()
 
 
 def main() -> None:
