@@ -71,7 +71,8 @@ def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
 @click.option("--group-size", type=int, default=128, show_default=True, help="input channels per scale; -1 = per row")
 @click.option("--sym/--asym", default=True, show_default=True, help="symmetric grid (v1 format) or asymmetric (v2)")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Hessian damping, fraction of mean diagonal")
-@click.option("--act-order/--no-act-order", default=False, show_default=True, help="quantize columns by decreasing Hessian diagonal (desc_act)")
+@click.option("--act-order/--no-act-order", default=True, show_default=True,
+              help="quantize columns by decreasing Hessian diagonal (desc_act; g_idx is permuted unless --static-groups)")
 @click.option("--static-groups", is_flag=True, help="with --act-order: fix group parameters first, so g_idx stays in order")
 @click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
               help="quantize a layer's Linears in order, each seeing the already-quantized ones")

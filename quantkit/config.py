@@ -26,7 +26,7 @@ class QuantSpec:
     group_size: int = 128
     sym: bool = True
     damp: float = 0.01
-    act_order: bool = False
+    act_order: bool = True
     static_groups: bool = False
     true_sequential: bool = True
     method: str = "gptq"
@@ -42,6 +42,11 @@ class QuantSpec:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.static_groups and not self.act_order:
             raise ValueError("static groups only apply with act-order")
+
+    @property
+    def desc_act(self) -> bool:
+        """Whether g_idx is permuted (act-order with dynamic groups); loaders must then honour g_idx."""
+        return self.method == "gptq" and self.act_order and not self.static_groups
 
     @property
     def maxq(self) -> int:

@@ -62,13 +62,14 @@ def quantization_config(spec: QuantSpec, version: str, modules_in_block: list[li
         "quant_method": "gptq",
         "bits": spec.bits,
         "group_size": spec.group_size,
-        "desc_act": spec.act_order,
+        "desc_act": spec.desc_act,
         "sym": spec.sym,
         "true_sequential": spec.true_sequential,
         "damp_percent": spec.damp,
         "static_groups": spec.static_groups,
         "checkpoint_format": checkpoint_format(spec),
-        "meta": {"quantizer": [f"quantkit:{version}"], "method": spec.method},
+        "meta": {"quantizer": [f"quantkit:{version}"], "method": spec.method,
+                 "act_order": spec.act_order and spec.method == "gptq"},
     }
     if modules_in_block:
         cfg["modules_in_block_to_quantize"] = modules_in_block

@@ -25,7 +25,8 @@ def test_accumulate_hessian_equals_batch_formula():
     torch.testing.assert_close(H, 2 * X.T @ X / 300, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=32), QuantSpec(bits=3, group_size=64, sym=False),
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=32, act_order=False),
+                                  QuantSpec(bits=3, group_size=64, sym=False, act_order=False),
                                   QuantSpec(bits=4, group_size=-1, act_order=True),
                                   QuantSpec(bits=2, group_size=32, act_order=True, static_groups=True)],
                          ids=["4b-g32", "3b-g64-asym", "4b-row-actorder", "2b-g32-static"])
@@ -45,7 +46,7 @@ def test_gptq_beats_rtn_and_leaves_inputs_alone(spec):
 
 def test_partial_last_group_has_its_own_scale():
     W, X, H = _correlated(n_out=16, n_in=96)
-    res = gptq_quantize(W, H, QuantSpec(bits=4, group_size=64))  # 64 + a ragged group of 32
+    res = gptq_quantize(W, H, QuantSpec(bits=4, group_size=64, act_order=False))  # 64 + a ragged group of 32
     assert res.scales.shape == (16, 2)
     assert torch.equal(res.g_idx, (torch.arange(96) // 64).to(torch.int32))
 
@@ -75,6 +76,16 @@ def test_dead_input_channels_quantize_to_zero():
     H[:, 5] = 0
     res = gptq_quantize(W, H, QuantSpec(bits=4, group_size=32))
     assert torch.all(res.weight[:, 5] == 0)
+
+
+def test_act_order_beats_plain_order_on_uneven_inputs():
+    W, X, H = _correlated()
+    X = X * torch.linspace(0.1, 3.0, X.shape[1])  # input channels of very different energy
+    H = 2 * X.T @ X / X.shape[0]
+    err = lambda Wq: (X @ (W - Wq).T).pow(2).mean().item()  # noqa: E731
+    plain = gptq_quantize(W, H, QuantSpec(bits=3, group_size=-1, act_order=False))
+    ordered = gptq_quantize(W, H, QuantSpec(bits=3, group_size=-1, act_order=True))
+    assert err(ordered.weight) < err(plain.weight)
 
 
 def test_singular_hessian_retries_with_more_damping():

@@ -69,6 +69,7 @@ def test_config_manifest_and_card(quantized, tiny_llama_dir):
     assert qcfg == json.loads((snap / "quantize_config.json").read_text())
     assert qcfg["quant_method"] == "gptq" and qcfg["bits"] == 4 and qcfg["group_size"] == 32
     assert qcfg["checkpoint_format"] == "gptq" and qcfg["meta"]["quantizer"][0].startswith("quantkit:")
+    assert qcfg["desc_act"] is True
     manifest = json.loads((snap / "quantkit.json").read_text())
     for name, entry in manifest["files"].items():
         assert sha256_file(snap / name) == entry["sha256"]
@@ -87,7 +88,8 @@ def test_gptq_tensors_have_the_documented_shapes(quantized):
         assert f.get_tensor(f"{name}.qweight").shape == (128 * 4 // 32, 64)
         assert f.get_tensor(f"{name}.qzeros").shape == (4, 64 * 4 // 32)
         assert f.get_tensor(f"{name}.scales").dtype == torch.float16
-        assert f.get_tensor(f"{name}.g_idx").tolist() == [i // 32 for i in range(128)]
+        g_idx = f.get_tensor(f"{name}.g_idx")  # act-order (the default): a permuted grouping, 32 channels each
+        assert g_idx.dtype == torch.int32 and torch.bincount(g_idx.long()).tolist() == [32] * 4
     assert f"{name}.weight" not in index and "lm_head.weight" in index
 
 
