@@ -130,12 +130,19 @@ def build_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[nn
             model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
         except (ValueError, KeyError) as e:
             raise QuantkitError(f"{model_dir}: transformers cannot build this model: {e}") from None
+    if _ties_embeddings(model):
+        model.tie_weights()  # share the meta tensor now, so sizes count it once; retied after loading
     if settings is not None:
         headers = read_headers(model_dir, checkpoint.weight_map)
         for name in checkpoint.names():
             if name.endswith(".qweight"):
                 _swap_in(model, name[: -len(".qweight")], checkpoint, settings, headers)
     return model.eval(), checkpoint, settings
+
+
+def _ties_embeddings(model: nn.Module) -> bool:
+    text_config = model.config.get_text_config()
+    return bool(getattr(text_config, "tie_word_embeddings", False) or getattr(model.config, "tie_word_embeddings", False))
 
 
 def _swap_in(model: nn.Module, module_name: str, checkpoint: SafetensorsCheckpoint, settings: dict,
@@ -257,8 +264,7 @@ def load_model(model: str | Path, *, dtype: torch.dtype = torch.float32, max_mem
             _load_tensor(lm, name, checkpoint, dtype, disk, offload_dir, index)
     finally:
         checkpoint.close()
-    text_config = lm.config.get_text_config()
-    if getattr(text_config, "tie_word_embeddings", False) or getattr(lm.config, "tie_word_embeddings", False):
+    if _ties_embeddings(lm):
         lm.tie_weights()
     _check_loaded(lm, model_dir, disk)
     offloaded = sorted(disk, key=_natural_key)
