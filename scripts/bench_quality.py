@@ -41,6 +41,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--no-true-sequential", action="store_true")
+    p.add_argument("--methods", default="rtn,gptq", help="comma-separated quantize methods to run")
+    p.add_argument("--existing", action="append", default=[], metavar="LABEL=DIR",
+                   help="also evaluate an already-quantized checkpoint (directory or cached repo id)")
     args = p.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,10 +59,13 @@ def main() -> None:
     rows.append(("unquantized", perplexity(base, windows), None))
     del base
     with tempfile.TemporaryDirectory() as tmp:
-        for method in ("rtn", "gptq"):
+        for method in filter(None, args.methods.split(",")):
             out = os.path.join(tmp, method)
             res = run_quantize(args.model_dir, out, args, method)
             rows.append((method, perplexity(load_dequantized(out), windows), res))
+    for item in args.existing:
+        label, _, path = item.partition("=")
+        rows.append((label, perplexity(load_dequantized(path), windows), None))
     print(f"eval: {windows.numel()} tokens of {DEFAULT_EVAL} ({windows.shape[0]} x 512); "
           f"{args.bits}-bit g{args.group_size} sym; calibration {args.samples} x {args.seq_len}")
     print("| method | perplexity | quantize wall s | peak RSS MB |")
