@@ -1,12 +1,16 @@
 import importlib.util
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# huggingface_hub reads HF_HUB_CACHE once, at import: give the whole session a private cache before that
+SESSION_HUB_CACHE = Path(tempfile.mkdtemp(prefix="quantkit-test-hub-"))
+os.environ["HF_HUB_CACHE"] = str(SESSION_HUB_CACHE)
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 REPO = Path(__file__).resolve().parent.parent

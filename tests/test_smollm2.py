@@ -27,8 +27,11 @@ def test_import_gguf_wrote_a_complete_checkpoint(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("hub")
+def demo_cache():
+    """The session's hub cache: transformers resolves repo ids only there (see conftest)."""
+    from conftest import SESSION_HUB_CACHE
+
+    return SESSION_HUB_CACHE
 
 
 @pytest.fixture(scope="module")
