@@ -3,6 +3,10 @@
     import quantkit
     result = quantkit.quantize("path/to/model", quantkit.QuantSpec(bits=4, group_size=64))
     print(result.repo_id, result.path)
+
+    quantkit.estimate("llama-2-70b").weight(4).total_bytes / 2**30   # GiB of 4-bit g128 weights
+    quantkit.inspect(result.path).manifest["status"]                 # "ok"
+    [m.repo_id for m in quantkit.cache_list()]
 """
 __version__ = "0.1.0"
 
@@ -16,4 +20,43 @@ def quantize(model, spec=None, calib=None, **kwargs):
     return _quantize(model, spec or QuantSpec(), calib or CalibSpec(), **kwargs)
 
 
-__all__ = ["CalibSpec", "QuantSpec", "quantize", "__version__"]
+def estimate(model_or_config, bits=(16, 8, 4, 3, 2), group_size=128, context=4096, batch=1, **kwargs):
+    """Memory to run and to quantize a model, from its config alone; see quantkit/sizing.py.
+
+    >>> e = quantkit.estimate("llama-2-70b", bits=[16, 4])
+    >>> round(e.total_params / 1e9, 2), round(e.weight(16).total_bytes / 2**30, 1)
+    (68.98, 128.5)
+    >>> [g["run"][4] for g in e.gpus if g["gpu_gb"] == 80], e.to_dict()["kv_cache_gib"]
+    ([True], 1.25)
+    """
+    from .sizing import estimate as _estimate
+
+    return _estimate(model_or_config, bits=bits, group_size=group_size, context=context, batch=batch,
+                                     **kwargs)
+
+
+def inspect(model):
+    """Describe a checkpoint directory or cached repo id (headers only); returns an InspectReport dataclass.
+
+    >>> r = quantkit.inspect("quantkit/SmolLM2-135M-Instruct-gptq-4bit-g64")      # doctest: +SKIP
+    >>> r.bits, r.group_size, r.manifest["status"], len(r.quantized_modules)         # doctest: +SKIP
+    (4, 64, 'ok', 210)
+    >>> r.notes   # known loader limits, from quantkit.compat.compatibility_notes        # doctest: +SKIP
+    """
+    from .inspect_cmd import inspect as _inspect
+
+    return _inspect(model)
+
+
+def cache_list():
+    """Quantized models in the local hub cache, as CachedModel dataclasses (repo_id, method, bits, ...).
+
+    >>> [(m.repo_id, m.bits, m.group_size) for m in quantkit.cache_list()]    # doctest: +SKIP
+    [('quantkit/SmolLM2-135M-Instruct-gptq-4bit-g64', 4, 64)]
+    """
+    from .cache import cache_list as _cache_list
+
+    return _cache_list()
+
+
+__all__ = ["CalibSpec", "QuantSpec", "cache_list", "estimate", "inspect", "quantize", "__version__"]

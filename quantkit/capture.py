@@ -6,6 +6,7 @@ per-architecture code.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -126,10 +127,66 @@ def discover_groups(layer: nn.Module, hidden: Tensor, call: LayerCall) -> list[l
     return groups
 
 
+class BlockMemo:
+    """Per-batch outputs of a layer's child blocks whose Linear modules are all quantized already.
+
+    True-sequential GPTQ reruns the layer once per stage. A block that can no longer change (the attention,
+    once q/k/v/o are quantized) is recorded the first time it completes and replayed afterwards, which saves
+    its matmuls in every later stage and in the propagation. Replays return clones, so in-place edits by
+    the caller never reach the record; blocks called other than once per forward are never replayed.
+    """
+
+    def __init__(self, layer: nn.Module, enabled: bool = True):
+        self.layer = layer
+        self.blocks = {name: {f"{name}.{sub}" for sub in linear_modules(child)}
+                       for name, child in layer.named_children() if enabled and linear_modules(child)}
+        self.outputs: dict[str, list] = {}
+        self.batch = 0  # index of the mini-batch being run
+
+    @contextlib.contextmanager
+    def replaying(self, done: set[str], n_batches: int, device: torch.device):
+        """Replay recorded final blocks; record final blocks not recorded yet (kept if complete for every batch)."""
+        handles, replaced, recording = [], [], []
+        for name, linears in self.blocks.items():
+            if not linears <= done:
+                continue
+            child = self.layer.get_submodule(name)
+            if name in self.outputs:
+                child.forward = lambda *a, _outs=self.outputs[name], **k: _clone(_to(_outs[self.batch], device))
+                replaced.append(child)
+            else:
+                outs = self.outputs[name] = []
+                recording.append(name)
+                handles.append(child.register_forward_hook(
+                    lambda mod, inp, out, _outs=outs: _outs.append(_to(_clone(out), "cpu"))))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for child in replaced:
+                del child.forward
+            for name in recording:
+                if len(self.outputs[name]) != n_batches:  # stopped before it completed, or called twice
+                    del self.outputs[name]
+
+
+def _clone(obj):
+    if isinstance(obj, Tensor):
+        return obj.clone()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_clone(o) for o in obj)
+    return obj
+
+
 @torch.no_grad()
 def collect_hessians(layer: nn.Module, groups: list[list[str]], batches: list[Tensor], call: LayerCall,
-                     device: torch.device, dtype: torch.dtype) -> list[Tensor]:
-    """One float32 Hessian per group, from inputs to the group's first member; the forward stops after the last."""
+                     device: torch.device, dtype: torch.dtype, memo: BlockMemo | None = None,
+                     done: set[str] = frozenset()) -> list[Tensor]:
+    """One float32 Hessian per group, from inputs to the group's first member; the forward stops after the last.
+
+    `done` names the Linear modules quantized already; `memo` replays blocks made only of those.
+    """
     modules = linear_modules(layer)
     state = []
     handles = []
@@ -143,12 +200,15 @@ def collect_hessians(layer: nn.Module, groups: list[list[str]], batches: list[Te
             if last:
                 raise _StopForward
         handles.append(first.register_forward_pre_hook(hook))
+    memo = memo or BlockMemo(layer, enabled=False)
     try:
-        for hidden in batches:
-            try:
-                _run(layer, hidden.to(device, dtype), call)
-            except _StopForward:
-                pass
+        with memo.replaying(set(done), len(batches), device):
+            for i, hidden in enumerate(batches):
+                memo.batch = i
+                try:
+                    _run(layer, hidden.to(device, dtype), call)
+                except _StopForward:
+                    pass
     finally:
         for h in handles:
             h.remove()
@@ -157,7 +217,10 @@ def collect_hessians(layer: nn.Module, groups: list[list[str]], batches: list[Te
 
 @torch.no_grad()
 def propagate(layer: nn.Module, batches: list[Tensor], call: LayerCall, device: torch.device,
-              dtype: torch.dtype) -> None:
+              dtype: torch.dtype, memo: BlockMemo | None = None) -> None:
     """Replace each mini-batch in place by the layer's output on it (the next layer's input)."""
-    for i, hidden in enumerate(batches):
-        batches[i] = _run(layer, hidden.to(device, dtype), call).to("cpu", hidden.dtype)
+    memo = memo or BlockMemo(layer, enabled=False)
+    with memo.replaying(set(linear_modules(layer)), len(batches), device):
+        for i, hidden in enumerate(batches):
+            memo.batch = i
+            batches[i] = _run(layer, hidden.to(device, dtype), call).to("cpu", hidden.dtype)

@@ -20,6 +20,7 @@ class QuantSpec:
     :param static_groups: with act_order, fix group parameters before the pass so g_idx stays i // group_size.
     :param true_sequential: quantize a layer's Linears stage by stage, each seeing the quantized earlier ones.
     :param method: "gptq" (calibrated) or "rtn" (round-to-nearest, no calibration).
+    :param clip_search: shrink each group's range where that lowers its rounding error (quant.group_qparams).
     """
 
     bits: int = 4
@@ -30,6 +31,7 @@ class QuantSpec:
     static_groups: bool = False
     true_sequential: bool = True
     method: str = "gptq"
+    clip_search: bool = True
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:

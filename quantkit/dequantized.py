@@ -27,7 +27,7 @@ def load_dequantized(model: str, dtype: torch.dtype = torch.float32) -> nn.Modul
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     del config.quantization_config
     with init_empty_weights(include_buffers=False):
-        lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     checkpoint = SafetensorsCheckpoint(model_dir)
     bits, fmt = int(qcfg["bits"]), qcfg.get("checkpoint_format", "gptq")
     names = set(checkpoint.names())

@@ -69,7 +69,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec) -> GPTQResul
 
     static_params = None
     if spec.static_groups:  # fixed per group in original order, before any column is updated
-        static_params = [group_qparams(W[:, g * group:(g + 1) * group], spec.bits, spec.sym) for g in range(n_groups)]
+        static_params = [group_qparams(W[:, g * group:(g + 1) * group], spec.bits, spec.sym, spec.clip_search) for g in range(n_groups)]
 
     perm = None
     if spec.act_order:
@@ -101,7 +101,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec) -> GPTQResul
                 scales[:, g], zeros[:, g] = scale, zero
             elif col % group == 0:  # first column of a group: block starts align with groups, W1 is current
                 cols = W[:, col:col + group] if i == 0 else W1[:, i:i + group]
-                scale, zero = group_qparams(cols, spec.bits, spec.sym)
+                scale, zero = group_qparams(cols, spec.bits, spec.sym, spec.clip_search)
                 scales[:, col // group], zeros[:, col // group] = scale, zero
             w = W1[:, i]
             q = torch.round(w / scale).add_(zero).clamp_(0, spec.maxq)

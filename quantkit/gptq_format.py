@@ -69,7 +69,7 @@ def quantization_config(spec: QuantSpec, version: str, modules_in_block: list[li
         "static_groups": spec.static_groups,
         "checkpoint_format": checkpoint_format(spec),
         "meta": {"quantizer": [f"quantkit:{version}"], "method": spec.method,
-                 "act_order": spec.act_order and spec.method == "gptq"},
+                 "act_order": spec.act_order and spec.method == "gptq", "clip_search": spec.clip_search},
     }
     if modules_in_block:
         cfg["modules_in_block_to_quantize"] = modules_in_block

@@ -71,8 +71,10 @@ def materialize(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoin
         if tensor.is_floating_point():
             if not torch.isfinite(tensor).all():
                 raise QuantkitError(f"tensor {full} holds NaN or Inf values")
-            tensor = tensor.to(dtype)
-        set_module_tensor_to_device(module, pname, device, value=tensor)
+            # without dtype=, accelerate would cast back to the skeleton's (config's) dtype
+            set_module_tensor_to_device(module, pname, device, value=tensor, dtype=dtype)
+        else:
+            set_module_tensor_to_device(module, pname, device, value=tensor)
 
 
 def release(module: nn.Module) -> None:

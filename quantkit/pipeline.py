@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .calibration import calibration_batch
-from .capture import capture_layer_inputs, collect_hessians, discover_groups, propagate
+from .capture import BlockMemo, capture_layer_inputs, collect_hessians, discover_groups, propagate
 from .checkpoint import SafetensorsCheckpoint, read_config_dict, resolve_model_dir, torch_dtype_of
 from .config import CalibSpec, QuantSpec
 from .errors import QuantkitError
@@ -240,7 +240,7 @@ def _materialize_direct(module, prefix, checkpoint, dev, dtype):
 
     for pname in list(module._parameters):
         tensor = checkpoint.get(f"{prefix}.{pname}")
-        set_module_tensor_to_device(module, pname, dev, value=tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        set_module_tensor_to_device(module, pname, dev, value=tensor, dtype=dtype if tensor.is_floating_point() else None)
 
 
 def _release_direct(module) -> None:
@@ -255,8 +255,9 @@ def _gptq_layer(layer, batches, call, spec: QuantSpec, dev, compute_dtype, last:
     modules = linear_modules(layer)
     stages = [[g] for g in groups] if spec.true_sequential else [groups]
     results: dict[str, GPTQResult] = {}
+    memo = BlockMemo(layer)
     for stage in stages:
-        hessians = collect_hessians(layer, stage, batches, call, dev, compute_dtype)
+        hessians = collect_hessians(layer, stage, batches, call, dev, compute_dtype, memo, done=set(results))
         for group, H in zip(stage, hessians):
             for name in group:
                 weight = modules[name].weight
@@ -265,14 +266,14 @@ def _gptq_layer(layer, batches, call, spec: QuantSpec, dev, compute_dtype, last:
                 results[name] = _to_cpu(res)
         del hessians
     if not last:  # the final layer's outputs are never used
-        propagate(layer, batches, call, dev, compute_dtype)
+        propagate(layer, batches, call, dev, compute_dtype, memo)
     return {name: results[name] for name in modules}
 
 
 def _rtn_layer(layer, spec: QuantSpec) -> dict[str, GPTQResult]:
     results = {}
     for name, module in linear_modules(layer).items():
-        codes, scales, zeros = rtn_quantize(module.weight.data, spec.bits, spec.group_size, spec.sym)
+        codes, scales, zeros = rtn_quantize(module.weight.data, spec.bits, spec.group_size, spec.sym, spec.clip_search)
         g = spec.effective_group_size(module.in_features)
         g_idx = (torch.arange(module.in_features) // g).to(torch.int32)
         results[name] = GPTQResult(codes=codes.cpu(), scales=scales.cpu(), zeros=zeros.cpu(), g_idx=g_idx,

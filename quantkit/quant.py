@@ -13,12 +13,40 @@ _FP16_MIN_SCALE = 2.0**-24  # smallest positive float16 (subnormal); keeps scale
 _FP16_MAX = 65504.0
 
 
-def group_qparams(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
-    """Per-row grid parameters for w [rows, cols] -> (scale [rows] float32, zero [rows] float32 integer-valued)."""
-    maxq = 2**bits - 1
+CLIP_GRID = 100       # shrink steps of 1% ...
+CLIP_MAX_SHRINK = 0.2  # ... down to 80% of the min/max range
+CLIP_NORM = 2.4        # error norm of the search (GPTQ reference implementation's Quantizer(mse=True))
+
+
+def group_qparams(w: Tensor, bits: int, sym: bool, clip_search: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-row grid parameters for w [rows, cols] -> (scale [rows] float32, zero [rows] float32 integer-valued).
+
+    With clip_search, each row's range is shrunk by the factor (1, 0.99, ..., 0.81) whose rounding error
+    sum |w - q(w)|^2.4 is smallest: clipping a few outliers buys a finer grid for all other weights.
+    """
     w = w.float()
     xmin = w.min(dim=1).values.clamp(max=0)
     xmax = w.max(dim=1).values.clamp(min=0)
+    scale, zero = _range_qparams(xmin, xmax, bits, sym)
+    if clip_search:
+        best = _rounding_error(w, scale, zero, bits)
+        for step in range(1, int(CLIP_MAX_SHRINK * CLIP_GRID)):
+            shrink = 1 - step / CLIP_GRID
+            s, z = _range_qparams(xmin * shrink, xmax * shrink, bits, sym)
+            err = _rounding_error(w, s, z, bits)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
+def _rounding_error(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    q = dequantize_codes(quantize_codes(w, scale, zero, bits), scale.unsqueeze(-1), zero.unsqueeze(-1))
+    return (q - w).abs_().pow_(CLIP_NORM).sum(dim=1)
+
+
+def _range_qparams(xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    maxq = 2**bits - 1
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)
@@ -43,7 +71,8 @@ def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     return scale.float() * (codes.float() - zero.float())
 
 
-def rtn_quantize(weight: Tensor, bits: int, group_size: int, sym: bool) -> tuple[Tensor, Tensor, Tensor]:
+def rtn_quantize(weight: Tensor, bits: int, group_size: int, sym: bool,
+                 clip_search: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Round-to-nearest baseline: weight [N, K] -> (codes int32 [N, K], scales [N, G], zeros int32 [N, G])."""
     n_out, n_in = weight.shape
     g = n_in if group_size == -1 else group_size
@@ -51,7 +80,7 @@ def rtn_quantize(weight: Tensor, bits: int, group_size: int, sym: bool) -> tuple
     scales, zeros = [], []
     for start in range(0, n_in, g):
         block = weight[:, start:start + g].float()
-        scale, zero = group_qparams(block, bits, sym)
+        scale, zero = group_qparams(block, bits, sym, clip_search)
         codes[:, start:start + g] = quantize_codes(block, scale, zero, bits).to(torch.int32)
         scales.append(scale)
         zeros.append(zero)

@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import struct
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from .errors import QuantkitError
@@ -35,42 +38,92 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-class ShardWriter:
-    """Accumulates tensors and writes a safetensors shard whenever `max_shard_bytes` would be exceeded.
+_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+           "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
+           "float8_e5m2": "F8_E5M2"}
 
-    Only the current shard's tensors are held in memory. `finish()` names the shards
-    model-0000i-of-0000N.safetensors and writes model.safetensors.index.json.
+
+class _SpooledShard:
+    """One safetensors file written without keeping its tensors in memory.
+
+    Tensor bytes go straight to spool files, one per element size; `close()` writes the header and then
+    the spools, largest element size first, so every tensor stays aligned to its element size in the file.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._spools: dict[int, tuple[Path, object]] = {}
+        self._entries: dict[int, list[tuple[str, str, list[int], int]]] = {}  # element size -> (name, dtype, shape, nbytes)
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        dtype = _DTYPES.get(str(tensor.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise QuantkitError(f"internal error: cannot write tensor {name} of dtype {tensor.dtype}")
+        size = tensor.element_size()
+        if size not in self._spools:
+            spool = self.path.with_name(f"{self.path.name}.spool-{size}")
+            self._spools[size] = (spool, spool.open("wb"))
+            self._entries[size] = []
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._spools[size][1].write(memoryview(data))
+        self._entries[size].append((name, dtype, list(tensor.shape), data.nbytes))
+
+    def close(self) -> list[str]:
+        header, offset, names = {"__metadata__": {"format": "pt"}}, 0, []
+        for size in sorted(self._entries, reverse=True):
+            for name, dtype, shape, nbytes in self._entries[size]:
+                header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+                names.append(name)
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        with self.path.open("wb") as out:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            for size in sorted(self._spools, reverse=True):
+                spool, handle = self._spools[size]
+                handle.close()
+                with spool.open("rb") as f:
+                    shutil.copyfileobj(f, out, 16 << 20)
+                spool.unlink()
+        os.chmod(self.path, 0o666 & ~_umask())
+        return names
+
+
+class ShardWriter:
+    """Streams tensors into safetensors shards of at most `max_shard_bytes` each, holding none of them.
+
+    `finish()` names the shards model-0000i-of-0000N.safetensors and writes model.safetensors.index.json.
     """
 
     def __init__(self, directory: Path, max_shard_bytes: int):
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
-        self._buffer: dict[str, Tensor] = {}
-        self._buffer_bytes = 0
+        self._shard: _SpooledShard | None = None
+        self._shard_bytes = 0
         self._parts: list[tuple[Path, list[str]]] = []
+        self._names: set[str] = set()
         self.total_bytes = 0
 
     def add(self, tensors: dict[str, Tensor]) -> None:
         for name, tensor in tensors.items():
-            if name in self._buffer or any(name in names for _, names in self._parts):
+            if name in self._names:
                 raise QuantkitError(f"internal error: tensor {name} written twice")
+            self._names.add(name)
             size = tensor.numel() * tensor.element_size()
-            if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
+            if self._shard is not None and self._shard_bytes + size > self.max_shard_bytes:
                 self.flush()
-            self._buffer[name] = tensor.detach().to("cpu").contiguous()
-            self._buffer_bytes += size
+            if self._shard is None:
+                self._shard = _SpooledShard(self.directory / f"part-{len(self._parts):05d}.safetensors")
+            self._shard.add(name, tensor)
+            self._shard_bytes += size
             self.total_bytes += size
 
     def flush(self) -> None:
-        if not self._buffer:
+        if self._shard is None:
             return
-        from safetensors.torch import save_file
-
-        path = self.directory / f"part-{len(self._parts):05d}.safetensors"
-        save_file(self._buffer, str(path), metadata={"format": "pt"})
-        os.chmod(path, 0o666 & ~_umask())  # save_file creates 0600 files; shards are meant to be shared
-        self._parts.append((path, list(self._buffer)))
-        self._buffer, self._buffer_bytes = {}, 0
+        self._parts.append((self._shard.path, self._shard.close()))
+        self._shard, self._shard_bytes = None, 0
 
     def finish(self) -> list[str]:
         """Write the last shard and the index; returns the shard file names."""

@@ -24,6 +24,8 @@ VARIANTS = {
     "actorder-static": QuantSpec(group_size=64, act_order=True, static_groups=True),
     "no-trueseq": QuantSpec(group_size=64, true_sequential=False),
     "rtn": QuantSpec(group_size=64, method="rtn"),
+    "rtn-clip": QuantSpec(group_size=64, method="rtn", clip_search=True),
+    "actorder-clip": QuantSpec(group_size=64, act_order=True, clip_search=True),
 }
 
 

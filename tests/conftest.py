@@ -1,5 +1,4 @@
 import importlib.util
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -18,17 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _train_tokenizer(vocab_size: int):
     """A small byte-level BPE tokenizer trained on the calibration text, so tests need nothing downloaded."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from quantkit.synthetic import train_tokenizer
 
-    texts = [json.loads(line)["text"] for line in (REPO / "calibration" / "pydocs-calib.jsonl").open()][:400]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return train_tokenizer(vocab_size)
 
 
 @pytest.fixture(scope="session")

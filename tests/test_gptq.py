@@ -94,3 +94,21 @@ def test_singular_hessian_retries_with_more_damping():
     res = gptq_quantize(W, H, QuantSpec(bits=4, group_size=32, damp=0.01))
     assert res.damp == pytest.approx(0.1)
     assert torch.isfinite(res.weight).all()
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_clip_search_never_rounds_worse_and_clips_outliers(sym):
+    from quantkit.quant import CLIP_NORM, dequantize_codes, group_qparams, quantize_codes
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    w[:8, 0] = 12.0  # one outlier in each of 8 rows
+
+    def error(scale, zero):
+        q = dequantize_codes(quantize_codes(w, scale, zero, 4), scale[:, None], zero[:, None])
+        return (q - w).abs().pow(CLIP_NORM).sum(dim=1)
+
+    plain, clipped = group_qparams(w, 4, sym), group_qparams(w, 4, sym, clip_search=True)
+    assert (error(*clipped) <= error(*plain)).all()
+    assert (clipped[0] <= plain[0]).all() and (clipped[0] < plain[0]).any()
+    assert torch.equal(clipped[0], clipped[0].half().float())  # still exactly representable on disk

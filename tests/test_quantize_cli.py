@@ -102,8 +102,10 @@ def test_dequantized_weights_stay_close_to_the_originals(quantized, tiny_llama_d
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     w, wq = base.model.layers[1].mlp.up_proj.weight, deq.model.layers[1].mlp.up_proj.weight
     assert 0 < ((w - wq).norm() / w.norm()).item() < 0.2
+    assert {p.dtype for p in deq.parameters()} == {torch.float32}  # the file is float16; the reference is not
     ids = torch.randint(0, 500, (1, 16))
     assert torch.isfinite(deq(ids).logits).all()
+    assert {p.dtype for p in load_dequantized("test/tiny-gptq", torch.bfloat16).parameters()} == {torch.bfloat16}
 
 
 def test_only_one_decoder_layer_is_materialised_at_a_time(tiny_tokenizer, tmp_path, hub_cache, monkeypatch):

@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""quantkit against llm-compressor and GPTQModel, side by side, on the same checkpoint and the same tokens.
+
+Run through `scripts/bench_peers`, which prepares each tool's own virtual environment. Every tool quantizes
+the same calibration windows (written once to a safetensors file) in its own process, timed with
+/usr/bin/time (wall clock and peak RSS of the whole command, imports included). The tools alternate order
+between rounds. Each output's perplexity is then computed by scripts/peers/perplexity.py in the tool's own
+environment, loading the checkpoint through transformers as its users would, on the same evaluation windows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ROOT / "scripts" / "peers"
+MARK_START, MARK_END = "<!-- bench_peers:start -->", "<!-- bench_peers:end -->"
+
+
+def timed(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) of cmd, which must succeed."""
+    timefile = log.with_suffix(".time")
+    with log.open("w") as out:
+        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", str(timefile), *cmd], env=env,
+                              stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n--- last lines of {log}:\n"
+                 + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
+    wall, rss_kb = timefile.read_text().split()[-2:]
+    return float(wall), int(rss_kb) / 1024
+
+
+def perplexity(python: str, model_dir: Path, eval_file: Path, env: dict) -> float:
+    proc = subprocess.run([python, str(PEERS / "perplexity.py"), str(model_dir), str(eval_file)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"perplexity of {model_dir} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["ppl"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path, help="unquantized checkpoint directory")
+    ap.add_argument("--llmcompressor-python", required=True)
+    ap.add_argument("--gptqmodel-python", required=True)
+    ap.add_argument("--tools", default="quantkit,llmcompressor,gptqmodel")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--work", type=Path, help="where outputs go (default: a temporary directory)")
+    ap.add_argument("--write-docs", action="store_true", help="replace the bench_peers section of docs/BENCHMARKS.md")
+    args = ap.parse_args()
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from quantkit.calibration import calibration_batch, evaluation_windows
+    from quantkit.config import CalibSpec
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="quantkit-bench-peers-"))
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
+    calib = calibration_batch(tokenizer, CalibSpec(samples=args.samples, seq_len=args.seq_len))
+    windows = evaluation_windows(tokenizer, "pydocs-eval", args.seq_len, args.eval_tokens)
+    save_file({"input_ids": calib.contiguous()}, str(work / "calib.safetensors"))
+    save_file({"input_ids": windows.contiguous()}, str(work / "eval.safetensors"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    q = ["--bits", str(args.bits), "--group-size", str(args.group_size)]
+    commands = {
+        # quantkit tokenizes the built-in calibration set itself, with the same function and seed as above
+        "quantkit": lambda out: [sys.executable, "-m", "quantkit", "quantize", str(args.model), "--out", str(out),
+                                 "--overwrite", "--json", "--samples", str(args.samples), "--seq-len",
+                                 str(args.seq_len), *q],
+        "llmcompressor": lambda out: [args.llmcompressor_python, str(PEERS / "llmcompressor_gptq.py"),
+                                      str(args.model), str(work / "calib.safetensors"), str(out), *q],
+        "gptqmodel": lambda out: [args.gptqmodel_python, str(PEERS / "gptqmodel_gptq.py"), str(args.model),
+                                  str(work / "calib.safetensors"), str(out), *q],
+    }
+    pythons = {"quantkit": sys.executable, "llmcompressor": args.llmcompressor_python,
+               "gptqmodel": args.gptqmodel_python}
+    tools = args.tools.split(",")
+    runs: dict[str, list[tuple[float, float]]] = {t: [] for t in tools}
+    for r in range(args.rounds):
+        order = tools[r % len(tools):] + tools[:r % len(tools)]  # alternate who goes first
+        for tool in order:
+            out = work / f"{tool}-r{r}"
+            wall, rss = timed(commands[tool](out), env, work / f"{tool}-r{r}.log")
+            runs[tool].append((wall, rss))
+            print(f"round {r + 1}: {tool:14s} {wall:8.1f} s  {rss:7.0f} MB", flush=True)
+
+    base_ppl = perplexity(sys.executable, args.model, work / "eval.safetensors", env)
+    rows = []
+    for tool in tools:
+        ppl = perplexity(pythons[tool], work / f"{tool}-r0", work / "eval.safetensors", env)
+        rows.append({"tool": tool, "wall_s": statistics.median(w for w, _ in runs[tool]),
+                     "peak_rss_mb": max(m for _, m in runs[tool]), "ppl": ppl})
+    versions = {t: subprocess.run([pythons[t], "-c", f"import importlib.metadata as m; print(m.version('{t}'))"],
+                                  capture_output=True, text=True).stdout.strip() for t in tools}
+    table = render(rows, base_ppl, versions, args, windows.numel())
+    print(table)
+    if args.write_docs:
+        doc = ROOT / "docs" / "BENCHMARKS.md"
+        text = doc.read_text()
+        section = f"{MARK_START}\n{table}\n{MARK_END}"
+        text = re.sub(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), lambda _: section, text, flags=re.S) \
+            if MARK_START in text else text.rstrip() + "\n\n" + section + "\n"
+        doc.write_text(text)
+        print(f"wrote {doc}")
+
+
+def render(rows: list[dict], base_ppl: float, versions: dict, args, eval_tokens: int) -> str:
+    by = {r["tool"]: r for r in rows}
+    lines = [f"Measured {time.strftime('%Y-%m-%d')}, one run of `scripts/bench_peers` ({args.rounds} round(s), tools "
+             f"alternating), {args.bits}-bit, group {args.group_size}, symmetric, {args.samples} x {args.seq_len} "
+             f"calibration tokens (the same windows for every tool), perplexity on {eval_tokens} `pydocs-eval` tokens "
+             f"loaded through transformers; unquantized perplexity {base_ppl:.3f}.", "",
+             "| tool | version | wall s | peak RSS MB | perplexity | vs unquantized |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['tool']} | {versions.get(r['tool'], '?')} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['ppl']:.3f} | {r['ppl'] / base_ppl:.3f} |")
+    if "quantkit" in by:
+        q = by["quantkit"]
+        lines += ["", "| quantkit / peer | wall time | peak RSS | perplexity |", "|---|---|---|---|"]
+        for r in rows:
+            if r["tool"] != "quantkit":
+                lines.append(f"| {r['tool']} | {q['wall_s'] / r['wall_s']:.2f} | "
+                             f"{q['peak_rss_mb'] / r['peak_rss_mb']:.2f} | {q['ppl'] / r['ppl']:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

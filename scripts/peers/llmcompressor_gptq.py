@@ -1,0 +1,31 @@
+"""llm-compressor's GPTQ (W4A16 layout, chosen group size, symmetric) on given calibration tokens.
+
+Run inside the llmcompressor benchmark environment:
+    python llmcompressor_gptq.py MODEL_DIR CALIB.safetensors OUT_DIR --bits 4 --group-size 64
+"""
+import argparse
+
+from safetensors.torch import load_file
+
+ap = argparse.ArgumentParser()
+ap.add_argument("model")
+ap.add_argument("calib", help="safetensors file with input_ids [n, seq_len]")
+ap.add_argument("out")
+ap.add_argument("--bits", type=int, default=4)
+ap.add_argument("--group-size", type=int, default=64)
+args = ap.parse_args()
+
+from datasets import Dataset  # noqa: E402
+from llmcompressor import oneshot  # noqa: E402
+from llmcompressor.modifiers.quantization import GPTQModifier  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+ids = load_file(args.calib)["input_ids"]
+dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
+scheme = {"targets": ["Linear"], "weights": {"num_bits": args.bits, "type": "int", "symmetric": True,
+                                              "strategy": "group", "group_size": args.group_size}}
+recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
+oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=ids.shape[1], num_calibration_samples=ids.shape[0])
+model.save_pretrained(args.out, save_compressed=True)
+AutoTokenizer.from_pretrained(args.model).save_pretrained(args.out)

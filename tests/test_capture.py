@@ -1,0 +1,72 @@
+"""Replaying finished blocks (BlockMemo) is an optimisation only: it must not change a single output byte."""
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import quantkit.pipeline as pipeline
+from quantkit import CalibSpec, QuantSpec, quantize
+from quantkit.capture import BlockMemo, collect_hessians, propagate
+from quantkit.model_skeleton import linear_modules
+
+
+def _shard_hashes(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_replaying_finished_blocks_changes_no_output_byte(tiny_llama_dir, tmp_path, monkeypatch, act_order):
+    spec = QuantSpec(bits=4, group_size=32, act_order=act_order)
+    calib = CalibSpec(samples=8, seq_len=32)
+    quantize(str(tiny_llama_dir), spec, calib, out=tmp_path / "memo")
+    replays = []
+    monkeypatch.setattr(pipeline, "BlockMemo", lambda layer: replays.append(layer) or BlockMemo(layer, enabled=False))
+    quantize(str(tiny_llama_dir), spec, calib, out=tmp_path / "plain")
+    assert replays, "the pipeline no longer builds its BlockMemo through pipeline.BlockMemo"
+    assert _shard_hashes(tmp_path / "memo") == _shard_hashes(tmp_path / "plain")
+
+
+def test_attention_is_replayed_once_its_linears_are_done():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    layer = LlamaDecoderLayer(config, 0).eval()
+    batches = [torch.randn(2, 8, 32) for _ in range(3)]
+    pos = torch.arange(8)[None]
+    call = type("Call", (), {})()
+    call.args, call.kwargs = (), {"position_embeddings": LlamaRotaryEmbedding(config)(batches[0], pos),
+                                  "position_ids": pos, "attention_mask": None}
+    attn = [n for n in linear_modules(layer) if n.startswith("self_attn.")]
+    calls = []
+    layer.self_attn.register_forward_hook(lambda *a: calls.append(1))
+
+    memo = BlockMemo(layer)
+    h_memo = collect_hessians(layer, [["mlp.gate_proj", "mlp.up_proj"]], batches, call, torch.device("cpu"),
+                              torch.float32, memo, done=set(attn))
+    assert len(calls) == 3 and set(memo.outputs) == {"self_attn"}  # recorded on its first complete run
+    h_plain = collect_hessians(layer, [["mlp.gate_proj", "mlp.up_proj"]], batches, call, torch.device("cpu"),
+                               torch.float32)
+    torch.testing.assert_close(h_memo[0], h_plain[0], rtol=0, atol=0)
+
+    expected = [b.clone() for b in batches]
+    propagate(layer, expected, call, torch.device("cpu"), torch.float32)
+    layer.self_attn.o_proj.weight.data.zero_()  # a recomputed attention would now differ: only a replay matches
+    replayed = [b.clone() for b in batches]
+    propagate(layer, replayed, call, torch.device("cpu"), torch.float32, memo)
+    for a, b in zip(replayed, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_blocks_with_unfinished_linears_are_never_recorded():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    layer = LlamaDecoderLayer(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                          num_key_value_heads=2), 0)
+    memo = BlockMemo(layer)
+    with memo.replaying({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, 1, torch.device("cpu")):
+        pass
+    assert memo.outputs == {}
