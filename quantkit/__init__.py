@@ -4,6 +4,7 @@
     result = quantkit.quantize("path/to/model", quantkit.QuantSpec(bits=4, group_size=64))
     print(result.repo_id, result.path)
 
+    quantkit.verify(result.path).passed                            # integrity + metrics against the base
     quantkit.estimate("llama-2-70b").weight(4).total_bytes / 2**30   # GiB of 4-bit g128 weights
     quantkit.inspect(result.path).manifest["status"]                 # "ok"
     [m.repo_id for m in quantkit.cache_list()]
@@ -18,6 +19,20 @@ def quantize(model, spec=None, calib=None, **kwargs):
     from .pipeline import quantize as _quantize
 
     return _quantize(model, spec or QuantSpec(), calib or CalibSpec(), **kwargs)
+
+
+def verify(quantized, base=None, **kwargs):
+    """Integrity, perplexity, KL, top-1 agreement and generations of QUANTIZED against BASE; a VerifyReport.
+
+    See quantkit.verification.verify for the options (eval_source, seq_len, max_tokens, loader, thresholds, ...).
+
+    >>> r = quantkit.verify("quantkit/SmolLM2-135M-Instruct-gptq-4bit-g64")        # doctest: +SKIP
+    >>> r.passed, round(r.ppl_ratio, 3), r.failures                                 # doctest: +SKIP
+    (True, 1.113, [])
+    """
+    from .verification import verify as _verify
+
+    return _verify(quantized, base, **kwargs)
 
 
 def estimate(model_or_config, bits=(16, 8, 4, 3, 2), group_size=128, context=4096, batch=1, **kwargs):
@@ -59,4 +74,4 @@ def cache_list():
     return _cache_list()
 
 
-__all__ = ["CalibSpec", "QuantSpec", "cache_list", "estimate", "inspect", "quantize", "__version__"]
+__all__ = ["CalibSpec", "QuantSpec", "cache_list", "estimate", "inspect", "quantize", "verify", "__version__"]

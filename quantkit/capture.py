@@ -7,13 +7,14 @@ per-architecture code.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .gptq import accumulate_hessian
-from .model_skeleton import linear_modules
+from .model_skeleton import in_features, linear_modules
 
 
 class _StopForward(Exception):
@@ -48,13 +49,14 @@ class LayerCall:
     kwargs: dict
 
 
-def _to(obj, device):
+def _to(obj, device, dtype: torch.dtype | None = None):
+    """obj's tensors moved to device; floating ones also cast to dtype when given."""
     if isinstance(obj, Tensor):
-        return obj.to(device)
+        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(_to(o, device, dtype) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
     return obj
 
 
@@ -136,11 +138,13 @@ class BlockMemo:
     the caller never reach the record; blocks called other than once per forward are never replayed.
     """
 
-    def __init__(self, layer: nn.Module, enabled: bool = True):
+    def __init__(self, layer: nn.Module, enabled: bool = True, storage_dtype: torch.dtype | None = None):
         self.layer = layer
+        self.storage_dtype = storage_dtype  # records are kept like the activations (the model's dtype)
         self.blocks = {name: {f"{name}.{sub}" for sub in linear_modules(child)}
                        for name, child in layer.named_children() if enabled and linear_modules(child)}
         self.outputs: dict[str, list] = {}
+        self.dtypes: dict[str, torch.dtype | None] = {}  # what the block returned, restored on replay
         self.batch = 0  # index of the mini-batch being run
 
     @contextlib.contextmanager
@@ -152,13 +156,13 @@ class BlockMemo:
                 continue
             child = self.layer.get_submodule(name)
             if name in self.outputs:
-                child.forward = lambda *a, _outs=self.outputs[name], **k: _clone(_to(_outs[self.batch], device))
+                child.forward = lambda *a, _outs=self.outputs[name], _dt=self.dtypes[name], **k: \
+                    _clone(_to(_outs[self.batch], device, _dt))
                 replaced.append(child)
             else:
-                outs = self.outputs[name] = []
+                self.outputs[name] = []
                 recording.append(name)
-                handles.append(child.register_forward_hook(
-                    lambda mod, inp, out, _outs=outs: _outs.append(_to(_clone(out), "cpu"))))
+                handles.append(child.register_forward_hook(functools.partial(self._record, name)))
         try:
             yield
         finally:
@@ -169,6 +173,12 @@ class BlockMemo:
             for name in recording:
                 if len(self.outputs[name]) != n_batches:  # stopped before it completed, or called twice
                     del self.outputs[name]
+
+    def _record(self, name, module, inputs, output) -> None:
+        """Forward hook: keep a copy of the block's output for this batch (on the CPU, in the storage dtype)."""
+        first = next((t for t in (output if isinstance(output, (tuple, list)) else [output]) if isinstance(t, Tensor)), None)
+        self.dtypes[name] = first.dtype if first is not None else None
+        self.outputs[name].append(_to(_clone(output), "cpu", self.storage_dtype))
 
 
 def _clone(obj):
@@ -192,7 +202,8 @@ def collect_hessians(layer: nn.Module, groups: list[list[str]], batches: list[Te
     handles = []
     for gi, group in enumerate(groups):
         first = modules[group[0]]
-        entry = {"H": torch.zeros(first.in_features, first.in_features, device=device), "n": 0}
+        k = in_features(first)
+        entry = {"H": torch.zeros(k, k, device=device), "n": 0}
         state.append(entry)
 
         def hook(mod, inp, entry=entry, last=gi == len(groups) - 1):

@@ -31,7 +31,9 @@ def _setup_logging(quiet: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
-    for noisy in ("transformers", "accelerate", "huggingface_hub", "datasets"):
+    # torchao (pulled in by transformers when gptqmodel is installed) warns about its CUDA-only .so files and
+    # enum registrations at import; none of it concerns the user
+    for noisy in ("transformers", "accelerate", "huggingface_hub", "datasets", "torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -78,6 +80,8 @@ def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
               help="quantize a layer's Linears in order, each seeing the already-quantized ones")
 @click.option("--clip-search/--no-clip-search", default=True, show_default=True,
               help="shrink each group's range where that lowers its rounding error (costs ~5% more time)")
+@click.option("--skip", "skip", multiple=True, metavar="PATTERN",
+              help="keep Linears matching this glob (name within a layer, e.g. mlp.down_proj) in float16; repeatable")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
               help="gptq (calibrated) or rtn (round-to-nearest baseline, no calibration)")
 @click.option("--calib", default="pydocs-calib", show_default=True,
@@ -91,7 +95,7 @@ def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
 @click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object; no progress or log lines")
-def quantize(model, bits, group_size, sym, damp, act_order, static_groups, true_sequential, clip_search, method, calib,
+def quantize(model, bits, group_size, sym, damp, act_order, static_groups, true_sequential, clip_search, skip, method, calib,
              samples, seq_len, seed, device, repo_id, out, overwrite, max_shard_size, as_json):
     """Quantize MODEL (a directory or a repo id in the local hub cache) to a GPTQ checkpoint."""
     from .config import CalibSpec, QuantSpec
@@ -101,10 +105,10 @@ def quantize(model, bits, group_size, sym, damp, act_order, static_groups, true_
     try:
         spec = QuantSpec(bits=int(bits), group_size=group_size, sym=sym, damp=damp, act_order=act_order,
                          static_groups=static_groups, true_sequential=true_sequential, method=method,
-                         clip_search=clip_search)
+                         clip_search=clip_search, skip=tuple(skip))
     except ValueError as e:
         msg = str(e)
-        hint = ("--static-groups" if "static" in msg else "--group-size" if "group" in msg
+        hint = ("--static-groups" if "static" in msg else "--skip" if "skip" in msg else "--group-size" if "group" in msg
                 else "--damp" if "damp" in msg else None)
         raise click.BadParameter(str(e), param_hint=hint) from None
     try:

@@ -1,4 +1,4 @@
-"""`quantkit verify`: click parsing and terminal output only; the work happens in verify.verify().
+"""`quantkit verify`: click parsing and terminal output only; the work happens in verification.verify().
 
 Exit codes: 0 every check passed; 1 a threshold or the integrity check failed, or the run could not
 complete (one `Error:` line); 2 usage errors (bad options), from click.
@@ -12,7 +12,7 @@ import sys
 import click
 
 from .errors import QuantkitError
-from .verify import DEFAULT_MAX_KL, DEFAULT_MAX_PPL_RATIO, DEFAULT_MIN_TOP1, LOADERS
+from .verification import DEFAULT_MAX_KL, DEFAULT_MAX_PPL_RATIO, DEFAULT_MIN_TOP1, LOADERS
 
 
 def _quiet_libraries() -> None:
@@ -102,7 +102,7 @@ def verify_command(quantized, base, eval_source, seq_len, max_tokens, loader, ma
     if max_tokens < seq_len:
         raise click.BadParameter(f"must be at least --seq-len ({seq_len}), got {max_tokens}", param_hint="--max-tokens")
     _quiet_libraries()
-    from .verify import Thresholds, verify
+    from .verification import Thresholds, verify
 
     progress = _Progress(enabled=not as_json)
     try:

@@ -1,6 +1,7 @@
 """Validated settings for one quantization run. Core modules take these, never CLI objects."""
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import asdict, dataclass
 
 from .packing import SUPPORTED_BITS
@@ -21,6 +22,8 @@ class QuantSpec:
     :param true_sequential: quantize a layer's Linears stage by stage, each seeing the quantized earlier ones.
     :param method: "gptq" (calibrated) or "rtn" (round-to-nearest, no calibration).
     :param clip_search: shrink each group's range where that lowers its rounding error (quant.group_qparams).
+    :param skip: glob patterns of Linear names within a decoder layer (e.g. "mlp.down_proj", "self_attn.*")
+        kept unquantized in float16, in every layer.
     """
 
     bits: int = 4
@@ -32,6 +35,7 @@ class QuantSpec:
     true_sequential: bool = True
     method: str = "gptq"
     clip_search: bool = True
+    skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -42,6 +46,8 @@ class QuantSpec:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if any(not p or p != p.strip() for p in self.skip):
+            raise ValueError(f"skip patterns must be non-empty names or globs, got {list(self.skip)}")
         if self.static_groups and not self.act_order:
             raise ValueError("static groups only apply with act-order")
 
@@ -57,8 +63,12 @@ class QuantSpec:
     def effective_group_size(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
 
+    def skips(self, module_name: str) -> bool:
+        """Whether a Linear (named within its decoder layer) stays unquantized."""
+        return any(fnmatch.fnmatchcase(module_name, p) for p in self.skip)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "skip": list(self.skip)}
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,14 @@ from torch import nn
 from .checkpoint import SafetensorsCheckpoint, read_config_dict, resolve_model_dir
 from .errors import QuantkitError
 from .gptq_format import dequantize_module
+from .model_skeleton import causal_lm_from_config, checkpoint_key_renamer, is_conv1d
 
 
 def load_dequantized(model: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a GPTQ checkpoint (directory or cached repo id) as an ordinary causal LM with float weights."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     model_dir = resolve_model_dir(model)
     config_dict = read_config_dict(model_dir)
@@ -27,7 +28,8 @@ def load_dequantized(model: str, dtype: torch.dtype = torch.float32) -> nn.Modul
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     del config.quantization_config
     with init_empty_weights(include_buffers=False):
-        lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+        lm = causal_lm_from_config(config, dtype)
+    rename = checkpoint_key_renamer(lm)
     checkpoint = SafetensorsCheckpoint(model_dir)
     bits, fmt = int(qcfg["bits"]), qcfg.get("checkpoint_format", "gptq")
     names = set(checkpoint.names())
@@ -36,10 +38,12 @@ def load_dequantized(model: str, dtype: torch.dtype = torch.float32) -> nn.Modul
             module = name[: -len(".qweight")]
             weight = dequantize_module(*(checkpoint.get(f"{module}.{s}") for s in ("qweight", "qzeros", "scales", "g_idx")),
                                        bits=bits, fmt=fmt)
-            set_module_tensor_to_device(lm, f"{module}.weight", "cpu", value=weight.to(dtype))
+            if is_conv1d(lm.get_submodule(module)):
+                weight = weight.t().contiguous()  # Conv1D keeps [in, out]
+            set_module_tensor_to_device(lm, rename(f"{module}.weight"), "cpu", value=weight.to(dtype))
         elif not name.endswith((".qzeros", ".scales", ".g_idx")):
             t = checkpoint.get(name)
-            set_module_tensor_to_device(lm, name, "cpu", value=t.to(dtype) if t.is_floating_point() else t)
+            set_module_tensor_to_device(lm, rename(name), "cpu", value=t.to(dtype) if t.is_floating_point() else t)
     if getattr(config, "tie_word_embeddings", False):
         lm.tie_weights()
     missing = [n for n, p in lm.named_parameters() if p.device.type == "meta"]

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import QuantkitError
+from .faults import kill_point
 
 _REPO_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_-])?$")
 
@@ -115,6 +116,7 @@ def publish_snapshot(staging: Path, repo_id: str, file_hashes: dict[str, str]) -
         else:
             _move_into(staging / name, blob)
 
+    kill_point("publish:blobs")
     snapshot = snapshots / revision
     if not snapshot.is_dir():
         # assembled one level below the repo folder, like snapshots/<rev>, so relative links resolve there too
@@ -128,6 +130,7 @@ def publish_snapshot(staging: Path, repo_id: str, file_hashes: dict[str, str]) -
         os.rename(tmp, snapshot)
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
+    kill_point("publish:ref")
     ref_tmp = refs / ".main.incoming"
     ref_tmp.write_text(revision)
     os.replace(ref_tmp, old_ref)

@@ -28,6 +28,7 @@ def render_model_card(*, repo_id: str | None, source: str, spec: QuantSpec, cali
         f"| act-order (desc_act) | {spec.act_order} |",
         f"| true sequential | {spec.true_sequential} |",
         f"| range clip search | {spec.clip_search} |",
+        f"| kept in float16 | {', '.join(f'`{p}`' for p in spec.skip) or 'nothing'} |",
         f"| damping | {spec.damp} |",
         f"| checkpoint format | {fmt} |",
         f"| weights on disk | {size_bytes / 2**20:.1f} MiB |",

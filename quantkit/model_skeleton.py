@@ -5,6 +5,7 @@ discovered from the module tree, so Llama-family models need no per-architecture
 """
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
@@ -13,7 +14,10 @@ from torch import nn
 from .checkpoint import SafetensorsCheckpoint
 from .errors import QuantkitError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# decoder-only causal LMs whose layers and Linear modules quantkit discovers from the module tree; each has an
+# end-to-end test on a tiny random model (tests/test_architectures.py)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "opt",
+                         "gpt2", "gpt_neox")
 
 
 def load_config(model_dir, config_dict: dict):
@@ -33,15 +37,48 @@ def load_config(model_dir, config_dict: dict):
         raise QuantkitError(f"cannot read {model_dir}/config.json: {e}") from None
 
 
+def causal_lm_from_config(config, dtype: torch.dtype | None = None) -> nn.Module:
+    """AutoModelForCausalLM.from_config with SDPA attention, or eager where the model has no SDPA path (Gemma2)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", **kwargs)
+        except ValueError as e:
+            if "attention implementation" not in str(e):
+                raise
+            return AutoModelForCausalLM.from_config(config, attn_implementation="eager", **kwargs)
+
+
+def checkpoint_key_renamer(model: nn.Module):
+    """name -> name: the renames transformers applies to legacy checkpoint keys on load (GPT-NeoX's embed_out ->
+    lm_head), so loaders that set tensors by name find the module."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        rules = get_checkpoint_conversion_mapping(type(model).__name__) or \
+            get_checkpoint_conversion_mapping(model.config.model_type) or []
+    except (ImportError, AttributeError):
+        rules = []
+    pairs = [(src, dst) for r in rules if type(r).__name__ == "WeightRenaming"
+             for src, dst in zip(r.source_patterns, r.target_patterns)]
+
+    def rename(name: str) -> str:
+        for src, dst in pairs:
+            name = re.sub(src, dst, name)
+        return name
+    return rename
+
+
 def build_skeleton(config) -> nn.Module:
     """The causal LM with every parameter on the meta device (no memory); buffers such as rotary tables are real."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     config.use_cache = False
-    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    with init_empty_weights(include_buffers=False):
+        model = causal_lm_from_config(config)
     return model.eval()
 
 
@@ -53,8 +90,33 @@ def decoder_layers(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]
     raise QuantkitError(f"cannot find the {n_layers} decoder layers in {type(model).__name__}")
 
 
-def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a Linear whose weight is stored transposed, [in, out]."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def linear_modules(layer: nn.Module) -> dict[str, nn.Module]:
+    """The layer's Linear-like modules (nn.Linear and transformers' Conv1D), by qualified name, in module order."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {name: m for name, m in layer.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and name}
+
+
+def in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if is_conv1d(module) else module.in_features
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as [out_features, in_features], the orientation GPTQ and the file format use."""
+    return module.weight.data.t() if is_conv1d(module) else module.weight.data
+
+
+def set_weight_matrix(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write an [out_features, in_features] weight back in the module's own orientation and dtype."""
+    target = module.weight.data
+    target.copy_((weight.t() if is_conv1d(module) else weight).to(target.dtype))
 
 
 def materialize(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint, device: torch.device,

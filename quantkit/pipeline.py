@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
 import logging
 import re
 import resource
@@ -20,12 +22,15 @@ from .capture import BlockMemo, capture_layer_inputs, collect_hessians, discover
 from .checkpoint import SafetensorsCheckpoint, read_config_dict, resolve_model_dir, torch_dtype_of
 from .config import CalibSpec, QuantSpec
 from .errors import QuantkitError
+from .faults import kill_point
 from .gptq import GPTQResult, gptq_quantize
 from .gptq_format import checkpoint_format, module_tensors, quantization_config
 from .hub import cached_snapshot, hub_cache_dir, publish_snapshot, repo_lock, sha256_file, validate_repo_id
 from .model_card import render_model_card
-from .model_skeleton import build_skeleton, decoder_layers, linear_modules, load_config, materialize, release
+from .model_skeleton import (build_skeleton, decoder_layers, in_features, linear_modules, load_config, materialize,
+                             release, set_weight_matrix, weight_matrix)
 from .quant import rtn_quantize
+from .resume import STATE, RunState, model_fingerprint, run_fingerprint
 from .writer import ShardWriter, parse_size, write_json
 
 log = logging.getLogger("quantkit")
@@ -86,6 +91,12 @@ def _compute_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtyp
     return model_dtype
 
 
+def _storage_dtype(model_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.dtype:
+    """Calibration activations between layers are kept in the model's own 16-bit dtype (half the memory of
+    float32; a GPU run in that dtype rounds them the same way); float32 models keep float32."""
+    return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else compute_dtype
+
+
 class _Target:
     """Where the result goes: a repo id in the hub cache, or a plain directory. Checked before any work."""
 
@@ -108,8 +119,30 @@ class _Target:
             base = hub_cache_dir().resolve().parent / "quantkit-work"
             label = self.repo_id.replace("/", "--")
         self.owns_work_root = work_dir is None and self.out is None
-        self.work = (Path(work_dir) if work_dir else base) / f".{label}.quantkit-{uuid.uuid4().hex[:8]}"
+        # one fixed work directory per target: a rerun of a killed run finds its checkpoints there (resume.py)
+        self.work = (Path(work_dir) if work_dir else base) / f".{label}.quantkit-work"
         self.staging = self.work / "output"
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Exclusive use of the target and its work directory; a second run is refused with a clear message."""
+        if self.repo_id is not None:
+            with repo_lock(self.repo_id):
+                yield
+            return
+        from filelock import FileLock, Timeout
+
+        self.work.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.work / ".lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise QuantkitError(f"another quantkit run is writing {self.out} (work directory {self.work}); "
+                                "wait for it to finish") from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def publish(self, file_hashes: dict[str, str]) -> Path:
         if self.out is None:
@@ -151,22 +184,46 @@ def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = Calib
     except ValueError as e:
         raise QuantkitError(str(e)) from None
     target = _Target(model, model_dir, spec, repo_id, Path(out) if out else None, overwrite, work_dir)
-    lock = repo_lock(target.repo_id) if target.repo_id else contextlib.nullcontext()
-    with lock:
-        target.staging.mkdir(parents=True)
+    with target.lock():
         try:
-            layers, files = _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, target,
-                                 shard_bytes, progress)
-            path = target.publish(files)
-        finally:
-            shutil.rmtree(target.work, ignore_errors=True)
-            if target.owns_work_root:
-                with contextlib.suppress(OSError):
-                    target.work.parent.rmdir()  # quantkit's shared work folder, when no other run uses it
+            try:
+                layers, files = _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, target,
+                                     shard_bytes, progress)
+                path = target.publish(files)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                raise QuantkitError(_no_space_message(e, model_dir, config.hidden_size, spec, calib, target)) from None
+        except BaseException:  # killed or failed: keep finished layers for a resume, else leave nothing behind
+            if (target.work / "state" / STATE).is_file():
+                log.error("work directory kept for resuming: %s (rerun the same command to continue)", target.work)
+            else:
+                _remove_work(target)
+            raise
+        _remove_work(target)
     return QuantizeResult(repo_id=target.repo_id, path=str(path), bits=spec.bits, group_size=spec.group_size,
                           sym=spec.sym, method=spec.method, checkpoint_format=checkpoint_format(spec),
                           seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(peak_rss_mb(), 1),
                           device=str(dev), layers=layers)
+
+
+def _no_space_message(error: OSError, model_dir: Path, hidden: int, spec: QuantSpec, calib: CalibSpec,
+                      target: _Target) -> str:
+    """Out of disk space: where, how much a run like this needs, and that nothing finished is lost."""
+    base_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    # output (at most the base at bits/16, plus scales) twice (layer files, then shards) + one layer's activations
+    need = 2 * base_bytes * max(spec.bits, 4) / 16 + 2 * calib.samples * calib.seq_len * hidden * 4
+    free = shutil.disk_usage(target.work if target.work.exists() else target.work.parent).free
+    return (f"no space left on the device writing {error.filename or target.work}: a run like this needs about "
+            f"{need / 2**30:.1f} GiB free there ({free / 2**30:.1f} GiB free now); finished layers are kept in "
+            f"{target.work}, so the same command continues after freeing space")
+
+
+def _remove_work(target: _Target) -> None:
+    shutil.rmtree(target.work, ignore_errors=True)
+    if target.owns_work_root:
+        with contextlib.suppress(OSError):
+            target.work.parent.rmdir()  # quantkit's shared work folder, when no other run uses it
 
 
 def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, target, shard_bytes, progress):
@@ -180,47 +237,88 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
     skeleton = build_skeleton(config)
     prefix, layers = decoder_layers(skeleton, config.num_hidden_layers)
     compute_dtype = _compute_dtype(torch_dtype_of(config_dict), dev)
-    writer = ShardWriter(target.staging, shard_bytes)
+    storage_dtype = _storage_dtype(torch_dtype_of(config_dict), compute_dtype)
 
-    if spec.method == "gptq":
-        input_ids = calibration_batch(tokenizer, calib)
+    input_ids = calibration_batch(tokenizer, calib) if spec.method == "gptq" else None
+    positions = getattr(config, "max_position_embeddings", None)
+    if input_ids is not None and positions and calib.seq_len > positions:
+        raise QuantkitError(f"--seq-len {calib.seq_len} is longer than the model's {positions} positions "
+                            f"(max_position_embeddings); use --seq-len {positions} or less")
+    state = RunState(target.work / "state", run_fingerprint(
+        model=model_fingerprint(model_dir), spec=spec.to_dict(), calibration=input_ids, quantkit=__version__,
+        torch=torch.__version__, device=dev.type, compute_dtype=str(compute_dtype)))
+    if state.layers_done:
+        log.info("resuming after layer %d/%d from %s", state.layers_done, len(layers), target.work)
+    if spec.method == "gptq" and state.layers_done < len(layers):
         log.info("calibration: %d x %d tokens from %s", calib.samples, calib.seq_len, calib.source)
-        batches, calls = _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype)
-    reports = []
+        batches, calls = _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype,
+                                            storage_dtype)
+        if state.layers_done:
+            batches = state.load_activations()
     bar = _progress_bar(len(layers), progress)
+    bar.update(state.layers_done)
+    fmt = checkpoint_format(spec)
     for i, layer in enumerate(layers):
+        if i < state.layers_done:
+            continue
         t_layer = time.perf_counter()
+        kill_point(f"layer:{i}:start")
         materialize(layer, f"{prefix}.{i}", checkpoint, dev, compute_dtype)
+        if i == 0:
+            _check_skip_patterns(spec, linear_modules(layer))
+        last = i == len(layers) - 1
         if spec.method == "gptq":
-            results = _gptq_layer(layer, batches, calls[i], spec, dev, compute_dtype, last=i == len(layers) - 1)
+            results = _gptq_layer(layer, batches, calls[i], spec, dev, compute_dtype, last=last)
         else:
             results = _rtn_layer(layer, spec)
-        fmt = checkpoint_format(spec)
+        tensors = {}
         for name, res in results.items():
-            bias = linear_modules(layer)[name].bias
-            writer.add(module_tensors(f"{prefix}.{i}.{name}", res, spec.bits, fmt, bias))
+            tensors.update(module_tensors(f"{prefix}.{i}.{name}", res, spec.bits, fmt, linear_modules(layer)[name].bias))
         losses = {name: res.loss for name, res in results.items()}
         damps = {name: res.damp for name, res in results.items() if res.damp != spec.damp}
-        reports.append({"index": i, "seconds": round(time.perf_counter() - t_layer, 2), "losses": losses,
-                        **({"damp_raised": damps} if damps else {})})
+        report = {"index": i, "seconds": round(time.perf_counter() - t_layer, 2), "losses": losses,
+                  **({"damp_raised": damps} if damps else {})}
+        kill_point(f"layer:{i}:solved")
+        state.save_layer(i, tensors, report, batches if spec.method == "gptq" and not last else None)
+        kill_point(f"layer:{i}:saved")
         log.info("layer %d/%d  %s  (%.1fs)", i + 1, len(layers),
-                 "  ".join(f"{n.split('.')[-1]}={v:.4g}" for n, v in losses.items()), reports[-1]["seconds"])
+                 "  ".join(f"{n.split('.')[-1]}={v:.4g}" for n, v in losses.items()), report["seconds"])
         release(layer)
         checkpoint.close()  # unmap the shards: touched pages of mapped files would otherwise count as resident
         bar.update(1)
     bar.close()
 
-    quantized = {f"{prefix}.{i}.{name}.{p}" for i, layer in enumerate(layers)
-                 for name in linear_modules(layer) for p in ("weight", "bias")}
-    for name in checkpoint.names():  # embeddings, norms, lm_head: copied as they are, in float16
+    # assemble the output from the finished layers, then everything else (streamed: one layer in memory)
+    shutil.rmtree(target.staging, ignore_errors=True)  # left over from a run killed while assembling
+    target.staging.mkdir(parents=True)
+    writer = ShardWriter(target.staging, shard_bytes)
+    quantized: set[str] = set()  # base tensors replaced by packed ones; everything else is copied as it is
+    for i in range(len(layers)):
+        tensors = state.layer_tensors(i)
+        writer.add(tensors)
+        quantized |= {f"{n[: -len('.qweight')]}.{p}" for n in tensors if n.endswith(".qweight") for p in ("weight", "bias")}
+    for name in checkpoint.names():  # embeddings, norms, lm_head, skipped Linears: in float16
         if name not in quantized:
             t = checkpoint.get(name)
             writer.add({name: t.to(OUTPUT_DTYPE) if t.is_floating_point() else t})
     writer.finish()
-    return reports, _write_side_files(model, model_dir, config_dict, spec, calib, target, reports, writer.total_bytes)
+    kill_point("assembled")
+    reports = state.reports
+    in_block = [[n for n in reports[0]["losses"]]] if spec.skip else None  # the quantized Linears of every layer
+    return reports, _write_side_files(model, model_dir, config_dict, spec, calib, target, reports, writer.total_bytes,
+                                      in_block)
 
 
-def _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype):
+def _check_skip_patterns(spec: QuantSpec, modules: dict) -> None:
+    for pattern in spec.skip:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in modules):
+            raise QuantkitError(f"--skip {pattern!r} matches none of the decoder layer's Linears "
+                                f"({', '.join(modules)})")
+    if all(spec.skips(name) for name in modules):
+        raise QuantkitError(f"--skip {' '.join(spec.skip)} leaves no Linear to quantize")
+
+
+def _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype, storage_dtype):
     """Materialise the modules outside the decoder layers (not lm_head), run the calibration batch up to layer 0."""
     out_emb = skeleton.get_output_embeddings()
     inputs = [(name, m) for name, m in skeleton.named_modules()
@@ -229,7 +327,7 @@ def _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, com
         _materialize_direct(module, name, checkpoint, dev, compute_dtype)
     batch_size = max(1, 8192 // input_ids.shape[1])
     try:
-        return capture_layer_inputs(skeleton, layers, input_ids, batch_size, dev, compute_dtype)
+        return capture_layer_inputs(skeleton, layers, input_ids, batch_size, dev, storage_dtype)
     finally:
         for _, module in inputs:
             _release_direct(module)
@@ -252,30 +350,33 @@ def _release_direct(module) -> None:
 def _gptq_layer(layer, batches, call, spec: QuantSpec, dev, compute_dtype, last: bool) -> dict[str, GPTQResult]:
     """GPTQ every Linear of one layer (stage by stage when true-sequential), then propagate the batches."""
     groups = discover_groups(layer, batches[0][:1].to(dev, compute_dtype), call)
+    groups = [kept for kept in ([n for n in g if not spec.skips(n)] for g in groups) if kept]
     modules = linear_modules(layer)
+    skipped = {n for n in modules if spec.skips(n)}  # final from the start: they keep their float weights
     stages = [[g] for g in groups] if spec.true_sequential else [groups]
     results: dict[str, GPTQResult] = {}
-    memo = BlockMemo(layer)
+    memo = BlockMemo(layer, storage_dtype=batches[0].dtype)
     for stage in stages:
-        hessians = collect_hessians(layer, stage, batches, call, dev, compute_dtype, memo, done=set(results))
+        hessians = collect_hessians(layer, stage, batches, call, dev, compute_dtype, memo, done=set(results) | skipped)
         for group, H in zip(stage, hessians):
             for name in group:
-                weight = modules[name].weight
-                res = gptq_quantize(weight.data, H, spec)
-                weight.data.copy_(res.weight.to(weight.dtype))  # later stages see the quantized weights
+                res = gptq_quantize(weight_matrix(modules[name]), H, spec)
+                set_weight_matrix(modules[name], res.weight)  # later stages see the quantized weights
                 results[name] = _to_cpu(res)
         del hessians
     if not last:  # the final layer's outputs are never used
         propagate(layer, batches, call, dev, compute_dtype, memo)
-    return {name: results[name] for name in modules}
+    return {name: results[name] for name in modules if name in results}
 
 
 def _rtn_layer(layer, spec: QuantSpec) -> dict[str, GPTQResult]:
     results = {}
     for name, module in linear_modules(layer).items():
-        codes, scales, zeros = rtn_quantize(module.weight.data, spec.bits, spec.group_size, spec.sym, spec.clip_search)
-        g = spec.effective_group_size(module.in_features)
-        g_idx = (torch.arange(module.in_features) // g).to(torch.int32)
+        if spec.skips(name):
+            continue
+        codes, scales, zeros = rtn_quantize(weight_matrix(module), spec.bits, spec.group_size, spec.sym, spec.clip_search)
+        k = in_features(module)
+        g_idx = (torch.arange(k) // spec.effective_group_size(k)).to(torch.int32)
         results[name] = GPTQResult(codes=codes.cpu(), scales=scales.cpu(), zeros=zeros.cpu(), g_idx=g_idx,
                                    weight=None, loss=0.0, damp=spec.damp)
     return results
@@ -286,10 +387,11 @@ def _to_cpu(res: GPTQResult) -> GPTQResult:
                       weight=None, loss=res.loss, damp=res.damp)
 
 
-def _write_side_files(model, model_dir, config_dict, spec, calib, target, reports, weight_bytes) -> dict[str, str]:
+def _write_side_files(model, model_dir, config_dict, spec, calib, target, reports, weight_bytes,
+                      modules_in_block=None) -> dict[str, str]:
     """config.json, quantize_config.json, tokenizer/generation files, model card and manifest; returns sha256s."""
     staging = target.staging
-    qcfg = quantization_config(spec, __version__)
+    qcfg = quantization_config(spec, __version__, modules_in_block)
     config = {k: v for k, v in config_dict.items() if k not in ("torch_dtype",)}
     config.update(dtype="float16", use_cache=True, quantization_config=qcfg)
     write_json(staging / "config.json", config)

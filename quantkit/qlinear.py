@@ -15,7 +15,6 @@ Without a budget, tier 1 is used.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from .checkpoint import SafetensorsCheckpoint, read_config_dict, resolve_model_d
 from .errors import QuantkitError
 from .integrity import TORCH_DTYPES, read_headers
 from .gptq_format import QUANT_SUFFIXES, dequantize_module, zero_offset
+from .model_skeleton import causal_lm_from_config, checkpoint_key_renamer, is_conv1d, weight_matrix
 from .packing import packed_length
 
 
@@ -113,7 +113,7 @@ def gptq_settings(config_dict: dict) -> dict | None:
 def build_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, SafetensorsCheckpoint, dict | None]:
     """The causal LM on the meta device with GPTQLinear in place of every quantized Linear (buffers on meta)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config_dict = read_config_dict(model_dir)
     settings = gptq_settings(config_dict)
@@ -124,10 +124,9 @@ def build_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[nn
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     checkpoint = SafetensorsCheckpoint(model_dir)
-    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with init_empty_weights(include_buffers=False):
         try:
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+            model = causal_lm_from_config(config, dtype)
         except (ValueError, KeyError) as e:
             raise QuantkitError(f"{model_dir}: transformers cannot build this model: {e}") from None
     if _ties_embeddings(model):
@@ -151,17 +150,18 @@ def _swap_in(model: nn.Module, module_name: str, checkpoint: SafetensorsCheckpoi
         linear = model.get_submodule(module_name)
     except AttributeError:
         raise QuantkitError(f"checkpoint quantizes {module_name}, which this model architecture does not have") from None
-    if not isinstance(linear, nn.Linear):
+    if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
         raise QuantkitError(f"checkpoint quantizes {module_name}, which is a {type(linear).__name__}, not a Linear")
+    linear_out, linear_in = weight_matrix(linear).shape
     bits = settings["bits"]
     for suffix in QUANT_SUFFIXES:
         if f"{module_name}.{suffix}" not in checkpoint:
             raise QuantkitError(f"tensor {module_name}.{suffix} is missing from the checkpoint")
     k_packed, n_out = checkpoint.shape(f"{module_name}.qweight")
     n_in = k_packed * 32 // bits
-    if (n_in, n_out) != (linear.in_features, linear.out_features):
+    if (n_in, n_out) != (linear_in, linear_out):
         raise QuantkitError(f"tensor {module_name}.qweight holds a [{n_out}, {n_in}] weight (out, in), but config.json "
-                            f"implies [{linear.out_features}, {linear.in_features}]")
+                            f"implies [{linear_out}, {linear_in}]")
     n_groups = checkpoint.shape(f"{module_name}.scales")[0]
     has_bias = f"{module_name}.bias" in checkpoint
     headers = headers or {}
@@ -286,7 +286,7 @@ def _natural_key(name: str):
 def _load_tensor(lm: nn.Module, name: str, checkpoint: SafetensorsCheckpoint, dtype: torch.dtype, disk: set[str],
                  offload_dir, index: dict) -> None:
     """Put one checkpoint tensor into its module (or the offload folder when its layer lives on disk)."""
-    module_name, _, tensor_name = name.rpartition(".")
+    module_name, _, tensor_name = checkpoint_key_renamer(lm)(name).rpartition(".")
     try:
         module = lm.get_submodule(module_name)
     except AttributeError:

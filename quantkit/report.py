@@ -6,7 +6,7 @@ import math
 import re
 from pathlib import Path
 
-from .verify import VerifyReport
+from .verification import VerifyReport
 
 PLOT_NAME = "verify.png"
 

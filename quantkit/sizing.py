@@ -10,8 +10,9 @@ Embeddings, lm_head and norms stay fp16 (2 bytes each). At 16 bits every tensor 
 KV cache: 2 (K and V) * layers * kv_heads * head_dim * context * batch * 2 bytes (fp16).
 Quantize peak (what quantkit holds at once): one decoder layer's weights in float32, the two largest Hessians
 (in_features^2 * 4 bytes per distinct Linear input; at most two are alive), the calibration activations
-(samples * seq_len * hidden * 4 bytes, inputs and outputs of the layer: twice), and one intermediate MLP
-activation for a mini-batch of 8192 tokens (8192 * intermediate * 4 bytes).
+(samples * seq_len * hidden, twice: the layer inputs and the attention outputs kept for replay; 2 bytes each
+in a 16-bit model, 4 in a float32 one), and one intermediate MLP activation for a mini-batch of 8192 tokens
+(8192 * intermediate * 4 bytes).
 """
 from __future__ import annotations
 
@@ -258,11 +259,18 @@ def kv_cache_bytes(shape: ModelShape, context: int, batch: int) -> int:
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * context * batch * 2
 
 
-def quantize_peak_bytes(shape: ModelShape, samples: int, seq_len: int) -> dict[str, int]:
+def activation_bytes(config: dict) -> int:
+    """Bytes per stored calibration activation: quantkit keeps them in the model's dtype when it is 16-bit."""
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")
+    return 4 if dtype == "float32" else 2
+
+
+def quantize_peak_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes: int = 2) -> dict[str, int]:
     layer_params = sum(l.params for l in shape.layer_linears()) + shape.layer_norm_params()
     hessians = sorted((k * k * 4 for k in shape.hessian_inputs()), reverse=True)[:2]
+    # activations: the layer inputs, plus the attention outputs kept for replay (capture.BlockMemo)
     peak = {"layer_fp32": layer_params * 4, "hessians": sum(hessians),
-            "activations": 2 * samples * seq_len * shape.hidden * 4,
+            "activations": 2 * samples * seq_len * shape.hidden * act_bytes,
             "mlp_activation": MLP_BATCH_TOKENS * shape.intermediate * 4}
     peak["total"] = sum(peak.values())
     return peak
@@ -300,7 +308,7 @@ def estimate(model_or_config, bits=DEFAULT_BITS, group_size: int = 128, context:
         weights.append(WeightEstimate(bits=b, group_size=None if b == 16 else group_size, linear_bytes=linears,
                                       fp16_bytes=fp16_rest, total_bytes=total, kv_cache_bytes=kv,
                                       run_bytes=math.ceil((total + kv) * (1 + OVERHEAD))))
-    peak = quantize_peak_bytes(shape, samples, seq_len)
+    peak = quantize_peak_bytes(shape, samples, seq_len, activation_bytes(cfg))
     quantize_need = math.ceil(peak["total"] * (1 + OVERHEAD))
     gpus = [{"gpu_gb": g, "run": {w.bits: _fits(w.run_bytes, g) for w in weights},
              "quantize": _fits(quantize_need, g)} for g in GPU_SIZES_GB]

@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--work", type=Path, help="where outputs go (default: a temporary directory)")
     ap.add_argument("--write-docs", action="store_true", help="replace the bench_peers section of docs/BENCHMARKS.md")
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --work: keep runs already finished there (same tokens), run only the missing ones")
     args = ap.parse_args()
 
     import torch
@@ -97,6 +99,12 @@ def main() -> None:
         order = tools[r % len(tools):] + tools[:r % len(tools)]  # alternate who goes first
         for tool in order:
             out = work / f"{tool}-r{r}"
+            timefile = work / f"{tool}-r{r}.time"
+            if args.reuse and timefile.is_file() and (out / "config.json").is_file():
+                wall, rss_kb = timefile.read_text().split()[-2:]
+                runs[tool].append((float(wall), int(rss_kb) / 1024))
+                print(f"round {r + 1}: {tool:14s} {float(wall):8.1f} s  {int(rss_kb) / 1024:7.0f} MB  (reused)")
+                continue
             wall, rss = timed(commands[tool](out), env, work / f"{tool}-r{r}.log")
             runs[tool].append((wall, rss))
             print(f"round {r + 1}: {tool:14s} {wall:8.1f} s  {rss:7.0f} MB", flush=True)

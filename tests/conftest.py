@@ -1,3 +1,4 @@
+import contextlib
 import importlib.util
 import os
 import tempfile
@@ -46,6 +47,17 @@ def make_tiny_model(path: Path, tokenizer, model_type: str = "llama", layers: in
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer)
+
+
+@contextlib.contextmanager
+def hub_cache_env(cache: Path):
+    """HF_HUB_CACHE set to `cache` for the block (for module-scoped fixtures, where monkeypatch is unavailable)."""
+    old = os.environ.get("HF_HUB_CACHE")
+    os.environ["HF_HUB_CACHE"] = str(cache)
+    try:
+        yield cache
+    finally:
+        os.environ.pop("HF_HUB_CACHE") if old is None else os.environ.__setitem__("HF_HUB_CACHE", old)
 
 
 @pytest.fixture()

@@ -21,7 +21,7 @@ def test_replaying_finished_blocks_changes_no_output_byte(tiny_llama_dir, tmp_pa
     calib = CalibSpec(samples=8, seq_len=32)
     quantize(str(tiny_llama_dir), spec, calib, out=tmp_path / "memo")
     replays = []
-    monkeypatch.setattr(pipeline, "BlockMemo", lambda layer: replays.append(layer) or BlockMemo(layer, enabled=False))
+    monkeypatch.setattr(pipeline, "BlockMemo", lambda layer, **kw: replays.append(layer) or BlockMemo(layer, enabled=False, **kw))
     quantize(str(tiny_llama_dir), spec, calib, out=tmp_path / "plain")
     assert replays, "the pipeline no longer builds its BlockMemo through pipeline.BlockMemo"
     assert _shard_hashes(tmp_path / "memo") == _shard_hashes(tmp_path / "plain")

@@ -1,11 +1,11 @@
 """End-to-end `quantkit quantize` on a tiny random Llama, and every bad input the CLI must refuse cleanly."""
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import hub_cache_env
 
 from quantkit.cli import cli
 from quantkit.dequantized import load_dequantized
@@ -25,13 +25,8 @@ def tree(path: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def quantized(tiny_llama_dir, tmp_path_factory):
     """One quantize run into a private hub cache, shared by the assertions below."""
-    cache = tmp_path_factory.mktemp("hub")
-    old = os.environ.get("HF_HUB_CACHE")
-    os.environ["HF_HUB_CACHE"] = str(cache)
-    try:
+    with hub_cache_env(tmp_path_factory.mktemp("hub")) as cache:
         r = run("quantize", tiny_llama_dir, "--repo-id", "test/tiny-gptq", "--json", *FAST)
-    finally:
-        os.environ.pop("HF_HUB_CACHE") if old is None else os.environ.__setitem__("HF_HUB_CACHE", old)
     assert r.exit_code == 0, r.output
     return cache, json.loads(r.output)
 
@@ -186,8 +181,8 @@ def test_pickle_only_checkpoint_is_refused(hub_cache, tmp_path, tiny_llama_dir):
 def test_unsupported_architecture(hub_cache, tmp_path, tiny_tokenizer):
     from conftest import make_tiny_model
 
-    d = make_tiny_model(tmp_path / "gpt2", tiny_tokenizer, model_type="gpt2", n_embd=32, n_layer=1, n_head=2)
-    _assert_clean_failure(run("quantize", d), hub_cache, "unsupported architecture 'gpt2'")
+    d = make_tiny_model(tmp_path / "gptj", tiny_tokenizer, model_type="gptj", n_embd=32, n_layer=1, n_head=2)
+    _assert_clean_failure(run("quantize", d), hub_cache, "unsupported architecture 'gptj'")
 
 
 def test_bits_5_is_a_usage_error(hub_cache, tiny_llama_dir):
@@ -218,17 +213,43 @@ def test_quantize_by_cached_repo_id(tiny_llama_dir, hub_cache):
     assert r.exit_code == 1 and "already quantized" in r.output
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
-def test_other_llama_family_architectures(model_type, tiny_tokenizer, tmp_path):
+def test_skip_keeps_matching_linears_in_float16(tiny_llama_dir, tmp_path):
+    import json as _json
+
+    from quantkit.checkpoint import SafetensorsCheckpoint
+
+    r = run("quantize", tiny_llama_dir, "--out", tmp_path / "q", "--skip", "mlp.down_proj", "--skip", "self_attn.[kv]_proj",
+            *FAST)
+    assert r.exit_code == 0, r.output
+    ckpt = SafetensorsCheckpoint(tmp_path / "q")
+    names = set(ckpt.names())
+    for i in range(2):
+        for kept in ("mlp.down_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            assert f"model.layers.{i}.{kept}.weight" in names and f"model.layers.{i}.{kept}.qweight" not in names
+            assert ckpt.get(f"model.layers.{i}.{kept}.weight").dtype == torch.float16
+        assert f"model.layers.{i}.mlp.up_proj.qweight" in names and f"model.layers.{i}.mlp.up_proj.weight" not in names
+    qcfg = _json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qcfg["modules_in_block_to_quantize"] == [["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj",
+                                                     "mlp.up_proj"]]
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    deq = load_dequantized(str(tmp_path / "q"))
+    assert torch.equal(deq.model.layers[1].mlp.down_proj.weight, base.model.layers[1].mlp.down_proj.weight.half().float())
+
+
+def test_skip_pattern_that_matches_nothing_is_refused(tiny_llama_dir, tmp_path):
+    r = run("quantize", tiny_llama_dir, "--out", tmp_path / "q", "--skip", "mlp.down", *FAST)
+    assert r.exit_code == 1 and "--skip 'mlp.down' matches none" in r.output and "mlp.down_proj" in r.output
+    assert not (tmp_path / "q").exists()
+    r = run("quantize", tiny_llama_dir, "--out", tmp_path / "q", "--skip", "*", *FAST)
+    assert r.exit_code == 1 and "leaves no Linear to quantize" in r.output
+
+
+def test_calibration_longer_than_the_model_positions_is_refused(tiny_tokenizer, tmp_path):
     from conftest import make_tiny_model
 
-    extra = {"head_dim": 16} if model_type == "qwen3" else {}
-    model_dir = make_tiny_model(tmp_path / model_type, tiny_tokenizer, model_type=model_type, **extra)
-    r = run("quantize", model_dir, "--out", tmp_path / "q", *FAST)
-    assert r.exit_code == 0, r.output
-    deq = load_dequantized(str(tmp_path / "q"))
-    assert torch.isfinite(deq(torch.randint(0, 500, (1, 8))).logits).all()
-    if model_type == "qwen2":  # q/k/v carry a bias, stored beside the packed weight
-        from quantkit.checkpoint import SafetensorsCheckpoint
-
-        assert "model.layers.0.self_attn.q_proj.bias" in SafetensorsCheckpoint(tmp_path / "q").names()
+    d = make_tiny_model(tmp_path / "gpt2", tiny_tokenizer, model_type="gpt2", max_position_embeddings=64)
+    r = run("quantize", d, "--out", tmp_path / "q", "--samples", "8", "--seq-len", "128")
+    assert r.exit_code == 1 and "--seq-len 128 is longer than the model's 64 positions" in r.output
+    assert not (tmp_path / "q").exists()

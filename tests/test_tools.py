@@ -1,11 +1,11 @@
 """Everyday tools: `quantkit estimate`, `quantkit inspect`, `quantkit cache list|rm`, and compatibility notes."""
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import hub_cache_env
 
 import quantkit
 from quantkit.cli import cli
@@ -75,11 +75,12 @@ def test_llama2_70b_fits_one_80gb_gpu_only_when_quantized():
     assert e.kv_cache_bytes == 2 * 80 * 8 * 128 * 4096 * 1 * 2  # K and V, 80 layers, 8 KV heads, fp16
     gpu80 = next(g for g in e.gpus if g["gpu_gb"] == 80)
     assert gpu80["run"][16] is False and gpu80["run"][4] is True
-    # quantize peak: layer fp32 + two largest Hessians (28672^2, 8192^2) + 2 x 128x512x8192 fp32 + 8192x28672 fp32
+    # quantize peak: layer fp32 + two largest Hessians (28672^2, 8192^2) + 2 x 128x512x8192 in the model's fp16
+    # (layer inputs and replayed attention outputs) + 8192x28672 fp32
     layer = (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192) * 4
     assert e.quantize_peak == {"layer_fp32": layer, "hessians": (28672**2 + 8192**2) * 4,
-                               "activations": 2 * 128 * 512 * 8192 * 4, "mlp_activation": 8192 * 28672 * 4,
-                               "total": layer + (28672**2 + 8192**2) * 4 + 2 * 128 * 512 * 8192 * 4 + 8192 * 28672 * 4}
+                               "activations": 2 * 128 * 512 * 8192 * 2, "mlp_activation": 8192 * 28672 * 4,
+                               "total": layer + (28672**2 + 8192**2) * 4 + 2 * 128 * 512 * 8192 * 2 + 8192 * 28672 * 4}
     d = e.to_dict()
     assert json.loads(json.dumps(d))["gpus"][-1]["run"] == {"16": False, "8": True, "4": True, "3": True, "2": True}
 
@@ -144,14 +145,9 @@ def test_estimate_bad_inputs(tmp_path):
 @pytest.fixture(scope="module")
 def quantized(tiny_llama_dir, tmp_path_factory):
     """One round-to-nearest 4-bit g32 run of the tiny Llama into a private hub cache."""
-    cache = tmp_path_factory.mktemp("hub")
-    old = os.environ.get("HF_HUB_CACHE")
-    os.environ["HF_HUB_CACHE"] = str(cache)
-    try:
+    with hub_cache_env(tmp_path_factory.mktemp("hub")) as cache:
         r = run("quantize", tiny_llama_dir, "--repo-id", "test/tiny-rtn", "--method", "rtn", "--group-size", "32",
                 "--json")
-    finally:
-        os.environ.pop("HF_HUB_CACHE") if old is None else os.environ.__setitem__("HF_HUB_CACHE", old)
     assert r.exit_code == 0, r.output
     return cache, Path(json.loads(r.output)["path"])
 

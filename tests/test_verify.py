@@ -125,7 +125,7 @@ def test_loader_swaps_linears_and_matches_checkpoint(tiny_gptq):
 
 def test_max_memory_offloads_layers_to_disk_with_identical_results(tiny_gptq, tmp_path):
     from quantkit.qlinear import load_model
-    from quantkit.verify import _logits
+    from quantkit.verification import _logits
 
     ids = torch.randint(0, 500, (48,), generator=torch.Generator().manual_seed(0))
     ref_model, ref_info = load_model(tiny_gptq)
@@ -176,7 +176,7 @@ def test_chat_prompts_use_the_template_with_a_system_message(tiny_gptq):
 
 
 def test_chat_rendering_and_templates_without_system_role(tiny_tokenizer):
-    from quantkit.verify import SYSTEM_PROMPT, _chat_ids
+    from quantkit.verification import SYSTEM_PROMPT, _chat_ids
 
     tok = copy.deepcopy(tiny_tokenizer)
     notes = []
@@ -192,7 +192,7 @@ def test_stop_tokens_end_generation(tiny_gptq):
     from transformers import AutoTokenizer
 
     from quantkit.qlinear import load_model
-    from quantkit.verify import _greedy
+    from quantkit.verification import _greedy
 
     model, _ = load_model(tiny_gptq)
     tok = AutoTokenizer.from_pretrained(tiny_gptq)

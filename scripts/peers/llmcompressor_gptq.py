@@ -3,24 +3,15 @@
 Run inside the llmcompressor benchmark environment:
     python llmcompressor_gptq.py MODEL_DIR CALIB.safetensors OUT_DIR --bits 4 --group-size 64
 """
-import argparse
+from common import parse_args
 
-from safetensors.torch import load_file
-
-ap = argparse.ArgumentParser()
-ap.add_argument("model")
-ap.add_argument("calib", help="safetensors file with input_ids [n, seq_len]")
-ap.add_argument("out")
-ap.add_argument("--bits", type=int, default=4)
-ap.add_argument("--group-size", type=int, default=64)
-args = ap.parse_args()
+args, ids = parse_args(__doc__)
 
 from datasets import Dataset  # noqa: E402
 from llmcompressor import oneshot  # noqa: E402
 from llmcompressor.modifiers.quantization import GPTQModifier  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-ids = load_file(args.calib)["input_ids"]
 dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
 scheme = {"targets": ["Linear"], "weights": {"num_bits": args.bits, "type": "int", "symmetric": True,
                                               "strategy": "group", "group_size": args.group_size}}

@@ -36,8 +36,8 @@ from .qlinear import available_memory, estimate_footprint, load_model
 # Defaults from measurements on SmolLM2-135M-Instruct 4-bit g64 sym (docs/VERIFY.md): they pass quantkit's GPTQ
 # (ratio 1.22-1.30, KL 0.20-0.27, top-1 0.74-0.82 depending on the text) and fail round-to-nearest (ratio >= 1.38,
 # KL >= 0.34). Tiny models lose the most at 4 bits; for 7B-class models pass stricter values.
-DEFAULT_MAX_PPL_RATIO = 1.35
-DEFAULT_MAX_KL = 0.30
+DEFAULT_MAX_PPL_RATIO = 1.25
+DEFAULT_MAX_KL = 0.25
 DEFAULT_MIN_TOP1 = 0.70
 LOADERS = ("quantkit", "transformers")
 PLAIN_PROMPTS = ("def fibonacci(", "Hello, I'm a language model,", "The three primary colors are")

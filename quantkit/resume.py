@@ -1,0 +1,117 @@
+"""Checkpoints of a running quantization in its work directory, so a killed run continues where it stopped.
+
+Layout of the work directory (every file written under a temporary name, then renamed):
+  state.json                  fingerprint of the run and the reports of the finished layers (written last)
+  layers/layer-00012.safetensors   the packed tensors of finished layer 12
+  activations-00013.safetensors    the calibration activations entering layer 13 (the next one)
+A restart with the same command finds state.json, checks the fingerprint (model, settings, calibration tokens,
+quantkit and torch versions, device) and continues after the last finished layer. Because the activations are
+restored bit for bit, the finished files are byte-identical to those of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import QuantkitError
+
+STATE = "state.json"
+
+
+def run_fingerprint(**parts) -> str:
+    """sha256 over everything that decides the output; parts must be JSON-serialisable or tensors."""
+    h = hashlib.sha256()
+    for key in sorted(parts):
+        value = parts[key]
+        h.update(key.encode())
+        if isinstance(value, Tensor):
+            h.update(str(value.dtype).encode() + str(tuple(value.shape)).encode())
+            h.update(value.contiguous().view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        else:
+            h.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def model_fingerprint(model_dir: Path) -> dict:
+    """config.json and each weight file's name, size and safetensors header (cheap, yet changes with any retrain)."""
+    files = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = f.read(min(n, 100_000_000))
+        files[path.name] = [path.stat().st_size, hashlib.sha256(header).hexdigest()]
+    return {"config": (model_dir / "config.json").read_text(), "weights": files}
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())  # the rename must never expose a file whose data is not on disk yet
+    os.replace(tmp, path)
+
+
+class RunState:
+    """The resumable state of one quantize run in `work` (created if missing)."""
+
+    def __init__(self, work: Path, fingerprint: str):
+        self.work, self.fingerprint = Path(work), fingerprint
+        self.reports: list[dict] = []
+        state = self.work / STATE
+        if state.is_file():
+            saved = json.loads(state.read_text())
+            if saved.get("fingerprint") != fingerprint:
+                raise QuantkitError(f"{self.work} holds an unfinished run of a different model, settings or calibration; "
+                                    "remove that directory to start over, or rerun the original command to resume it")
+            self.reports = saved["layers"]
+        (self.work / "layers").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def layers_done(self) -> int:
+        return len(self.reports)
+
+    def layer_file(self, index: int) -> Path:
+        return self.work / "layers" / f"layer-{index:05d}.safetensors"
+
+    def save_layer(self, index: int, tensors: dict[str, Tensor], report: dict, activations: list[Tensor] | None) -> None:
+        """Record layer `index` as finished: its tensors and the next layer's inputs first, state.json last.
+
+        A kill between any two steps leaves either the old state (redo this layer from its kept inputs) or
+        the new one (continue with the next layer's inputs): each layer's inputs live in their own file.
+        """
+        from safetensors.torch import save_file
+
+        if index != self.layers_done:
+            raise QuantkitError(f"internal error: layer {index} saved after {self.layers_done} finished layers")
+        _write_atomically(self.layer_file(index),
+                          lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
+        if activations is not None:
+            _write_atomically(self.activations_file(index + 1), lambda p: save_file(
+                {f"batch.{i:05d}": t.contiguous() for i, t in enumerate(activations)}, str(p)))
+        self.reports.append(report)
+        _write_atomically(self.work / STATE, lambda p: p.write_text(json.dumps(
+            {"fingerprint": self.fingerprint, "layers": self.reports}, indent=1)))
+        self.activations_file(index).unlink(missing_ok=True)  # this layer's inputs are no longer needed
+
+    def activations_file(self, index: int) -> Path:
+        return self.work / f"activations-{index:05d}.safetensors"
+
+    def load_activations(self) -> list[Tensor]:
+        """The saved inputs of layer `layers_done`, as the mini-batches they were."""
+        from safetensors.torch import load_file
+
+        path = self.activations_file(self.layers_done)
+        if not path.is_file():
+            raise QuantkitError(f"{path} is missing, so the run cannot resume; remove {self.work} to start over")
+        saved = load_file(str(path))
+        return [saved[k] for k in sorted(saved)]
+
+    def layer_tensors(self, index: int) -> dict[str, Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.layer_file(index)))

@@ -1,0 +1,141 @@
+"""Kill a real quantize subprocess (SIGKILL) at several points, rerun the same command, and get the same bytes."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tiny_model
+
+pytestmark = pytest.mark.slow
+REPO_ID = "test/tiny-resume"
+ARGS = ["--samples", "8", "--seq-len", "32", "--group-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def tiny4(tiny_tokenizer, tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny4"), tiny_tokenizer, layers=4)
+
+
+def quantize(model_dir: Path, cache: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    env.pop("QUANTKIT_KILL_AT", None)
+    if kill_at:
+        env["QUANTKIT_KILL_AT"] = kill_at
+    cmd = [sys.executable, "-m", "quantkit", "quantize", str(model_dir), *ARGS, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def published(cache: Path) -> dict[str, str] | None:
+    """sha256 of every file of the published revision, or None when nothing looks published."""
+    folder = cache / ("models--" + REPO_ID.replace("/", "--"))
+    ref = folder / "refs" / "main"
+    if not ref.is_file():
+        return None
+    snapshot = folder / "snapshots" / ref.read_text()
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(snapshot.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny4, tmp_path_factory) -> dict[str, str]:
+    """An uninterrupted run; a second one gives the same bytes (determinism)."""
+    hashes = []
+    for _ in range(2):
+        cache = tmp_path_factory.mktemp("hub")
+        r = quantize(tiny4, cache, "--repo-id", REPO_ID)
+        assert r.returncode == 0, r.stderr[-2000:]
+        hashes.append(published(cache))
+    assert hashes[0] == hashes[1] and hashes[0] is not None
+    return hashes[0]
+
+
+@pytest.mark.parametrize("kill_at", ["layer:0:start", "layer:1:solved", "layer:2:saved", "layer:3:saved",
+                                     "assembled", "publish:blobs", "publish:ref"])
+def test_killed_run_resumes_to_identical_files(kill_at, tiny4, reference, tmp_path):
+    cache = tmp_path / "hub"
+    killed = quantize(tiny4, cache, "--repo-id", REPO_ID, kill_at=kill_at)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert published(cache) is None  # nothing looks complete
+
+    work = tmp_path / "quantkit-work" / f".{REPO_ID.replace('/', '--')}.quantkit-work"
+    done = json.loads((work / "state" / "state.json").read_text())["layers"] if (work / "state" / "state.json").exists() else []
+    expected_done = {"layer:0:start": 0, "layer:1:solved": 1, "layer:2:saved": 3}.get(kill_at, 4)
+    assert len(done) == expected_done
+
+    resumed = quantize(tiny4, cache, "--repo-id", REPO_ID)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    if expected_done:
+        assert f"resuming after layer {expected_done}/4" in resumed.stderr
+    assert published(cache) == reference
+    assert not work.exists()  # finished: the work directory is gone
+
+
+def test_resume_refuses_other_settings(tiny4, tmp_path):
+    out = tmp_path / "q"
+    killed = quantize(tiny4, tmp_path / "hub", "--out", str(out), kill_at="layer:2:saved")
+    assert killed.returncode == -9
+    other = quantize(tiny4, tmp_path / "hub", "--out", str(out), "--bits", "8")
+    assert other.returncode == 1 and "holds an unfinished run of a different model, settings or calibration" in other.stderr
+    assert not out.exists()
+    again = quantize(tiny4, tmp_path / "hub", "--out", str(out))
+    assert again.returncode == 0 and "resuming after layer 3/4" in again.stderr
+
+
+def test_failed_run_says_where_its_work_is_kept(tiny4, tmp_path):
+    out = tmp_path / "q"
+    assert quantize(tiny4, tmp_path / "hub", "--out", str(out), kill_at="layer:1:saved").returncode == -9
+    work = tmp_path / ".q.quantkit-work"
+    assert (work / "state" / "state.json").is_file() and (work / "state" / "activations-00002.safetensors").is_file()
+    assert sorted(p.name for p in (work / "state" / "layers").iterdir()) == ["layer-00000.safetensors",
+                                                                             "layer-00001.safetensors"]
+
+
+def test_out_of_space_stops_cleanly_keeps_work_and_resumes(tiny4, tmp_path, monkeypatch):
+    import errno
+
+    from click.testing import CliRunner
+
+    import quantkit.resume as resume
+    from quantkit.cli import cli
+
+    real_save = resume.RunState.save_layer
+
+    def full_disk_at_layer_2(self, index, *args, **kwargs):
+        if index == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.layer_file(index)))
+        return real_save(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(resume.RunState, "save_layer", full_disk_at_layer_2)
+    out = tmp_path / "q"
+    r = CliRunner().invoke(cli, ["quantize", str(tiny4), "--out", str(out), *ARGS])
+    assert r.exit_code == 1 and "no space left on the device writing" in r.output and "GiB free now" in r.output
+    assert "the same command continues" in r.output and not out.exists()
+    work = tmp_path / ".q.quantkit-work"
+    assert len(json.loads((work / "state" / "state.json").read_text())["layers"]) == 2
+
+    monkeypatch.setattr(resume.RunState, "save_layer", real_save)
+    r = CliRunner().invoke(cli, ["quantize", str(tiny4), "--out", str(out), *ARGS])
+    assert r.exit_code == 0, r.output
+    assert (out / "config.json").is_file() and not work.exists()
+
+
+def test_second_run_on_the_same_target_is_refused(tiny4, tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    from quantkit.hub import repo_lock
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    with repo_lock(REPO_ID):  # as a running quantize of the same repo id holds it
+        r = quantize(tiny4, cache, "--repo-id", REPO_ID)
+    assert r.returncode == 1 and f"another quantkit run is writing {REPO_ID}" in r.stderr
+    assert published(cache) is None
+
+    work = tmp_path / ".q.quantkit-work"
+    work.mkdir()
+    with FileLock(str(work / ".lock")):
+        r = quantize(tiny4, cache, "--out", str(tmp_path / "q"))
+    assert r.returncode == 1 and "another quantkit run is writing" in r.stderr and not (tmp_path / "q").exists()
