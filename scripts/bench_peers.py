@@ -29,7 +29,8 @@ def timed(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS MB) of cmd, which must succeed."""
     timefile = log.with_suffix(".time")
     with log.open("w") as out:
-        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", str(timefile), *cmd], env=env,
+        # run inside the work directory: GPTQModel writes a logs/ folder into its working directory
+        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", str(timefile), *cmd], env=env, cwd=log.parent,
                               stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n--- last lines of {log}:\n"
@@ -63,15 +64,15 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true",
                     help="with --work: keep runs already finished there (same tokens), run only the missing ones")
     args = ap.parse_args()
+    args.model = args.model.resolve()  # the tools run inside the work directory
 
-    import torch
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     from quantkit.calibration import calibration_batch, evaluation_windows
     from quantkit.config import CalibSpec
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="quantkit-bench-peers-"))
+    work = (args.work or Path(tempfile.mkdtemp(prefix="quantkit-bench-peers-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(args.model))
     calib = calibration_batch(tokenizer, CalibSpec(samples=args.samples, seq_len=args.seq_len))

@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Where one decoder layer's GPTQ time goes: each true-sequential stage's forward + Hessian, solves, propagation.
+
+    python scripts/profile_layer.py demo/SmolLM2-135M-Instruct [SAMPLES] [--no-replay]
+
+Layer 0 of MODEL_DIR, SAMPLES x 512 calibration tokens (default 128), float32 on the CPU, the same functions
+the pipeline calls. --no-replay disables capture.BlockMemo for a before/after comparison.
+"""
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from quantkit.calibration import calibration_batch
+from quantkit.capture import BlockMemo, _run, collect_hessians, discover_groups, propagate
+from quantkit.checkpoint import SafetensorsCheckpoint, read_config_dict
+from quantkit.config import CalibSpec, QuantSpec
+from quantkit.gptq import gptq_quantize
+from quantkit.model_skeleton import build_skeleton, decoder_layers, linear_modules, load_config, materialize
+from quantkit.pipeline import _layer_zero_inputs
+
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+model_dir, samples = Path(args[0]), int(args[1]) if len(args) > 1 else 128
+config = load_config(model_dir, read_config_dict(model_dir))
+checkpoint = SafetensorsCheckpoint(model_dir)
+skeleton = build_skeleton(config)
+prefix, layers = decoder_layers(skeleton, config.num_hidden_layers)
+ids = calibration_batch(AutoTokenizer.from_pretrained(str(model_dir)), CalibSpec(samples=samples, seq_len=512))
+cpu, f32 = torch.device("cpu"), torch.float32
+batches, calls = _layer_zero_inputs(skeleton, layers, prefix, checkpoint, ids, cpu, f32, f32)
+layer = layers[0]
+materialize(layer, f"{prefix}.0", checkpoint, cpu, f32)
+groups = discover_groups(layer, batches[0][:1], calls[0])
+modules = linear_modules(layer)
+memo, done, total = BlockMemo(layer, enabled="--no-replay" not in sys.argv), set(), 0.0
+for group in groups:
+    t = time.perf_counter()
+    (H,) = collect_hessians(layer, [group], batches, calls[0], cpu, f32, memo, done)
+    t_fwd = time.perf_counter() - t
+    t = time.perf_counter()
+    for name in group:
+        modules[name].weight.data.copy_(gptq_quantize(modules[name].weight.data, H, QuantSpec(group_size=64)).weight)
+        done.add(name)
+    t_solve = time.perf_counter() - t
+    total += t_fwd + t_solve
+    print(f"stage {'/'.join(n.split('.')[-1] for n in group):24s} forward + Hessian {t_fwd:6.2f} s   solve {t_solve:5.2f} s")
+t = time.perf_counter()
+propagate(layer, batches, calls[0], cpu, f32, memo)
+total += time.perf_counter() - t
+print(f"propagate {time.perf_counter() - t:6.2f} s      layer total {total:6.2f} s")
+t = time.perf_counter()
+for b in batches:
+    _run(layer, b, calls[0])
+print(f"(a plain forward of the layer: {time.perf_counter() - t:.2f} s)")
