@@ -49,14 +49,16 @@ class LayerCall:
     kwargs: dict
 
 
-def _to(obj, device, dtype: torch.dtype | None = None):
-    """obj's tensors moved to device; floating ones also cast to dtype when given."""
+def _to(obj, device, dtype: torch.dtype | None = None, copy: bool = False):
+    """obj's tensors moved to device; floating ones also cast to dtype when given. copy: always new tensors."""
     if isinstance(obj, Tensor):
-        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device, dtype, copy=copy)
+        return obj.to(device, copy=copy)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device, dtype) for o in obj)
+        return type(obj)(_to(o, device, dtype, copy) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device, dtype) for k, v in obj.items()}
+        return {k: _to(v, device, dtype, copy) for k, v in obj.items()}
     return obj
 
 
@@ -157,7 +159,7 @@ class BlockMemo:
             child = self.layer.get_submodule(name)
             if name in self.outputs:
                 child.forward = lambda *a, _outs=self.outputs[name], _dt=self.dtypes[name], **k: \
-                    _clone(_to(_outs[self.batch], device, _dt))
+                    _to(_outs[self.batch], device, _dt, copy=True)
                 replaced.append(child)
             else:
                 self.outputs[name] = []
@@ -178,15 +180,7 @@ class BlockMemo:
         """Forward hook: keep a copy of the block's output for this batch (on the CPU, in the storage dtype)."""
         first = next((t for t in (output if isinstance(output, (tuple, list)) else [output]) if isinstance(t, Tensor)), None)
         self.dtypes[name] = first.dtype if first is not None else None
-        self.outputs[name].append(_to(_clone(output), "cpu", self.storage_dtype))
-
-
-def _clone(obj):
-    if isinstance(obj, Tensor):
-        return obj.clone()
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_clone(o) for o in obj)
-    return obj
+        self.outputs[name].append(_to(output, "cpu", self.storage_dtype, copy=True))
 
 
 @torch.no_grad()

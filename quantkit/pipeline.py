@@ -271,9 +271,9 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
             results = _gptq_layer(layer, batches, calls[i], spec, dev, compute_dtype, last=last)
         else:
             results = _rtn_layer(layer, spec)
-        tensors = {}
+        tensors, modules = {}, linear_modules(layer)
         for name, res in results.items():
-            tensors.update(module_tensors(f"{prefix}.{i}.{name}", res, spec.bits, fmt, linear_modules(layer)[name].bias))
+            tensors.update(module_tensors(f"{prefix}.{i}.{name}", res, spec.bits, fmt, modules[name].bias))
         losses = {name: res.loss for name, res in results.items()}
         damps = {name: res.damp for name, res in results.items() if res.damp != spec.damp}
         report = {"index": i, "seconds": round(time.perf_counter() - t_layer, 2), "losses": losses,

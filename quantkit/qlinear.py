@@ -259,9 +259,10 @@ def load_model(model: str | Path, *, dtype: torch.dtype = torch.float32, max_mem
     if disk and offload_dir is None:
         raise QuantkitError("this model needs disk offloading under --max-memory but no offload directory was given")
     index: dict = {}
+    rename = checkpoint_key_renamer(lm)
     try:
         for name in checkpoint.names():
-            _load_tensor(lm, name, checkpoint, dtype, disk, offload_dir, index)
+            _load_tensor(lm, name, checkpoint, dtype, disk, offload_dir, index, rename)
     finally:
         checkpoint.close()
     if _ties_embeddings(lm):
@@ -284,9 +285,9 @@ def _natural_key(name: str):
 
 
 def _load_tensor(lm: nn.Module, name: str, checkpoint: SafetensorsCheckpoint, dtype: torch.dtype, disk: set[str],
-                 offload_dir, index: dict) -> None:
+                 offload_dir, index: dict, rename) -> None:
     """Put one checkpoint tensor into its module (or the offload folder when its layer lives on disk)."""
-    module_name, _, tensor_name = checkpoint_key_renamer(lm)(name).rpartition(".")
+    module_name, _, tensor_name = rename(name).rpartition(".")
     try:
         module = lm.get_submodule(module_name)
     except AttributeError:
