@@ -24,47 +24,104 @@ def builtin_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "calibration"
 
 
-def load_documents(source: str) -> list[str]:
-    """Texts of a built-in set, a local .txt/.jsonl/.parquet file, or hf:<dataset>[:config][:split]."""
+# Text is read lazily and only as far as needed, so a multi-GB file or a single enormous line costs neither the memory
+# nor the tokenizer time of reading it whole: at most this many characters are read, and JSONL lines are bounded.
+MIN_TEXT_BUDGET = 8 * 2**20          # characters; the built-in sets (about 1 MB) are always read whole
+CHARS_PER_TOKEN_BUDGET = 32          # generous: English text averages about 4 characters per token
+MAX_LINE_BYTES = 16 * 2**20
+
+
+def text_budget(tokens: int | None) -> int:
+    """How many characters to read for `tokens` tokens (None: as many as MIN_TEXT_BUDGET)."""
+    return max(MIN_TEXT_BUDGET, (tokens or 0) * CHARS_PER_TOKEN_BUDGET)
+
+
+def load_documents(source: str, max_chars: int | None = None) -> list[str]:
+    """Texts of a built-in set, a local .txt/.jsonl/.parquet file, or hf:<dataset>[:config][:split].
+
+    :param max_chars: stop after this many characters (the last document is cut there); None reads everything.
+    """
     if source in BUILTIN_SETS:
-        return _read_jsonl(builtin_dir() / BUILTIN_SETS[source])
+        return _read_jsonl(builtin_dir() / BUILTIN_SETS[source], max_chars)
     if source.startswith("hf:"):
-        return _read_hf_dataset(source[3:])
+        return _cut(_read_hf_dataset(source[3:]), max_chars)
     path = Path(source).expanduser()
     if not path.is_file():
         raise CalibrationError(f"calibration set {source!r} not found: not a built-in set "
                                f"({', '.join(BUILTIN_SETS)}), a file, or hf:<dataset id>")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return [_read_text(path)]
+        return [_read_text(path, max_chars)]
     if suffix == ".jsonl":
-        return _read_jsonl(path)
+        return _read_jsonl(path, max_chars)
     if suffix == ".parquet":
-        return _read_parquet(path)
+        return _cut(_read_parquet(path), max_chars)
     raise CalibrationError(f"{path}: unsupported calibration file type {suffix!r} (use .txt, .jsonl or .parquet)")
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise CalibrationError(f"{path} is not valid UTF-8 (byte {e.start}); re-encode it as UTF-8") from None
+def _cut(docs: list[str], max_chars: int | None) -> list[str]:
+    if max_chars is None:
+        return docs
+    out, total = [], 0
+    for d in docs:
+        if total >= max_chars:
+            break
+        out.append(d[: max_chars - total])
+        total += len(out[-1])
+    return out
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    docs = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CalibrationError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        text = obj.get("text") if isinstance(obj, dict) else obj
-        if not isinstance(text, str):
-            raise CalibrationError(f"{path}:{lineno}: expected a string or an object with a \"text\" string")
-        docs.append(text)
-    return docs
+def _read_text(path: Path, max_chars: int | None) -> str:
+    """The first `max_chars` characters of a UTF-8 file (all of it when None)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pieces, chars, offset = [], 0, 0
+    with open(path, "rb") as f:
+        while max_chars is None or chars < max_chars:
+            raw = f.read(1 << 20)
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise CalibrationError(f"{path} is not valid UTF-8 (byte {offset + e.start}); re-encode it as UTF-8") from None
+            pieces.append(text)
+            chars += len(text)
+            offset += len(raw)
+            if not raw:
+                break
+    text = "".join(pieces)
+    return text if max_chars is None else text[:max_chars]
+
+
+def _read_jsonl(path: Path, max_chars: int | None) -> list[str]:
+    docs, chars = [], 0
+    with open(path, "rb") as f:
+        lineno = 0
+        while max_chars is None or chars < max_chars:
+            lineno += 1
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
+            if len(raw) > MAX_LINE_BYTES:
+                raise CalibrationError(f"{path}:{lineno}: line is longer than {MAX_LINE_BYTES // 2**20} MiB; "
+                                       "split the document over several lines")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CalibrationError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line); "
+                                       "re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CalibrationError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            text = obj.get("text") if isinstance(obj, dict) else obj
+            if not isinstance(text, str):
+                raise CalibrationError(f"{path}:{lineno}: expected a string or an object with a \"text\" string")
+            docs.append(text)
+            chars += len(text)
+    return _cut(docs, max_chars)
 
 
 def _read_parquet(path: Path) -> list[str]:
@@ -108,7 +165,7 @@ def token_stream(tokenizer, documents: list[str]) -> Tensor:
 
 def calibration_batch(tokenizer, spec: CalibSpec) -> Tensor:
     """`spec.samples` non-overlapping windows of `spec.seq_len` tokens, chosen with `spec.seed`: [samples, seq_len]."""
-    stream = token_stream(tokenizer, load_documents(spec.source))
+    stream = token_stream(tokenizer, load_documents(spec.source, text_budget(spec.tokens_needed)))
     n_windows = stream.numel() // spec.seq_len
     if n_windows < spec.samples:
         raise CalibrationError(f"calibration set {spec.source!r} has {stream.numel()} tokens; --samples {spec.samples} "
@@ -121,7 +178,7 @@ def calibration_batch(tokenizer, spec: CalibSpec) -> Tensor:
 
 def evaluation_windows(tokenizer, source: str, seq_len: int, max_tokens: int | None = None) -> Tensor:
     """Consecutive non-overlapping windows from the start of an evaluation set: [n, seq_len]."""
-    stream = token_stream(tokenizer, load_documents(source))
+    stream = token_stream(tokenizer, load_documents(source, text_budget(max_tokens)))
     n = stream.numel() // seq_len
     if max_tokens is not None:
         n = min(n, max_tokens // seq_len)

@@ -70,10 +70,26 @@ class SafetensorsCheckpoint:
             raise QuantkitError(f"{model_dir} has {len(shards)} safetensors files but no {INDEX_NAME}")
         return {name: shards[0].name for name in _open(shards[0]).keys()}
 
+    def check_index(self) -> None:
+        """Every tensor the index places in a shard is in that shard (headers only; no tensor data is read)."""
+        by_file: dict[str, list[str]] = {}
+        for name, filename in self.weight_map.items():
+            by_file.setdefault(filename, []).append(name)
+        for filename, names in by_file.items():
+            present = set(self._handle(filename).keys())
+            absent = [n for n in names if n not in present]
+            if absent:
+                raise QuantkitError(f"{self.model_dir / INDEX_NAME} places tensor {absent[0]} in {filename}, which does not "
+                                    f"contain it ({len(absent)} such tensor{'s' if len(absent) > 1 else ''})")
+
     def _handle(self, filename: str):
         if filename not in self._handles:
             self._handles[filename] = _open(self.model_dir / filename)
         return self._handles[filename]
+
+    def _missing(self, name: str) -> QuantkitError:
+        where = f"{INDEX_NAME} does not list it" if (self.model_dir / INDEX_NAME).is_file() else "no weight file holds it"
+        return QuantkitError(f"tensor {name} is missing from the checkpoint in {self.model_dir} ({where})")
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -83,7 +99,7 @@ class SafetensorsCheckpoint:
 
     def get(self, name: str) -> Tensor:
         if name not in self.weight_map:
-            raise QuantkitError(f"tensor {name} is missing from the checkpoint in {self.model_dir}")
+            raise self._missing(name)
         filename = self.weight_map[name]
         try:
             return self._handle(filename).get_tensor(name)
@@ -91,6 +107,8 @@ class SafetensorsCheckpoint:
             raise QuantkitError(f"cannot read tensor {name} from {self.model_dir / filename}: {e}") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.weight_map:
+            raise self._missing(name)
         return tuple(self._handle(self.weight_map[name]).get_slice(name).get_shape())
 
     def close(self) -> None:

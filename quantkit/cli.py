@@ -98,7 +98,7 @@ def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
 def quantize(model, bits, group_size, sym, damp, act_order, static_groups, true_sequential, clip_search, skip, method, calib,
              samples, seq_len, seed, device, repo_id, out, overwrite, max_shard_size, as_json):
     """Quantize MODEL (a directory or a repo id in the local hub cache) to a GPTQ checkpoint."""
-    from .config import CalibSpec, QuantSpec
+    from .config import CalibSpec, InvalidSetting, QuantSpec
 
     if repo_id and out:
         raise click.UsageError("--repo-id and --out are mutually exclusive")
@@ -106,15 +106,12 @@ def quantize(model, bits, group_size, sym, damp, act_order, static_groups, true_
         spec = QuantSpec(bits=int(bits), group_size=group_size, sym=sym, damp=damp, act_order=act_order,
                          static_groups=static_groups, true_sequential=true_sequential, method=method,
                          clip_search=clip_search, skip=tuple(skip))
-    except ValueError as e:
-        msg = str(e)
-        hint = ("--static-groups" if "static" in msg else "--skip" if "skip" in msg else "--group-size" if "group" in msg
-                else "--damp" if "damp" in msg else None)
-        raise click.BadParameter(str(e), param_hint=hint) from None
+    except InvalidSetting as e:
+        raise click.BadParameter(str(e), param_hint=e.flag) from None
     try:
         calib_spec = CalibSpec(source=calib, samples=samples, seq_len=seq_len, seed=seed)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--samples" if "samples" in str(e) else "--seq-len") from None
+    except InvalidSetting as e:
+        raise click.BadParameter(str(e), param_hint=e.flag) from None
     _setup_logging(quiet=as_json)
     from .pipeline import quantize as run_quantize
 

@@ -9,6 +9,18 @@ from .packing import SUPPORTED_BITS
 METHODS = ("gptq", "rtn")
 
 
+class InvalidSetting(ValueError):
+    """A setting out of range; `option` names the field (and, with dashes, the CLI flag) at fault."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.option.replace("_", "-")
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How each Linear weight is quantized.
@@ -39,17 +51,17 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
+            raise InvalidSetting("bits", f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
         if self.group_size != -1 and self.group_size <= 0:
-            raise ValueError(f"group size must be -1 (per row) or positive, got {self.group_size}")
+            raise InvalidSetting("group_size", f"group size must be -1 (per row) or positive, got {self.group_size}")
         if not 0 < self.damp < 1:
-            raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+            raise InvalidSetting("damp", f"damp must be in (0, 1), got {self.damp}")
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+            raise InvalidSetting("method", f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if any(not p or p != p.strip() for p in self.skip):
-            raise ValueError(f"skip patterns must be non-empty names or globs, got {list(self.skip)}")
+            raise InvalidSetting("skip", f"skip patterns must be non-empty names or globs, got {list(self.skip)}")
         if self.static_groups and not self.act_order:
-            raise ValueError("static groups only apply with act-order")
+            raise InvalidSetting("static_groups", "static groups only apply with act-order")
 
     @property
     def desc_act(self) -> bool:
@@ -82,9 +94,9 @@ class CalibSpec:
 
     def __post_init__(self) -> None:
         if self.samples <= 0:
-            raise ValueError(f"samples must be positive, got {self.samples}")
+            raise InvalidSetting("samples", f"samples must be positive, got {self.samples}")
         if self.seq_len < 8:
-            raise ValueError(f"seq-len must be at least 8, got {self.seq_len}")
+            raise InvalidSetting("seq_len", f"seq-len must be at least 8, got {self.seq_len}")
 
     @property
     def tokens_needed(self) -> int:

@@ -63,6 +63,9 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec) -> GPTQResul
     group = spec.effective_group_size(n_in)
     n_groups = math.ceil(n_in / group)
 
+    if not torch.isfinite(H).all():
+        raise NumericalError("the Hessian holds NaN/Inf: this layer's calibration inputs are not finite "
+                             "(activations overflowing float16?)")
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0

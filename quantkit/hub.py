@@ -20,7 +20,7 @@ from pathlib import Path
 from .errors import QuantkitError
 from .faults import kill_point
 
-_REPO_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_-])?$")
+_REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_-])?")
 
 
 def hub_cache_dir() -> Path:
@@ -34,7 +34,7 @@ def hub_cache_dir() -> Path:
 def validate_repo_id(repo_id: str) -> str:
     """Accept only 'namespace/name' made of safe characters, so a repo id can never escape the cache."""
     parts = repo_id.split("/")
-    if len(parts) != 2 or not all(_REPO_PART.match(p) and ".." not in p for p in parts):
+    if len(parts) != 2 or not all(_REPO_PART.fullmatch(p) and ".." not in p for p in parts):
         raise QuantkitError(f"invalid repo id {repo_id!r}: use NAMESPACE/NAME with letters, digits, '-', '_' and '.'")
     return repo_id
 
@@ -45,7 +45,7 @@ def repo_folder(repo_id: str) -> Path:
 
 def looks_like_repo_id(text: str) -> bool:
     parts = text.split("/")
-    return len(parts) == 2 and all(_REPO_PART.match(p) for p in parts)
+    return len(parts) == 2 and all(_REPO_PART.fullmatch(p) for p in parts)
 
 
 def cached_snapshot(repo_id: str) -> Path | None:

@@ -119,6 +119,19 @@ def set_weight_matrix(module: nn.Module, weight: torch.Tensor) -> None:
     target.copy_((weight.t() if is_conv1d(module) else weight).to(target.dtype))
 
 
+def check_tensors(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint) -> None:
+    """Every parameter of `module` is in the checkpoint with the shape config.json implies (headers only)."""
+    for pname, param in module.named_parameters():
+        full = f"{prefix}.{pname}" if prefix else pname
+        _check_shape(full, checkpoint.shape(full), param.shape)
+
+
+def _check_shape(name: str, found, expected) -> None:
+    if tuple(found) != tuple(expected):
+        raise QuantkitError(f"tensor {name} has shape {list(found)} in the checkpoint, but config.json implies "
+                            f"{list(expected)}")
+
+
 def materialize(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint, device: torch.device,
                 dtype: torch.dtype) -> None:
     """Load `module`'s parameters from the checkpoint (names prefix + '.' + param) onto device in place."""
@@ -127,9 +140,7 @@ def materialize(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoin
     for pname, param in module.named_parameters():
         full = f"{prefix}.{pname}" if prefix else pname
         tensor = checkpoint.get(full)
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise QuantkitError(f"tensor {full} has shape {list(tensor.shape)} in the checkpoint, but config.json "
-                                f"implies {list(param.shape)}")
+        _check_shape(full, tensor.shape, param.shape)
         if tensor.is_floating_point():
             if not torch.isfinite(tensor).all():
                 raise QuantkitError(f"tensor {full} holds NaN or Inf values")

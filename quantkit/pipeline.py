@@ -21,13 +21,13 @@ from .calibration import calibration_batch
 from .capture import BlockMemo, capture_layer_inputs, collect_hessians, discover_groups, propagate
 from .checkpoint import SafetensorsCheckpoint, read_config_dict, resolve_model_dir, torch_dtype_of
 from .config import CalibSpec, QuantSpec
-from .errors import QuantkitError
+from .errors import NumericalError, QuantkitError
 from .faults import kill_point
 from .gptq import GPTQResult, gptq_quantize
 from .gptq_format import checkpoint_format, module_tensors, quantization_config
 from .hub import cached_snapshot, hub_cache_dir, publish_snapshot, repo_lock, sha256_file, validate_repo_id
 from .model_card import render_model_card
-from .model_skeleton import (build_skeleton, decoder_layers, in_features, linear_modules, load_config, materialize,
+from .model_skeleton import (build_skeleton, check_tensors, decoder_layers, in_features, linear_modules, load_config, materialize,
                              release, set_weight_matrix, weight_matrix)
 from .quant import rtn_quantize
 from .resume import STATE, RunState, model_fingerprint, run_fingerprint
@@ -236,6 +236,11 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         raise QuantkitError(f"cannot load the tokenizer from {model_dir}: {e}") from None
     skeleton = build_skeleton(config)
     prefix, layers = decoder_layers(skeleton, config.num_hidden_layers)
+    # a missing, misplaced or misshapen tensor fails now, from the headers, not hours later at its layer
+    checkpoint.check_index()
+    for i, layer in enumerate(layers):
+        check_tensors(layer, f"{prefix}.{i}", checkpoint)
+    checkpoint.close()
     compute_dtype = _compute_dtype(torch_dtype_of(config_dict), dev)
     storage_dtype = _storage_dtype(torch_dtype_of(config_dict), compute_dtype)
 
@@ -268,7 +273,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
             _check_skip_patterns(spec, linear_modules(layer))
         last = i == len(layers) - 1
         if spec.method == "gptq":
-            results = _gptq_layer(layer, batches, calls[i], spec, dev, compute_dtype, last=last)
+            results = _gptq_layer(layer, f"{prefix}.{i}", batches, calls[i], spec, dev, compute_dtype, last=last)
         else:
             results = _rtn_layer(layer, spec)
         tensors, modules = {}, linear_modules(layer)
@@ -278,6 +283,9 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         damps = {name: res.damp for name, res in results.items() if res.damp != spec.damp}
         report = {"index": i, "seconds": round(time.perf_counter() - t_layer, 2), "losses": losses,
                   **({"damp_raised": damps} if damps else {})}
+        for name, damp in damps.items():
+            log.warning("%s.%d.%s: Hessian not positive definite; damping raised from %g to %g", prefix, i, name,
+                        spec.damp, damp)
         kill_point(f"layer:{i}:solved")
         state.save_layer(i, tensors, report, batches if spec.method == "gptq" and not last else None)
         kill_point(f"layer:{i}:saved")
@@ -347,8 +355,9 @@ def _release_direct(module) -> None:
             module._parameters[pname] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
 
 
-def _gptq_layer(layer, batches, call, spec: QuantSpec, dev, compute_dtype, last: bool) -> dict[str, GPTQResult]:
-    """GPTQ every Linear of one layer (stage by stage when true-sequential), then propagate the batches."""
+def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, dev, compute_dtype,
+                last: bool) -> dict[str, GPTQResult]:
+    """GPTQ every Linear of layer `where` (stage by stage when true-sequential), then propagate the batches."""
     groups = discover_groups(layer, batches[0][:1].to(dev, compute_dtype), call)
     groups = [kept for kept in ([n for n in g if not spec.skips(n)] for g in groups) if kept]
     modules = linear_modules(layer)
@@ -360,7 +369,10 @@ def _gptq_layer(layer, batches, call, spec: QuantSpec, dev, compute_dtype, last:
         hessians = collect_hessians(layer, stage, batches, call, dev, compute_dtype, memo, done=set(results) | skipped)
         for group, H in zip(stage, hessians):
             for name in group:
-                res = gptq_quantize(weight_matrix(modules[name]), H, spec)
+                try:
+                    res = gptq_quantize(weight_matrix(modules[name]), H, spec)
+                except NumericalError as e:
+                    raise NumericalError(f"{where}.{name}: {e}") from None
                 set_weight_matrix(modules[name], res.weight)  # later stages see the quantized weights
                 results[name] = _to_cpu(res)
         del hessians
