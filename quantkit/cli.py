@@ -82,8 +82,9 @@ def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
               help="shrink each group's range where that lowers its rounding error (costs ~5% more time)")
 @click.option("--skip", "skip", multiple=True, metavar="PATTERN",
               help="keep Linears matching this glob (name within a layer, e.g. mlp.down_proj) in float16; repeatable")
-@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
-              help="gptq (calibrated) or rtn (round-to-nearest baseline, no calibration)")
+@click.option("--method", type=click.Choice(["gptq", "rtn", "bnb-nf4", "bnb-int8"]), default="gptq", show_default=True,
+              help="gptq (calibrated), rtn (round-to-nearest baseline, no calibration), or bitsandbytes nf4/int8 "
+                   "(needs bitsandbytes; --bits and the GPTQ options do not apply)")
 @click.option("--calib", default="pydocs-calib", show_default=True,
               help="built-in set, a .txt/.jsonl/.parquet file, or hf:<dataset>[:config][:split]")
 @click.option("--samples", type=int, default=128, show_default=True, help="calibration samples")
@@ -98,10 +99,12 @@ def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
 def quantize(model, bits, group_size, sym, damp, act_order, static_groups, true_sequential, clip_search, skip, method, calib,
              samples, seq_len, seed, device, repo_id, out, overwrite, max_shard_size, as_json):
     """Quantize MODEL (a directory or a repo id in the local hub cache) to a GPTQ checkpoint."""
-    from .config import CalibSpec, InvalidSetting, QuantSpec
+    from .config import BNB_BITS, CalibSpec, InvalidSetting, QuantSpec
 
     if repo_id and out:
         raise click.UsageError("--repo-id and --out are mutually exclusive")
+    if method in BNB_BITS and click.get_current_context().get_parameter_source("bits").name == "DEFAULT":
+        bits = BNB_BITS[method]
     try:
         spec = QuantSpec(bits=int(bits), group_size=group_size, sym=sym, damp=damp, act_order=act_order,
                          static_groups=static_groups, true_sequential=true_sequential, method=method,

@@ -12,6 +12,7 @@ import sys
 import click
 
 from .errors import QuantkitError
+from .integrity import describe_quantization
 from .verification import DEFAULT_MAX_KL, DEFAULT_MAX_PPL_RATIO, DEFAULT_MIN_TOP1, LOADERS
 
 
@@ -143,9 +144,7 @@ def _print_human(report, written) -> None:
     if i.manifest:
         detail.append(f"{i.files_checked} files match quantkit.json")
     if i.quantization:
-        q = i.quantization
-        detail.append(f"{q['bits']}-bit g{q['group_size']} {'sym' if q['sym'] else 'asym'} {q['checkpoint_format']}, "
-                      f"{i.quantized_modules} modules")
+        detail.append(f"{describe_quantization(i.quantization)}, {i.quantized_modules} modules")
     lines.append(f"integrity   {state}{': ' + '; '.join(detail) if detail else ''}")
     if r.eval:
         lines.append(f"evaluation  {r.eval['source']}: {r.eval['windows']} x {r.eval['seq_len']} tokens "

@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass
 
 from .packing import SUPPORTED_BITS
 
-METHODS = ("gptq", "rtn")
+METHODS = ("gptq", "rtn", "bnb-nf4", "bnb-int8")
+BNB_BITS = {"bnb-nf4": 4, "bnb-int8": 8}  # bitsandbytes methods and the bits they store
 
 
 class InvalidSetting(ValueError):
@@ -32,7 +33,8 @@ class QuantSpec:
     :param act_order: process columns by decreasing Hessian diagonal (GPTQ "desc_act").
     :param static_groups: with act_order, fix group parameters before the pass so g_idx stays i // group_size.
     :param true_sequential: quantize a layer's Linears stage by stage, each seeing the quantized earlier ones.
-    :param method: "gptq" (calibrated) or "rtn" (round-to-nearest, no calibration).
+    :param method: "gptq" (calibrated), "rtn" (round-to-nearest, no calibration), or bitsandbytes "bnb-nf4" /
+        "bnb-int8" (quantized by transformers at load, saved serialized; group and GPTQ settings do not apply).
     :param clip_search: shrink each group's range where that lowers its rounding error (quant.group_qparams).
     :param skip: glob patterns of Linear names within a decoder layer (e.g. "mlp.down_proj", "self_attn.*")
         kept unquantized in float16, in every layer.
@@ -60,6 +62,9 @@ class QuantSpec:
             raise InvalidSetting("method", f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if any(not p or p != p.strip() for p in self.skip):
             raise InvalidSetting("skip", f"skip patterns must be non-empty names or globs, got {list(self.skip)}")
+        if self.method in BNB_BITS and self.bits != BNB_BITS[self.method]:
+            raise InvalidSetting("bits", f"{self.method} stores {BNB_BITS[self.method]}-bit weights; "
+                                         f"got bits={self.bits}")
         if self.static_groups and not self.act_order:
             raise InvalidSetting("static_groups", "static groups only apply with act-order")
 
@@ -67,6 +72,10 @@ class QuantSpec:
     def desc_act(self) -> bool:
         """Whether g_idx is permuted (act-order with dynamic groups); loaders must then honour g_idx."""
         return self.method == "gptq" and self.act_order and not self.static_groups
+
+    @property
+    def is_bnb(self) -> bool:
+        return self.method in BNB_BITS
 
     @property
     def maxq(self) -> int:

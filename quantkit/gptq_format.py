@@ -23,6 +23,8 @@ QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 def checkpoint_format(spec: QuantSpec) -> str:
     """v1 ("gptq") stores zero-1, which underflows for an asymmetric zero of 0; asymmetric runs use v2."""
+    if spec.is_bnb:
+        return "bitsandbytes"
     return "gptq" if spec.sym else "gptq_v2"
 
 

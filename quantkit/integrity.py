@@ -150,6 +150,9 @@ def _check_quantization(config: dict, model_dir: Path, checkpoint: SafetensorsCh
         else:
             report.notes.append("unquantized checkpoint (no quantization_config): only file checks apply")
         return
+    if qcfg.get("quant_method") == "bitsandbytes":
+        _check_bnb(qcfg, headers, report)
+        return
     settings = _settings(qcfg, report)
     if settings is None:
         return
@@ -180,6 +183,31 @@ def _check_quantization(config: dict, model_dir: Path, checkpoint: SafetensorsCh
     if len(problems) > MAX_LISTED:
         report.errors.append(f"... and {len(problems) - MAX_LISTED} more tensor problems")
     _loader_notes(settings, ragged, report)
+
+
+def _check_bnb(qcfg: dict, headers: dict, report: IntegrityReport) -> None:
+    """bitsandbytes: 4-bit modules carry a packed uint8 weight and a quant_state; 8-bit ones int8 weights and SCB."""
+    four = bool(qcfg.get("load_in_4bit") or qcfg.get("_load_in_4bit"))
+    eight = bool(qcfg.get("load_in_8bit") or qcfg.get("_load_in_8bit"))
+    if four == eight:
+        report.errors.append("config.json quantization_config (bitsandbytes): exactly one of load_in_4bit and "
+                             "load_in_8bit must be true")
+        return
+    kind = qcfg.get("bnb_4bit_quant_type", "fp4") if four else "int8"
+    report.quantization = {"quant_method": "bitsandbytes", "bits": 4 if four else 8, "type": kind}
+    marker = f".weight.quant_state.bitsandbytes__{kind}" if four else ".SCB"
+    modules = sorted(n[: -len(marker)] for n in headers if n.endswith(marker))
+    if not modules:
+        report.errors.append(f"quantization_config says bitsandbytes {kind}, but no tensor ends in {marker}")
+        return
+    report.quantized_modules = len(modules)
+    want = "U8" if four else "I8"
+    bad = [m for m in modules if headers.get(f"{m}.weight", {}).get("dtype") != want]
+    if bad:
+        report.errors.append(f"{bad[0]}.weight: expected {want} bitsandbytes storage, found "
+                             f"{headers.get(f'{bad[0]}.weight', {}).get('dtype', 'nothing')}")
+    report.notes.append(f"bitsandbytes {kind}: loads with transformers + bitsandbytes; vLLM and TGI read "
+                        "bitsandbytes checkpoints through their own bitsandbytes paths, ExLlama and Marlin do not")
 
 
 def _settings(qcfg: dict, report: IntegrityReport) -> dict | None:
@@ -260,6 +288,10 @@ def _check_float_tensors(checkpoint: SafetensorsCheckpoint, headers: dict, repor
     report.errors.extend(f"{name} ({headers[name]['file']}): holds NaN or Inf" for name in bad[:MAX_LISTED])
 
 
+# gptqmodel 7.6 picks TorchFusedLinear for 4-bit on CPU; for asymmetric per-row checkpoints its outputs are wrong
+TORCH_BACKEND_NOTE = "gptqmodel 7.6's default CPU kernel (TorchFusedLinear) computes wrong outputs"
+
+
 def _loader_notes(s: dict, ragged: list[str], report: IntegrityReport) -> None:
     """Known limits of the usual GPTQ loaders for these settings (DESIGN.md), as notes, not failures."""
     if ragged:
@@ -267,12 +299,27 @@ def _loader_notes(s: dict, ragged: list[str], report: IntegrityReport) -> None:
                             f"{s['group_size']}, e.g. {ragged[0]}): gptqmodel's default CPU kernel cannot run them; load "
                             "with GPTQConfig(..., backend=\"torch\") (verify --loader transformers does this); vLLM's "
                             "Marlin path needs in_features divisible by the group size")
+    if (s["bits"], s["sym"], s["group_size"]) == (4, False, -1):
+        report.notes.append(f"4-bit asymmetric with group size -1: {TORCH_BACKEND_NOTE} (measured: logits off by 0.5 "
+                            "on a tiny Llama); load with GPTQConfig(..., backend=\"torch\"), which is exact (verify "
+                            "--loader transformers does this)")
     if (s["bits"], s["sym"]) not in ((4, True), (8, True)):
         report.notes.append("vLLM's fast Marlin kernels take only 4-bit and 8-bit symmetric GPTQ")
     if s["checkpoint_format"] == "gptq" and (not s["sym"] or s["bits"] in (2, 3)):
         report.notes.append("asymmetric or 2/3-bit checkpoints in the v1 'gptq' format have been mis-loaded by vLLM")
     if s["desc_act"] and s["group_size"] == -1:
         report.notes.append("desc_act with group_size -1 breaks TGI's exllama path")
+
+
+def describe_quantization(q: dict, long: bool = False) -> str:
+    """One phrase for a report's `quantization` settings (GPTQ or bitsandbytes)."""
+    if q.get("quant_method") == "bitsandbytes":
+        return f"bitsandbytes {q['type']} ({q['bits']}-bit)"
+    if not long:
+        return f"{q['bits']}-bit g{q['group_size']} {'sym' if q['sym'] else 'asym'} {q['checkpoint_format']}"
+    group = "per row" if q["group_size"] == -1 else q["group_size"]
+    return (f"{q['bits']}-bit, group size {group}, {'symmetric' if q['sym'] else 'asymmetric'}, desc_act {q['desc_act']}, "
+            f"format {q['checkpoint_format']}")
 
 
 def raise_for(report: IntegrityReport) -> None:

@@ -8,12 +8,13 @@ def render_model_card(*, repo_id: str | None, source: str, spec: QuantSpec, cali
                       version: str, fmt: str, layer_losses: list[dict], size_bytes: int) -> str:
     title = repo_id or f"{source} ({spec.method.upper()} {spec.bits}-bit)"
     group = "per row" if spec.group_size == -1 else str(spec.group_size)
+    tag = "bitsandbytes" if spec.is_bnb else "gptq"
     lines = [
         "---",
         f"base_model: {source}",
         "library_name: transformers",
         "pipeline_tag: text-generation",
-        f"tags: [gptq, {spec.bits}-bit, quantkit]",
+        f"tags: [{tag}, {spec.bits}-bit, quantkit]",
         "---",
         f"# {title}",
         "",
@@ -23,13 +24,20 @@ def render_model_card(*, repo_id: str | None, source: str, spec: QuantSpec, cali
         "|---|---|",
         f"| method | {spec.method} |",
         f"| bits | {spec.bits} |",
-        f"| group size | {group} |",
-        f"| symmetric | {spec.sym} |",
-        f"| act-order (desc_act) | {spec.act_order} |",
-        f"| true sequential | {spec.true_sequential} |",
-        f"| range clip search | {spec.clip_search} |",
+    ]
+    if spec.is_bnb:
+        lines += [f"| scheme | {'NF4, blocks of 64 with an absmax scale' if spec.bits == 4 else 'LLM.int8, per-row absmax'} |"]
+    else:
+        lines += [
+            f"| group size | {group} |",
+            f"| symmetric | {spec.sym} |",
+            f"| act-order (desc_act) | {spec.act_order} |",
+            f"| true sequential | {spec.true_sequential} |",
+            f"| range clip search | {spec.clip_search} |",
+            f"| damping | {spec.damp} |",
+        ]
+    lines += [
         f"| kept in float16 | {', '.join(f'`{p}`' for p in spec.skip) or 'nothing'} |",
-        f"| damping | {spec.damp} |",
         f"| checkpoint format | {fmt} |",
         f"| weights on disk | {size_bytes / 2**20:.1f} MiB |",
     ]
@@ -40,7 +48,8 @@ def render_model_card(*, repo_id: str | None, source: str, spec: QuantSpec, cali
         "",
         "## Load it",
         "",
-        "Needs `transformers`, `optimum` and `gptqmodel` (CPU or CUDA):",
+        ("Needs `transformers` and `bitsandbytes` (CPU or CUDA):" if spec.is_bnb
+         else "Needs `transformers`, `optimum` and `gptqmodel` (CPU or CUDA):"),
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",

@@ -80,6 +80,8 @@ def resolve_device(device: str) -> torch.device:
 def default_repo_id(model: str, model_dir: Path, spec: QuantSpec) -> str:
     name = model.rstrip("/").split("/")[-1] if not Path(model).is_dir() else model_dir.resolve().name
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-") or "model"
+    if spec.is_bnb:
+        return f"quantkit/{name}-{spec.method}"
     group = "row" if spec.group_size == -1 else str(spec.group_size)
     return f"quantkit/{name}-{spec.method}-{spec.bits}bit-g{group}{'' if spec.sym else '-asym'}"
 
@@ -187,8 +189,11 @@ def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = Calib
     with target.lock():
         try:
             try:
-                layers, files = _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, target,
-                                     shard_bytes, progress)
+                if spec.is_bnb:
+                    layers, files = _run_bnb(model, model_dir, config, config_dict, spec, dev, target)
+                else:
+                    layers, files = _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, target,
+                                         shard_bytes, progress)
                 path = target.publish(files)
             except OSError as e:
                 if e.errno != errno.ENOSPC:
@@ -241,6 +246,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
     for i, layer in enumerate(layers):
         check_tensors(layer, f"{prefix}.{i}", checkpoint)
     checkpoint.close()
+    _check_packable(spec, f"{prefix}.0", linear_modules(layers[0]))
     compute_dtype = _compute_dtype(torch_dtype_of(config_dict), dev)
     storage_dtype = _storage_dtype(torch_dtype_of(config_dict), compute_dtype)
 
@@ -315,6 +321,28 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
     in_block = [[n for n in reports[0]["losses"]]] if spec.skip else None  # the quantized Linears of every layer
     return reports, _write_side_files(model, model_dir, config_dict, spec, calib, target, reports, writer.total_bytes,
                                       in_block)
+
+
+def _run_bnb(model, model_dir, config, config_dict, spec, dev, target):
+    """bitsandbytes: transformers quantizes while loading; the serialized result plus quantkit's side files."""
+    from .bnb import quantize_bnb
+
+    shutil.rmtree(target.staging, ignore_errors=True)
+    target.staging.mkdir(parents=True)
+    log.info("quantizing with bitsandbytes (%s) on %s", spec.method, dev)
+    weight_bytes = quantize_bnb(model_dir, config, spec, target.staging, dev)
+    kill_point("assembled")
+    return [], _write_side_files(model, model_dir, config_dict, spec, None, target, [], weight_bytes)
+
+
+def _check_packable(spec: QuantSpec, where: str, modules: dict) -> None:
+    """qweight packs input channels and qzeros output channels 32/bits to a word (3-bit: 32 values in 3 words)."""
+    step = 32 if spec.bits == 3 else 32 // spec.bits
+    for name, module in modules.items():
+        n_out, n_in = weight_matrix(module).shape
+        if not spec.skips(name) and (n_in % step or n_out % step):
+            raise QuantkitError(f"{spec.bits}-bit GPTQ needs every quantized Linear's input and output sizes divisible "
+                                f"by {step}; {where}.{name} is {n_in} -> {n_out}. Use --bits 4 or 8, or --skip {name}")
 
 
 def _check_skip_patterns(spec: QuantSpec, modules: dict) -> None:
@@ -403,11 +431,12 @@ def _write_side_files(model, model_dir, config_dict, spec, calib, target, report
                       modules_in_block=None) -> dict[str, str]:
     """config.json, quantize_config.json, tokenizer/generation files, model card and manifest; returns sha256s."""
     staging = target.staging
-    qcfg = quantization_config(spec, __version__, modules_in_block)
-    config = {k: v for k, v in config_dict.items() if k not in ("torch_dtype",)}
-    config.update(dtype="float16", use_cache=True, quantization_config=qcfg)
-    write_json(staging / "config.json", config)
-    write_json(staging / "quantize_config.json", qcfg)
+    if not spec.is_bnb:  # bitsandbytes: save_pretrained wrote config.json with its own quantization_config
+        qcfg = quantization_config(spec, __version__, modules_in_block)
+        config = {k: v for k, v in config_dict.items() if k not in ("torch_dtype",)}
+        config.update(dtype="float16", use_cache=True, quantization_config=qcfg)
+        write_json(staging / "config.json", config)
+        write_json(staging / "quantize_config.json", qcfg)
     for name in SIDE_FILES:
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, staging / name)

@@ -351,7 +351,12 @@ def available_memory() -> int | None:
 
 def estimate_footprint(model: str | Path) -> tuple[int, int]:
     """(packed bytes, float32 bytes) a checkpoint needs in RAM, computed on the meta device (nothing loaded)."""
-    lm, checkpoint, _ = build_model(resolve_model_dir(str(model)))
+    model_dir = resolve_model_dir(str(model))
+    qcfg = read_config_dict(model_dir).get("quantization_config") or {}
+    if qcfg.get("quant_method") == "bitsandbytes":  # stays packed in RAM; its float16 parts load as float32
+        on_disk = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+        return on_disk, 2 * on_disk
+    lm, checkpoint, _ = build_model(model_dir)
     checkpoint.close()
     return model_footprint(lm)
 

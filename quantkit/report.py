@@ -6,6 +6,7 @@ import math
 import re
 from pathlib import Path
 
+from .integrity import describe_quantization
 from .verification import VerifyReport
 
 PLOT_NAME = "verify.png"
@@ -121,11 +122,8 @@ def _integrity_section(r: VerifyReport) -> list[str]:
     if i.manifest:
         lines.append(f"- files: {i.files_checked} checked against the manifest (sha256 and size)")
     if i.quantization:
-        q = i.quantization
-        group = "per row" if q["group_size"] == -1 else q["group_size"]
-        lines.append(f"- quantization: {q['bits']}-bit, group size {group}, {'symmetric' if q['sym'] else 'asymmetric'}, "
-                     f"desc_act {q['desc_act']}, format {q['checkpoint_format']}; {i.quantized_modules} quantized modules "
-                     "consistent with quantization_config")
+        lines.append(f"- quantization: {describe_quantization(i.quantization, long=True)}; {i.quantized_modules} "
+                     "quantized modules consistent with quantization_config")
     lines += [f"- **error**: {e}" for e in i.errors]
     lines += [f"- warning: {w}" for w in i.warnings]
     lines += [f"- note: {n}" for n in i.notes]

@@ -30,7 +30,7 @@ from . import __version__
 from .calibration import DEFAULT_EVAL, evaluation_windows
 from .checkpoint import read_config_dict, resolve_model_dir
 from .errors import QuantkitError
-from .integrity import MANIFEST_NAME, IntegrityReport, check_integrity
+from .integrity import MANIFEST_NAME, TORCH_BACKEND_NOTE, IntegrityReport, check_integrity
 from .qlinear import available_memory, estimate_footprint, load_model
 
 # Defaults from measurements on SmolLM2-135M-Instruct 4-bit g64 sym (docs/VERIFY.md): they pass quantkit's GPTQ
@@ -265,7 +265,17 @@ def _size(n: int) -> str:
 
 
 def _load(path: Path, loader: str, budget: int | None, offload: Path, report: VerifyReport) -> tuple[nn.Module, dict]:
-    quantized = bool(read_config_dict(path).get("quantization_config"))
+    qcfg = read_config_dict(path).get("quantization_config") or {}
+    quantized = bool(qcfg)
+    if qcfg.get("quant_method") == "bitsandbytes":  # only transformers + bitsandbytes run these
+        from .bnb import load_bnb
+
+        with contextlib.redirect_stdout(sys.stderr):
+            model = load_bnb(path, device_map="cpu")
+        report.notes.append(f"{path.name}: bitsandbytes checkpoint, loaded with transformers + bitsandbytes "
+                            "(4-bit modules compute in float32 on CPU)")
+        report.loader = "transformers+bitsandbytes"
+        return model, {"loader": "transformers+bitsandbytes", "path": str(path), "quantized": True}
     if loader == "transformers":
         return _load_transformers(path, quantized, budget, offload, report)
     offload.mkdir(parents=True, exist_ok=True)
@@ -292,10 +302,13 @@ def _load_transformers(path: Path, quantized: bool, budget: int | None, offload:
                                 "missing): pip install 'quantkit[hf]', or use --loader quantkit")
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
         q = report.integrity.quantization or {}
-        if any("partial last group" in n for n in report.integrity.notes):
+        reason = next((why for why, marker in (("partial last groups", "partial last group"),
+                                              ("4-bit asymmetric per row", TORCH_BACKEND_NOTE))
+                       if any(marker in n for n in report.integrity.notes)), None)
+        if reason:
             kwargs["quantization_config"] = GPTQConfig(bits=q["bits"], group_size=q["group_size"],
                                                        desc_act=q["desc_act"], sym=q["sym"], backend="torch")
-            report.notes.append("partial last groups: loaded through transformers with GPTQConfig(backend=\"torch\")")
+            report.notes.append(f"{reason}: loaded through transformers with GPTQConfig(backend=\"torch\")")
     else:
         kwargs["dtype"] = torch.float32
     if budget is not None:
