@@ -229,3 +229,58 @@ def propagate(layer: nn.Module, batches: list[Tensor], call: LayerCall, device: 
         for i, hidden in enumerate(batches):
             memo.batch = i
             batches[i] = _run(layer, hidden.to(device, dtype), call).to("cpu", hidden.dtype)
+
+
+class _Stand(nn.Module):
+    """Stands in for a decoder layer when only what follows the layers matters: passes its input through, or
+    (the last layer) returns the recorded output of the real last layer."""
+
+    def __init__(self, wrapped: nn.Module, output: dict | None):
+        super().__init__()
+        self.output = output
+        object.__setattr__(self, "_wrapped", wrapped)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_wrapped"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states if self.output is None else self.output["hidden"]
+
+
+@torch.no_grad()
+def collect_head_hessian(model: nn.Module, layers: nn.ModuleList, head: nn.Module, input_ids: Tensor,
+                         final_hidden: list[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The float32 Hessian of the output head's inputs: the model's own tail (final norm, projections) applied to
+    the last decoder layer's outputs `final_hidden` (mini-batches, in order of `input_ids`).
+
+    Needs the modules outside the layers materialised on `device`; the head itself stays on meta (the forward
+    stops at its input).
+    """
+    originals = list(layers)
+    current: dict = {}
+    entry = {"H": torch.zeros(head.in_features, head.in_features, device=device), "n": 0}
+
+    def hook(mod, inp):
+        entry["H"], entry["n"] = accumulate_hessian(entry["H"], entry["n"], inp[0])
+        raise _StopForward
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        for i, layer in enumerate(originals):
+            layers[i] = _Stand(layer, current if i == len(originals) - 1 else None)
+        start = 0
+        for hidden in final_hidden:
+            current["hidden"] = hidden.to(device, dtype)
+            try:
+                model(input_ids=input_ids[start:start + hidden.shape[0]].to(device), use_cache=False)
+            except _StopForward:
+                pass
+            start += hidden.shape[0]
+    finally:
+        handle.remove()
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return entry["H"]

@@ -38,6 +38,9 @@ def compatibility_notes(quantization_config: dict, shapes: dict[str, tuple[int, 
     """
     qc = quantization_config or {}
     method = str(qc.get("quant_method", "")).lower()
+    if method == "bitsandbytes":
+        return ["bitsandbytes: loads with transformers + bitsandbytes (CPU or CUDA) and in vLLM/TGI through their "
+                "bitsandbytes paths; ExLlama, Marlin and gptqmodel kernels do not read it"]
     if method != "gptq":
         return [f"quant_method {qc.get('quant_method')!r}: compatibility notes cover GPTQ checkpoints only"]
     bits = qc.get("bits")
@@ -47,6 +50,9 @@ def compatibility_notes(quantization_config: dict, shapes: dict[str, tuple[int, 
     fmt = qc.get("checkpoint_format", "gptq")
     notes: list[str] = []
 
+    if qc.get("lm_head"):
+        notes.append("lm_head is quantized: gptqmodel's GPTQModel.load, vLLM and quantkit load it; transformers + "
+                     "optimum convert only the decoder blocks and would leave the head unloaded")
     marlin_why = []
     if bits not in MARLIN_BITS:
         marlin_why.append(f"{bits}-bit")

@@ -38,6 +38,8 @@ class QuantSpec:
     :param clip_search: shrink each group's range where that lowers its rounding error (quant.group_qparams).
     :param skip: glob patterns of Linear names within a decoder layer (e.g. "mlp.down_proj", "self_attn.*")
         kept unquantized in float16, in every layer.
+    :param lm_head: quantize the output head too (GPTQ-calibrated on the final hidden states; a tied head is
+        untied). Written as "lm_head": true, which gptqmodel and vLLM read; optimum does not load it.
     """
 
     bits: int = 4
@@ -50,6 +52,7 @@ class QuantSpec:
     method: str = "gptq"
     clip_search: bool = True
     skip: tuple[str, ...] = ()
+    lm_head: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -65,6 +68,9 @@ class QuantSpec:
         if self.method in BNB_BITS and self.bits != BNB_BITS[self.method]:
             raise InvalidSetting("bits", f"{self.method} stores {BNB_BITS[self.method]}-bit weights; "
                                          f"got bits={self.bits}")
+        if self.lm_head and self.method in BNB_BITS:
+            raise InvalidSetting("lm_head", "--lm-head applies to GPTQ and RTN outputs; bitsandbytes keeps the head in "
+                                            "float")
         if self.static_groups and not self.act_order:
             raise InvalidSetting("static_groups", "static groups only apply with act-order")
 

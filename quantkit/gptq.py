@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .config import QuantSpec
 from .errors import NumericalError
-from .quant import dequantize_codes, group_qparams
+from .quant import dequantize_codes, group_qparams, rtn_quantize
 
 
 @dataclass(frozen=True)
@@ -125,3 +125,12 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec) -> GPTQResul
         raise NumericalError(f"GPTQ loss is not finite ({loss}); the layer's inputs or weights hold NaN/Inf")
     return GPTQResult(codes=codes.to(torch.int32), scales=scales, zeros=zeros.to(torch.int32), g_idx=g_idx,
                       weight=dq_weight, loss=loss, damp=damp)
+
+
+def rtn_result(weight: Tensor, spec: QuantSpec) -> GPTQResult:
+    """Round-to-nearest (no calibration) in the solver's result form, so both write through the same path."""
+    codes, scales, zeros = rtn_quantize(weight, spec.bits, spec.group_size, spec.sym, spec.clip_search)
+    k = weight.shape[1]
+    g_idx = (torch.arange(k) // spec.effective_group_size(k)).to(torch.int32)
+    return GPTQResult(codes=codes.cpu(), scales=scales.cpu(), zeros=zeros.cpu(), g_idx=g_idx, weight=None, loss=0.0,
+                      damp=spec.damp)

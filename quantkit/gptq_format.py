@@ -73,6 +73,8 @@ def quantization_config(spec: QuantSpec, version: str, modules_in_block: list[li
         "meta": {"quantizer": [f"quantkit:{version}"], "method": spec.method,
                  "act_order": spec.act_order and spec.method == "gptq", "clip_search": spec.clip_search},
     }
+    if spec.lm_head:
+        cfg["lm_head"] = True  # gptqmodel's and vLLM's key for a quantized output head
     if modules_in_block:
         cfg["modules_in_block_to_quantize"] = modules_in_block
     return cfg

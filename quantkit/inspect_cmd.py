@@ -129,6 +129,27 @@ def _module_shape(method: str, bits: int | None, tensors: dict[str, dict]) -> tu
     return k, cols
 
 
+_BNB_PARTS = {4: (".weight", ".weight.absmax", ".weight.quant_map", ".weight.nested_absmax", ".weight.nested_quant_map",
+                 ".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4"),
+              8: (".weight", ".SCB", ".weight_format")}
+
+
+def _bnb_modules(headers: dict, bits: int, report: InspectReport, in_module: set) -> None:
+    """bitsandbytes Linears: 4-bit stores two values per uint8 byte, 8-bit one int8 per value, plus their scales."""
+    marker = ".SCB" if bits == 8 else ".weight.absmax"
+    for module in sorted(n[: -len(marker)] for n in headers if n.endswith(marker)):
+        parts = [f"{module}{sfx}" for sfx in _BNB_PARTS[bits] if f"{module}{sfx}" in headers]
+        in_module.update(parts)
+        stored = sum(headers[p]["bytes"] for p in parts)
+        weight = headers[f"{module}.weight"]
+        values = math.prod(weight["shape"]) * (2 if bits == 4 else 1)
+        shape = weight["shape"] if bits == 8 else [None, None]
+        report.quantized_modules.append({"name": module, "in_features": shape[1], "out_features": shape[0],
+                                         "bytes": stored, "fp16_bytes": 2 * values})
+        report.quantized_bytes += stored
+        report.quantized_fp16_bytes += 2 * values
+
+
 def inspect(model: str | Path) -> InspectReport:
     """Describe a checkpoint directory or cached repo id: quantization settings, quantized and float Linears,
     size and compression, manifest status, and compatibility notes.
@@ -145,6 +166,8 @@ def inspect(model: str | Path) -> InspectReport:
     qc = qc or {}
     method = str(qc.get("quant_method")).lower() if qc.get("quant_method") else None
     bits = qc.get("bits") if isinstance(qc.get("bits"), int) else None
+    if method == "bitsandbytes":
+        bits = 4 if (qc.get("load_in_4bit") or qc.get("_load_in_4bit")) else 8
     meta = qc.get("meta") if isinstance(qc.get("meta"), dict) else {}
     quantizer = meta.get("quantizer") or []
     report = InspectReport(
@@ -165,6 +188,8 @@ def inspect(model: str | Path) -> InspectReport:
     modules = sorted(n[: -len(".qweight")] for n in headers if n.endswith(".qweight"))
     in_module = set()
     shapes: dict[str, tuple[int, int]] = {}
+    if method == "bitsandbytes":
+        _bnb_modules(headers, bits, report, in_module)
     for module in modules:
         parts = {sfx: headers[f"{module}.{sfx}"] for sfx in QUANT_SUFFIXES if f"{module}.{sfx}" in headers}
         in_module.update(f"{module}.{sfx}" for sfx in parts)
@@ -225,7 +250,10 @@ def _table(rows: list[list[str]], right: set[int]) -> list[str]:
 
 def format_inspect(r: InspectReport) -> str:
     """The human-readable report of `quantkit inspect`: key facts, then one row per module pattern."""
-    if r.quant_method:
+    if r.quant_method == "bitsandbytes":
+        qc = r.quantization_config or {}
+        desc = f"bitsandbytes {qc.get('bnb_4bit_quant_type', 'nf4') if r.bits == 4 else 'LLM.int8'} ({r.bits}-bit)"
+    elif r.quant_method:
         group = "per row" if r.group_size == -1 else f"group {r.group_size}"
         desc = f"{r.quant_method} {r.bits}-bit, {group}, {'sym' if r.sym else 'asym'}"
         desc += f", desc_act {'on' if r.desc_act else 'off'}"
@@ -263,7 +291,8 @@ def format_inspect(r: InspectReport) -> str:
     if groups:
         rows = [["quantized modules", "count", "in x out", "size", "as fp16"]]
         for pattern, items in groups.items():
-            dims = sorted({f"{q['in_features']} x {q['out_features']}" for q in items})
+            dims = sorted({f"{q['in_features']} x {q['out_features']}" if q["in_features"] else "packed flat"
+                           for q in items})  # bitsandbytes 4-bit keeps the shape only inside its quant_state
             rows.append([pattern, str(len(items)), dims[0] if len(dims) == 1 else "mixed",
                          human_size(sum(q["bytes"] for q in items)),
                          human_size(sum(q["fp16_bytes"] or 0 for q in items))])

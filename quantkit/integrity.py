@@ -230,7 +230,7 @@ def _settings(qcfg: dict, report: IntegrityReport) -> dict | None:
     if len(report.errors) > n_errors:
         return None
     return {"bits": bits, "group_size": group, "sym": qcfg.get("sym", True), "desc_act": qcfg.get("desc_act", False),
-            "checkpoint_format": fmt}
+            "checkpoint_format": fmt, "lm_head": bool(qcfg.get("lm_head", False))}
 
 
 def _check_module(module: str, s: dict, checkpoint: SafetensorsCheckpoint, headers: dict, problems: list[str]) -> int:
@@ -288,6 +288,8 @@ def _check_float_tensors(checkpoint: SafetensorsCheckpoint, headers: dict, repor
     report.errors.extend(f"{name} ({headers[name]['file']}): holds NaN or Inf" for name in bad[:MAX_LISTED])
 
 
+LM_HEAD_NOTE = ("lm_head is quantized: gptqmodel's GPTQModel.load, vLLM and quantkit load it; transformers + optimum "
+                "convert only the decoder blocks and would leave the head unloaded")
 # gptqmodel 7.6 picks TorchFusedLinear for 4-bit on CPU; for asymmetric per-row checkpoints its outputs are wrong
 TORCH_BACKEND_NOTE = "gptqmodel 7.6's default CPU kernel (TorchFusedLinear) computes wrong outputs"
 
@@ -299,6 +301,8 @@ def _loader_notes(s: dict, ragged: list[str], report: IntegrityReport) -> None:
                             f"{s['group_size']}, e.g. {ragged[0]}): gptqmodel's default CPU kernel cannot run them; load "
                             "with GPTQConfig(..., backend=\"torch\") (verify --loader transformers does this); vLLM's "
                             "Marlin path needs in_features divisible by the group size")
+    if s.get("lm_head"):
+        report.notes.append(LM_HEAD_NOTE)
     if (s["bits"], s["sym"], s["group_size"]) == (4, False, -1):
         report.notes.append(f"4-bit asymmetric with group size -1: {TORCH_BACKEND_NOTE} (measured: logits off by 0.5 "
                             "on a tiny Llama); load with GPTQConfig(..., backend=\"torch\"), which is exact (verify "

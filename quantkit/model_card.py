@@ -35,6 +35,7 @@ def render_model_card(*, repo_id: str | None, source: str, spec: QuantSpec, cali
             f"| true sequential | {spec.true_sequential} |",
             f"| range clip search | {spec.clip_search} |",
             f"| damping | {spec.damp} |",
+            f"| output head | {'quantized (lm_head: true; untied from the embedding)' if spec.lm_head else 'float16'} |",
         ]
     lines += [
         f"| kept in float16 | {', '.join(f'`{p}`' for p in spec.skip) or 'nothing'} |",
@@ -44,21 +45,18 @@ def render_model_card(*, repo_id: str | None, source: str, spec: QuantSpec, cali
     if calib is not None and spec.method == "gptq":
         lines += [f"| calibration set | {calib.source} |",
                   f"| calibration tokens | {calib.samples} x {calib.seq_len} (seed {calib.seed}) |"]
-    lines += [
-        "",
-        "## Load it",
-        "",
-        ("Needs `transformers` and `bitsandbytes` (CPU or CUDA):" if spec.is_bnb
-         else "Needs `transformers`, `optimum` and `gptqmodel` (CPU or CUDA):"),
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'model = AutoModelForCausalLM.from_pretrained("{repo_id or "<this directory>"}", device_map="auto")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or "<this directory>"}")',
-        "```",
-        "",
-        "Check it against its base model with `quantkit verify`.",
-    ]
+    where = repo_id or "<this directory>"
+    if spec.lm_head:  # optimum converts only the decoder blocks: gptqmodel's own loader (or vLLM) is needed
+        load = ["Its output head is quantized too, so load it with gptqmodel (CPU or CUDA) or vLLM, not "
+                "`AutoModelForCausalLM` + optimum:", "", "```python", "from gptqmodel import GPTQModel",
+                f'model = GPTQModel.load("{where}")', "```"]
+    else:
+        load = [("Needs `transformers` and `bitsandbytes` (CPU or CUDA):" if spec.is_bnb
+                 else "Needs `transformers`, `optimum` and `gptqmodel` (CPU or CUDA):"), "", "```python",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                f'model = AutoModelForCausalLM.from_pretrained("{where}", device_map="auto")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{where}")', "```"]
+    lines += ["", "## Load it", "", *load, "", "Check it against its base model with `quantkit verify`."]
     if layer_losses:
         worst = sorted(layer_losses, key=lambda r: -max(r["losses"].values()))[:5]
         lines += ["", "## GPTQ loss, highest layers", "", "| layer | module | loss |", "|---|---|---|"]

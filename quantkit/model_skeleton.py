@@ -5,6 +5,7 @@ discovered from the module tree, so Llama-family models need no per-architecture
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 
@@ -148,6 +149,35 @@ def materialize(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoin
             set_module_tensor_to_device(module, pname, device, value=tensor, dtype=dtype)
         else:
             set_module_tensor_to_device(module, pname, device, value=tensor)
+
+
+def calibration_batch_size(input_ids: torch.Tensor) -> int:
+    """Samples per forward: about 8192 tokens, so activations stay small whatever --samples is."""
+    return max(1, 8192 // input_ids.shape[1])
+
+
+@contextlib.contextmanager
+def outer_modules_materialized(model: nn.Module, layers_prefix: str, checkpoint: SafetensorsCheckpoint,
+                               device: torch.device, dtype: torch.dtype):
+    """Within the block, the modules outside the decoder layers (embeddings, final norm, rotary tables; not the
+    output head) hold their checkpoint weights; afterwards they are back on the meta device."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    out_emb = model.get_output_embeddings()
+    outer = [(name, m) for name, m in model.named_modules()
+             if m is not out_emb and not name.startswith(layers_prefix + ".") and any(True for _ in m.parameters(recurse=False))]
+    try:
+        for name, module in outer:
+            for pname in list(module._parameters):
+                tensor = checkpoint.get(f"{name}.{pname}")
+                set_module_tensor_to_device(module, pname, device, value=tensor,
+                                            dtype=dtype if tensor.is_floating_point() else None)
+        yield
+    finally:
+        for _, module in outer:
+            for pname, p in list(module._parameters.items()):
+                if p is not None:
+                    module._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
 
 
 def release(module: nn.Module) -> None:

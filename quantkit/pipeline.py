@@ -23,13 +23,14 @@ from .checkpoint import SafetensorsCheckpoint, read_config_dict, resolve_model_d
 from .config import CalibSpec, QuantSpec
 from .errors import NumericalError, QuantkitError
 from .faults import kill_point
-from .gptq import GPTQResult, gptq_quantize
+from .gptq import GPTQResult, gptq_quantize, rtn_result
 from .gptq_format import checkpoint_format, module_tensors, quantization_config
 from .hub import cached_snapshot, hub_cache_dir, publish_snapshot, repo_lock, sha256_file, validate_repo_id
+from .lm_head import quantize_head
 from .model_card import render_model_card
-from .model_skeleton import (build_skeleton, check_tensors, decoder_layers, in_features, linear_modules, load_config, materialize,
-                             release, set_weight_matrix, weight_matrix)
-from .quant import rtn_quantize
+from .model_skeleton import (build_skeleton, calibration_batch_size, check_tensors, decoder_layers, linear_modules,
+                             load_config, materialize, outer_modules_materialized, release, set_weight_matrix,
+                             weight_matrix)
 from .resume import STATE, RunState, model_fingerprint, run_fingerprint
 from .writer import ShardWriter, parse_size, write_json
 
@@ -260,13 +261,15 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         torch=torch.__version__, device=dev.type, compute_dtype=str(compute_dtype)))
     if state.layers_done:
         log.info("resuming after layer %d/%d from %s", state.layers_done, len(layers), target.work)
-    if spec.method == "gptq" and state.layers_done < len(layers):
+    steps = len(layers) + spec.lm_head  # the head, when quantized, is one more step after the layers
+    batches = None
+    if spec.method == "gptq" and state.layers_done < steps:
         log.info("calibration: %d x %d tokens from %s", calib.samples, calib.seq_len, calib.source)
         batches, calls = _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype,
                                             storage_dtype)
         if state.layers_done:
             batches = state.load_activations()
-    bar = _progress_bar(len(layers), progress)
+    bar = _progress_bar(steps, progress)
     bar.update(state.layers_done)
     fmt = checkpoint_format(spec)
     for i, layer in enumerate(layers):
@@ -277,7 +280,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         materialize(layer, f"{prefix}.{i}", checkpoint, dev, compute_dtype)
         if i == 0:
             _check_skip_patterns(spec, linear_modules(layer))
-        last = i == len(layers) - 1
+        last = i == len(layers) - 1 and not spec.lm_head  # no later step needs this layer's outputs
         if spec.method == "gptq":
             results = _gptq_layer(layer, f"{prefix}.{i}", batches, calls[i], spec, dev, compute_dtype, last=last)
         else:
@@ -300,6 +303,17 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         release(layer)
         checkpoint.close()  # unmap the shards: touched pages of mapped files would otherwise count as resident
         bar.update(1)
+    if spec.lm_head and state.layers_done == len(layers):
+        t_head = time.perf_counter()
+        kill_point("head:start")
+        name, tensors, res = quantize_head(skeleton, layers, prefix, checkpoint, spec, fmt, dev, compute_dtype,
+                                           input_ids, batches)
+        report = {"index": len(layers), "module": name, "seconds": round(time.perf_counter() - t_head, 2),
+                  "losses": {name: res.loss}, **({"damp_raised": {name: res.damp}} if res.damp != spec.damp else {})}
+        state.save_layer(len(layers), tensors, report, None)
+        log.info("%s  loss=%.4g  (%.1fs)", name, res.loss, report["seconds"])
+        checkpoint.close()
+        bar.update(1)
     bar.close()
 
     # assemble the output from the finished layers, then everything else (streamed: one layer in memory)
@@ -307,7 +321,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
     target.staging.mkdir(parents=True)
     writer = ShardWriter(target.staging, shard_bytes)
     quantized: set[str] = set()  # base tensors replaced by packed ones; everything else is copied as it is
-    for i in range(len(layers)):
+    for i in range(steps):
         tensors = state.layer_tensors(i)
         writer.add(tensors)
         quantized |= {f"{n[: -len('.qweight')]}.{p}" for n in tensors if n.endswith(".qweight") for p in ("weight", "bias")}
@@ -356,31 +370,8 @@ def _check_skip_patterns(spec: QuantSpec, modules: dict) -> None:
 
 def _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype, storage_dtype):
     """Materialise the modules outside the decoder layers (not lm_head), run the calibration batch up to layer 0."""
-    out_emb = skeleton.get_output_embeddings()
-    inputs = [(name, m) for name, m in skeleton.named_modules()
-              if m is not out_emb and not name.startswith(prefix + ".") and any(True for _ in m.parameters(recurse=False))]
-    for name, module in inputs:
-        _materialize_direct(module, name, checkpoint, dev, compute_dtype)
-    batch_size = max(1, 8192 // input_ids.shape[1])
-    try:
-        return capture_layer_inputs(skeleton, layers, input_ids, batch_size, dev, storage_dtype)
-    finally:
-        for _, module in inputs:
-            _release_direct(module)
-
-
-def _materialize_direct(module, prefix, checkpoint, dev, dtype):
-    from accelerate.utils import set_module_tensor_to_device
-
-    for pname in list(module._parameters):
-        tensor = checkpoint.get(f"{prefix}.{pname}")
-        set_module_tensor_to_device(module, pname, dev, value=tensor, dtype=dtype if tensor.is_floating_point() else None)
-
-
-def _release_direct(module) -> None:
-    for pname, p in list(module._parameters.items()):
-        if p is not None:
-            module._parameters[pname] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+    with outer_modules_materialized(skeleton, prefix, checkpoint, dev, compute_dtype):
+        return capture_layer_inputs(skeleton, layers, input_ids, calibration_batch_size(input_ids), dev, storage_dtype)
 
 
 def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, dev, compute_dtype,
@@ -410,16 +401,8 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, dev, compute_
 
 
 def _rtn_layer(layer, spec: QuantSpec) -> dict[str, GPTQResult]:
-    results = {}
-    for name, module in linear_modules(layer).items():
-        if spec.skips(name):
-            continue
-        codes, scales, zeros = rtn_quantize(weight_matrix(module), spec.bits, spec.group_size, spec.sym, spec.clip_search)
-        k = in_features(module)
-        g_idx = (torch.arange(k) // spec.effective_group_size(k)).to(torch.int32)
-        results[name] = GPTQResult(codes=codes.cpu(), scales=scales.cpu(), zeros=zeros.cpu(), g_idx=g_idx,
-                                   weight=None, loss=0.0, damp=spec.damp)
-    return results
+    return {name: rtn_result(weight_matrix(module), spec) for name, module in linear_modules(layer).items()
+            if not spec.skips(name)}
 
 
 def _to_cpu(res: GPTQResult) -> GPTQResult:
@@ -435,6 +418,8 @@ def _write_side_files(model, model_dir, config_dict, spec, calib, target, report
         qcfg = quantization_config(spec, __version__, modules_in_block)
         config = {k: v for k, v in config_dict.items() if k not in ("torch_dtype",)}
         config.update(dtype="float16", use_cache=True, quantization_config=qcfg)
+        if spec.lm_head:
+            config["tie_word_embeddings"] = False  # the head is now its own packed tensor
         write_json(staging / "config.json", config)
         write_json(staging / "quantize_config.json", qcfg)
     for name in SIDE_FILES:

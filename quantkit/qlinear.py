@@ -362,4 +362,4 @@ def estimate_footprint(model: str | Path) -> tuple[int, int]:
 
 
 __all__ = ["GPTQLinear", "LoadInfo", "load_model", "estimate_footprint", "available_memory", "plan_memory",
-           "model_footprint", "math"]
+           "model_footprint"]

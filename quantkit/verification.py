@@ -302,6 +302,9 @@ def _load_transformers(path: Path, quantized: bool, budget: int | None, offload:
                                 "missing): pip install 'quantkit[hf]', or use --loader quantkit")
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
         q = report.integrity.quantization or {}
+        if q.get("lm_head"):
+            raise QuantkitError(f"{path} has a quantized lm_head, which transformers + optimum do not load (they "
+                                "convert only the decoder blocks); use --loader quantkit")
         reason = next((why for why, marker in (("partial last groups", "partial last group"),
                                               ("4-bit asymmetric per row", TORCH_BACKEND_NOTE))
                        if any(marker in n for n in report.integrity.notes)), None)

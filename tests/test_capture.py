@@ -70,3 +70,30 @@ def test_blocks_with_unfinished_linears_are_never_recorded():
     with memo.replaying({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, 1, torch.device("cpu")):
         pass
     assert memo.outputs == {}
+
+
+def test_head_hessian_equals_the_one_of_a_real_forward(tiny_llama_dir, tiny_tokenizer):
+    """--lm-head calibration: the model's own tail (final norm) applied to the last layer's outputs gives exactly
+    the head inputs of an ordinary forward."""
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.calibration import evaluation_windows
+    from quantkit.capture import collect_head_hessian
+    from quantkit.gptq import accumulate_hessian
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    ids = evaluation_windows(tiny_tokenizer, "pydocs-eval", 32, 32 * 6)
+    head_inputs, last_outputs = [], []
+    hooks = [model.lm_head.register_forward_pre_hook(lambda m, inp: head_inputs.append(inp[0])),
+             model.model.layers[-1].register_forward_hook(
+                 lambda m, inp, out: last_outputs.append(out[0] if isinstance(out, tuple) else out))]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    reference, _ = accumulate_hessian(torch.zeros(64, 64), 0, head_inputs[0])
+    final = last_outputs[0]
+    H = collect_head_hessian(model, model.model.layers, model.lm_head, ids, [final[:4], final[4:]],
+                             torch.device("cpu"), torch.float32)
+    assert torch.allclose(H, reference, rtol=1e-5, atol=1e-7)
+    assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in model.model.layers)  # restored

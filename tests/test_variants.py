@@ -120,6 +120,10 @@ def test_bitsandbytes_output_reloads_and_passes_verify(method, tiny_llama_dir, t
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_method"] == "bitsandbytes" and qcfg["load_in_4bit"] == (method == "bnb-nf4")
     assert {"model.safetensors", "quantkit.json", "README.md", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    shown = run("inspect", out)
+    assert shown.exit_code == 0 and ("bitsandbytes nf4 (4-bit)" if method == "bnb-nf4" else
+                                     "bitsandbytes LLM.int8 (8-bit)") in shown.output, shown.output
+    assert "quantized Linears" in shown.output and "model.layers.*.mlp.down_proj" in shown.output
     reloaded = AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu")
     assert type(reloaded.model.layers[0].mlp.down_proj).__name__ == ("Linear4bit" if method == "bnb-nf4" else "Linear8bitLt")
     assert type(reloaded.lm_head).__name__ == "Linear"  # the head stays in float
@@ -134,3 +138,53 @@ def test_bitsandbytes_output_reloads_and_passes_verify(method, tiny_llama_dir, t
 def test_bitsandbytes_ignores_no_gptq_option_silently(tiny_llama_dir, tmp_path):
     r = run("quantize", tiny_llama_dir, "--out", tmp_path / "q", "--method", "bnb-int8", "--bits", "4")
     assert r.exit_code == 2 and "bnb-int8 stores 8-bit weights" in r.output
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_lm_head_is_quantized_calibrated_and_loads(tied, tiny_tokenizer, tmp_path):
+    """--lm-head: the head is packed (a tied one is untied), quantkit's loader and verify read it, and the
+    transformers + optimum loader is refused with the reason."""
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.checkpoint import SafetensorsCheckpoint
+    from quantkit.dequantized import load_dequantized
+
+    base_dir = make_tiny_model(tmp_path / "base", tiny_tokenizer, tie_word_embeddings=tied)
+    out = tmp_path / "q"
+    r = run("quantize", base_dir, "--out", out, "--lm-head", "--group-size", "32", *FAST, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["layers"][-1]["module"] == "lm_head" and res["layers"][-1]["losses"]["lm_head"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["lm_head"] is True and config["tie_word_embeddings"] is False
+    names = set(SafetensorsCheckpoint(out).names())
+    assert {"lm_head.qweight", "lm_head.scales", "model.embed_tokens.weight"} <= names and "lm_head.weight" not in names
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    quantized = load_dequantized(str(out))
+    assert not torch.equal(quantized.lm_head.weight, quantized.model.embed_tokens.weight)
+    err = (quantized.lm_head.weight - base.lm_head.weight).abs()
+    assert err.max() < 0.2 * base.lm_head.weight.abs().max()
+
+    v = run("verify", out, "--base", base_dir, "--max-tokens", "512", "--seq-len", "64", "--no-generate", "--json")
+    assert v.exit_code == 0, v.output
+    assert any("lm_head is quantized" in n for n in json.loads(v.stdout)["integrity"]["notes"])
+    if has_ecosystem():
+        t = run("verify", out, "--loader", "transformers", "--max-tokens", "512", "--seq-len", "64", "--no-generate")
+        assert t.exit_code == 1 and "quantized lm_head, which transformers + optimum do not load" in t.output
+
+
+@pytest.mark.ecosystem
+@pytest.mark.skipif(not has_ecosystem(), reason="needs gptqmodel")
+def test_lm_head_loads_in_gptqmodel(tiny_llama_dir, tmp_path):
+    from gptqmodel import GPTQModel
+
+    from quantkit.dequantized import load_dequantized
+
+    out = tmp_path / "q"
+    assert run("quantize", tiny_llama_dir, "--out", out, "--lm-head", "--group-size", "32", *FAST).exit_code == 0
+    model = GPTQModel.load(str(out), device="cpu")
+    assert type(model.model.lm_head).__module__.startswith("gptqmodel.nn_modules.qlinear")
+    ids = torch.randint(0, 500, (1, 24), generator=torch.Generator().manual_seed(1))
+    got, ref = _logits(model.model, ids), _logits(load_dequantized(str(out)), ids)
+    assert (got - ref).abs().max().item() < 0.02
