@@ -142,6 +142,7 @@ def main() -> None:
     rows = [r for r in settings([int(b) for b in args.bits.split(",")])
             if args.only is None or re.search(args.only, label(r))]
     t_start = time.perf_counter()
+    measured = 0
     for n, row in enumerate(rows, 1):
         name = label(row)
         if name in done:
@@ -152,6 +153,7 @@ def main() -> None:
             print(f"[{n}/{len(rows)}] {name}: FAILED {e}", flush=True)
             continue
         done[name] = result
+        measured += 1
         with open(results_file, "a") as f:
             f.write(json.dumps(result) + "\n")
         print(f"[{n}/{len(rows)}] {name}: ppl {result['ppl']:.3f} (ratio {result['ppl_ratio']:.3f}), "
@@ -164,8 +166,8 @@ def main() -> None:
     header = (f"{Path(args.model_dir).name}, base perplexity {results[0]['base_ppl']:.3f} on {results[0]['tokens']} "
               f"predicted tokens of pydocs-eval ({args.eval_seq_len}-token windows); GPTQ calibrated on "
               f"{args.samples} x {args.seq_len} tokens of pydocs-calib; {os.cpu_count()} CPU cores "
-              f"({platform.processor() or platform.machine()}); this run's wall time "
-              f"{(time.perf_counter() - t_start) / 60:.0f} min for {len(rows) - (len(rows) - len(results))} rows.")
+              f"({platform.processor() or platform.machine()}); {len(results)} rows, {measured} measured by this "
+              f"invocation in {(time.perf_counter() - t_start) / 60:.0f} min (the rest read from results.jsonl).")
     print("\n" + header + "\n")
     print("\n".join(table(results)))
     print("\nGPTQ against RTN at 3 and 4 bits:\n" + "\n".join(lines))
