@@ -7,7 +7,6 @@ kept in float16 at run time. bitsandbytes 0.50 runs both on CPU.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import importlib.util
 import sys
 import warnings
@@ -47,9 +46,7 @@ def skipped_module_names(model_dir: Path, config, spec: QuantSpec) -> list[str]:
 
     prefix, layers = decoder_layers(build_skeleton(config), config.num_hidden_layers)
     modules = linear_modules(layers[0])
-    for pattern in spec.skip:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in modules):
-            raise QuantkitError(f"--skip {pattern!r} matches none of the decoder layer's Linears ({', '.join(modules)})")
+    spec.check_skip_patterns(modules)
     return [f"{prefix}.{i}.{n}" for i in range(len(layers)) for n in modules if spec.skips(n)]
 
 

@@ -17,6 +17,10 @@ Sources (checked for this module; engines change, so the notes name the kernel t
 """
 from __future__ import annotations
 
+LM_HEAD_NOTE = ("lm_head is quantized: gptqmodel's GPTQModel.load, vLLM and quantkit load it; transformers + optimum "
+                "convert only the decoder blocks and would leave the head unloaded")
+BNB_NOTE = ("bitsandbytes: loads with transformers + bitsandbytes (CPU or CUDA) and in vLLM/TGI through their "
+            "bitsandbytes paths; ExLlama, Marlin and gptqmodel kernels do not read it")
 MARLIN_BITS = (4, 8)
 MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
 EXLLAMA_GROUP_SIZES = (-1, 32, 64, 128)
@@ -39,8 +43,7 @@ def compatibility_notes(quantization_config: dict, shapes: dict[str, tuple[int, 
     qc = quantization_config or {}
     method = str(qc.get("quant_method", "")).lower()
     if method == "bitsandbytes":
-        return ["bitsandbytes: loads with transformers + bitsandbytes (CPU or CUDA) and in vLLM/TGI through their "
-                "bitsandbytes paths; ExLlama, Marlin and gptqmodel kernels do not read it"]
+        return [BNB_NOTE]
     if method != "gptq":
         return [f"quant_method {qc.get('quant_method')!r}: compatibility notes cover GPTQ checkpoints only"]
     bits = qc.get("bits")
@@ -51,8 +54,7 @@ def compatibility_notes(quantization_config: dict, shapes: dict[str, tuple[int, 
     notes: list[str] = []
 
     if qc.get("lm_head"):
-        notes.append("lm_head is quantized: gptqmodel's GPTQModel.load, vLLM and quantkit load it; transformers + "
-                     "optimum convert only the decoder blocks and would leave the head unloaded")
+        notes.append(LM_HEAD_NOTE)
     marlin_why = []
     if bits not in MARLIN_BITS:
         marlin_why.append(f"{bits}-bit")

@@ -94,6 +94,17 @@ class QuantSpec:
         """Whether a Linear (named within its decoder layer) stays unquantized."""
         return any(fnmatch.fnmatchcase(module_name, p) for p in self.skip)
 
+    def check_skip_patterns(self, module_names) -> None:
+        """Every --skip pattern matches one of a decoder layer's Linears, and something is left to quantize."""
+        from .errors import QuantkitError
+
+        names = list(module_names)
+        for pattern in self.skip:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                raise QuantkitError(f"--skip {pattern!r} matches none of the decoder layer's Linears ({', '.join(names)})")
+        if names and all(self.skips(name) for name in names):
+            raise QuantkitError(f"--skip {' '.join(self.skip)} leaves no Linear to quantize")
+
     def to_dict(self) -> dict:
         return {**asdict(self), "skip": list(self.skip)}
 

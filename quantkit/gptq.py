@@ -22,6 +22,11 @@ class GPTQResult:
     loss: float         # sum over rows of (w - q)^2 / [H^-1]_jj^2 / 2, GPTQ's objective
     damp: float         # damping actually used (more than requested after a retry)
 
+    def cpu(self) -> "GPTQResult":
+        """What is kept after solving: the packed parts on CPU, without the dequantized weight."""
+        return GPTQResult(codes=self.codes.cpu(), scales=self.scales.cpu(), zeros=self.zeros.cpu(),
+                          g_idx=self.g_idx.cpu(), weight=None, loss=self.loss, damp=self.damp)
+
 
 def accumulate_hessian(H: Tensor, n_seen: int, x: Tensor) -> tuple[Tensor, int]:
     """Running mean of 2·XᵀX over tokens, in place. x: [..., in_features]; H: float32 [in, in]."""

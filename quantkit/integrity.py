@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from .compat import BNB_NOTE, LM_HEAD_NOTE
 from .checkpoint import INDEX_NAME, SafetensorsCheckpoint, read_config_dict
 from .errors import QuantkitError
 from .hub import sha256_file
@@ -206,8 +207,7 @@ def _check_bnb(qcfg: dict, headers: dict, report: IntegrityReport) -> None:
     if bad:
         report.errors.append(f"{bad[0]}.weight: expected {want} bitsandbytes storage, found "
                              f"{headers.get(f'{bad[0]}.weight', {}).get('dtype', 'nothing')}")
-    report.notes.append(f"bitsandbytes {kind}: loads with transformers + bitsandbytes; vLLM and TGI read "
-                        "bitsandbytes checkpoints through their own bitsandbytes paths, ExLlama and Marlin do not")
+    report.notes.append(BNB_NOTE)
 
 
 def _settings(qcfg: dict, report: IntegrityReport) -> dict | None:
@@ -288,8 +288,6 @@ def _check_float_tensors(checkpoint: SafetensorsCheckpoint, headers: dict, repor
     report.errors.extend(f"{name} ({headers[name]['file']}): holds NaN or Inf" for name in bad[:MAX_LISTED])
 
 
-LM_HEAD_NOTE = ("lm_head is quantized: gptqmodel's GPTQModel.load, vLLM and quantkit load it; transformers + optimum "
-                "convert only the decoder blocks and would leave the head unloaded")
 # gptqmodel 7.6 picks TorchFusedLinear for 4-bit on CPU; for asymmetric per-row checkpoints its outputs are wrong
 TORCH_BACKEND_NOTE = "gptqmodel 7.6's default CPU kernel (TorchFusedLinear) computes wrong outputs"
 

@@ -42,8 +42,7 @@ def quantize_head(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, c
             res = gptq_quantize(weight, H, spec)
         except NumericalError as e:
             raise NumericalError(f"{head_name}: {e}") from None
-        res = GPTQResult(codes=res.codes.cpu(), scales=res.scales.cpu(), zeros=res.zeros.cpu(), g_idx=res.g_idx.cpu(),
-                         weight=None, loss=res.loss, damp=res.damp)
+        res = res.cpu()
     else:
         res = rtn_result(weight, spec)
     bias = checkpoint.get(f"{head_name}.bias") if f"{head_name}.bias" in checkpoint else None

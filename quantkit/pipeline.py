@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fnmatch
 import logging
 import re
 import resource
@@ -279,7 +278,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         kill_point(f"layer:{i}:start")
         materialize(layer, f"{prefix}.{i}", checkpoint, dev, compute_dtype)
         if i == 0:
-            _check_skip_patterns(spec, linear_modules(layer))
+            spec.check_skip_patterns(linear_modules(layer))
         last = i == len(layers) - 1 and not spec.lm_head  # no later step needs this layer's outputs
         if spec.method == "gptq":
             results = _gptq_layer(layer, f"{prefix}.{i}", batches, calls[i], spec, dev, compute_dtype, last=last)
@@ -359,15 +358,6 @@ def _check_packable(spec: QuantSpec, where: str, modules: dict) -> None:
                                 f"by {step}; {where}.{name} is {n_in} -> {n_out}. Use --bits 4 or 8, or --skip {name}")
 
 
-def _check_skip_patterns(spec: QuantSpec, modules: dict) -> None:
-    for pattern in spec.skip:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in modules):
-            raise QuantkitError(f"--skip {pattern!r} matches none of the decoder layer's Linears "
-                                f"({', '.join(modules)})")
-    if all(spec.skips(name) for name in modules):
-        raise QuantkitError(f"--skip {' '.join(spec.skip)} leaves no Linear to quantize")
-
-
 def _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype, storage_dtype):
     """Materialise the modules outside the decoder layers (not lm_head), run the calibration batch up to layer 0."""
     with outer_modules_materialized(skeleton, prefix, checkpoint, dev, compute_dtype):
@@ -393,7 +383,7 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, dev, compute_
                 except NumericalError as e:
                     raise NumericalError(f"{where}.{name}: {e}") from None
                 set_weight_matrix(modules[name], res.weight)  # later stages see the quantized weights
-                results[name] = _to_cpu(res)
+                results[name] = res.cpu()
         del hessians
     if not last:  # the final layer's outputs are never used
         propagate(layer, batches, call, dev, compute_dtype, memo)
@@ -403,11 +393,6 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, dev, compute_
 def _rtn_layer(layer, spec: QuantSpec) -> dict[str, GPTQResult]:
     return {name: rtn_result(weight_matrix(module), spec) for name, module in linear_modules(layer).items()
             if not spec.skips(name)}
-
-
-def _to_cpu(res: GPTQResult) -> GPTQResult:
-    return GPTQResult(codes=res.codes.cpu(), scales=res.scales.cpu(), zeros=res.zeros.cpu(), g_idx=res.g_idx.cpu(),
-                      weight=None, loss=res.loss, damp=res.damp)
 
 
 def _write_side_files(model, model_dir, config_dict, spec, calib, target, reports, weight_bytes,
