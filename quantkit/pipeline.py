@@ -24,6 +24,7 @@ from .errors import NumericalError, QuantkitError
 from .faults import kill_point
 from .gptq import GPTQResult, gptq_quantize, rtn_result
 from .gptq_format import checkpoint_format, module_tensors, quantization_config
+from .heap import release_large_frees_at_once
 from .hub import cached_snapshot, hub_cache_dir, publish_snapshot, repo_lock, sha256_file, validate_repo_id
 from .lm_head import quantize_head
 from .model_card import render_model_card
@@ -176,6 +177,7 @@ def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = Calib
     :param progress: show a per-layer progress bar (on a terminal).
     """
     t0 = time.perf_counter()
+    release_large_frees_at_once()  # else freed layers stay resident and peak memory creeps with depth
     model_dir = resolve_model_dir(model)
     config_dict = read_config_dict(model_dir)
     config = load_config(model_dir, config_dict)
