@@ -140,7 +140,8 @@ class BlockMemo:
     the caller never reach the record; blocks called other than once per forward are never replayed.
     """
 
-    def __init__(self, layer: nn.Module, enabled: bool = True, storage_dtype: torch.dtype | None = None):
+    def __init__(self, layer: nn.Module, enabled: bool = True, storage_dtype: torch.dtype | None = None,
+                 groups: list[list[str]] = (), hidden_size: int = 0):
         self.layer = layer
         self.storage_dtype = storage_dtype  # records are kept like the activations (the model's dtype)
         self.blocks = {name: {f"{name}.{sub}" for sub in linear_modules(child)}
@@ -148,11 +149,32 @@ class BlockMemo:
         self.outputs: dict[str, list] = {}
         self.dtypes: dict[str, torch.dtype | None] = {}  # what the block returned, restored on replay
         self.batch = 0  # index of the mini-batch being run
+        self.exits = self._exit_linears(groups, hidden_size)  # {block: its exit Linear}
+        self.seeds: dict[str, list] = {}  # block -> its exit Linear's inputs, one per batch
+
+    def _exit_linears(self, groups: list[list[str]], hidden_size: int) -> dict[str, str]:
+        """{block: exit Linear} for blocks whose last-run group is one Linear (o_proj, down_proj) no wider than the
+        hidden states: its inputs, kept while it is solved, give the block's output without rerunning the block.
+        Wider inputs (down_proj's) would cost more memory than the activations themselves, so are not kept."""
+        modules = linear_modules(self.layer)
+        exits = {}
+        for block, linears in self.blocks.items():
+            mine = [g for g in groups if set(g) <= linears]
+            if mine and len(mine[-1]) == 1 and in_features(modules[mine[-1][0]]) <= hidden_size:
+                exits[block] = mine[-1][0]
+        return exits
+
+    def keep_exit_input(self, linear: str, x: Tensor) -> None:
+        """Called with each batch's input to `linear` while it is calibrated (a Hessian hook)."""
+        for block, exit_linear in self.exits.items():
+            if exit_linear == linear and block not in self.outputs:
+                self.seeds.setdefault(block, []).append(_to(x, "cpu", self.storage_dtype, copy=True))
 
     @contextlib.contextmanager
     def replaying(self, done: set[str], n_batches: int, device: torch.device):
         """Replay recorded final blocks; record final blocks not recorded yet (kept if complete for every batch)."""
         handles, replaced, recording = [], [], []
+        seeded_before = set(self.seeds)  # kept by the previous stage: used now, or never
         for name, linears in self.blocks.items():
             if not linears <= done:
                 continue
@@ -165,6 +187,9 @@ class BlockMemo:
                 self.outputs[name] = []
                 recording.append(name)
                 handles.append(child.register_forward_hook(functools.partial(self._record, name)))
+                if len(self.seeds.get(name, ())) == n_batches:
+                    child.forward = functools.partial(self._from_exit_input, name, child.forward)
+                    replaced.append(child)
         try:
             yield
         finally:
@@ -175,12 +200,48 @@ class BlockMemo:
             for name in recording:
                 if len(self.outputs[name]) != n_batches:  # stopped before it completed, or called twice
                     del self.outputs[name]
+            for name in seeded_before:
+                self.seeds.pop(name, None)
+
+    def _from_exit_input(self, block: str, forward, *args, **kwargs):
+        """The block's output as its exit Linear applied to the kept input. Batch 0 runs the real block and is
+        compared with that: a block that does more after its exit Linear (or returns more than one tensor)
+        runs for real on every batch."""
+        seeds = self.seeds.get(block)
+        exit_linear = self.layer.get_submodule(self.exits[block])
+        device = exit_linear.weight.device
+        if self.batch == 0 or not seeds:
+            real = forward(*args, **kwargs)
+            if seeds and self.batch == 0:
+                kept, seeds[0] = seeds[0], None
+                if not _is_exit_output(real, exit_linear(kept.to(device, _first_tensor(real).dtype)), kept.dtype):
+                    del self.seeds[block]
+            return real
+        x, seeds[self.batch] = seeds[self.batch], None  # each kept input is freed once used
+        out = exit_linear(x.to(device, self.dtypes[block]))
+        first = self.outputs[block][0]
+        return (out, *first[1:]) if isinstance(first, tuple) else out
 
     def _record(self, name, module, inputs, output) -> None:
         """Forward hook: keep a copy of the block's output for this batch (on the CPU, in the storage dtype)."""
-        first = next((t for t in (output if isinstance(output, (tuple, list)) else [output]) if isinstance(t, Tensor)), None)
+        first = _first_tensor(output)
         self.dtypes[name] = first.dtype if first is not None else None
         self.outputs[name].append(_to(output, "cpu", self.storage_dtype, copy=True))
+
+
+def _first_tensor(output) -> Tensor | None:
+    return next((t for t in (output if isinstance(output, (tuple, list)) else [output]) if isinstance(t, Tensor)), None)
+
+
+def _is_exit_output(real, derived: Tensor, kept_dtype: torch.dtype) -> bool:
+    """Whether a block returned its exit Linear's output (up to the rounding of the kept input) and nothing
+    else but None beside it."""
+    first = real[0] if isinstance(real, (tuple, list)) else real
+    rest = real[1:] if isinstance(real, (tuple, list)) else ()
+    if not isinstance(first, Tensor) or any(r is not None for r in rest) or first.shape != derived.shape:
+        return False
+    err = (first.float() - derived.float()).norm()
+    return bool(err <= 4 * torch.finfo(kept_dtype).eps * first.float().norm())
 
 
 @torch.no_grad()
@@ -192,6 +253,7 @@ def collect_hessians(layer: nn.Module, groups: list[list[str]], batches: list[Te
     `done` names the Linear modules quantized already; `memo` replays blocks made only of those.
     """
     modules = linear_modules(layer)
+    memo = memo or BlockMemo(layer, enabled=False)
     state = []
     handles = []
     for gi, group in enumerate(groups):
@@ -200,12 +262,12 @@ def collect_hessians(layer: nn.Module, groups: list[list[str]], batches: list[Te
         entry = {"H": torch.zeros(k, k, device=device), "n": 0}
         state.append(entry)
 
-        def hook(mod, inp, entry=entry, last=gi == len(groups) - 1):
+        def hook(mod, inp, entry=entry, name=group[0], last=gi == len(groups) - 1):
             entry["H"], entry["n"] = accumulate_hessian(entry["H"], entry["n"], inp[0])
+            memo.keep_exit_input(name, inp[0])
             if last:
                 raise _StopForward
         handles.append(first.register_forward_pre_hook(hook))
-    memo = memo or BlockMemo(layer, enabled=False)
     try:
         with memo.replaying(set(done), len(batches), device):
             for i, hidden in enumerate(batches):

@@ -375,7 +375,7 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, dev, compute_
     skipped = {n for n in modules if spec.skips(n)}  # final from the start: they keep their float weights
     stages = [[g] for g in groups] if spec.true_sequential else [groups]
     results: dict[str, GPTQResult] = {}
-    memo = BlockMemo(layer, storage_dtype=batches[0].dtype)
+    memo = BlockMemo(layer, storage_dtype=batches[0].dtype, groups=groups, hidden_size=batches[0].shape[-1])
     for stage in stages:
         hessians = collect_hessians(layer, stage, batches, call, dev, compute_dtype, memo, done=set(results) | skipped)
         for group, H in zip(stage, hessians):

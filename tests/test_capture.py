@@ -60,6 +60,49 @@ def test_attention_is_replayed_once_its_linears_are_done():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _llama_layer_and_batches():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    config._attn_implementation = "sdpa"  # as quantkit builds models: the attention returns no weights
+    layer = LlamaDecoderLayer(config, 0).eval()
+    batches = [torch.randn(2, 8, 32) for _ in range(3)]
+    pos = torch.arange(8)[None]
+    call = type("Call", (), {})()
+    call.args, call.kwargs = (), {"position_embeddings": LlamaRotaryEmbedding(config)(batches[0], pos),
+                                  "position_ids": pos, "attention_mask": None}
+    return layer, batches, call
+
+
+GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+          ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+@pytest.mark.parametrize("extra_after_exit", [False, True])
+def test_attention_output_comes_from_the_kept_o_proj_inputs(extra_after_exit):
+    """o_proj's inputs, kept while o_proj is calibrated, give the attention's output in the next stage: the real
+    attention runs for the first batch only (to check that). A block doing more after o_proj runs for real."""
+    layer, batches, call = _llama_layer_and_batches()
+    cpu, qkv = torch.device("cpu"), set(GROUPS[0])
+    if extra_after_exit:  # an architecture whose attention scales its output after o_proj
+        forward = layer.self_attn.forward
+        layer.self_attn.forward = lambda *a, **k: (forward(*a, **k)[0] * 2, None)
+    expected = collect_hessians(layer, [GROUPS[2]], batches, call, cpu, torch.float32)[0]
+    memo = BlockMemo(layer, groups=GROUPS, hidden_size=32)
+    assert memo.exits == {"self_attn": "self_attn.o_proj"}  # down_proj's input is wider than the hidden states
+    collect_hessians(layer, [GROUPS[1]], batches, call, cpu, torch.float32, memo, done=qkv)
+    assert len(memo.seeds["self_attn"]) == 3
+    attention_runs = []
+    layer.self_attn.q_proj.register_forward_hook(lambda *a: attention_runs.append(1))
+    H = collect_hessians(layer, [GROUPS[2]], batches, call, cpu, torch.float32, memo,
+                         done=qkv | {"self_attn.o_proj"})[0]
+    assert len(attention_runs) == (3 if extra_after_exit else 1)
+    torch.testing.assert_close(H, expected, rtol=0, atol=0)
+    assert memo.seeds == {} and len(memo.outputs["self_attn"]) == 3  # kept inputs freed; outputs recorded
+
+
 def test_blocks_with_unfinished_linears_are_never_recorded():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer

@@ -16,13 +16,15 @@ def _correlated(n_out=64, n_in=128, tokens=1024, seed=0):
     return W, X, 2 * X.T @ X / X.shape[0]
 
 
-def test_accumulate_hessian_equals_batch_formula():
-    X = torch.randn(300, 16)
-    H, n = torch.zeros(16, 16), 0
+@pytest.mark.parametrize("width", [16, 600])  # 600: wider than a block of the lower-triangle product, not a multiple
+def test_accumulate_hessian_equals_batch_formula(width):
+    X = torch.randn(300, width)
+    H, n = torch.zeros(width, width), 0
     for chunk in X.split(70):
-        H, n = accumulate_hessian(H, n, chunk.reshape(2, -1, 16) if chunk.shape[0] % 2 == 0 else chunk)
+        H, n = accumulate_hessian(H, n, chunk.reshape(2, -1, width) if chunk.shape[0] % 2 == 0 else chunk)
     assert n == 300
     torch.testing.assert_close(H, 2 * X.T @ X / 300, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(H, H.T)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=32, act_order=False),
