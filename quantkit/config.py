@@ -4,8 +4,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import asdict, dataclass
 
-from .packing import SUPPORTED_BITS
-
+SUPPORTED_BITS = (2, 3, 4, 8)  # what the GPTQ packing holds (quantkit.packing); here so settings need no torch
 METHODS = ("gptq", "rtn", "bnb-nf4", "bnb-int8")
 BNB_BITS = {"bnb-nf4": 4, "bnb-int8": 8}  # bitsandbytes methods and the bits they store
 

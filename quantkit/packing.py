@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+from .config import SUPPORTED_BITS
+
 _BLOCK = 32  # values per block; a block packs into exactly `bits` int32 words
 
 

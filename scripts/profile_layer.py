@@ -4,7 +4,8 @@
     python scripts/profile_layer.py demo/SmolLM2-135M-Instruct [SAMPLES] [--no-replay]
 
 Layer 0 of MODEL_DIR, SAMPLES x 512 calibration tokens (default 128), float32 on the CPU, the same functions
-the pipeline calls. --no-replay disables capture.BlockMemo for a before/after comparison.
+the pipeline calls. --no-replay disables capture.BlockMemo (replayed blocks, and the attention derived from
+o_proj's kept inputs) for a before/after comparison.
 """
 import sys
 import time
@@ -18,9 +19,11 @@ from quantkit.capture import BlockMemo, _run, collect_hessians, discover_groups,
 from quantkit.checkpoint import SafetensorsCheckpoint, read_config_dict
 from quantkit.config import CalibSpec, QuantSpec
 from quantkit.gptq import gptq_quantize
+from quantkit.heap import release_large_frees_at_once
 from quantkit.model_skeleton import build_skeleton, decoder_layers, linear_modules, load_config, materialize
 from quantkit.pipeline import _layer_zero_inputs
 
+release_large_frees_at_once()  # as quantize() does
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 model_dir, samples = Path(args[0]), int(args[1]) if len(args) > 1 else 128
 config = load_config(model_dir, read_config_dict(model_dir))
@@ -34,7 +37,8 @@ layer = layers[0]
 materialize(layer, f"{prefix}.0", checkpoint, cpu, f32)
 groups = discover_groups(layer, batches[0][:1], calls[0])
 modules = linear_modules(layer)
-memo, done, total = BlockMemo(layer, enabled="--no-replay" not in sys.argv), set(), 0.0
+memo = BlockMemo(layer, enabled="--no-replay" not in sys.argv, groups=groups, hidden_size=batches[0].shape[-1])
+done, total = set(), 0.0
 for group in groups:
     t = time.perf_counter()
     (H,) = collect_hessians(layer, [group], batches, calls[0], cpu, f32, memo, done)
