@@ -27,18 +27,24 @@ def test_replaying_finished_blocks_changes_no_output_byte(tiny_llama_dir, tmp_pa
     assert _shard_hashes(tmp_path / "memo") == _shard_hashes(tmp_path / "plain")
 
 
-def test_attention_is_replayed_once_its_linears_are_done():
+def _llama_layer_and_batches():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    config._attn_implementation = "sdpa"  # as quantkit builds models: the attention returns no weights
     layer = LlamaDecoderLayer(config, 0).eval()
     batches = [torch.randn(2, 8, 32) for _ in range(3)]
     pos = torch.arange(8)[None]
     call = type("Call", (), {})()
     call.args, call.kwargs = (), {"position_embeddings": LlamaRotaryEmbedding(config)(batches[0], pos),
                                   "position_ids": pos, "attention_mask": None}
+    return layer, batches, call
+
+
+def test_attention_is_replayed_once_its_linears_are_done():
+    layer, batches, call = _llama_layer_and_batches()
     attn = [n for n in linear_modules(layer) if n.startswith("self_attn.")]
     calls = []
     layer.self_attn.register_forward_hook(lambda *a: calls.append(1))
@@ -58,22 +64,6 @@ def test_attention_is_replayed_once_its_linears_are_done():
     propagate(layer, replayed, call, torch.device("cpu"), torch.float32, memo)
     for a, b in zip(replayed, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def _llama_layer_and_batches():
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
-    config._attn_implementation = "sdpa"  # as quantkit builds models: the attention returns no weights
-    layer = LlamaDecoderLayer(config, 0).eval()
-    batches = [torch.randn(2, 8, 32) for _ in range(3)]
-    pos = torch.arange(8)[None]
-    call = type("Call", (), {})()
-    call.args, call.kwargs = (), {"position_embeddings": LlamaRotaryEmbedding(config)(batches[0], pos),
-                                  "position_ids": pos, "attention_mask": None}
-    return layer, batches, call
 
 
 GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
