@@ -208,17 +208,17 @@ class BlockMemo:
         compared with that: a block that does more after its exit Linear (or returns more than one tensor)
         runs for real on every batch."""
         seeds = self.seeds.get(block)
+        if seeds is None:  # dropped on batch 0: the block does more than its exit Linear
+            return forward(*args, **kwargs)
         exit_linear = self.layer.get_submodule(self.exits[block])
         device = exit_linear.weight.device
-        if self.batch == 0 or not seeds:
+        kept, seeds[self.batch] = seeds[self.batch], None  # each kept input is freed once used
+        if self.batch == 0:
             real = forward(*args, **kwargs)
-            if seeds and self.batch == 0:
-                kept, seeds[0] = seeds[0], None
-                if not _is_exit_output(real, exit_linear(kept.to(device, _first_tensor(real).dtype)), kept.dtype):
-                    del self.seeds[block]
+            if not _is_exit_output(real, exit_linear(kept.to(device, _first_tensor(real).dtype)), kept.dtype):
+                del self.seeds[block]
             return real
-        x, seeds[self.batch] = seeds[self.batch], None  # each kept input is freed once used
-        out = exit_linear(x.to(device, self.dtypes[block]))
+        out = exit_linear(kept.to(device, self.dtypes[block]))
         first = self.outputs[block][0]
         return (out, *first[1:]) if isinstance(first, tuple) else out
 

@@ -48,11 +48,13 @@ def _add_gram_lower(H: Tensor, x: Tensor, alpha: float) -> None:
     k blocks (1536 wide: 0.55 s -> 0.33 s per 8192 tokens on 2 CPU cores; the same bits as one addmm there).
     The Hessian products are the largest matmuls of a layer after its forward; torch exposes no syrk."""
     n, b = H.shape[0], SYMMETRIC_BLOCK
-    for start in range(0, n, b):
+    starts = range(0, n, b)
+    for start in starts:
         end = min(start + b, n)
         H[start:end, :end].addmm_(x[:, start:end].t(), x[:, :end], alpha=alpha)
-    upper = torch.triu_indices(n, n, offset=1, device=H.device)
-    H[upper[0], upper[1]] = H[upper[1], upper[0]]
+    for start in starts:  # mirror block by block: no index tensors or temporaries of H's size
+        end = min(start + b, n)
+        H[start:end, end:].copy_(H[end:, start:end].t())
 
 
 def _inverse_hessian_factor(H: Tensor, damp: float, tries: int = 5) -> tuple[Tensor, float]:

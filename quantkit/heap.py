@@ -11,8 +11,9 @@ tensors makes those 512 times fewer. torch reads that setting once, when it is i
 sets it before anything imports torch; the Python API gets the threshold alone.
 
 Measured on SmolLM2-135M (4-bit g64, 32 x 512 calibration, 2 cores): peak RSS 1310 -> 874 MB, wall time
-252 -> 270 s with the threshold alone; with huge pages as well, 245 -> 233 s against the threshold alone. The synthetic 2- and 8-layer models of
-tests/test_memory.py peak within 3 % of each other instead of up to 30 % apart.
+252 -> 270 s with the threshold alone; with huge pages as well, 245 -> 233 s against the threshold alone.
+The synthetic 2- and 8-layer models of tests/test_memory.py peak within 3 % of each other instead of up to
+30 % apart.
 """
 from __future__ import annotations
 

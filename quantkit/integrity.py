@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from .compat import BNB_NOTE, LM_HEAD_NOTE
 from .checkpoint import INDEX_NAME, SafetensorsCheckpoint, read_config_dict
+from .compat import BNB_NOTE, LM_HEAD_NOTE
 from .errors import QuantkitError
 from .hub import sha256_file
 from .packing import SUPPORTED_BITS
