@@ -52,14 +52,29 @@ class LayerCall:
 def _to(obj, device, dtype: torch.dtype | None = None, copy: bool = False):
     """obj's tensors moved to device; floating ones also cast to dtype when given. copy: always new tensors."""
     if isinstance(obj, Tensor):
-        if dtype is not None and obj.is_floating_point():
-            return obj.to(device, dtype, copy=copy)
-        return obj.to(device, copy=copy)
+        return _move(obj, torch.device(device), dtype if dtype is not None and obj.is_floating_point() else obj.dtype,
+                     copy)
     if isinstance(obj, (tuple, list)):
         return type(obj)(_to(o, device, dtype, copy) for o in obj)
     if isinstance(obj, dict):
         return {k: _to(v, device, dtype, copy) for k, v in obj.items()}
     return obj
+
+
+def _move(t: Tensor, device: torch.device, dtype: torch.dtype, copy: bool = False) -> Tensor:
+    """t on device in dtype. From a GPU to the CPU the copy lands in pinned memory (torch's caching host allocator
+    reuses it: no page faults, DMA at full speed) and runs asynchronously, as do copies from pinned memory to the
+    GPU. The GPU's stream orders its own readers; CPU readers call `wait_for_copies` first."""
+    if device.type == "cpu" and t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+        return host.copy_(t.to(dtype), non_blocking=True)
+    return t.to(device, dtype, non_blocking=device.type == "cuda" and t.is_pinned(), copy=copy)
+
+
+def wait_for_copies(device: torch.device) -> None:
+    """Before the CPU reads activations copied from `device` (to save them, say)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -91,7 +106,7 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: Ten
                 model(input_ids=input_ids[start:start + batch_size].to(device), use_cache=False)
             except _StopForward:
                 pass
-            batches.append(sink.pop()[0].to("cpu", storage_dtype))
+            batches.append(_move(sink.pop()[0], torch.device("cpu"), storage_dtype))
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
@@ -215,10 +230,10 @@ class BlockMemo:
         kept, seeds[self.batch] = seeds[self.batch], None  # each kept input is freed once used
         if self.batch == 0:
             real = forward(*args, **kwargs)
-            if not _is_exit_output(real, exit_linear(kept.to(device, _first_tensor(real).dtype)), kept.dtype):
+            if not _is_exit_output(real, exit_linear(_move(kept, device, _first_tensor(real).dtype)), kept.dtype):
                 del self.seeds[block]
             return real
-        out = exit_linear(kept.to(device, self.dtypes[block]))
+        out = exit_linear(_move(kept, device, self.dtypes[block]))
         first = self.outputs[block][0]
         return (out, *first[1:]) if isinstance(first, tuple) else out
 
@@ -273,7 +288,7 @@ def collect_hessians(layer: nn.Module, groups: list[list[str]], batches: list[Te
             for i, hidden in enumerate(batches):
                 memo.batch = i
                 try:
-                    _run(layer, hidden.to(device, dtype), call)
+                    _run(layer, _move(hidden, device, dtype), call)
                 except _StopForward:
                     pass
     finally:
@@ -290,7 +305,7 @@ def propagate(layer: nn.Module, batches: list[Tensor], call: LayerCall, device: 
     with memo.replaying(set(linear_modules(layer)), len(batches), device):
         for i, hidden in enumerate(batches):
             memo.batch = i
-            batches[i] = _run(layer, hidden.to(device, dtype), call).to("cpu", hidden.dtype)
+            batches[i] = _move(_run(layer, _move(hidden, device, dtype), call), torch.device("cpu"), hidden.dtype)
 
 
 class _Stand(nn.Module):
@@ -335,7 +350,7 @@ def collect_head_hessian(model: nn.Module, layers: nn.ModuleList, head: nn.Modul
             layers[i] = _Stand(layer, current if i == len(originals) - 1 else None)
         start = 0
         for hidden in final_hidden:
-            current["hidden"] = hidden.to(device, dtype)
+            current["hidden"] = _move(hidden, device, dtype)
             try:
                 model(input_ids=input_ids[start:start + hidden.shape[0]].to(device), use_cache=False)
             except _StopForward:

@@ -129,7 +129,8 @@ def quantize(model, bits, group_size, sym, damp, act_order, static_groups, true_
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
-    click.echo(f"wrote {result.path}  ({result.seconds:.0f}s, peak RSS {result.peak_rss_mb:.0f} MB)")
+    gpu = f", peak GPU {result.peak_gpu_mb:.0f} MB" if result.peak_gpu_mb is not None else ""
+    click.echo(f"wrote {result.path}  ({result.seconds:.0f}s, peak RSS {result.peak_rss_mb:.0f} MB{gpu})")
     if result.repo_id:
         click.echo(f"load it with: AutoModelForCausalLM.from_pretrained(\"{result.repo_id}\")")
 

@@ -17,12 +17,13 @@ import torch
 
 from . import __version__
 from .calibration import calibration_batch
-from .capture import BlockMemo, capture_layer_inputs, collect_hessians, discover_groups, propagate
+from .capture import (BlockMemo, capture_layer_inputs, collect_hessians, discover_groups, propagate,
+                      wait_for_copies)
 from .checkpoint import SafetensorsCheckpoint, read_config_dict, resolve_model_dir, torch_dtype_of
 from .config import CalibSpec, QuantSpec
 from .errors import NumericalError, QuantkitError
 from .faults import kill_point
-from .gptq import GPTQResult, gptq_quantize, rtn_result
+from .gptq import GPTQResult, gptq_quantize_shared, rtn_result
 from .gptq_format import checkpoint_format, module_tensors, quantization_config
 from .heap import release_large_frees_at_once
 from .hub import cached_snapshot, hub_cache_dir, publish_snapshot, repo_lock, sha256_file, validate_repo_id
@@ -56,6 +57,7 @@ class QuantizeResult:
     seconds: float
     peak_rss_mb: float
     device: str
+    peak_gpu_mb: float | None = None  # torch's peak allocation on the GPU, for --device cuda
     layers: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -183,6 +185,8 @@ def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = Calib
     config = load_config(model_dir, config_dict)
     checkpoint = SafetensorsCheckpoint(model_dir)
     dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     try:
         shard_bytes = parse_size(max_shard_size)
     except ValueError as e:
@@ -208,10 +212,11 @@ def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = Calib
                 _remove_work(target)
             raise
         _remove_work(target)
+    peak_gpu = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if dev.type == "cuda" else None
     return QuantizeResult(repo_id=target.repo_id, path=str(path), bits=spec.bits, group_size=spec.group_size,
                           sym=spec.sym, method=spec.method, checkpoint_format=checkpoint_format(spec),
                           seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(peak_rss_mb(), 1),
-                          device=str(dev), layers=layers)
+                          device=str(dev), layers=layers, peak_gpu_mb=peak_gpu)
 
 
 def _no_space_message(error: OSError, model_dir: Path, hidden: int, spec: QuantSpec, calib: CalibSpec,
@@ -279,28 +284,30 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         t_layer = time.perf_counter()
         kill_point(f"layer:{i}:start")
         materialize(layer, f"{prefix}.{i}", checkpoint, dev, compute_dtype)
+        stages = _StageClock(dev, load=t_layer)
         if i == 0:
             spec.check_skip_patterns(linear_modules(layer))
         last = i == len(layers) - 1 and not spec.lm_head  # no later step needs this layer's outputs
         if spec.method == "gptq":
-            results = _gptq_layer(layer, f"{prefix}.{i}", batches, calls[i], spec, dev, compute_dtype, last=last)
+            results = _gptq_layer(layer, f"{prefix}.{i}", batches, calls[i], spec, fmt, dev, compute_dtype, last,
+                                  stages)
         else:
-            results = _rtn_layer(layer, spec)
-        tensors, modules = {}, linear_modules(layer)
-        for name, res in results.items():
-            tensors.update(module_tensors(f"{prefix}.{i}.{name}", res, spec.bits, fmt, modules[name].bias))
+            results = _rtn_layer(layer, f"{prefix}.{i}", spec, fmt)
+        tensors = {k: v for res in results.values() for k, v in res.tensors.items()}
         losses = {name: res.loss for name, res in results.items()}
         damps = {name: res.damp for name, res in results.items() if res.damp != spec.damp}
-        report = {"index": i, "seconds": round(time.perf_counter() - t_layer, 2), "losses": losses,
-                  **({"damp_raised": damps} if damps else {})}
+        report = {"index": i, "seconds": round(time.perf_counter() - t_layer, 2), "stage_seconds": stages.seconds,
+                  "losses": losses, **({"damp_raised": damps} if damps else {})}
         for name, damp in damps.items():
             log.warning("%s.%d.%s: Hessian not positive definite; damping raised from %g to %g", prefix, i, name,
                         spec.damp, damp)
         kill_point(f"layer:{i}:solved")
+        wait_for_copies(dev)  # the next layer's inputs, copied back from the GPU, are saved below
         state.save_layer(i, tensors, report, batches if spec.method == "gptq" and not last else None)
         kill_point(f"layer:{i}:saved")
-        log.info("layer %d/%d  %s  (%.1fs)", i + 1, len(layers),
-                 "  ".join(f"{n.split('.')[-1]}={v:.4g}" for n, v in losses.items()), report["seconds"])
+        log.info("layer %d/%d  %s  (%.1fs: %s)", i + 1, len(layers),
+                 "  ".join(f"{n.split('.')[-1]}={v:.4g}" for n, v in losses.items()), report["seconds"],
+                 " ".join(f"{k} {v:.1f}" for k, v in stages.seconds.items()))
         release(layer)
         checkpoint.close()  # unmap the shards: touched pages of mapped files would otherwise count as resident
         bar.update(1)
@@ -366,35 +373,68 @@ def _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, com
         return capture_layer_inputs(skeleton, layers, input_ids, calibration_batch_size(input_ids), dev, storage_dtype)
 
 
-def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, dev, compute_dtype,
-                last: bool) -> dict[str, GPTQResult]:
+class _StageClock:
+    """Seconds per step of a layer (load, forward + Hessians, solve, propagate): where a run's time goes."""
+
+    def __init__(self, dev: torch.device, load: float):
+        self.dev, self.seconds, self.t = dev, {}, load
+        self.lap("load")
+
+    def lap(self, stage: str) -> None:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)  # else the GPU's queued work is billed to a later stage
+        now = time.perf_counter()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self.t, 3)
+        self.t = now
+
+
+@dataclass
+class _Solved:
+    tensors: dict[str, torch.Tensor]  # one Linear's checkpoint tensors (qweight, qzeros, scales, ...), on the CPU
+    loss: float
+    damp: float
+
+
+def _packed(where: str, name: str, res: GPTQResult, module, spec: QuantSpec, fmt: str) -> _Solved:
+    """Pack where the solve ran (on a GPU, in a small fraction of the CPU's time), then keep only the packed
+    tensors: a layer's int32 codes are never all held at once."""
+    tensors = module_tensors(f"{where}.{name}", res, spec.bits, fmt, module.bias)
+    return _Solved({k: v.cpu() for k, v in tensors.items()}, res.loss, res.damp)
+
+
+def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev, compute_dtype,
+                last: bool, clock: _StageClock) -> dict[str, _Solved]:
     """GPTQ every Linear of layer `where` (stage by stage when true-sequential), then propagate the batches."""
     groups = discover_groups(layer, batches[0][:1].to(dev, compute_dtype), call)
     groups = [kept for kept in ([n for n in g if not spec.skips(n)] for g in groups) if kept]
     modules = linear_modules(layer)
     skipped = {n for n in modules if spec.skips(n)}  # final from the start: they keep their float weights
     stages = [[g] for g in groups] if spec.true_sequential else [groups]
-    results: dict[str, GPTQResult] = {}
+    results: dict[str, _Solved] = {}
     memo = BlockMemo(layer, storage_dtype=batches[0].dtype, groups=groups, hidden_size=batches[0].shape[-1])
     for stage in stages:
         hessians = collect_hessians(layer, stage, batches, call, dev, compute_dtype, memo, done=set(results) | skipped)
+        clock.lap("hessians")
         for group, H in zip(stage, hessians):
-            for name in group:
-                try:
-                    res = gptq_quantize(weight_matrix(modules[name]), H, spec)
-                except NumericalError as e:
-                    raise NumericalError(f"{where}.{name}: {e}") from None
+            try:
+                solved = gptq_quantize_shared([weight_matrix(modules[name]) for name in group], H, spec)
+            except NumericalError as e:
+                raise NumericalError(f"{where}.{group[0]}: {e}") from None  # the group shares its Hessian
+            for name, res in zip(group, solved):
                 set_weight_matrix(modules[name], res.weight)  # later stages see the quantized weights
-                results[name] = res.cpu()
+                results[name] = _packed(where, name, res, modules[name], spec, fmt)
+            del solved
         del hessians
+        clock.lap("solve")
     if not last:  # the final layer's outputs are never used
         propagate(layer, batches, call, dev, compute_dtype, memo)
+        clock.lap("propagate")
     return {name: results[name] for name in modules if name in results}
 
 
-def _rtn_layer(layer, spec: QuantSpec) -> dict[str, GPTQResult]:
-    return {name: rtn_result(weight_matrix(module), spec) for name, module in linear_modules(layer).items()
-            if not spec.skips(name)}
+def _rtn_layer(layer, where: str, spec: QuantSpec, fmt: str) -> dict[str, _Solved]:
+    return {name: _packed(where, name, rtn_result(weight_matrix(module), spec), module, spec, fmt)
+            for name, module in linear_modules(layer).items() if not spec.skips(name)}
 
 
 def _write_side_files(model, model_dir, config_dict, spec, calib, target, reports, weight_bytes,
@@ -422,7 +462,7 @@ def _write_side_files(model, model_dir, config_dict, spec, calib, target, report
         "source": {"model": source, "model_type": config_dict.get("model_type")},
         "quantization": spec.to_dict(),
         "calibration": calib.__dict__ if spec.method == "gptq" else None,
-        "layers": [{k: v for k, v in r.items() if k != "seconds"} for r in reports],
+        "layers": [{k: v for k, v in r.items() if k not in ("seconds", "stage_seconds")} for r in reports],
         "files": {name: {"sha256": digest, "size": (staging / name).stat().st_size} for name, digest in hashes.items()},
     }
     write_json(staging / MANIFEST_NAME, manifest)

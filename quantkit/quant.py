@@ -27,22 +27,47 @@ def group_qparams(w: Tensor, bits: int, sym: bool, clip_search: bool = False) ->
     w = w.float()
     xmin = w.min(dim=1).values.clamp(max=0)
     xmax = w.max(dim=1).values.clamp(min=0)
-    scale, zero = _range_qparams(xmin, xmax, bits, sym)
-    if clip_search:
-        best = _rounding_error(w, scale, zero, bits)
-        for step in range(1, int(CLIP_MAX_SHRINK * CLIP_GRID)):
-            shrink = 1 - step / CLIP_GRID
-            s, z = _range_qparams(xmin * shrink, xmax * shrink, bits, sym)
-            err = _rounding_error(w, s, z, bits)
-            better = err < best
-            best = torch.where(better, err, best)
-            scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    if not clip_search:
+        return _range_qparams(xmin, xmax, bits, sym)
+    search = _clip_search_batched if w.is_cuda else _clip_search_sequential
+    return search(w, xmin, xmax, bits, sym)
+
+
+def _shrink_factors() -> list[float]:
+    return [1 - step / CLIP_GRID for step in range(int(CLIP_MAX_SHRINK * CLIP_GRID))]
+
+
+def _clip_search_sequential(w: Tensor, xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """One shrink factor at a time: small temporaries, which is what a CPU's caches want."""
+    best = scale = zero = None
+    for shrink in _shrink_factors():
+        s, z = _range_qparams(xmin * shrink, xmax * shrink, bits, sym)
+        err = _rounding_error(w, s, z, bits)
+        if best is None:
+            best, scale, zero = err, s, z
+            continue
+        better = err < best  # strictly: the first smallest wins, so 1.0 wins ties
+        best = torch.where(better, err, best)
+        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
     return scale, zero
 
 
+def _clip_search_batched(w: Tensor, xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """Every shrink factor at once ([S, rows]): a few dozen kernels instead of hundreds. GPTQ calls this once per
+    group, so on a GPU the launches would cost more than the arithmetic. The same result as the sequential
+    search: the factors are rounded from double as `tensor * python_float` rounds them, and argmin takes the
+    first smallest."""
+    shrink = torch.tensor(_shrink_factors(), dtype=torch.float32, device=w.device).unsqueeze(1)
+    scales, zeros = _range_qparams(xmin * shrink, xmax * shrink, bits, sym)
+    best = _rounding_error(w, scales, zeros, bits).argmin(dim=0)
+    rows = torch.arange(w.shape[0], device=w.device)
+    return scales[best, rows], zeros[best, rows]
+
+
 def _rounding_error(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """sum |w - q(w)|^CLIP_NORM per row, for w [rows, cols] and parameters [..., rows]."""
     q = dequantize_codes(quantize_codes(w, scale, zero, bits), scale.unsqueeze(-1), zero.unsqueeze(-1))
-    return (q - w).abs_().pow_(CLIP_NORM).sum(dim=1)
+    return (q - w).abs_().pow_(CLIP_NORM).sum(dim=-1)
 
 
 def _range_qparams(xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:

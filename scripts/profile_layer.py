@@ -18,7 +18,7 @@ from quantkit.calibration import calibration_batch
 from quantkit.capture import BlockMemo, _run, collect_hessians, discover_groups, propagate
 from quantkit.checkpoint import SafetensorsCheckpoint, read_config_dict
 from quantkit.config import CalibSpec, QuantSpec
-from quantkit.gptq import gptq_quantize
+from quantkit.gptq import gptq_quantize_shared
 from quantkit.heap import release_large_frees_at_once
 from quantkit.model_skeleton import build_skeleton, decoder_layers, linear_modules, load_config, materialize
 from quantkit.pipeline import _layer_zero_inputs
@@ -44,8 +44,9 @@ for group in groups:
     (H,) = collect_hessians(layer, [group], batches, calls[0], cpu, f32, memo, done)
     t_fwd = time.perf_counter() - t
     t = time.perf_counter()
-    for name in group:
-        modules[name].weight.data.copy_(gptq_quantize(modules[name].weight.data, H, QuantSpec(group_size=64)).weight)
+    solved = gptq_quantize_shared([modules[n].weight.data for n in group], H, QuantSpec(group_size=64))
+    for name, res in zip(group, solved):
+        modules[name].weight.data.copy_(res.weight)
         done.add(name)
     t_solve = time.perf_counter() - t
     total += t_fwd + t_solve

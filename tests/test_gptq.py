@@ -2,11 +2,12 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from quantkit.config import QuantSpec
-from quantkit.gptq import accumulate_hessian, gptq_quantize
+from quantkit.gptq import accumulate_hessian, gptq_quantize, gptq_quantize_shared
 from quantkit.gptq_format import dequantize_module, module_tensors
-from quantkit.quant import dequantize_grouped, rtn_quantize
+from quantkit.quant import _clip_search_batched, dequantize_grouped, group_qparams, rtn_quantize
 
 
 def _correlated(n_out=64, n_in=128, tokens=1024, seed=0):
@@ -44,6 +45,41 @@ def test_gptq_beats_rtn_and_leaves_inputs_alone(spec):
     assert out_err(res.weight) < 0.8 * out_err(rtn)
     assert res.codes.shape == W.shape and int(res.codes.min()) >= 0 and int(res.codes.max()) <= spec.maxq
     assert res.loss > 0 and math.isfinite(res.loss)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=32, act_order=True),
+                                  QuantSpec(bits=3, group_size=64, sym=False, act_order=True, static_groups=True)],
+                         ids=["4b-g32-actorder", "3b-g64-asym-static"])
+def test_a_shared_solve_gives_each_linear_its_own_result(spec, tmp_path):
+    """q/k/v (or gate/up) solved as one stack of rows equal three separate solves against the same Hessian."""
+    W, X, H = _correlated(n_out=128, n_in=128)
+    parts = [W[:64], W[64:96], W[96:]]  # q, k, v of different heights (3-bit packing needs multiples of 32)
+    shared = gptq_quantize_shared(parts, H, spec)
+    for part, got in zip(parts, shared):
+        alone = gptq_quantize(part, H, spec)
+        assert torch.equal(got.codes, alone.codes) and torch.equal(got.zeros, alone.zeros)
+        assert torch.equal(got.g_idx, alone.g_idx) and got.damp == alone.damp
+        torch.testing.assert_close(got.scales, alone.scales, rtol=0, atol=0)
+        torch.testing.assert_close(got.weight, alone.weight, rtol=0, atol=0)
+        assert got.loss == pytest.approx(alone.loss, rel=1e-5)
+    # the pipeline writes them side by side; safetensors refuses tensors that share storage
+    tensors = {k: v for n, r in zip("qkv", shared) for k, v in module_tensors(n, r, spec.bits, "gptq").items()}
+    save_file(tensors, str(tmp_path / "shared.safetensors"))
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (3, False), (8, True), (2, False)])
+def test_the_gpus_batched_clip_search_picks_what_the_sequential_one_picks(bits, sym):
+    """On a GPU all shrink factors are tried at once; the choice (ties included) must be the CPU loop's."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(257, 64, generator=g)
+    w[:, :2] *= 25  # outliers, so that shrinking wins for many rows
+    w[3] = 0        # an empty row
+    w[4] = 0.5      # a constant row: every factor ties
+    xmin, xmax = w.min(dim=1).values.clamp(max=0), w.max(dim=1).values.clamp(min=0)
+    sequential = group_qparams(w, bits, sym, clip_search=True)
+    batched = _clip_search_batched(w, xmin, xmax, bits, sym)
+    assert torch.equal(sequential[0], batched[0]) and torch.equal(sequential[1], batched[1])
+    assert not torch.equal(sequential[0], group_qparams(w, bits, sym, clip_search=False)[0])  # the search did shrink
 
 
 def test_partial_last_group_has_its_own_scale():

@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""quantkit against llm-compressor on one NVIDIA GPU, on a 7B-shaped synthetic checkpoint, side by side.
+
+    python scripts/bench_gpu.py --work /tmp/bench-gpu --layers 8 --tools quantkit,llmcompressor
+    python scripts/bench_gpu.py --work /tmp/bench-gpu --layers 32 --tools quantkit
+
+Writes the checkpoint (random weights: GPTQ's cost does not depend on their values) with the numbers drawn on
+the GPU, tokenizes the calibration windows once, then runs each tool in its own process on those tokens:
+wall clock and peak RSS of the whole command (imports included, from wait4), the tool's own peak of torch
+allocations on the GPU, and the GPU's used memory sampled every 100 ms by nvidia-smi (CUDA context included).
+Perplexity is not compared: the weights are random. Prints a markdown table and writes it with the raw figures
+to WORK/bench_gpu.{md,json}. llm-compressor must be importable by --llmcompressor-python.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+# quantkit's own quantize() as the command line calls it, with its per-layer log on stderr and the result as the
+# last line (`quantkit quantize --json` would silence the log)
+QUANTKIT_RUN = """
+import json, logging, os, sys
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the quantkit command sets it
+from quantkit.config import CalibSpec, QuantSpec
+from quantkit.pipeline import quantize
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+model, out, device, samples, seq_len, bits, group = sys.argv[1:]
+r = quantize(model, QuantSpec(bits=int(bits), group_size=int(group)), CalibSpec(samples=int(samples), seq_len=int(seq_len)),
+             out=out, overwrite=True, device=device)
+print(json.dumps(r.to_dict()))
+"""
+
+
+class GpuMemorySampler:
+    """Peak of nvidia-smi's memory.used (MiB) on GPU 0 while the block runs."""
+
+    def __init__(self, interval_ms: int = 100):
+        self.cmd = ["nvidia-smi", "--id=0", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                    f"-lms={interval_ms}"]
+        self.peak = 0
+
+    def __enter__(self):
+        try:
+            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, text=True)
+        except FileNotFoundError:  # no NVIDIA driver (the --device cpu dry run)
+            self.proc, self.peak = None, None
+            return self
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.strip().isdigit():
+                self.peak = max(self.peak, int(line))
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.thread.join(timeout=5)
+
+
+def run_tool(cmd: list[str], log: Path, env: dict, timeout: float) -> dict:
+    """Wall seconds, peak RSS and peak GPU memory of one tool's whole command; its last JSON line on stdout."""
+    with log.open("w") as out, GpuMemorySampler() as gpu:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        timer.cancel()
+        wall = time.perf_counter() - t0
+    rc = os.waitstatus_to_exitcode(status)
+    reported = {}
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if line.startswith("{"):
+            reported = json.loads(line)
+            break
+    return {"rc": rc, "wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024),
+            "peak_gpu_smi_mb": gpu.peak, "peak_gpu_torch_mb": reported.get("peak_gpu_mb"),
+            "log_tail": log.read_text(errors="replace").splitlines()[-15:] if rc else []}
+
+
+def layer_bound_mb(config: dict, tokens_per_batch: int) -> dict:
+    """One layer's weights (bf16), its Hessians (float32, one per distinct input) and one batch of activations."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = h * config.get("num_key_value_heads", config["num_attention_heads"]) // config["num_attention_heads"]
+    weights = 2 * (h * (h + 2 * kv) + h * h + 3 * h * i)
+    hessians = 4 * (3 * h * h + i * i)  # q/k/v, o_proj, gate/up read hidden-wide inputs; down_proj intermediate
+    batch = 2 * tokens_per_batch * (h + i)  # the hidden states and the widest intermediate, bf16
+    return {k: round(v / 2**20) for k, v in
+            {"weights": weights, "hessians": hessians, "batch": batch, "total": weights + hessians + batch}.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--shape", default="llama-2-7b")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--tools", default="quantkit,llmcompressor")
+    ap.add_argument("--llmcompressor-python", default=sys.executable)
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per tool before it is killed")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of this script")
+    args = ap.parse_args()
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from quantkit.calibration import calibration_batch
+    from quantkit.config import CalibSpec
+    from quantkit.model_skeleton import calibration_batch_size
+    from quantkit.synthetic import shape_config, write_synthetic_checkpoint
+
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / f"{args.shape}-{args.layers}l"
+    config = shape_config(args.shape, args.layers)
+    if not (model / "config.json").is_file():
+        t = time.perf_counter()
+        size = write_synthetic_checkpoint(model, config, torch.bfloat16, device=args.device)
+        print(f"wrote {model}: {size / 2**30:.1f} GiB in {time.perf_counter() - t:.0f} s", flush=True)
+    ids = calibration_batch(AutoTokenizer.from_pretrained(str(model)),
+                            CalibSpec(samples=args.samples, seq_len=args.seq_len))
+    save_file({"input_ids": ids.contiguous()}, str(work / "calib.safetensors"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    q = ["--bits", str(args.bits), "--group-size", str(args.group_size)]
+    commands = {  # quantkit tokenizes the same windows itself (same function, same seed)
+        "quantkit": lambda out: [sys.executable, "-c", QUANTKIT_RUN, str(model), str(out), args.device,
+                                 str(args.samples), str(args.seq_len), str(args.bits), str(args.group_size)],
+        "llmcompressor": lambda out: [args.llmcompressor_python, str(ROOT / "scripts/peers/llmcompressor_gptq.py"),
+                                      str(model), str(work / "calib.safetensors"), str(out), *q],
+    }
+    rows = {}
+    for tool in args.tools.split(","):
+        rows[tool] = run_tool(commands[tool](work / f"{tool}-{args.layers}l"), work / f"{tool}-{args.layers}l.log",
+                              env, args.timeout)
+        print(tool, json.dumps(rows[tool]), flush=True)
+    bound = layer_bound_mb(config, calibration_batch_size(ids) * args.seq_len)
+    table = render(rows, bound, args, torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (dry run)")
+    print(table)
+    (work / "bench_gpu.md").write_text(table + "\n")
+    (work / "bench_gpu.json").write_text(json.dumps({"rows": rows, "bound_mb": bound, "args": vars(args)},
+                                                    default=str, indent=1))
+    return 0 if all(r["rc"] == 0 for r in rows.values()) else 1
+
+
+def render(rows: dict, bound: dict, args, gpu: str) -> str:
+    lines = [f"{gpu}, {args.shape} shape with {args.layers} layers (bf16, random weights), {args.bits}-bit group "
+             f"{args.group_size} symmetric, {args.samples} x {args.seq_len} calibration tokens, "
+             f"measured {time.strftime('%Y-%m-%d')} by `scripts/bench_gpu.py --layers {args.layers}`.", "",
+             "| tool | exit | wall s | peak GPU MB (torch) | peak GPU MB (nvidia-smi) | peak RSS MB |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for tool, r in rows.items():
+        lines.append(f"| {tool} | {r['rc']} | {r['wall_s']:.0f} | {r['peak_gpu_torch_mb'] or '?'} | "
+                     f"{r['peak_gpu_smi_mb']} | {r['peak_rss_mb']} |")
+    lines += ["", f"One layer's weights {bound['weights']} MB + Hessians {bound['hessians']} MB + one batch of "
+              f"activations {bound['batch']} MB = {bound['total']} MB."]
+    if {"quantkit", "llmcompressor"} <= rows.keys():
+        qk, lc = rows["quantkit"], rows["llmcompressor"]
+        lines.append(f"quantkit / llm-compressor: wall time {qk['wall_s'] / lc['wall_s']:.2f}x, peak GPU (torch) "
+                     + (f"{qk['peak_gpu_torch_mb'] / lc['peak_gpu_torch_mb']:.2f}x"
+                        if qk["peak_gpu_torch_mb"] and lc["peak_gpu_torch_mb"] else "?") + ".")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
