@@ -36,7 +36,11 @@ def test_json_result_schema(quantized):
     assert {"repo_id", "path", "bits", "group_size", "sym", "seconds", "peak_rss_mb", "layers"} <= res.keys()
     assert res["repo_id"] == "test/tiny-gptq" and res["bits"] == 4 and res["group_size"] == 32 and res["sym"] is True
     assert len(res["layers"]) == 2 and set(res["layers"][0]["losses"]) >= {"self_attn.q_proj", "mlp.down_proj"}
-    assert res["peak_rss_mb"] > 0 and res["seconds"] > 0
+    assert res["peak_rss_mb"] > 0 and res["seconds"] > 0 and res["peak_gpu_mb"] is None  # a CPU run
+    # where each layer's time went; the last layer is not propagated (nothing reads its outputs)
+    assert set(res["layers"][0]["stage_seconds"]) == {"load", "hessians", "solve", "propagate"}
+    assert set(res["layers"][-1]["stage_seconds"]) == {"load", "hessians", "solve"}
+    assert all(v >= 0 for layer in res["layers"] for v in layer["stage_seconds"].values())
 
 
 def test_published_into_hub_cache_layout(quantized):
