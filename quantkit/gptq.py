@@ -1,6 +1,7 @@
 """GPTQ (Frantar et al. 2022, Algorithm 1) as pure functions: tensors in, a result out. No I/O, no modules."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,7 +32,15 @@ class GPTQResult:
 SYMMETRIC_BLOCK = 256  # row-block width of the lower-triangle product below
 
 
-_GPU_16BIT_GRAM = [True]  # until torch.mm(..., out_dtype=float32) turns out to be missing
+@functools.cache
+def _has_16bit_gram(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch multiplies 16-bit matrices into a float32 result on this GPU (`mm(..., out_dtype=)`)."""
+    try:
+        probe = torch.ones(2, 2, device=device, dtype=dtype)
+        torch.mm(probe, probe, out_dtype=torch.float32)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 def accumulate_hessian(H: Tensor, n_seen: int, x: Tensor) -> tuple[Tensor, int]:
@@ -39,14 +48,11 @@ def accumulate_hessian(H: Tensor, n_seen: int, x: Tensor) -> tuple[Tensor, int]:
     x = x.reshape(-1, x.shape[-1])
     n_new = n_seen + x.shape[0]
     H.mul_(n_seen / n_new)
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _GPU_16BIT_GRAM[0]:
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _has_16bit_gram(x.device, x.dtype):
         # products of 16-bit numbers are exact in float32, and cuBLAS sums them in float32: the float32 product's
         # result at the 16-bit tensor cores' speed (about 10x the float32 rate)
-        try:
-            H.add_(torch.mm(x.t(), x, out_dtype=torch.float32), alpha=2.0 / n_new)
-            return H, n_new
-        except (RuntimeError, TypeError, NotImplementedError):
-            _GPU_16BIT_GRAM[0] = False
+        H.add_(torch.mm(x.t(), x, out_dtype=torch.float32), alpha=2.0 / n_new)
+        return H, n_new
     x = x.to(H.dtype)
     if H.device.type == "cpu" and H.shape[0] > SYMMETRIC_BLOCK:
         _add_gram_lower(H, x, alpha=2.0 / n_new)
@@ -176,9 +182,9 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
     if perm is not None:
         col_group = col_group[torch.argsort(perm)]
     g_idx = col_group.to(torch.int32)
-    if not math.isfinite(float(losses.sum())):
-        raise NumericalError(f"GPTQ loss is not finite ({float(losses.sum())}); the layer's inputs or weights "
-                             "hold NaN/Inf")
+    total = float(losses.sum())
+    if not math.isfinite(total):
+        raise NumericalError(f"GPTQ loss is not finite ({total}); the layer's inputs or weights hold NaN/Inf")
     zeros = zeros.to(torch.int32)
     results, start = [], 0
     for w in weights:  # each Linear's rows of the stacked solve (views; g_idx its own, as each is written alone)

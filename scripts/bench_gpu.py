@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT))
 # quantkit's own quantize() as the command line calls it, with its per-layer log on stderr and the result as the
 # last line (`quantkit quantize --json` would silence the log)
 QUANTKIT_RUN = """
-import json, logging, os, sys
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the quantkit command sets it
+import json, logging, sys
+from quantkit.heap import request_huge_pages
+request_huge_pages()  # as the quantkit command does, before torch is imported
 from quantkit.config import CalibSpec, QuantSpec
 from quantkit.pipeline import quantize
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -81,14 +82,11 @@ def run_tool(cmd: list[str], log: Path, env: dict, timeout: float) -> dict:
         timer.cancel()
         wall = time.perf_counter() - t0
     rc = os.waitstatus_to_exitcode(status)
-    reported = {}
-    for line in reversed(log.read_text(errors="replace").splitlines()):
-        if line.startswith("{"):
-            reported = json.loads(line)
-            break
+    lines = log.read_text(errors="replace").splitlines()
+    reported = next((json.loads(line) for line in reversed(lines) if line.startswith("{")), {})
     return {"rc": rc, "wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024),
             "peak_gpu_smi_mb": gpu.peak, "peak_gpu_torch_mb": reported.get("peak_gpu_mb"),
-            "log_tail": log.read_text(errors="replace").splitlines()[-15:] if rc else []}
+            "log_tail": lines[-15:] if rc else []}
 
 
 def layer_bound_mb(config: dict, tokens_per_batch: int) -> dict:
