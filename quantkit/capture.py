@@ -186,8 +186,11 @@ class BlockMemo:
                 self.seeds.setdefault(block, []).append(_to(x, "cpu", self.storage_dtype, copy=True))
 
     @contextlib.contextmanager
-    def replaying(self, done: set[str], n_batches: int, device: torch.device):
-        """Replay recorded final blocks; record final blocks not recorded yet (kept if complete for every batch)."""
+    def replaying(self, done: set[str], n_batches: int, device: torch.device, last_pass: bool = False):
+        """Replay recorded final blocks; record final blocks not recorded yet (kept if complete for every batch).
+
+        last_pass: no later pass reads the records (the propagation), so each is freed once replayed and nothing
+        new is recorded: a record is as large as the activations themselves."""
         handles, replaced, recording = [], [], []
         seeded_before = set(self.seeds)  # kept by the previous stage: used now, or never
         for name, linears in self.blocks.items():
@@ -195,10 +198,9 @@ class BlockMemo:
                 continue
             child = self.layer.get_submodule(name)
             if name in self.outputs:
-                child.forward = lambda *a, _outs=self.outputs[name], _dt=self.dtypes[name], **k: \
-                    _to(_outs[self.batch], device, _dt, copy=True)
+                child.forward = functools.partial(self._replay, name, device, last_pass)
                 replaced.append(child)
-            else:
+            elif not last_pass:
                 self.outputs[name] = []
                 recording.append(name)
                 handles.append(child.register_forward_hook(functools.partial(self._record, name)))
@@ -217,6 +219,15 @@ class BlockMemo:
                     del self.outputs[name]
             for name in seeded_before:
                 self.seeds.pop(name, None)
+
+    def _replay(self, block: str, device: torch.device, last_use: bool, *args, **kwargs):
+        """The block's recorded output for this batch: a copy (the caller may edit it in place), or on its last
+        use the record itself, dropped from the memo."""
+        records = self.outputs[block]
+        if last_use:
+            record, records[self.batch] = records[self.batch], None
+            return _to(record, device, self.dtypes[block])
+        return _to(records[self.batch], device, self.dtypes[block], copy=True)
 
     def _from_exit_input(self, block: str, forward, *args, **kwargs):
         """The block's output as its exit Linear applied to the kept input. Batch 0 runs the real block and is
@@ -302,7 +313,7 @@ def propagate(layer: nn.Module, batches: list[Tensor], call: LayerCall, device: 
               dtype: torch.dtype, memo: BlockMemo | None = None) -> None:
     """Replace each mini-batch in place by the layer's output on it (the next layer's input)."""
     memo = memo or BlockMemo(layer, enabled=False)
-    with memo.replaying(set(linear_modules(layer)), len(batches), device):
+    with memo.replaying(set(linear_modules(layer)), len(batches), device, last_pass=True):
         for i, hidden in enumerate(batches):
             memo.batch = i
             batches[i] = _move(_run(layer, _move(hidden, device, dtype), call), torch.device("cpu"), hidden.dtype)

@@ -14,6 +14,7 @@ from torch import nn
 
 from .checkpoint import SafetensorsCheckpoint
 from .errors import QuantkitError
+from .sizing import MLP_BATCH_TOKENS
 
 # decoder-only causal LMs whose layers and Linear modules quantkit discovers from the module tree; each has an
 # end-to-end test on a tiny random model (tests/test_architectures.py)
@@ -152,8 +153,9 @@ def materialize(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoin
 
 
 def calibration_batch_size(input_ids: torch.Tensor) -> int:
-    """Samples per forward: about 8192 tokens, so activations stay small whatever --samples is."""
-    return max(1, 8192 // input_ids.shape[1])
+    """Samples per forward: about MLP_BATCH_TOKENS tokens, so a forward's temporaries stay small whatever --samples
+    is (on 2 CPU cores 4096 tokens run as fast as 8192 and peak 95 MB lower on SmolLM2)."""
+    return max(1, MLP_BATCH_TOKENS // input_ids.shape[1])
 
 
 @contextlib.contextmanager

@@ -273,6 +273,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         log.info("calibration: %d x %d tokens from %s", calib.samples, calib.seq_len, calib.source)
         batches, calls = _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype,
                                             storage_dtype)
+        checkpoint.close()  # the embedding's pages, read through the mapping, would otherwise stay resident
         if state.layers_done:
             batches = state.load_activations()
     bar = _progress_bar(steps, progress)

@@ -11,8 +11,8 @@ KV cache: 2 (K and V) * layers * kv_heads * head_dim * context * batch * 2 bytes
 Quantize peak (what quantkit holds at once): one decoder layer's weights in float32, the two largest Hessians
 (in_features^2 * 4 bytes per distinct Linear input; at most two are alive), the calibration activations
 (samples * seq_len * hidden, twice: the layer inputs and the attention outputs kept for replay; 2 bytes each
-in a 16-bit model, 4 in a float32 one), and one intermediate MLP activation for a mini-batch of 8192 tokens
-(8192 * intermediate * 4 bytes).
+in a 16-bit model, 4 in a float32 one), and one intermediate MLP activation for a mini-batch of 4096 tokens
+(4096 * intermediate * 4 bytes).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ DEFAULT_BITS = (16, 8, 4, 3, 2)
 ESTIMATE_BITS = (2, 3, 4, 8, 16)
 GPU_SIZES_GB = (16, 24, 40, 48, 80)
 OVERHEAD = 0.10           # CUDA context, allocator fragmentation, temporary buffers
-MLP_BATCH_TOKENS = 8192   # tokens per calibration mini-batch in pipeline._layer_zero_inputs
+MLP_BATCH_TOKENS = 4096   # tokens per calibration mini-batch (model_skeleton.calibration_batch_size)
 
 # Real config.json numbers of well-known checkpoints (hidden, intermediate, layers, heads, KV heads, vocab, tied).
 BUILTIN_CONFIGS: dict[str, dict] = {

@@ -64,6 +64,9 @@ def test_attention_is_replayed_once_its_linears_are_done():
     propagate(layer, replayed, call, torch.device("cpu"), torch.float32, memo)
     for a, b in zip(replayed, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the propagation is the records' last reader: each is freed once replayed, and the MLP (finished too, and
+    # as large to record as the activations) is not recorded
+    assert set(memo.outputs) == {"self_attn"} and memo.outputs["self_attn"] == [None] * 3
 
 
 GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],

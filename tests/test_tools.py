@@ -76,11 +76,11 @@ def test_llama2_70b_fits_one_80gb_gpu_only_when_quantized():
     gpu80 = next(g for g in e.gpus if g["gpu_gb"] == 80)
     assert gpu80["run"][16] is False and gpu80["run"][4] is True
     # quantize peak: layer fp32 + two largest Hessians (28672^2, 8192^2) + 2 x 128x512x8192 in the model's fp16
-    # (layer inputs and replayed attention outputs) + 8192x28672 fp32
+    # (layer inputs and replayed attention outputs) + 4096x28672 fp32 (one mini-batch's MLP activation)
     layer = (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192) * 4
     assert e.quantize_peak == {"layer_fp32": layer, "hessians": (28672**2 + 8192**2) * 4,
-                               "activations": 2 * 128 * 512 * 8192 * 2, "mlp_activation": 8192 * 28672 * 4,
-                               "total": layer + (28672**2 + 8192**2) * 4 + 2 * 128 * 512 * 8192 * 2 + 8192 * 28672 * 4}
+                               "activations": 2 * 128 * 512 * 8192 * 2, "mlp_activation": 4096 * 28672 * 4,
+                               "total": layer + (28672**2 + 8192**2) * 4 + 2 * 128 * 512 * 8192 * 2 + 4096 * 28672 * 4}
     d = e.to_dict()
     assert json.loads(json.dumps(d))["gpus"][-1]["run"] == {"16": False, "8": True, "4": True, "3": True, "2": True}
 
