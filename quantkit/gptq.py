@@ -76,15 +76,20 @@ def _add_gram_lower(H: Tensor, x: Tensor, alpha: float) -> None:
 
 
 def _inverse_hessian_factor(H: Tensor, damp: float, tries: int = 5) -> tuple[Tensor, float]:
-    """Upper Cholesky factor of (H + damp·mean(diag H)·I)^-1, raising damp tenfold when H is not PD."""
-    mean_diag = H.diagonal().mean()
-    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    """Upper Cholesky factor of (H + damp·mean(diag H)·I)^-1, raising damp tenfold when H is not PD.
+
+    Overwrites H (it ends up holding the inverse): the steps reuse two [K, K] buffers, where a new matrix per
+    step held five at once (an 11008-wide Hessian is 485 MB in float32)."""
+    diagonal = H.diagonal().clone()
+    mean_diag = diagonal.mean()
+    L, info = torch.empty_like(H), torch.empty((), dtype=torch.int32, device=H.device)
     for _ in range(tries):
-        try:
-            L = torch.linalg.cholesky(H + damp * mean_diag * eye)
-            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True), damp
-        except torch.linalg.LinAlgError:
-            damp *= 10
+        H.diagonal().copy_(diagonal + damp * mean_diag)
+        torch.linalg.cholesky_ex(H, out=(L, info))
+        if info.item() == 0:
+            torch.cholesky_inverse(L, out=H)
+            return torch.linalg.cholesky(H, upper=True, out=L), damp
+        damp *= 10
     raise NumericalError(f"Hessian is not positive definite even with damp={damp / 10:g}; "
                          "use more calibration samples or a larger --damp")
 
@@ -98,20 +103,25 @@ def _block_size(group_size: int, n_in: int) -> int:
     return 128 if group_size % 128 == 0 else group_size
 
 
-def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec) -> GPTQResult:
-    """Quantize one weight [N, K] given the Hessian [K, K] of its inputs. Computes in float32; inputs untouched."""
-    return gptq_quantize_shared([weight], hessian, spec)[0]
+def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, consume_hessian: bool = False) -> GPTQResult:
+    """Quantize one weight [N, K] given the Hessian [K, K] of its inputs. Computes in float32; the weight is
+    untouched, and so is the Hessian unless consume_hessian (then its memory is reused: one [K, K] less)."""
+    return gptq_quantize_shared([weight], hessian, spec, consume_hessian)[0]
 
 
 @torch.no_grad()
-def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec) -> list[GPTQResult]:
+def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec,
+                         consume_hessian: bool = False) -> list[GPTQResult]:
     """Quantize Linears that read the same input (q/k/v, gate/up), so share one Hessian, in a single solve.
 
     GPTQ treats every output row on its own given H, so solving the stacked rows gives each Linear its own
     result, with one column sweep instead of one per Linear (the sweep is a chain of small steps: on a GPU
-    its kernel launches, not its FLOPs, set the time)."""
+    its kernel launches, not its FLOPs, set the time). consume_hessian: overwrite a float32 `hessian` in place
+    instead of copying it."""
     W = torch.cat([w.float() for w in weights]) if len(weights) > 1 else weights[0].float().clone()  # [N, K]
-    H = hessian.float().clone()    # [K, K]
+    H = hessian.float()  # [K, K]
+    if H is hessian and not consume_hessian:
+        H = H.clone()
     n_out, n_in = W.shape
     group = spec.effective_group_size(n_in)
     n_groups = math.ceil(n_in / group)
@@ -120,7 +130,7 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
         raise NumericalError("the Hessian holds NaN/Inf: this layer's calibration inputs are not finite "
                              "(activations overflowing float16?)")
     dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
+    H.diagonal()[dead] = 1.0  # an input that is always zero: its column is zero, any positive curvature will do
     W[:, dead] = 0.0
 
     static_params = None
@@ -130,7 +140,8 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
     perm = None
     if spec.act_order:
         perm = torch.argsort(H.diagonal(), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W = W[:, perm]
+        torch.index_select(H.index_select(0, perm), 1, perm, out=H)  # in place but for one [K, K] temporary
     Hinv, damp = _inverse_hessian_factor(H, spec.damp)
     del H
 

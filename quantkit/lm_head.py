@@ -39,7 +39,7 @@ def quantize_head(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, c
             H = collect_head_hessian(model, layers, model.get_output_embeddings(), input_ids, final_hidden, device,
                                      dtype)
         try:
-            res = gptq_quantize(weight, H, spec)
+            res = gptq_quantize(weight, H, spec, consume_hessian=True)
         except NumericalError as e:
             raise NumericalError(f"{head_name}: {e}") from None
         res = res.cpu()

@@ -285,6 +285,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         t_layer = time.perf_counter()
         kill_point(f"layer:{i}:start")
         materialize(layer, f"{prefix}.{i}", checkpoint, dev, compute_dtype)
+        checkpoint.close()  # unmap the shards: pages read through the mapping would otherwise count as resident
         stages = _StageClock(dev, load=t_layer)
         if i == 0:
             spec.check_skip_patterns(linear_modules(layer))
@@ -310,7 +311,6 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
                  "  ".join(f"{n.split('.')[-1]}={v:.4g}" for n, v in losses.items()), report["seconds"],
                  " ".join(f"{k} {v:.1f}" for k, v in stages.seconds.items()))
         release(layer)
-        checkpoint.close()  # unmap the shards: touched pages of mapped files would otherwise count as resident
         bar.update(1)
     if spec.lm_head and state.layers_done == len(layers):
         t_head = time.perf_counter()
@@ -416,21 +416,30 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev
     for stage in stages:
         hessians = collect_hessians(layer, stage, batches, call, dev, compute_dtype, memo, done=set(results) | skipped)
         clock.lap("hessians")
-        for group, H in zip(stage, hessians):
-            try:
-                solved = gptq_quantize_shared([weight_matrix(modules[name]) for name in group], H, spec)
-            except NumericalError as e:
-                raise NumericalError(f"{where}.{group[0]}: {e}") from None  # the group shares its Hessian
-            for name, res in zip(group, solved):
-                set_weight_matrix(modules[name], res.weight)  # later stages see the quantized weights
-                results[name] = _packed(where, name, res, modules[name], spec, fmt)
-            del solved
-        del hessians
+        for group in stage:
+            results.update(_solve_group(where, group, hessians.pop(0), modules, spec, fmt))
         clock.lap("solve")
     if not last:  # the final layer's outputs are never used
         propagate(layer, batches, call, dev, compute_dtype, memo)
         clock.lap("propagate")
     return {name: results[name] for name in modules if name in results}
+
+
+def _solve_group(where: str, group: list[str], hessian: torch.Tensor, modules: dict, spec: QuantSpec,
+                 fmt: str) -> dict[str, _Solved]:
+    """GPTQ the Linears sharing `hessian` (consumed), write their dequantized weights back for later stages, and
+    keep only their packed tensors: the solve's [N, K] codes and results, and the Hessian's buffer, are freed on
+    return (a 7B layer's gate/up codes and results alone are 690 MB)."""
+    try:
+        solved = gptq_quantize_shared([weight_matrix(modules[name]) for name in group], hessian, spec,
+                                      consume_hessian=True)
+    except NumericalError as e:
+        raise NumericalError(f"{where}.{group[0]}: {e}") from None  # the group shares its Hessian
+    packed = {}
+    for name, res in zip(group, solved):
+        set_weight_matrix(modules[name], res.weight)  # later stages see the quantized weights
+        packed[name] = _packed(where, name, res, modules[name], spec, fmt)
+    return packed
 
 
 def _rtn_layer(layer, where: str, spec: QuantSpec, fmt: str) -> dict[str, _Solved]:
