@@ -136,7 +136,8 @@ def _check_shape(name: str, found, expected) -> None:
 
 def materialize(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint, device: torch.device,
                 dtype: torch.dtype) -> None:
-    """Load `module`'s parameters from the checkpoint (names prefix + '.' + param) onto device in place."""
+    """Load `module`'s parameters from the checkpoint (names prefix + '.' + param) onto device in place, then unmap
+    the shards (the checkpoint reopens them on its next read)."""
     from accelerate.utils import set_module_tensor_to_device
 
     for pname, param in module.named_parameters():
@@ -150,6 +151,7 @@ def materialize(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoin
             set_module_tensor_to_device(module, pname, device, value=tensor, dtype=dtype)
         else:
             set_module_tensor_to_device(module, pname, device, value=tensor)
+    checkpoint.close()  # unmap the shards: pages read through the mapping would otherwise stay resident
 
 
 def calibration_batch_size(input_ids: torch.Tensor) -> int:
@@ -180,6 +182,7 @@ def outer_modules_materialized(model: nn.Module, layers_prefix: str, checkpoint:
             for pname, p in list(module._parameters.items()):
                 if p is not None:
                     module._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        checkpoint.close()  # the embedding's pages, read through the mapping, would otherwise stay resident
 
 
 def release(module: nn.Module) -> None:

@@ -273,7 +273,6 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         log.info("calibration: %d x %d tokens from %s", calib.samples, calib.seq_len, calib.source)
         batches, calls = _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype,
                                             storage_dtype)
-        checkpoint.close()  # the embedding's pages, read through the mapping, would otherwise stay resident
         if state.layers_done:
             batches = state.load_activations()
     bar = _progress_bar(steps, progress)
@@ -285,7 +284,6 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         t_layer = time.perf_counter()
         kill_point(f"layer:{i}:start")
         materialize(layer, f"{prefix}.{i}", checkpoint, dev, compute_dtype)
-        checkpoint.close()  # unmap the shards: pages read through the mapping would otherwise count as resident
         stages = _StageClock(dev, load=t_layer)
         if i == 0:
             spec.check_skip_patterns(linear_modules(layer))
