@@ -162,7 +162,9 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
     offset = torch.empty(n_out, device=W.device)  # q - zero of the current column
     for i1 in range(0, n_in, block):
         i2 = min(i1 + block, n_in)
-        W1 = W[:, i1:i2].clone()
+        # The block is held transposed, [columns, N]: each column's steps then read and write contiguous memory
+        # (a column of an [N, block] tensor touches one cache line per row: 3x slower on a CPU).
+        W1 = W[:, i1:i2].t().contiguous()
         Q1 = torch.empty_like(W1)    # the block's codes
         Err1 = torch.empty_like(W1)  # (w - dequantized) / d per column: what the block passes on
         Hinv1 = Hinv[i1:i2, i1:i2]
@@ -175,20 +177,20 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
                 scale, zero = static_params[g]
                 scales[:, g], zeros[:, g] = scale, zero
             elif col % group == 0:  # first column of a group: block starts align with groups, W1 is current
-                cols = W[:, col:col + group] if i == 0 else W1[:, i:i + group]
+                cols = W[:, col:col + group] if i == 0 else W1[i:i + group].t()
                 scale, zero = group_qparams(cols, spec.bits, spec.sym, spec.clip_search)
                 scales[:, col // group], zeros[:, col // group] = scale, zero
-            w, q, err = W1[:, i], Q1[:, i], Err1[:, i]
+            w, q, err = W1[i], Q1[i], Err1[i]
             torch.div(w, scale, out=q).round_().add_(zero).clamp_(0, spec.maxq)
             torch.sub(q, zero, out=offset)
             torch.addcmul(w, offset, scale, value=-1, out=err).div_(Hinv1[i, i])
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # propagate this column's error to the rest of the block
-        losses += Err1.pow(2).sum(dim=1) / 2  # (w - q)^2 / d^2 / 2 summed over the block's columns
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # propagate this column's error to the rest of the block
+        losses += Err1.pow(2).sum(dim=0) / 2  # (w - q)^2 / d^2 / 2 summed over the block's columns
+        W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)  # in place: no [N, K] temporary per block
         original = slice(i1, i2) if perm is None else perm[i1:i2]
-        codes[:, original] = Q1.to(torch.int32)  # exact: small whole numbers
+        codes[:, original] = Q1.t().to(torch.int32)  # exact: small whole numbers
         in_block = col_group[i1:i2]
-        dequantized[:, original] = dequantize_codes(Q1, scales[:, in_block], zeros[:, in_block])
+        dequantized[:, original] = dequantize_codes(Q1.t(), scales[:, in_block], zeros[:, in_block])
     del W
     if perm is not None:
         col_group = col_group[torch.argsort(perm)]

@@ -154,6 +154,24 @@ def test_a_consumed_hessian_gives_the_same_result(act_order, indefinite):
     assert consumed.loss == copied.loss and torch.all(copied.weight[:, 7] == 0)
 
 
+@pytest.mark.parametrize("bits,sym", [(4, True), (3, False), (8, True), (2, False)])
+def test_the_searchs_rounding_error_is_the_formats_dequantization_error(bits, sym):
+    """The search rounds in one reused buffer (clamping round(w / scale) instead of forming codes): its error
+    must be the one the files' dequantization gives, bit for bit, clipped weights included."""
+    from quantkit.quant import CLIP_NORM, _range_qparams, _rounding_error, dequantize_codes, quantize_codes
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(300, 64, generator=g)
+    w[:, :2] *= 25
+    w[5] = 0
+    xmin, xmax = w.min(dim=1).values.clamp(max=0), w.max(dim=1).values.clamp(min=0)
+    scale, zero = _range_qparams(xmin * 0.83, xmax * 0.83, bits, sym)  # shrunk: the outliers clip
+    format_error = (dequantize_codes(quantize_codes(w, scale, zero, bits), scale[:, None], zero[:, None]) - w)
+    expected = format_error.abs().pow(CLIP_NORM).sum(dim=1)
+    assert torch.equal(_rounding_error(w, scale, zero, bits, sym), expected)
+    assert torch.equal(_rounding_error(w, scale, zero, bits, sym, buffer=torch.empty_like(w)), expected)
+
+
 @pytest.mark.parametrize("sym", [True, False])
 def test_clip_search_never_rounds_worse_and_clips_outliers(sym):
     from quantkit.quant import CLIP_NORM, dequantize_codes, group_qparams, quantize_codes
