@@ -146,6 +146,45 @@ def discover_groups(layer: nn.Module, hidden: Tensor, call: LayerCall) -> list[l
     return groups
 
 
+@torch.no_grad()
+def foldable_blocks(layer: nn.Module, groups: list[list[str]], sample: Tensor, call: LayerCall,
+                    device: torch.device, dtype: torch.dtype) -> set[str]:
+    """The child blocks whose output the layer adds straight onto its input (h = x + block(...)), found by trying:
+    the layer run on x + the block's output, with the block returning zeros, must give its real output bit for
+    bit. sample: a stored input (CPU, storage dtype) of full sequence length. A parallel-residual layer (MLP fed
+    from x, not h), a norm applied to the block's output, or storage rounder than the compute dtype all fail
+    the check, and those blocks are replayed from records as before. The block holding the last group is never
+    replayed, so it is not tried."""
+    found = set()
+    last = groups[-1][0] if groups else None
+    for name, child in layer.named_children():
+        linears = {f"{name}.{sub}" for sub in linear_modules(child)}
+        if not linears or last in linears:
+            continue
+        outputs = []
+        handle = child.register_forward_hook(lambda mod, inp, out: outputs.append(out))
+        try:
+            reference = _run(layer, _move(sample, device, dtype), call)
+        finally:
+            handle.remove()
+        first = _first_tensor(outputs[0]) if len(outputs) == 1 else None
+        tail = tuple(outputs[0][1:]) if isinstance(outputs[0] if outputs else None, (tuple, list)) else None
+        if first is None or first.shape != sample.shape or any(t is not None for t in tail or ()):
+            continue
+        first_stored = _move(first, sample.device, sample.dtype)
+        wait_for_copies(device)
+        folded = sample + first_stored  # as fold_into adds it
+        zeros = torch.zeros_like(first)
+        child.forward = lambda *args, **kwargs: zeros if tail is None else (zeros, *tail)
+        try:
+            again = _run(layer, _move(folded, device, dtype), call)
+        finally:
+            del child.forward
+        if torch.equal(reference, again):
+            found.add(name)
+    return found
+
+
 class BlockMemo:
     """Per-batch outputs of a layer's child blocks whose Linear modules are all quantized already.
 
@@ -153,10 +192,15 @@ class BlockMemo:
     once q/k/v/o are quantized) is recorded the first time it completes and replayed afterwards, which saves
     its matmuls in every later stage and in the propagation. Replays return clones, so in-place edits by
     the caller never reach the record; blocks called other than once per forward are never replayed.
+
+    A block in `fold` (one the layer adds straight onto its input, checked by `foldable_blocks`) is not kept at
+    all: each batch's record is added into the stored input the moment that batch's forward is done
+    (`fold_into`), and the block replays zeros from then on. The sum is what the layer itself would compute,
+    bit for bit, and one copy of the activations' size is saved.
     """
 
     def __init__(self, layer: nn.Module, enabled: bool = True, storage_dtype: torch.dtype | None = None,
-                 groups: list[list[str]] = (), hidden_size: int = 0):
+                 groups: list[list[str]] = (), hidden_size: int = 0, fold: set[str] = frozenset()):
         self.layer = layer
         self.storage_dtype = storage_dtype  # records are kept like the activations (the model's dtype)
         self.blocks = {name: {f"{name}.{sub}" for sub in linear_modules(child)}
@@ -166,6 +210,9 @@ class BlockMemo:
         self.batch = 0  # index of the mini-batch being run
         self.exits = self._exit_linears(groups, hidden_size)  # {block: its exit Linear}
         self.seeds: dict[str, list] = {}  # block -> its exit Linear's inputs, one per batch
+        self.fold = set(fold)  # blocks whose records are added into the stored inputs (foldable_blocks)
+        self.folded: dict[str, list[torch.Size]] = {}  # folded block -> its output's shape, one per batch
+        self.tails: dict[str, tuple | None] = {}  # what a block returned after its first tensor (None: a tensor)
 
     def _exit_linears(self, groups: list[list[str]], hidden_size: int) -> dict[str, str]:
         """{block: exit Linear} for blocks whose last-run group is one Linear (o_proj, down_proj) no wider than the
@@ -223,6 +270,9 @@ class BlockMemo:
     def _replay(self, block: str, device: torch.device, last_use: bool, *args, **kwargs):
         """The block's recorded output for this batch: a copy (the caller may edit it in place), or on its last
         use the record itself, dropped from the memo."""
+        if block in self.folded:  # already added into the layer's input
+            zeros = torch.zeros(self.folded[block][self.batch], dtype=self.dtypes[block], device=device)
+            return zeros if self.tails[block] is None else (zeros, *self.tails[block])
         records = self.outputs[block]
         if last_use:
             record, records[self.batch] = records[self.batch], None
@@ -245,15 +295,30 @@ class BlockMemo:
                 del self.seeds[block]
             return real
         out = exit_linear(_move(kept, device, self.dtypes[block]))
-        first = self.outputs[block][0]
-        return (out, *first[1:]) if isinstance(first, tuple) else out
+        return out if self.tails[block] is None else (out, *self.tails[block])
 
     def _record(self, name, module, inputs, output) -> None:
         """Forward hook: keep a copy of the block's output for this batch (on the CPU, in the storage dtype)."""
         first = _first_tensor(output)
         self.dtypes[name] = first.dtype if first is not None else None
+        self.tails[name] = tuple(output[1:]) if isinstance(output, (tuple, list)) else None
         self.outputs[name].append(_to(output, "cpu", self.storage_dtype, copy=True))
 
+    def fold_into(self, batches: list[Tensor], i: int, device: torch.device) -> None:
+        """After batch i's forward: add the records of `fold` blocks made in it into batches[i] (the layer's stored
+        input) and drop them. The caller's forward is over, so the layer no longer reads the input it changes."""
+        pending = [name for name in self.fold if name in self.outputs and len(self.folded.get(name, ())) == i
+                   and len(self.outputs[name]) > i]  # recorded in this batch and not folded yet
+        if pending:
+            wait_for_copies(device)  # records copied back from a GPU arrive asynchronously
+        for name in pending:
+            records = self.outputs[name]
+            if len(records) != i + 1:
+                raise RuntimeError(f"internal error: {name} ran {len(records) - i} times in batch {i}; it cannot "
+                                   "be folded into the layer's input")
+            record, records[i] = _first_tensor(records[i]), None
+            batches[i].add_(record)
+            self.folded.setdefault(name, []).append(record.shape)
 
 def _first_tensor(output) -> Tensor | None:
     return next((t for t in (output if isinstance(output, (tuple, list)) else [output]) if isinstance(t, Tensor)), None)
@@ -302,6 +367,7 @@ def collect_hessians(layer: nn.Module, groups: list[list[str]], batches: list[Te
                     _run(layer, _move(hidden, device, dtype), call)
                 except _StopForward:
                     pass
+                memo.fold_into(batches, i, device)
     finally:
         for h in handles:
             h.remove()

@@ -75,11 +75,17 @@ def _add_gram_lower(H: Tensor, x: Tensor, alpha: float) -> None:
         H[start:end, end:].copy_(H[end:, start:end].t())
 
 
-def _inverse_hessian_factor(H: Tensor, damp: float, tries: int = 5) -> tuple[Tensor, float]:
-    """Upper Cholesky factor of (H + damp·mean(diag H)·I)^-1, raising damp tenfold when H is not PD.
+INVERSE_BLOCK = 2048  # right-hand-side columns per triangular solve of the inverse below
 
-    Overwrites H (it ends up holding the inverse): the steps reuse two [K, K] buffers, where a new matrix per
-    step held five at once (an 11008-wide Hessian is 485 MB in float32)."""
+
+def _reversed_inverse_factor(H: Tensor, damp: float, tries: int = 5) -> tuple[Tensor, float]:
+    """X = inv(chol(H + damp·mean(diag H)·I)), lower triangular, for H given in reversed column order, raising damp
+    tenfold when H is not PD. X read in reverse is GPTQ's upper Cholesky factor of the inverse Hessian (`_upper_rows`).
+
+    Why: for J the order reversal, JHJ = L·Lᵀ gives H⁻¹ = Uᵀ·U with U = J·L⁻¹·J upper triangular, the factor GPTQ
+    needs. One Cholesky and one triangular inverse cost 2K³/3 flops, against 4K³/3 for the reference's Cholesky,
+    inverse from it and second Cholesky: 37 -> 19 s for an 11008-wide Hessian on 2 CPU cores.
+    Overwrites H (it ends up holding X); one more [K, K] buffer lives while it runs."""
     diagonal = H.diagonal().clone()
     mean_diag = diagonal.mean()
     L, info = torch.empty_like(H), torch.empty((), dtype=torch.int32, device=H.device)
@@ -87,11 +93,31 @@ def _inverse_hessian_factor(H: Tensor, damp: float, tries: int = 5) -> tuple[Ten
         H.diagonal().copy_(diagonal + damp * mean_diag)
         torch.linalg.cholesky_ex(H, out=(L, info))
         if info.item() == 0:
-            torch.cholesky_inverse(L, out=H)
-            return torch.linalg.cholesky(H, upper=True, out=L), damp
+            _lower_inverse(L, out=H)
+            return H, damp
         damp *= 10
     raise NumericalError(f"Hessian is not positive definite even with damp={damp / 10:g}; "
                          "use more calibration samples or a larger --damp")
+
+
+def _lower_inverse(L: Tensor, out: Tensor) -> None:
+    """out = L⁻¹ for a lower-triangular L, a block of columns at a time: column block [c, c + b) of the inverse is
+    zero above row c and solves L[c:, c:]·X = I[c:, c:c+b], so the solves sum to the K³/3 flops of LAPACK's trtri
+    (torch exposes no trtri; one solve against the whole identity would take K³)."""
+    k = L.shape[0]
+    out.zero_()
+    for c in range(0, k, INVERSE_BLOCK):
+        b = min(INVERSE_BLOCK, k - c)
+        rhs = torch.zeros(k - c, b, dtype=L.dtype, device=L.device)
+        rhs.diagonal().fill_(1)
+        torch.linalg.solve_triangular(L[c:, c:], rhs, upper=False, out=rhs)
+        out[c:, c:c + b] = rhs
+
+
+def _upper_rows(X: Tensor, i1: int, i2: int) -> Tensor:
+    """Rows i1..i2-1, columns i1.. of U = J·X·J (the upper Cholesky factor of H⁻¹; X from _reversed_inverse_factor)."""
+    k = X.shape[0]
+    return X[k - i2:k - i1, :k - i1].flip(0, 1)
 
 
 def _block_size(group_size: int, n_in: int) -> int:
@@ -141,8 +167,11 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
     if spec.act_order:
         perm = torch.argsort(H.diagonal(), descending=True)
         W = W[:, perm]
-        torch.index_select(H.index_select(0, perm), 1, perm, out=H)  # in place but for one [K, K] temporary
-    Hinv, damp = _inverse_hessian_factor(H, spec.damp)
+    # H in the reverse of the order the columns are solved in (see _reversed_inverse_factor); the act-order
+    # permutation comes with it: in place but for one [K, K] temporary
+    reverse = (perm if perm is not None else torch.arange(n_in, device=H.device)).flip(0)
+    torch.index_select(H.index_select(0, reverse), 1, reverse, out=H)
+    Xinv, damp = _reversed_inverse_factor(H, spec.damp)
     del H
 
     codes = torch.zeros(n_out, n_in, dtype=torch.int32, device=W.device)
@@ -167,7 +196,8 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
         W1 = W[:, i1:i2].t().contiguous()
         Q1 = torch.empty_like(W1)    # the block's codes
         Err1 = torch.empty_like(W1)  # (w - dequantized) / d per column: what the block passes on
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        Hrows = _upper_rows(Xinv, i1, i2)  # [block, K - i1]: this block's rows of the inverse Hessian's factor
+        Hinv1 = Hrows[:, :i2 - i1]
         # One column is a chain of small kernels (a GPU runs them at the speed it launches them): each writes
         # its result in place, and the codes go to `codes` once per block.
         for i in range(i2 - i1):
@@ -186,7 +216,7 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
             torch.addcmul(w, offset, scale, value=-1, out=err).div_(Hinv1[i, i])
             W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # propagate this column's error to the rest of the block
         losses += Err1.pow(2).sum(dim=0) / 2  # (w - q)^2 / d^2 / 2 summed over the block's columns
-        W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)  # in place: no [N, K] temporary per block
+        W[:, i2:].addmm_(Err1.t(), Hrows[:, i2 - i1:], alpha=-1)  # in place: no [N, K] temporary per block
         original = slice(i1, i2) if perm is None else perm[i1:i2]
         codes[:, original] = Q1.t().to(torch.int32)  # exact: small whole numbers
         in_block = col_group[i1:i2]

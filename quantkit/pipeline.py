@@ -17,15 +17,15 @@ import torch
 
 from . import __version__
 from .calibration import calibration_batch
-from .capture import (BlockMemo, capture_layer_inputs, collect_hessians, discover_groups, propagate,
-                      wait_for_copies)
+from .capture import (BlockMemo, capture_layer_inputs, collect_hessians, discover_groups, foldable_blocks,
+                      propagate, wait_for_copies)
 from .checkpoint import SafetensorsCheckpoint, read_config_dict, resolve_model_dir, torch_dtype_of
 from .config import CalibSpec, QuantSpec
 from .errors import NumericalError, QuantkitError
 from .faults import kill_point
 from .gptq import GPTQResult, gptq_quantize_shared, rtn_result
 from .gptq_format import checkpoint_format, module_tensors, quantization_config
-from .heap import release_large_frees_at_once
+from .heap import release_large_frees_at_once, return_free_heap
 from .hub import cached_snapshot, hub_cache_dir, publish_snapshot, repo_lock, sha256_file, validate_repo_id
 from .lm_head import quantize_head
 from .model_card import render_model_card
@@ -258,6 +258,8 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
     storage_dtype = _storage_dtype(torch_dtype_of(config_dict), compute_dtype)
 
     input_ids = calibration_batch(tokenizer, calib) if spec.method == "gptq" else None
+    del tokenizer  # read once; it and tokenizing the text leave about 100 MB that no later step needs
+    return_free_heap()
     positions = getattr(config, "max_position_embeddings", None)
     if input_ids is not None and positions and calib.seq_len > positions:
         raise QuantkitError(f"--seq-len {calib.seq_len} is longer than the model's {positions} positions "
@@ -273,11 +275,13 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         log.info("calibration: %d x %d tokens from %s", calib.samples, calib.seq_len, calib.source)
         batches, calls = _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype,
                                             storage_dtype)
+        return_free_heap()  # the embedding's pages and the first forward's small frees
         if state.layers_done:
             batches = state.load_activations()
     bar = _progress_bar(steps, progress)
     bar.update(state.layers_done)
     fmt = checkpoint_format(spec)
+    foldable: dict[type, set[str]] = {}  # per decoder-layer class: blocks folded into the stored inputs
     for i, layer in enumerate(layers):
         if i < state.layers_done:
             continue
@@ -290,7 +294,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         last = i == len(layers) - 1 and not spec.lm_head  # no later step needs this layer's outputs
         if spec.method == "gptq":
             results = _gptq_layer(layer, f"{prefix}.{i}", batches, calls[i], spec, fmt, dev, compute_dtype, last,
-                                  stages)
+                                  stages, foldable)
         else:
             results = _rtn_layer(layer, f"{prefix}.{i}", spec, fmt)
         tensors = {k: v for res in results.values() for k, v in res.tensors.items()}
@@ -309,6 +313,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
                  "  ".join(f"{n.split('.')[-1]}={v:.4g}" for n, v in losses.items()), report["seconds"],
                  " ".join(f"{k} {v:.1f}" for k, v in stages.seconds.items()))
         release(layer)
+        return_free_heap()  # else each layer's small frees stay resident: a creep of about 2 MB a layer
         bar.update(1)
     if spec.lm_head and state.layers_done == len(layers):
         t_head = time.perf_counter()
@@ -322,6 +327,8 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         checkpoint.close()
         bar.update(1)
     bar.close()
+    batches = None  # the last layer's inputs: not needed to assemble the output
+    return_free_heap()
 
     # assemble the output from the finished layers, then everything else (streamed: one layer in memory)
     shutil.rmtree(target.staging, ignore_errors=True)  # left over from a run killed while assembling
@@ -402,15 +409,19 @@ def _packed(where: str, name: str, res: GPTQResult, module, spec: QuantSpec, fmt
 
 
 def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev, compute_dtype,
-                last: bool, clock: _StageClock) -> dict[str, _Solved]:
-    """GPTQ every Linear of layer `where` (stage by stage when true-sequential), then propagate the batches."""
+                last: bool, clock: _StageClock, foldable: dict[type, set[str]]) -> dict[str, _Solved]:
+    """GPTQ every Linear of layer `where` (stage by stage when true-sequential), then propagate the batches.
+    foldable: the blocks found foldable per layer class (filled on first use; one check per class)."""
     groups = discover_groups(layer, batches[0][:1].to(dev, compute_dtype), call)
     groups = [kept for kept in ([n for n in g if not spec.skips(n)] for g in groups) if kept]
     modules = linear_modules(layer)
     skipped = {n for n in modules if spec.skips(n)}  # final from the start: they keep their float weights
     stages = [[g] for g in groups] if spec.true_sequential else [groups]
     results: dict[str, _Solved] = {}
-    memo = BlockMemo(layer, storage_dtype=batches[0].dtype, groups=groups, hidden_size=batches[0].shape[-1])
+    if spec.true_sequential and type(layer) not in foldable:  # else nothing is recorded, so nothing to fold
+        foldable[type(layer)] = foldable_blocks(layer, groups, batches[0][:1], call, dev, compute_dtype)
+    memo = BlockMemo(layer, storage_dtype=batches[0].dtype, groups=groups, hidden_size=batches[0].shape[-1],
+                     fold=foldable.get(type(layer), set()))
     for stage in stages:
         hessians = collect_hessians(layer, stage, batches, call, dev, compute_dtype, memo, done=set(results) | skipped)
         clock.lap("hessians")

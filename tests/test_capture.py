@@ -7,7 +7,8 @@ import torch
 
 import quantkit.pipeline as pipeline
 from quantkit import CalibSpec, QuantSpec, quantize
-from quantkit.capture import BlockMemo, collect_hessians, propagate
+from quantkit import capture
+from quantkit.capture import BlockMemo, collect_hessians, foldable_blocks, propagate
 from quantkit.model_skeleton import linear_modules
 
 
@@ -15,14 +16,24 @@ def _shard_hashes(path: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.glob("*.safetensors"))}
 
 
-@pytest.mark.parametrize("act_order", [True, False])
-def test_replaying_finished_blocks_changes_no_output_byte(tiny_llama_dir, tmp_path, monkeypatch, act_order):
+@pytest.mark.parametrize("model_type,act_order,folds", [("llama", True, {"self_attn"}), ("llama", False, {"self_attn"}),
+                                                        ("gpt_neox", True, set()),  # parallel residual
+                                                        ("gemma2", True, set())])   # a norm after the attention
+def test_replaying_finished_blocks_changes_no_output_byte(model_type, act_order, folds, tiny_tokenizer, tmp_path,
+                                                          monkeypatch):
+    from conftest import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / model_type, tiny_tokenizer, model_type=model_type,
+                                **({"head_dim": 16} if model_type == "gemma2" else {}))
     spec = QuantSpec(bits=4, group_size=32, act_order=act_order)
     calib = CalibSpec(samples=8, seq_len=32)
-    quantize(str(tiny_llama_dir), spec, calib, out=tmp_path / "memo")
+    found = []
+    monkeypatch.setattr(pipeline, "foldable_blocks", lambda *a: found.append(capture.foldable_blocks(*a)) or found[-1])
+    quantize(str(model_dir), spec, calib, out=tmp_path / "memo")
+    assert found == [folds]  # checked once: every layer is of one class
     replays = []
     monkeypatch.setattr(pipeline, "BlockMemo", lambda layer, **kw: replays.append(layer) or BlockMemo(layer, enabled=False, **kw))
-    quantize(str(tiny_llama_dir), spec, calib, out=tmp_path / "plain")
+    quantize(str(model_dir), spec, calib, out=tmp_path / "plain")
     assert replays, "the pipeline no longer builds its BlockMemo through pipeline.BlockMemo"
     assert _shard_hashes(tmp_path / "memo") == _shard_hashes(tmp_path / "plain")
 
@@ -94,6 +105,47 @@ def test_attention_output_comes_from_the_kept_o_proj_inputs(extra_after_exit):
     assert len(attention_runs) == (3 if extra_after_exit else 1)
     torch.testing.assert_close(H, expected, rtol=0, atol=0)
     assert memo.seeds == {} and len(memo.outputs["self_attn"]) == 3  # kept inputs freed; outputs recorded
+
+
+def test_a_folded_attention_gives_the_same_hessians_and_outputs():
+    """The attention's records are added into the stored inputs (h = x + attention) as each batch finishes, and
+    it replays zeros afterwards: the next stage's Hessian and the propagated outputs are those of the plain path
+    bit for bit, and no record is kept (one copy of the activations less)."""
+    layer, batches, call = _llama_layer_and_batches()
+    cpu, attention, up = torch.device("cpu"), set(GROUPS[0]) | set(GROUPS[1]), set(GROUPS[2])
+    assert foldable_blocks(layer, GROUPS, batches[0][:1], call, cpu, torch.float32) == {"self_attn"}
+    expected_h = collect_hessians(layer, [GROUPS[3]], batches, call, cpu, torch.float32, done=attention | up)[0]
+    expected = [b.clone() for b in batches]
+    propagate(layer, expected, call, cpu, torch.float32)
+
+    memo = BlockMemo(layer, groups=GROUPS, hidden_size=32, fold={"self_attn"})
+    folded = [b.clone() for b in batches]
+    collect_hessians(layer, [GROUPS[2]], folded, call, cpu, torch.float32, memo, done=attention)
+    assert memo.outputs["self_attn"] == [None] * 3 and len(memo.folded["self_attn"]) == 3
+    assert not torch.equal(folded[0], batches[0])  # now x + attention
+    layer.self_attn.o_proj.weight.data.zero_()  # a recomputed attention would now differ: only the fold matches
+    h = collect_hessians(layer, [GROUPS[3]], folded, call, cpu, torch.float32, memo, done=attention | up)[0]
+    assert torch.equal(h, expected_h)
+    propagate(layer, folded, call, cpu, torch.float32, memo)
+    for a, b in zip(folded, expected):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("residual", ["parallel", "scaled"])
+def test_blocks_not_added_straight_onto_the_input_are_not_folded(residual):
+    """A parallel-residual layer feeds its MLP from x, not x + attention; another scales the attention before
+    adding it. Folding either would change the outputs, and the check finds that."""
+    layer, batches, call = _llama_layer_and_batches()
+
+    def forward(hidden_states, *args, **kwargs):
+        attn = layer.self_attn(layer.input_layernorm(hidden_states), **kwargs)[0]
+        if residual == "parallel":
+            return hidden_states + attn + layer.mlp(layer.post_attention_layernorm(hidden_states))
+        h = hidden_states + 0.5 * attn
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    layer.forward = forward
+    assert foldable_blocks(layer, GROUPS, batches[0][:1], call, torch.device("cpu"), torch.float32) == set()
 
 
 def test_blocks_with_unfinished_linears_are_never_recorded():
