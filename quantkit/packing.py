@@ -33,21 +33,33 @@ def _block_layout(bits: int) -> list[tuple[int, int, int]]:
     return [(j, (bits * j) // 32, (bits * j) % 32) for j in range(_BLOCK)]
 
 
+PACK_ROWS = 1024  # rows packed at a time: the int64 working copies stay small (a whole 7B gate_proj's were 690 MB)
+
+
 def pack_last_dim(values: Tensor, bits: int) -> Tensor:
     """Pack integer `values` [..., C] into int32 [..., C*bits/32] along the last dimension."""
     n = values.shape[-1]
     n_words = packed_length(n, bits)
     if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 2**bits):
         raise ValueError(f"values outside [0, {2**bits}) cannot be packed in {bits} bits")
-    pad = (-n) % _BLOCK
+    rows = values.reshape(-1, n)
+    out = torch.empty(rows.shape[0], n_words, dtype=torch.int32, device=values.device)
+    for start in range(0, rows.shape[0], PACK_ROWS):
+        out[start:start + PACK_ROWS] = _pack_rows(rows[start:start + PACK_ROWS], bits, n_words)
+    return out.reshape(*values.shape[:-1], n_words)
+
+
+def _pack_rows(values: Tensor, bits: int, n_words: int) -> Tensor:
+    """pack_last_dim for a 2-D block of rows (values checked already)."""
+    pad = (-values.shape[-1]) % _BLOCK
     v = torch.nn.functional.pad(values.to(torch.int64), (0, pad))
-    v = v.reshape(*values.shape[:-1], -1, _BLOCK)  # [..., blocks, 32]
-    words = torch.zeros(*v.shape[:-1], bits, dtype=torch.int64, device=values.device)  # [..., blocks, bits]
+    v = v.reshape(values.shape[0], -1, _BLOCK)  # [rows, blocks, 32]
+    words = torch.zeros(*v.shape[:-1], bits, dtype=torch.int64, device=values.device)  # [rows, blocks, bits]
     for j, w, shift in _block_layout(bits):
         words[..., w] |= (v[..., j] << shift) & 0xFFFFFFFF
         if shift + bits > 32:  # the value straddles into the next word
             words[..., w + 1] |= v[..., j] >> (32 - shift)
-    words = words.reshape(*values.shape[:-1], -1)[..., :n_words]
+    words = words.reshape(values.shape[0], -1)[:, :n_words]
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's-complement int32
 
 

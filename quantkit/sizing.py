@@ -8,11 +8,13 @@ Weights at b bits, group size G (G = K when -1), per quantized Linear W [out=N, 
     + N*2 for a bias (kept in fp16)
 Embeddings, lm_head and norms stay fp16 (2 bytes each). At 16 bits every tensor is fp16.
 KV cache: 2 (K and V) * layers * kv_heads * head_dim * context * batch * 2 bytes (fp16).
-Quantize peak (what quantkit holds at once): one decoder layer's weights in float32, the two largest Hessians
-(in_features^2 * 4 bytes per distinct Linear input; at most two are alive), the calibration activations
-(samples * seq_len * hidden, twice: the layer inputs and the attention outputs kept for replay; 2 bytes each
-in a 16-bit model, 4 in a float32 one), and one intermediate MLP activation for a mini-batch of 4096 tokens
-(4096 * intermediate * 4 bytes).
+Quantize peak (what quantkit holds at once): one decoder layer's weights in float32; the calibration activations
+(samples * seq_len * hidden, twice: the layer inputs and o_proj's inputs, both alive between o_proj's Hessian and
+the gate/up stage; 2 bytes each in a 16-bit model, 4 in a float32 one); and the larger of a forward's own
+needs (the Hessian being collected, in_features^2 * 4 bytes, plus one intermediate MLP activation of a 4096-token
+mini-batch, 4096 * intermediate * 4 bytes) and a GPTQ solve's (Linears reading one input are solved stacked, N
+rows by K inputs: the float32 weight and the Hessian with its factor while factorizing, N*K + 2*K^2 floats, then
+the inverse factor, the weight, its codes and its dequantized result, K^2 + 3*N*K floats).
 """
 from __future__ import annotations
 
@@ -125,9 +127,12 @@ class ModelShape:
     def layer_norm_params(self) -> int:
         return 2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
 
-    def hessian_inputs(self) -> list[int]:
-        """in_features of each distinct Linear input of a layer (q/k/v share one, gate/up share one)."""
-        return [self.hidden, self.heads * self.head_dim, self.hidden, self.intermediate]
+    def solves(self) -> list[tuple[int, int]]:
+        """(rows, in_features) of each GPTQ solve of a layer: Linears that read one input are solved stacked
+        (q/k/v, gate/up), so each distinct input is one solve."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return [(q + 2 * kv, self.hidden), (self.hidden, q), (2 * self.intermediate, self.hidden),
+                (self.hidden, self.intermediate)]
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -179,7 +184,7 @@ class Estimate:
     kv_cache_bytes: int
     samples: int
     seq_len: int
-    quantize_peak: dict[str, int]   # layer_fp32, hessians, activations, mlp_activation, total
+    quantize_peak: dict[str, int]   # layer_fp32, activations, hessian, mlp_activation, solve, total
     gpus: list[dict] = field(default_factory=list)   # {gpu_gb, run: {bits: bool}, quantize: bool}
     overhead: float = OVERHEAD
 
@@ -266,13 +271,16 @@ def activation_bytes(config: dict) -> int:
 
 
 def quantize_peak_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes: int = 2) -> dict[str, int]:
+    """The parts of quantkit's peak while quantizing a layer, and their total (module docstring)."""
     layer_params = sum(l.params for l in shape.layer_linears()) + shape.layer_norm_params()
-    hessians = sorted((k * k * 4 for k in shape.hessian_inputs()), reverse=True)[:2]
-    # activations: the layer inputs, plus the attention outputs kept for replay (capture.BlockMemo)
-    peak = {"layer_fp32": layer_params * 4, "hessians": sum(hessians),
+    solves = shape.solves()
+    peak = {"layer_fp32": layer_params * 4,
             "activations": 2 * samples * seq_len * shape.hidden * act_bytes,
-            "mlp_activation": MLP_BATCH_TOKENS * shape.intermediate * 4}
-    peak["total"] = sum(peak.values())
+            "hessian": max(k for _, k in solves) ** 2 * 4,
+            "mlp_activation": MLP_BATCH_TOKENS * shape.intermediate * 4,
+            "solve": max(max(n * k + 2 * k * k, k * k + 3 * n * k) for n, k in solves) * 4}
+    peak["total"] = (peak["layer_fp32"] + peak["activations"]
+                     + max(peak["hessian"] + peak["mlp_activation"], peak["solve"]))
     return peak
 
 
@@ -352,9 +360,10 @@ def format_estimate(e: Estimate) -> str:
     lines += _table(rows, indent="", right={1, 2, 3, 4}) + [""]
     q = e.quantize_peak
     lines += [f"KV cache        {gib(e.kv_cache_bytes)} GiB  (context {e.context} x batch {e.batch}, fp16)",
-              f"quantize peak   {gib(q['total'])} GiB = decoder layer fp32 {gib(q['layer_fp32'])} + 2 largest "
-              f"Hessians {gib(q['hessians'])} + calibration activations {gib(q['activations'])} + MLP activation "
-              f"{gib(q['mlp_activation'])}  ({e.samples} x {e.seq_len} calibration tokens)", ""]
+              f"quantize peak   {gib(q['total'])} GiB = decoder layer fp32 {gib(q['layer_fp32'])} + calibration "
+              f"activations {gib(q['activations'])} + the larger of the largest GPTQ solve {gib(q['solve'])} and "
+              f"a forward's Hessian + MLP activation {gib(q['hessian'] + q['mlp_activation'])}  "
+              f"({e.samples} x {e.seq_len} calibration tokens)", ""]
     header = ["fits one GPU?"] + [("fp16" if w.bits == 16 else f"{w.bits}-bit") for w in e.weights] + ["quantize"]
     rows = [header] + [[f"{g['gpu_gb']} GB"] + ["yes" if g["run"][w.bits] else "no" for w in e.weights]
                        + ["yes" if g["quantize"] else "no"] for g in e.gpus]

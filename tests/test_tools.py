@@ -75,12 +75,16 @@ def test_llama2_70b_fits_one_80gb_gpu_only_when_quantized():
     assert e.kv_cache_bytes == 2 * 80 * 8 * 128 * 4096 * 1 * 2  # K and V, 80 layers, 8 KV heads, fp16
     gpu80 = next(g for g in e.gpus if g["gpu_gb"] == 80)
     assert gpu80["run"][16] is False and gpu80["run"][4] is True
-    # quantize peak: layer fp32 + two largest Hessians (28672^2, 8192^2) + 2 x 128x512x8192 in the model's fp16
-    # (layer inputs and replayed attention outputs) + 4096x28672 fp32 (one mini-batch's MLP activation)
+    # quantize peak: layer fp32 + 2 x 128x512x8192 in the model's fp16 (layer inputs and o_proj's kept inputs)
+    # + the larger of the 28672-wide Hessian with one mini-batch's MLP activation (4096x28672 fp32) and the largest
+    # solve: down_proj (8192 rows x 28672 inputs) while factorizing, 8192*28672 + 2*28672^2 floats
     layer = (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192) * 4
-    assert e.quantize_peak == {"layer_fp32": layer, "hessians": (28672**2 + 8192**2) * 4,
-                               "activations": 2 * 128 * 512 * 8192 * 2, "mlp_activation": 4096 * 28672 * 4,
-                               "total": layer + (28672**2 + 8192**2) * 4 + 2 * 128 * 512 * 8192 * 2 + 4096 * 28672 * 4}
+    solve = (8192 * 28672 + 2 * 28672**2) * 4
+    assert solve > (28672**2 + 3 * 8192 * 28672) * 4 > (8192**2 + 3 * 2 * 28672 * 8192) * 4  # the sweeps hold less
+    activations = 2 * 128 * 512 * 8192 * 2
+    assert e.quantize_peak == {"layer_fp32": layer, "activations": activations, "hessian": 28672**2 * 4,
+                               "mlp_activation": 4096 * 28672 * 4, "solve": solve,
+                               "total": layer + activations + solve}
     d = e.to_dict()
     assert json.loads(json.dumps(d))["gpus"][-1]["run"] == {"16": False, "8": True, "4": True, "3": True, "2": True}
 
