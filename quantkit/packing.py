@@ -10,6 +10,8 @@ output dimension; both use `pack_last_dim` / `unpack_last_dim` on a suitably tra
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -42,7 +44,7 @@ def pack_last_dim(values: Tensor, bits: int) -> Tensor:
     n_words = packed_length(n, bits)
     if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 2**bits):
         raise ValueError(f"values outside [0, {2**bits}) cannot be packed in {bits} bits")
-    rows = values.reshape(-1, n)
+    rows = values.reshape(math.prod(values.shape[:-1]), n)  # not -1: a zero-width C leaves it ambiguous
     out = torch.empty(rows.shape[0], n_words, dtype=torch.int32, device=values.device)
     for start in range(0, rows.shape[0], PACK_ROWS):
         out[start:start + PACK_ROWS] = _pack_rows(rows[start:start + PACK_ROWS], bits, n_words)
