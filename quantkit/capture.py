@@ -167,8 +167,9 @@ def foldable_blocks(layer: nn.Module, groups: list[list[str]], sample: Tensor, c
             reference = _run(layer, _move(sample, device, dtype), call)
         finally:
             handle.remove()
-        first = _first_tensor(outputs[0]) if len(outputs) == 1 else None
-        tail = tuple(outputs[0][1:]) if isinstance(outputs[0] if outputs else None, (tuple, list)) else None
+        if len(outputs) != 1:  # not run, or run more than once per forward
+            continue
+        first, tail = _first_tensor(outputs[0]), _tail(outputs[0])
         if first is None or first.shape != sample.shape or any(t is not None for t in tail or ()):
             continue
         first_stored = _move(first, sample.device, sample.dtype)
@@ -301,7 +302,7 @@ class BlockMemo:
         """Forward hook: keep a copy of the block's output for this batch (on the CPU, in the storage dtype)."""
         first = _first_tensor(output)
         self.dtypes[name] = first.dtype if first is not None else None
-        self.tails[name] = tuple(output[1:]) if isinstance(output, (tuple, list)) else None
+        self.tails[name] = _tail(output)
         self.outputs[name].append(_to(output, "cpu", self.storage_dtype, copy=True))
 
     def fold_into(self, batches: list[Tensor], i: int, device: torch.device) -> None:
@@ -319,6 +320,11 @@ class BlockMemo:
             record, records[i] = _first_tensor(records[i]), None
             batches[i].add_(record)
             self.folded.setdefault(name, []).append(record.shape)
+
+def _tail(output) -> tuple | None:
+    """What a block returned after its first element (attention weights, ...); None when it returned a tensor."""
+    return tuple(output[1:]) if isinstance(output, (tuple, list)) else None
+
 
 def _first_tensor(output) -> Tensor | None:
     return next((t for t in (output if isinstance(output, (tuple, list)) else [output]) if isinstance(t, Tensor)), None)

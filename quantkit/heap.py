@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -29,14 +30,23 @@ M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 MMAP_THRESHOLD_BYTES = 1 << 20
 
 
+@functools.cache
+def _glibc_call(name: str, *argtypes):
+    """The C library's function `name` with its argument types set, or None where there is none (macOS,
+    Windows, musl without mallopt or malloc_trim)."""
+    try:
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
+    return fn
+
+
 def release_large_frees_at_once() -> bool:
     """Fix glibc's mmap threshold at 1 MiB for this process; False where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # macOS, Windows, musl without mallopt
+    mallopt = _glibc_call("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
     if not ok:
         log.debug("mallopt(M_MMAP_THRESHOLD) refused; peak memory may creep with depth")
@@ -49,12 +59,9 @@ def return_free_heap() -> bool:
     Memory below the mmap threshold that is freed stays resident in the heap: tokenizing the calibration text
     leaves about 50 MB behind on SmolLM2, and each layer's small frees add a creep of about 2 MB a layer. Both
     count in every later peak unless returned."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        malloc_trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    malloc_trim = _glibc_call("malloc_trim", ctypes.c_size_t)
+    if malloc_trim is None:
         return False
-    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     malloc_trim(0)
     return True
 

@@ -38,6 +38,8 @@ def main() -> int:
     shape = ModelShape.from_config(load_model_config(args.shape)[3])
     spec = QuantSpec(bits=args.bits, group_size=args.group_size)
     device = torch.device(args.device)
+    # the solves written out here, not taken from ModelShape.solves(): older checkouts, run through PYTHONPATH
+    # for a side-by-side figure, do not have that method
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     solves = {"q/k/v": (q + 2 * kv, shape.hidden), "o": (shape.hidden, q),
               "gate/up": (2 * shape.intermediate, shape.hidden), "down": (shape.hidden, shape.intermediate)}
