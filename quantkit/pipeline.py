@@ -275,7 +275,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         log.info("calibration: %d x %d tokens from %s", calib.samples, calib.seq_len, calib.source)
         batches, calls = _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype,
                                             storage_dtype)
-        return_free_heap()  # the embedding's pages and the first forward's small frees
+        return_free_heap()  # the small frees of the embedding lookup and the first forward
         if state.layers_done:
             batches = state.load_activations()
     bar = _progress_bar(steps, progress)

@@ -79,11 +79,16 @@ def _rounding_error(w: Tensor, scale: Tensor, zero: Tensor, bits: int, sym: bool
     maxq = 2**bits - 1
     torch.div(w, s, out=buffer).round_()
     if sym:  # one zero point for every row: scalar bounds, about 10x cheaper than per-row ones on a CPU
-        mid = (maxq + 1) // 2
+        mid = _symmetric_zero(maxq)
         buffer.clamp_(-mid, maxq - mid)
     else:
         torch.clamp(buffer, -z, maxq - z, out=buffer)
     return buffer.mul_(s).sub_(w).abs_().pow_(CLIP_NORM).sum(dim=-1)
+
+
+def _symmetric_zero(maxq: int) -> int:
+    """The fixed zero point of a symmetric grid: the middle code (8 of 0..15 at 4 bits)."""
+    return (maxq + 1) // 2
 
 
 def _range_qparams(xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
@@ -96,7 +101,7 @@ def _range_qparams(xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Te
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
     scale = ((xmax - xmin) / maxq).clamp(_FP16_MIN_SCALE, _FP16_MAX).half().float()
     if sym:
-        zero = torch.full_like(scale, (maxq + 1) // 2)
+        zero = torch.full_like(scale, _symmetric_zero(maxq))
     else:
         zero = torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
