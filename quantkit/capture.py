@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .gptq import accumulate_hessian
 from .model_skeleton import in_features, linear_modules
+from .spill import KeptInMemory, KeptOnDisk
+
+log = logging.getLogger("quantkit")
 
 
 class _StopForward(Exception):
@@ -198,10 +203,15 @@ class BlockMemo:
     all: each batch's record is added into the stored input the moment that batch's forward is done
     (`fold_into`), and the block replays zeros from then on. The sum is what the layer itself would compute,
     bit for bit, and one copy of the activations' size is saved.
+
+    spill_dir: where inputs wider than the hidden states (down_proj's) may be kept, in an unlinked scratch file
+    (spill.KeptOnDisk), so the propagation applies down_proj to them instead of rerunning gate/up. Without it
+    they are not kept. Call `close` when the layer is done.
     """
 
     def __init__(self, layer: nn.Module, enabled: bool = True, storage_dtype: torch.dtype | None = None,
-                 groups: list[list[str]] = (), hidden_size: int = 0, fold: set[str] = frozenset()):
+                 groups: list[list[str]] = (), hidden_size: int = 0, fold: set[str] = frozenset(),
+                 spill_dir: Path | None = None):
         self.layer = layer
         self.storage_dtype = storage_dtype  # records are kept like the activations (the model's dtype)
         self.blocks = {name: {f"{name}.{sub}" for sub in linear_modules(child)}
@@ -209,29 +219,59 @@ class BlockMemo:
         self.outputs: dict[str, list] = {}
         self.dtypes: dict[str, torch.dtype | None] = {}  # what the block returned, restored on replay
         self.batch = 0  # index of the mini-batch being run
-        self.exits = self._exit_linears(groups, hidden_size)  # {block: its exit Linear}
-        self.seeds: dict[str, list] = {}  # block -> its exit Linear's inputs, one per batch
+        self.hidden_size = hidden_size
+        self.spill_dir = spill_dir
+        self.exits = self._exit_linears(groups)  # {block: its exit Linear}
+        self.seeds: dict[str, KeptInMemory | KeptOnDisk] = {}  # block -> its exit Linear's inputs, one per batch
+        self.done: set[str] = set()  # the Linears quantized already, in the pass being run
         self.fold = set(fold)  # blocks whose records are added into the stored inputs (foldable_blocks)
         self.folded: dict[str, list[torch.Size]] = {}  # folded block -> its output's shape, one per batch
         self.tails: dict[str, tuple | None] = {}  # what a block returned after its first tensor (None: a tensor)
 
-    def _exit_linears(self, groups: list[list[str]], hidden_size: int) -> dict[str, str]:
-        """{block: exit Linear} for blocks whose last-run group is one Linear (o_proj, down_proj) no wider than the
-        hidden states: its inputs, kept while it is solved, give the block's output without rerunning the block.
-        Wider inputs (down_proj's) would cost more memory than the activations themselves, so are not kept."""
+    def _exit_linears(self, groups: list[list[str]]) -> dict[str, str]:
+        """{block: exit Linear} for blocks whose last-run group is one Linear (o_proj, down_proj): its inputs, kept
+        while it is solved, give the block's output without rerunning the block. Inputs wider than the hidden
+        states (down_proj's) would cost more memory than the activations themselves: kept only with a spill_dir."""
         modules = linear_modules(self.layer)
         exits = {}
         for block, linears in self.blocks.items():
             mine = [g for g in groups if set(g) <= linears]
-            if mine and len(mine[-1]) == 1 and in_features(modules[mine[-1][0]]) <= hidden_size:
+            if mine and len(mine[-1]) == 1 and (self.spill_dir is not None
+                                                or in_features(modules[mine[-1][0]]) <= self.hidden_size):
                 exits[block] = mine[-1][0]
         return exits
 
     def keep_exit_input(self, linear: str, x: Tensor) -> None:
-        """Called with each batch's input to `linear` while it is calibrated (a Hessian hook)."""
+        """Called with each batch's input to `linear` while it is calibrated (a Hessian hook). Kept only when the
+        rest of its block is quantized already: else the propagation's block would see other inputs."""
         for block, exit_linear in self.exits.items():
-            if exit_linear == linear and block not in self.outputs:
-                self.seeds.setdefault(block, []).append(_to(x, "cpu", self.storage_dtype, copy=True))
+            if exit_linear != linear or block in self.outputs or not self.blocks[block] - {linear} <= self.done:
+                continue
+            if block not in self.seeds:
+                wide = x.shape[-1] > self.hidden_size
+                self.seeds[block] = KeptOnDisk(self.spill_dir) if wide else KeptInMemory()
+            seeds = self.seeds[block]
+            try:
+                if isinstance(seeds, KeptOnDisk):
+                    seeds.append(_to(x, "cpu", self.storage_dtype))
+                else:
+                    seeds.append(_to(x, "cpu", self.storage_dtype, copy=True))
+            except OSError as e:  # a full disk costs time (the block reruns), never the run
+                log.warning("cannot keep %s's inputs in %s (%s); the propagation reruns %s", linear, self.spill_dir,
+                            e, block)
+                self._drop_seeds(block)
+                del self.exits[block]
+                return
+
+    def _drop_seeds(self, block: str) -> None:
+        seeds = self.seeds.pop(block, None)
+        if seeds is not None:
+            seeds.close()
+
+    def close(self) -> None:
+        """Free every kept input (and its scratch file)."""
+        for block in list(self.seeds):
+            self._drop_seeds(block)
 
     @contextlib.contextmanager
     def replaying(self, done: set[str], n_batches: int, device: torch.device, last_pass: bool = False):
@@ -241,6 +281,7 @@ class BlockMemo:
         new is recorded: a record is as large as the activations themselves."""
         handles, replaced, recording = [], [], []
         seeded_before = set(self.seeds)  # kept by the previous stage: used now, or never
+        self.done = set(done)
         for name, linears in self.blocks.items():
             if not linears <= done:
                 continue
@@ -248,13 +289,14 @@ class BlockMemo:
             if name in self.outputs:
                 child.forward = functools.partial(self._replay, name, device, last_pass)
                 replaced.append(child)
-            elif not last_pass:
+                continue
+            if not last_pass:
                 self.outputs[name] = []
                 recording.append(name)
                 handles.append(child.register_forward_hook(functools.partial(self._record, name)))
-                if len(self.seeds.get(name, ())) == n_batches:
-                    child.forward = functools.partial(self._from_exit_input, name, child.forward)
-                    replaced.append(child)
+            if len(self.seeds.get(name, ())) == n_batches:
+                child.forward = functools.partial(self._from_exit_input, name, child.forward)
+                replaced.append(child)
         try:
             yield
         finally:
@@ -266,7 +308,7 @@ class BlockMemo:
                 if len(self.outputs[name]) != n_batches:  # stopped before it completed, or called twice
                     del self.outputs[name]
             for name in seeded_before:
-                self.seeds.pop(name, None)
+                self._drop_seeds(name)
 
     def _replay(self, block: str, device: torch.device, last_use: bool, *args, **kwargs):
         """The block's recorded output for this batch: a copy (the caller may edit it in place), or on its last
@@ -289,11 +331,13 @@ class BlockMemo:
             return forward(*args, **kwargs)
         exit_linear = self.layer.get_submodule(self.exits[block])
         device = exit_linear.weight.device
-        kept, seeds[self.batch] = seeds[self.batch], None  # each kept input is freed once used
+        kept = seeds.take(self.batch)  # each kept input is freed once used
         if self.batch == 0:
             real = forward(*args, **kwargs)
-            if not _is_exit_output(real, exit_linear(_move(kept, device, _first_tensor(real).dtype)), kept.dtype):
-                del self.seeds[block]
+            first = _first_tensor(real)
+            self.dtypes[block], self.tails[block] = first.dtype if first is not None else None, _tail(real)
+            if first is None or not _is_exit_output(real, exit_linear(_move(kept, device, first.dtype)), kept.dtype):
+                self._drop_seeds(block)
             return real
         out = exit_linear(_move(kept, device, self.dtypes[block]))
         return out if self.tails[block] is None else (out, *self.tails[block])

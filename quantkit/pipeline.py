@@ -29,10 +29,11 @@ from .heap import release_large_frees_at_once, return_free_heap
 from .hub import cached_snapshot, hub_cache_dir, publish_snapshot, repo_lock, sha256_file, validate_repo_id
 from .lm_head import quantize_head
 from .model_card import render_model_card
-from .model_skeleton import (build_skeleton, calibration_batch_size, check_tensors, decoder_layers, linear_modules,
-                             load_config, materialize, outer_modules_materialized, release, set_weight_matrix,
-                             weight_matrix)
+from .model_skeleton import (build_skeleton, calibration_batch_size, check_tensors, decoder_layers, in_features,
+                             linear_modules, load_config, materialize, outer_modules_materialized, release,
+                             set_weight_matrix, weight_matrix)
 from .resume import STATE, RunState, model_fingerprint, run_fingerprint
+from .spill import disk_has_room
 from .writer import ShardWriter, parse_size, write_json
 
 log = logging.getLogger("quantkit")
@@ -294,7 +295,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         last = i == len(layers) - 1 and not spec.lm_head  # no later step needs this layer's outputs
         if spec.method == "gptq":
             results = _gptq_layer(layer, f"{prefix}.{i}", batches, calls[i], spec, fmt, dev, compute_dtype, last,
-                                  stages, foldable)
+                                  stages, foldable, spill_dir=target.work if dev.type == "cpu" else None)
         else:
             results = _rtn_layer(layer, f"{prefix}.{i}", spec, fmt)
         tensors = {k: v for res in results.values() for k, v in res.tensors.items()}
@@ -409,9 +410,12 @@ def _packed(where: str, name: str, res: GPTQResult, module, spec: QuantSpec, fmt
 
 
 def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev, compute_dtype,
-                last: bool, clock: _StageClock, foldable: dict[type, set[str]]) -> dict[str, _Solved]:
+                last: bool, clock: _StageClock, foldable: dict[type, set[str]],
+                spill_dir: Path | None = None) -> dict[str, _Solved]:
     """GPTQ every Linear of layer `where` (stage by stage when true-sequential), then propagate the batches.
-    foldable: the blocks found foldable per layer class (filled on first use; one check per class)."""
+    foldable: the blocks found foldable per layer class (filled on first use; one check per class).
+    spill_dir: where down_proj's inputs may wait for the propagation (on a CPU, recomputing them is the larger
+    cost: gate/up's matmuls, a sixth of a SmolLM2 layer's time); None recomputes them."""
     groups = discover_groups(layer, batches[0][:1].to(dev, compute_dtype), call)
     groups = [kept for kept in ([n for n in g if not spec.skips(n)] for g in groups) if kept]
     modules = linear_modules(layer)
@@ -420,18 +424,32 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev
     results: dict[str, _Solved] = {}
     if spec.true_sequential and type(layer) not in foldable:  # else nothing is recorded, so nothing to fold
         foldable[type(layer)] = foldable_blocks(layer, groups, batches[0][:1], call, dev, compute_dtype)
-    memo = BlockMemo(layer, storage_dtype=batches[0].dtype, groups=groups, hidden_size=batches[0].shape[-1],
-                     fold=foldable.get(type(layer), set()))
-    for stage in stages:
-        hessians = collect_hessians(layer, stage, batches, call, dev, compute_dtype, memo, done=set(results) | skipped)
-        clock.lap("hessians")
-        for group in stage:
-            results.update(_solve_group(where, group, hessians.pop(0), modules, spec, fmt))
-        clock.lap("solve")
-    if not last:  # the final layer's outputs are never used
-        propagate(layer, batches, call, dev, compute_dtype, memo)
-        clock.lap("propagate")
+    hidden = batches[0].shape[-1]
+    if spill_dir is not None and (last or not spec.true_sequential  # nothing to keep for
+                                  or not disk_has_room(spill_dir, _widest_inputs_bytes(batches, modules))):
+        spill_dir = None
+    memo = BlockMemo(layer, storage_dtype=batches[0].dtype, groups=groups, hidden_size=hidden,
+                     fold=foldable.get(type(layer), set()), spill_dir=spill_dir)
+    try:
+        for stage in stages:
+            hessians = collect_hessians(layer, stage, batches, call, dev, compute_dtype, memo,
+                                        done=set(results) | skipped)
+            clock.lap("hessians")
+            for group in stage:
+                results.update(_solve_group(where, group, hessians.pop(0), modules, spec, fmt))
+            clock.lap("solve")
+        if not last:  # the final layer's outputs are never used
+            propagate(layer, batches, call, dev, compute_dtype, memo)
+            clock.lap("propagate")
+    finally:
+        memo.close()
     return {name: results[name] for name in modules if name in results}
+
+
+def _widest_inputs_bytes(batches, modules: dict) -> int:
+    """The stored size of the widest Linear's inputs over every batch (down_proj's, for a Llama MLP)."""
+    tokens = sum(b.numel() // b.shape[-1] for b in batches)
+    return tokens * max(in_features(m) for m in modules.values()) * batches[0].element_size()
 
 
 def _solve_group(where: str, group: list[str], hessian: torch.Tensor, modules: dict, spec: QuantSpec,

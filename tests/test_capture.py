@@ -27,10 +27,17 @@ def test_replaying_finished_blocks_changes_no_output_byte(model_type, act_order,
                                 **({"head_dim": 16} if model_type == "gemma2" else {}))
     spec = QuantSpec(bits=4, group_size=32, act_order=act_order)
     calib = CalibSpec(samples=8, seq_len=32)
-    found = []
+    found, spilled = [], []
     monkeypatch.setattr(pipeline, "foldable_blocks", lambda *a: found.append(capture.foldable_blocks(*a)) or found[-1])
+
+    class Spill(capture.KeptOnDisk):
+        def take(self, i):
+            spilled.append(i)
+            return super().take(i)
+    monkeypatch.setattr(capture, "KeptOnDisk", Spill)
     quantize(str(model_dir), spec, calib, out=tmp_path / "memo")
     assert found == [folds]  # checked once: every layer is of one class
+    assert spilled == [0]  # one batch of down_proj's inputs, read back by layer 0's propagation (layer 1 is the last)
     replays = []
     monkeypatch.setattr(pipeline, "BlockMemo", lambda layer, **kw: replays.append(layer) or BlockMemo(layer, enabled=False, **kw))
     quantize(str(model_dir), spec, calib, out=tmp_path / "plain")
@@ -185,3 +192,61 @@ def test_head_hessian_equals_the_one_of_a_real_forward(tiny_llama_dir, tiny_toke
                              torch.device("cpu"), torch.float32)
     assert torch.allclose(H, reference, rtol=1e-5, atol=1e-7)
     assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in model.model.layers)  # restored
+
+
+def test_mlp_output_comes_from_down_projs_inputs_kept_on_disk(tmp_path):
+    """down_proj's inputs, kept in an unlinked scratch file while down_proj is calibrated, give the MLP's output in
+    the propagation: gate/up run for the first batch only (the check), and the outputs are the plain ones bit for
+    bit. No file is left in the directory."""
+    from quantkit.spill import KeptOnDisk
+
+    layer, batches, call = _llama_layer_and_batches()
+    cpu, before_down = torch.device("cpu"), set(GROUPS[0]) | set(GROUPS[1]) | set(GROUPS[2])
+    expected = [b.clone() for b in batches]
+    propagate(layer, expected, call, cpu, torch.float32)
+
+    memo = BlockMemo(layer, groups=GROUPS, hidden_size=32, spill_dir=tmp_path)
+    assert memo.exits == {"self_attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}
+    collect_hessians(layer, [GROUPS[3]], batches, call, cpu, torch.float32, memo, done=before_down)
+    assert isinstance(memo.seeds["mlp"], KeptOnDisk) and len(memo.seeds["mlp"]) == 3
+    assert list(tmp_path.iterdir()) == []
+    gate_runs = []
+    layer.mlp.gate_proj.register_forward_hook(lambda *a: gate_runs.append(1))
+    got = [b.clone() for b in batches]
+    propagate(layer, got, call, cpu, torch.float32, memo)
+    assert len(gate_runs) == 1
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    assert memo.seeds == {}
+
+
+def test_down_projs_inputs_are_not_kept_before_gate_and_up_are_quantized(tmp_path):
+    """Without true-sequential stages the propagation's gate/up differ from those down_proj was calibrated on."""
+    layer, batches, call = _llama_layer_and_batches()
+    memo = BlockMemo(layer, groups=GROUPS, hidden_size=32, spill_dir=tmp_path)
+    collect_hessians(layer, GROUPS, batches, call, torch.device("cpu"), torch.float32, memo, done=set())
+    assert memo.seeds == {}
+
+
+def test_a_full_disk_while_keeping_inputs_reruns_the_block(tmp_path, monkeypatch, caplog):
+    from quantkit import spill
+
+    layer, batches, call = _llama_layer_and_batches()
+    cpu, before_down = torch.device("cpu"), set(GROUPS[0]) | set(GROUPS[1]) | set(GROUPS[2])
+    expected = [b.clone() for b in batches]
+    propagate(layer, expected, call, cpu, torch.float32)
+    writes = []
+
+    def append(self, t):
+        writes.append(1)
+        if len(writes) == 2:
+            raise OSError(28, "No space left on device")
+    monkeypatch.setattr(spill.KeptOnDisk, "append", append)
+    memo = BlockMemo(layer, groups=GROUPS, hidden_size=32, spill_dir=tmp_path)
+    collect_hessians(layer, [GROUPS[3]], batches, call, cpu, torch.float32, memo, done=before_down)
+    assert len(writes) == 2 and memo.seeds == {} and "mlp" not in memo.exits
+    assert "No space left on device" in caplog.text
+    got = [b.clone() for b in batches]
+    propagate(layer, got, call, cpu, torch.float32, memo)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)

@@ -1,0 +1,86 @@
+"""Tensors kept for a later pass of the same layer: in memory, or in an unlinked scratch file on disk.
+
+A kept tensor is read back once, by index (`take`). The file variant is for inputs too large to hold beside the
+activations (a 7B down_proj's are 2.7x the hidden states): the kernel's page cache holds them while memory is
+free and writes them back to disk when it is not, so they never add to the process's resident memory. The file
+has no name (O_TMPFILE, or removed once opened), so nothing is left behind by a crash.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+class KeptInMemory:
+    """Copies on the CPU, one per batch."""
+
+    def __init__(self):
+        self._items: list[Tensor | None] = []
+
+    def append(self, t: Tensor) -> None:
+        self._items.append(t)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def take(self, i: int) -> Tensor:
+        """Item i; its memory is freed once the caller drops it."""
+        item, self._items[i] = self._items[i], None
+        if item is None:
+            raise RuntimeError(f"internal error: kept tensor {i} was already taken")
+        return item
+
+    def close(self) -> None:
+        self._items.clear()
+
+
+class KeptOnDisk:
+    """Raw bytes appended to a scratch file in `directory`; (offset, shape, dtype) per batch."""
+
+    def __init__(self, directory: Path):
+        self._file = tempfile.TemporaryFile(dir=directory)  # unlinked at once where the OS allows
+        self._items: list[tuple[int, torch.Size, torch.dtype] | None] = []
+        self._end = 0
+
+    def append(self, t: Tensor) -> None:
+        data = t.detach().to("cpu").contiguous()
+        raw = data.view(-1).view(torch.uint8).numpy()  # a view: bfloat16 has no numpy dtype, its bytes do
+        self._file.seek(self._end)
+        self._file.write(memoryview(raw))
+        self._items.append((self._end, data.shape, data.dtype))
+        self._end += raw.nbytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def take(self, i: int) -> Tensor:
+        item, self._items[i] = self._items[i], None
+        if item is None:
+            raise RuntimeError(f"internal error: kept tensor {i} was already taken")
+        offset, shape, dtype = item
+        out = torch.empty(shape, dtype=dtype)
+        raw = memoryview(out.view(-1).view(torch.uint8).numpy())
+        self._file.seek(offset)
+        got = 0
+        while got < raw.nbytes:
+            n = self._file.readinto(raw[got:])
+            if not n:
+                raise OSError(f"quantkit scratch file: read {got} of {raw.nbytes} bytes at offset {offset}")
+            got += n
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+        self._items.clear()
+
+
+def disk_has_room(directory: Path, nbytes: int) -> bool:
+    """Whether `directory` can take nbytes of scratch and still keep as much free for the output files."""
+    try:
+        return shutil.disk_usage(directory).free >= 2 * nbytes
+    except OSError:
+        return False
