@@ -15,6 +15,8 @@ needs (the Hessian being collected, in_features^2 * 4 bytes, plus one intermedia
 mini-batch, 4096 * intermediate * 4 bytes) and a GPTQ solve's (Linears reading one input are solved stacked, N
 rows by K inputs: the float32 weight and the Hessian with its factor while factorizing, N*K + 2*K^2 floats, then
 the inverse factor, the weight, its codes and its dequantized result, K^2 + 3*N*K floats).
+Quantize scratch (CPU runs only, on disk in the work directory, not in memory): the widest Linear's inputs
+(down_proj's, samples * seq_len * intermediate, stored like the activations) from its Hessian to the propagation.
 """
 from __future__ import annotations
 
@@ -185,6 +187,7 @@ class Estimate:
     samples: int
     seq_len: int
     quantize_peak: dict[str, int]   # layer_fp32, activations, hessian, mlp_activation, solve, total
+    quantize_scratch_bytes: int = 0  # on disk, CPU runs only
     gpus: list[dict] = field(default_factory=list)   # {gpu_gb, run: {bits: bool}, quantize: bool}
     overhead: float = OVERHEAD
 
@@ -208,6 +211,7 @@ class Estimate:
             "calibration": {"samples": self.samples, "seq_len": self.seq_len},
             "quantize_peak": dict(self.quantize_peak),
             "quantize_peak_gib": self.quantize_peak["total"] / GIB,
+            "quantize_scratch_disk_bytes": self.quantize_scratch_bytes,
             "gpus": [{**g, "run": {str(b): ok for b, ok in g["run"].items()}} for g in self.gpus],
             "overhead": self.overhead,
             "units": "bytes; *_gib = bytes / 2**30; a 'N GB' GPU is counted as N GiB",
@@ -284,6 +288,11 @@ def quantize_peak_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes
     return peak
 
 
+def quantize_scratch_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes: int = 2) -> int:
+    """Disk a CPU run borrows per layer for the widest Linear's inputs (pipeline._widest_inputs_bytes)."""
+    return samples * seq_len * max(shape.intermediate, shape.hidden) * act_bytes
+
+
 def _fits(need: int, gpu_gb: int) -> bool:
     return need <= gpu_gb * GIB
 
@@ -322,7 +331,8 @@ def estimate(model_or_config, bits=DEFAULT_BITS, group_size: int = 128, context:
              "quantize": _fits(quantize_need, g)} for g in GPU_SIZES_GB]
     return Estimate(model=label, source=source, path=path, shape=shape, params=params, weights=weights,
                     group_size=group_size, context=context, batch=batch, kv_cache_bytes=kv, samples=samples,
-                    seq_len=seq_len, quantize_peak=peak, gpus=gpus)
+                    seq_len=seq_len, quantize_peak=peak, gpus=gpus,
+                    quantize_scratch_bytes=quantize_scratch_bytes(shape, samples, seq_len, activation_bytes(cfg)))
 
 
 def _count(n: int) -> str:
@@ -363,7 +373,10 @@ def format_estimate(e: Estimate) -> str:
               f"quantize peak   {gib(q['total'])} GiB = decoder layer fp32 {gib(q['layer_fp32'])} + calibration "
               f"activations {gib(q['activations'])} + the larger of the largest GPTQ solve {gib(q['solve'])} and "
               f"a forward's Hessian + MLP activation {gib(q['hessian'] + q['mlp_activation'])}  "
-              f"({e.samples} x {e.seq_len} calibration tokens)", ""]
+              f"({e.samples} x {e.seq_len} calibration tokens)",
+              f"quantize disk   {gib(e.quantize_scratch_bytes)} GiB of scratch in the work directory while a layer "
+              "quantizes on a CPU (down_proj's inputs, kept for the propagation; skipped without twice that free)",
+              ""]
     header = ["fits one GPU?"] + [("fp16" if w.bits == 16 else f"{w.bits}-bit") for w in e.weights] + ["quantize"]
     rows = [header] + [[f"{g['gpu_gb']} GB"] + ["yes" if g["run"][w.bits] else "no" for w in e.weights]
                        + ["yes" if g["quantize"] else "no"] for g in e.gpus]
