@@ -204,14 +204,15 @@ class BlockMemo:
     (`fold_into`), and the block replays zeros from then on. The sum is what the layer itself would compute,
     bit for bit, and one copy of the activations' size is saved.
 
-    spill_dir: where inputs wider than the hidden states (down_proj's) may be kept, in an unlinked scratch file
-    (spill.KeptOnDisk), so the propagation applies down_proj to them instead of rerunning gate/up. Without it
-    they are not kept. Call `close` when the layer is done.
+    spill_dir: where exit Linears' inputs are kept, in an unlinked scratch file (spill.KeptOnDisk) instead of
+    memory. Inputs wider than the hidden states (down_proj's) are kept only there, and only when a propagation
+    follows (`propagates`): it then applies down_proj to them instead of rerunning gate/up. Call `close` when
+    the layer is done.
     """
 
     def __init__(self, layer: nn.Module, enabled: bool = True, storage_dtype: torch.dtype | None = None,
                  groups: list[list[str]] = (), hidden_size: int = 0, fold: set[str] = frozenset(),
-                 spill_dir: Path | None = None):
+                 spill_dir: Path | None = None, propagates: bool = True):
         self.layer = layer
         self.storage_dtype = storage_dtype  # records are kept like the activations (the model's dtype)
         self.blocks = {name: {f"{name}.{sub}" for sub in linear_modules(child)}
@@ -221,23 +222,22 @@ class BlockMemo:
         self.batch = 0  # index of the mini-batch being run
         self.hidden_size = hidden_size
         self.spill_dir = spill_dir
-        self.exits = self._exit_linears(groups)  # {block: its exit Linear}
+        self.exits = self._exit_linears(groups, keep_wide=spill_dir is not None and propagates)  # {block: exit}
         self.seeds: dict[str, KeptInMemory | KeptOnDisk] = {}  # block -> its exit Linear's inputs, one per batch
         self.done: set[str] = set()  # the Linears quantized already, in the pass being run
         self.fold = set(fold)  # blocks whose records are added into the stored inputs (foldable_blocks)
         self.folded: dict[str, list[torch.Size]] = {}  # folded block -> its output's shape, one per batch
         self.tails: dict[str, tuple | None] = {}  # what a block returned after its first tensor (None: a tensor)
 
-    def _exit_linears(self, groups: list[list[str]]) -> dict[str, str]:
+    def _exit_linears(self, groups: list[list[str]], keep_wide: bool) -> dict[str, str]:
         """{block: exit Linear} for blocks whose last-run group is one Linear (o_proj, down_proj): its inputs, kept
         while it is solved, give the block's output without rerunning the block. Inputs wider than the hidden
-        states (down_proj's) would cost more memory than the activations themselves: kept only with a spill_dir."""
+        states (down_proj's) would cost more memory than the activations themselves: kept only if keep_wide."""
         modules = linear_modules(self.layer)
         exits = {}
         for block, linears in self.blocks.items():
             mine = [g for g in groups if set(g) <= linears]
-            if mine and len(mine[-1]) == 1 and (self.spill_dir is not None
-                                                or in_features(modules[mine[-1][0]]) <= self.hidden_size):
+            if mine and len(mine[-1]) == 1 and (keep_wide or in_features(modules[mine[-1][0]]) <= self.hidden_size):
                 exits[block] = mine[-1][0]
         return exits
 
@@ -248,8 +248,7 @@ class BlockMemo:
             if exit_linear != linear or block in self.outputs or not self.blocks[block] - {linear} <= self.done:
                 continue
             if block not in self.seeds:
-                wide = x.shape[-1] > self.hidden_size
-                self.seeds[block] = KeptOnDisk(self.spill_dir) if wide else KeptInMemory()
+                self.seeds[block] = KeptOnDisk(self.spill_dir) if self.spill_dir is not None else KeptInMemory()
             seeds = self.seeds[block]
             try:
                 if isinstance(seeds, KeptOnDisk):

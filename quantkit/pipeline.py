@@ -414,8 +414,9 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev
                 spill_dir: Path | None = None) -> dict[str, _Solved]:
     """GPTQ every Linear of layer `where` (stage by stage when true-sequential), then propagate the batches.
     foldable: the blocks found foldable per layer class (filled on first use; one check per class).
-    spill_dir: where down_proj's inputs may wait for the propagation (on a CPU, recomputing them is the larger
-    cost: gate/up's matmuls, a sixth of a SmolLM2 layer's time); None recomputes them."""
+    spill_dir: where o_proj's and down_proj's inputs may wait for their later use, in a scratch file (on a CPU:
+    the page cache holds them, not the process; the propagation applies down_proj to its kept inputs, where
+    rerunning gate/up took a sixth of a SmolLM2 layer's time); None keeps o_proj's in memory, down_proj's not."""
     groups = discover_groups(layer, batches[0][:1].to(dev, compute_dtype), call)
     groups = [kept for kept in ([n for n in g if not spec.skips(n)] for g in groups) if kept]
     modules = linear_modules(layer)
@@ -425,11 +426,11 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev
     if spec.true_sequential and type(layer) not in foldable:  # else nothing is recorded, so nothing to fold
         foldable[type(layer)] = foldable_blocks(layer, groups, batches[0][:1], call, dev, compute_dtype)
     hidden = batches[0].shape[-1]
-    if spill_dir is not None and (last or not spec.true_sequential  # nothing to keep for
-                                  or not disk_has_room(spill_dir, _widest_inputs_bytes(batches, modules))):
+    if spill_dir is not None and not (spec.true_sequential  # else nothing is kept
+                                      and disk_has_room(spill_dir, _widest_inputs_bytes(batches, modules))):
         spill_dir = None
     memo = BlockMemo(layer, storage_dtype=batches[0].dtype, groups=groups, hidden_size=hidden,
-                     fold=foldable.get(type(layer), set()), spill_dir=spill_dir)
+                     fold=foldable.get(type(layer), set()), spill_dir=spill_dir, propagates=not last)
     try:
         for stage in stages:
             hessians = collect_hessians(layer, stage, batches, call, dev, compute_dtype, memo,

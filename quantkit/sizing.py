@@ -17,6 +17,8 @@ rows by K inputs: the float32 weight and the Hessian with its factor while facto
 the inverse factor, the weight, its codes and its dequantized result, K^2 + 3*N*K floats).
 Quantize scratch (CPU runs only, on disk in the work directory, not in memory): the widest Linear's inputs
 (down_proj's, samples * seq_len * intermediate, stored like the activations) from its Hessian to the propagation.
+o_proj's inputs go there too on a CPU, so the peak above (one formula for every device) overstates a CPU run by one
+copy of the activations.
 """
 from __future__ import annotations
 

@@ -37,7 +37,9 @@ def test_replaying_finished_blocks_changes_no_output_byte(model_type, act_order,
     monkeypatch.setattr(capture, "KeptOnDisk", Spill)
     quantize(str(model_dir), spec, calib, out=tmp_path / "memo")
     assert found == [folds]  # checked once: every layer is of one class
-    assert spilled == [0]  # one batch of down_proj's inputs, read back by layer 0's propagation (layer 1 is the last)
+    # one batch of kept inputs read back: o_proj's in both layers' gate/up stage, down_proj's in layer 0's
+    # propagation (layer 1, the last, has none)
+    assert spilled == [0, 0, 0]
     replays = []
     monkeypatch.setattr(pipeline, "BlockMemo", lambda layer, **kw: replays.append(layer) or BlockMemo(layer, enabled=False, **kw))
     quantize(str(model_dir), spec, calib, out=tmp_path / "plain")
@@ -91,20 +93,25 @@ GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_a
           ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
-@pytest.mark.parametrize("extra_after_exit", [False, True])
-def test_attention_output_comes_from_the_kept_o_proj_inputs(extra_after_exit):
-    """o_proj's inputs, kept while o_proj is calibrated, give the attention's output in the next stage: the real
-    attention runs for the first batch only (to check that). A block doing more after o_proj runs for real."""
+@pytest.mark.parametrize("extra_after_exit,on_disk", [(False, False), (True, False), (False, True)])
+def test_attention_output_comes_from_the_kept_o_proj_inputs(extra_after_exit, on_disk, tmp_path):
+    """o_proj's inputs, kept while o_proj is calibrated (in memory, or in a scratch file), give the attention's
+    output in the next stage: the real attention runs for the first batch only (to check that). A block doing
+    more after o_proj runs for real."""
+    from quantkit.spill import KeptInMemory, KeptOnDisk
+
     layer, batches, call = _llama_layer_and_batches()
     cpu, qkv = torch.device("cpu"), set(GROUPS[0])
     if extra_after_exit:  # an architecture whose attention scales its output after o_proj
         forward = layer.self_attn.forward
         layer.self_attn.forward = lambda *a, **k: (forward(*a, **k)[0] * 2, None)
     expected = collect_hessians(layer, [GROUPS[2]], batches, call, cpu, torch.float32)[0]
-    memo = BlockMemo(layer, groups=GROUPS, hidden_size=32)
-    assert memo.exits == {"self_attn": "self_attn.o_proj"}  # down_proj's input is wider than the hidden states
+    memo = BlockMemo(layer, groups=GROUPS, hidden_size=32, spill_dir=tmp_path if on_disk else None,
+                     propagates=False)
+    assert memo.exits == {"self_attn": "self_attn.o_proj"}  # down_proj's inputs: wider, and no propagation to use them
     collect_hessians(layer, [GROUPS[1]], batches, call, cpu, torch.float32, memo, done=qkv)
     assert len(memo.seeds["self_attn"]) == 3
+    assert isinstance(memo.seeds["self_attn"], KeptOnDisk if on_disk else KeptInMemory)
     attention_runs = []
     layer.self_attn.q_proj.register_forward_hook(lambda *a: attention_runs.append(1))
     H = collect_hessians(layer, [GROUPS[2]], batches, call, cpu, torch.float32, memo,
