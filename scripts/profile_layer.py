@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Where one decoder layer's GPTQ time goes: each true-sequential stage's forward + Hessian, solves, propagation.
 
-    python scripts/profile_layer.py demo/SmolLM2-135M-Instruct [SAMPLES] [--no-replay]
+    python scripts/profile_layer.py demo/SmolLM2-135M-Instruct [SAMPLES] [--no-replay] [--no-spill] [--ops]
 
 Layer 0 of MODEL_DIR, SAMPLES x 512 calibration tokens (default 128), float32 on the CPU, the same functions
-the pipeline calls. --no-replay disables capture.BlockMemo (replayed blocks, and the attention derived from
-o_proj's kept inputs) for a before/after comparison.
+the pipeline calls, with its capture.BlockMemo: the attention folded into the stored inputs where the layer
+allows, and o_proj's and down_proj's kept inputs in a scratch file. --no-replay disables the memo, --no-spill
+keeps o_proj's inputs in memory and down_proj's not at all (the pipeline on a GPU), for before/after
+comparisons. --ops also prints the torch operators that took the most time (torch.profiler).
 """
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import torch
 from transformers import AutoTokenizer
 
 from quantkit.calibration import calibration_batch
-from quantkit.capture import BlockMemo, _run, collect_hessians, discover_groups, propagate
+from quantkit.capture import BlockMemo, _run, collect_hessians, discover_groups, foldable_blocks, propagate
 from quantkit.checkpoint import SafetensorsCheckpoint, read_config_dict
 from quantkit.config import CalibSpec, QuantSpec
 from quantkit.gptq import gptq_quantize_shared
@@ -37,7 +40,15 @@ layer = layers[0]
 materialize(layer, f"{prefix}.0", checkpoint, cpu, f32)
 groups = discover_groups(layer, batches[0][:1], calls[0])
 modules = linear_modules(layer)
-memo = BlockMemo(layer, enabled="--no-replay" not in sys.argv, groups=groups, hidden_size=batches[0].shape[-1])
+replay = "--no-replay" not in sys.argv
+scratch = tempfile.TemporaryDirectory(dir=".") if "--no-spill" not in sys.argv else None  # on disk, as the work dir
+memo = BlockMemo(layer, enabled=replay, groups=groups, hidden_size=batches[0].shape[-1],
+                 fold=foldable_blocks(layer, groups, batches[0][:1], calls[0], cpu, f32) if replay else set(),
+                 spill_dir=Path(scratch.name) if scratch else None)
+profiler = None
+if "--ops" in sys.argv:
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    profiler.__enter__()
 done, total = set(), 0.0
 for group in groups:
     t = time.perf_counter()
@@ -55,6 +66,10 @@ t = time.perf_counter()
 propagate(layer, batches, calls[0], cpu, f32, memo)
 total += time.perf_counter() - t
 print(f"propagate {time.perf_counter() - t:6.2f} s      layer total {total:6.2f} s")
+memo.close()
+if profiler is not None:
+    profiler.__exit__(None, None, None)
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 t = time.perf_counter()
 for b in batches:
     _run(layer, b, calls[0])
