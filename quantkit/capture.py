@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,6 +223,7 @@ class BlockMemo:
         self.batch = 0  # index of the mini-batch being run
         self.hidden_size = hidden_size
         self.spill_dir = spill_dir
+        self.exit_after: dict[str, set[str]] = {}  # block -> the Linears run before its exit Linear
         self.exits = self._exit_linears(groups, keep_wide=spill_dir is not None and propagates)  # {block: exit}
         self.seeds: dict[str, KeptInMemory | KeptOnDisk] = {}  # block -> its exit Linear's inputs, one per batch
         self.done: set[str] = set()  # the Linears quantized already, in the pass being run
@@ -236,27 +238,33 @@ class BlockMemo:
         modules = linear_modules(self.layer)
         exits = {}
         for block, linears in self.blocks.items():
-            mine = [g for g in groups if set(g) <= linears]
-            if mine and len(mine[-1]) == 1 and (keep_wide or in_features(modules[mine[-1][0]]) <= self.hidden_size):
-                exits[block] = mine[-1][0]
+            mine = [i for i, g in enumerate(groups) if set(g) <= linears]
+            if not mine or len(groups[mine[-1]]) != 1:
+                continue
+            exit_linear = groups[mine[-1]][0]
+            if keep_wide or in_features(modules[exit_linear]) <= self.hidden_size:
+                exits[block] = exit_linear
+                self.exit_after[block] = {n for g in groups[:mine[-1]] for n in g}
         return exits
 
     def keep_exit_input(self, linear: str, x: Tensor) -> None:
-        """Called with each batch's input to `linear` while it is calibrated (a Hessian hook). Kept only when the
-        rest of its block is quantized already: else the propagation's block would see other inputs."""
+        """Called with each batch's input to `linear` while it is calibrated (a Hessian hook). Kept only when every
+        Linear run before it is quantized already (true-sequential): else a later pass would see other inputs.
+        In a scratch file they keep the compute dtype (exact on a CPU); in memory, the activations' dtype."""
         for block, exit_linear in self.exits.items():
-            if exit_linear != linear or block in self.outputs or not self.blocks[block] - {linear} <= self.done:
+            if exit_linear != linear or block in self.outputs or not self.exit_after[block] <= self.done:
                 continue
-            if block not in self.seeds:
-                self.seeds[block] = KeptOnDisk(self.spill_dir) if self.spill_dir is not None else KeptInMemory()
-            seeds = self.seeds[block]
             try:
-                if isinstance(seeds, KeptOnDisk):
-                    seeds.append(_to(x, "cpu", self.storage_dtype))
-                else:
-                    seeds.append(_to(x, "cpu", self.storage_dtype, copy=True))
+                if self.spill_dir is None:
+                    self.seeds.setdefault(block, KeptInMemory()).append(_to(x, "cpu", self.storage_dtype, copy=True))
+                    continue
+                if block not in self.seeds:
+                    self.seeds[block] = KeptOnDisk(self.spill_dir)
+                kept = _to(x, "cpu")
+                wait_for_copies(x.device)  # a copy back from a GPU lands asynchronously
+                self.seeds[block].append(kept)
             except OSError as e:  # a full disk costs time (the block reruns), never the run
-                log.warning("cannot keep %s's inputs in %s (%s); the propagation reruns %s", linear, self.spill_dir,
+                log.warning("cannot keep %s's inputs in %s (%s); %s will be rerun instead", linear, self.spill_dir,
                             e, block)
                 self._drop_seeds(block)
                 del self.exits[block]
@@ -330,12 +338,19 @@ class BlockMemo:
             return forward(*args, **kwargs)
         exit_linear = self.layer.get_submodule(self.exits[block])
         device = exit_linear.weight.device
-        kept = seeds.take(self.batch)  # each kept input is freed once used
+        try:
+            kept = seeds.take(self.batch)  # each kept input is freed once used
+        except (OSError, RuntimeError) as e:  # unreadable, or the block runs twice per forward: run it for real
+            if isinstance(e, OSError):
+                log.warning("cannot read %s's kept inputs back (%s); it is rerun instead", block, e)
+            self._drop_seeds(block)
+            return forward(*args, **kwargs)
         if self.batch == 0:
             real = forward(*args, **kwargs)
             first = _first_tensor(real)
             self.dtypes[block], self.tails[block] = first.dtype if first is not None else None, _tail(real)
-            if first is None or not _is_exit_output(real, exit_linear(_move(kept, device, first.dtype)), kept.dtype):
+            derived = exit_linear(_move(kept, device, first.dtype)) if first is not None else None
+            if derived is None or not _is_exit_output(real, derived, kept):
                 self._drop_seeds(block)
             return real
         out = exit_linear(_move(kept, device, self.dtypes[block]))
@@ -373,15 +388,18 @@ def _first_tensor(output) -> Tensor | None:
     return next((t for t in (output if isinstance(output, (tuple, list)) else [output]) if isinstance(t, Tensor)), None)
 
 
-def _is_exit_output(real, derived: Tensor, kept_dtype: torch.dtype) -> bool:
-    """Whether a block returned its exit Linear's output (up to the rounding of the kept input) and nothing
-    else but None beside it."""
+def _is_exit_output(real, derived: Tensor, kept: Tensor) -> bool:
+    """Whether a block returned its exit Linear's output and nothing else but None beside it: equal up to the
+    rounding of a 16-bit kept input, or for a float32 one up to the order of the matmul's sums (the kept input
+    is contiguous where the block's own may not be), which grows with sqrt(in_features). Anything the block
+    does after its exit Linear (a scale, an added term, a norm) is far outside that."""
     first = real[0] if isinstance(real, (tuple, list)) else real
     rest = real[1:] if isinstance(real, (tuple, list)) else ()
     if not isinstance(first, Tensor) or any(r is not None for r in rest) or first.shape != derived.shape:
         return False
+    tolerance = 4 * max(torch.finfo(kept.dtype).eps, torch.finfo(torch.float32).eps * math.sqrt(kept.shape[-1]))
     err = (first.float() - derived.float()).norm()
-    return bool(err <= 4 * torch.finfo(kept_dtype).eps * first.float().norm())
+    return bool(err <= tolerance * first.float().norm())
 
 
 @torch.no_grad()

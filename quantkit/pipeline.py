@@ -427,7 +427,8 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev
         foldable[type(layer)] = foldable_blocks(layer, groups, batches[0][:1], call, dev, compute_dtype)
     hidden = batches[0].shape[-1]
     if spill_dir is not None and not (spec.true_sequential  # else nothing is kept
-                                      and disk_has_room(spill_dir, _widest_inputs_bytes(batches, modules))):
+                                      and disk_has_room(spill_dir, _kept_inputs_bytes(batches, modules, hidden,
+                                                                                      compute_dtype, last))):
         spill_dir = None
     memo = BlockMemo(layer, storage_dtype=batches[0].dtype, groups=groups, hidden_size=hidden,
                      fold=foldable.get(type(layer), set()), spill_dir=spill_dir, propagates=not last)
@@ -447,10 +448,12 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev
     return {name: results[name] for name in modules if name in results}
 
 
-def _widest_inputs_bytes(batches, modules: dict) -> int:
-    """The stored size of the widest Linear's inputs over every batch (down_proj's, for a Llama MLP)."""
+def _kept_inputs_bytes(batches, modules: dict, hidden: int, dtype: torch.dtype, last: bool) -> int:
+    """Scratch for the largest set of kept inputs over every batch: the widest Linear's (down_proj's, for a Llama
+    MLP), or in the last layer, which propagates nothing, the hidden-wide ones (o_proj's)."""
     tokens = sum(b.numel() // b.shape[-1] for b in batches)
-    return tokens * max(in_features(m) for m in modules.values()) * batches[0].element_size()
+    width = hidden if last else max(in_features(m) for m in modules.values())
+    return tokens * width * dtype.itemsize
 
 
 def _solve_group(where: str, group: list[str], hessian: torch.Tensor, modules: dict, spec: QuantSpec,

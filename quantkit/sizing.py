@@ -16,7 +16,8 @@ mini-batch, 4096 * intermediate * 4 bytes) and a GPTQ solve's (Linears reading o
 rows by K inputs: the float32 weight and the Hessian with its factor while factorizing, N*K + 2*K^2 floats, then
 the inverse factor, the weight, its codes and its dequantized result, K^2 + 3*N*K floats).
 Quantize scratch (CPU runs only, on disk in the work directory, not in memory): the widest Linear's inputs
-(down_proj's, samples * seq_len * intermediate, stored like the activations) from its Hessian to the propagation.
+(down_proj's, samples * seq_len * intermediate, in float32, the CPU's compute dtype) from its Hessian to the
+propagation. pipeline._kept_inputs_bytes takes the widest Linear the model has, which for a dense model is this.
 o_proj's inputs go there too on a CPU, so the peak above (one formula for every device) overstates a CPU run by one
 copy of the activations.
 """
@@ -290,9 +291,9 @@ def quantize_peak_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes
     return peak
 
 
-def quantize_scratch_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes: int = 2) -> int:
-    """Disk a CPU run borrows per layer for the widest Linear's inputs (pipeline._widest_inputs_bytes)."""
-    return samples * seq_len * max(shape.intermediate, shape.hidden) * act_bytes
+def quantize_scratch_bytes(shape: ModelShape, samples: int, seq_len: int) -> int:
+    """Disk a CPU run borrows per layer for the widest Linear's inputs (float32, pipeline._kept_inputs_bytes)."""
+    return samples * seq_len * max(shape.intermediate, shape.hidden) * 4
 
 
 def _fits(need: int, gpu_gb: int) -> bool:
@@ -334,7 +335,7 @@ def estimate(model_or_config, bits=DEFAULT_BITS, group_size: int = 128, context:
     return Estimate(model=label, source=source, path=path, shape=shape, params=params, weights=weights,
                     group_size=group_size, context=context, batch=batch, kv_cache_bytes=kv, samples=samples,
                     seq_len=seq_len, quantize_peak=peak, gpus=gpus,
-                    quantize_scratch_bytes=quantize_scratch_bytes(shape, samples, seq_len, activation_bytes(cfg)))
+                    quantize_scratch_bytes=quantize_scratch_bytes(shape, samples, seq_len))
 
 
 def _count(n: int) -> str:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 
 class KeptInMemory:
-    """Copies on the CPU, one per batch."""
+    """Tensors on the CPU, one per batch (the caller copies what it may still change)."""
 
     def __init__(self):
         self._items: list[Tensor | None] = []
@@ -42,15 +42,18 @@ class KeptOnDisk:
     """Raw bytes appended to a scratch file in `directory`; (offset, shape, dtype) per batch."""
 
     def __init__(self, directory: Path):
-        self._file = tempfile.TemporaryFile(dir=directory)  # unlinked at once where the OS allows
+        # unlinked at once where the OS allows; unbuffered, so a full disk shows in `append`, not at a later seek
+        self._file = tempfile.TemporaryFile(dir=directory, buffering=0)
         self._items: list[tuple[int, torch.Size, torch.dtype] | None] = []
         self._end = 0
 
     def append(self, t: Tensor) -> None:
         data = t.detach().to("cpu").contiguous()
-        raw = data.view(-1).view(torch.uint8).numpy()  # a view: bfloat16 has no numpy dtype, its bytes do
+        raw = memoryview(data.view(-1).view(torch.uint8).numpy())  # a view: bfloat16 has no numpy dtype, its bytes do
         self._file.seek(self._end)
-        self._file.write(memoryview(raw))
+        written = 0
+        while written < raw.nbytes:  # an unbuffered write may take part of it
+            written += self._file.write(raw[written:])
         self._items.append((self._end, data.shape, data.dtype))
         self._end += raw.nbytes
 
