@@ -192,6 +192,44 @@ def foldable_blocks(layer: nn.Module, groups: list[list[str]], sample: Tensor, c
     return found
 
 
+def exit_linears(layer: nn.Module, groups: list[list[str]]) -> dict[str, tuple[str, set[str]]]:
+    """{block: (exit Linear, the Linears run before it)} for the layer's child blocks whose last-run group is one
+    Linear (o_proj, down_proj): if the block returns that Linear's output, its kept inputs give the block's
+    output without running the block. groups: in execution order (discover_groups)."""
+    exits = {}
+    for name, child in layer.named_children():
+        linears = {f"{name}.{sub}" for sub in linear_modules(child)}
+        mine = [i for i, g in enumerate(groups) if set(g) <= linears] if linears else []
+        if mine and len(groups[mine[-1]]) == 1:
+            exits[name] = (groups[mine[-1]][0], {n for g in groups[:mine[-1]] for n in g})
+    return exits
+
+
+@torch.no_grad()
+def derivable_blocks(layer: nn.Module, groups: list[list[str]], sample: Tensor, call: LayerCall,
+                     device: torch.device, dtype: torch.dtype) -> dict[str, tuple | None]:
+    """The child blocks that return their exit Linear's output and nothing else (but None), found by trying on
+    one stored sample: {block: what it returns after that output (None: a bare tensor)}. It is a property of
+    the layer's class, so checked once per class; BlockMemo then derives such a block's output from the exit
+    Linear's kept inputs without running the real block even once. A block that scales, normalizes or adds to
+    its exit Linear's output, runs more than once per forward, or returns more, is not derivable."""
+    modules = linear_modules(layer)
+    found = {}
+    for block, (exit_name, _) in exit_linears(layer, groups).items():
+        inputs, outputs = [], []
+        handles = [modules[exit_name].register_forward_pre_hook(lambda m, inp: inputs.append(inp[0].contiguous())),
+                   layer.get_submodule(block).register_forward_hook(lambda m, inp, out: outputs.append(out))]
+        try:
+            _run(layer, _move(sample, device, dtype), call)
+        finally:
+            for h in handles:
+                h.remove()
+        if len(inputs) == 1 and len(outputs) == 1 and isinstance(_first_tensor(outputs[0]), Tensor):
+            if _is_exit_output(outputs[0], modules[exit_name](inputs[0]), inputs[0]):
+                found[block] = _tail(outputs[0])
+    return found
+
+
 class BlockMemo:
     """Per-batch outputs of a layer's child blocks whose Linear modules are all quantized already.
 
@@ -209,11 +247,16 @@ class BlockMemo:
     memory. Inputs wider than the hidden states (down_proj's) are kept only there, and only when a propagation
     follows (`propagates`): it then applies down_proj to them instead of rerunning gate/up. Call `close` when
     the layer is done.
+
+    derivable: the blocks `derivable_blocks` found to return their exit Linear's output; only those keep inputs,
+    and the real block never runs again. Without it (None) every block with an exit Linear keeps them, and the
+    first batch runs the real block to compare.
     """
 
     def __init__(self, layer: nn.Module, enabled: bool = True, storage_dtype: torch.dtype | None = None,
                  groups: list[list[str]] = (), hidden_size: int = 0, fold: set[str] = frozenset(),
-                 spill_dir: Path | None = None, propagates: bool = True):
+                 spill_dir: Path | None = None, propagates: bool = True,
+                 derivable: dict[str, tuple | None] | None = None):
         self.layer = layer
         self.storage_dtype = storage_dtype  # records are kept like the activations (the model's dtype)
         self.blocks = {name: {f"{name}.{sub}" for sub in linear_modules(child)}
@@ -223,6 +266,7 @@ class BlockMemo:
         self.batch = 0  # index of the mini-batch being run
         self.hidden_size = hidden_size
         self.spill_dir = spill_dir
+        self.derivable = derivable
         self.exit_after: dict[str, set[str]] = {}  # block -> the Linears run before its exit Linear
         self.exits = self._exit_linears(groups, keep_wide=spill_dir is not None and propagates)  # {block: exit}
         self.seeds: dict[str, KeptInMemory | KeptOnDisk] = {}  # block -> its exit Linear's inputs, one per batch
@@ -232,19 +276,16 @@ class BlockMemo:
         self.tails: dict[str, tuple | None] = {}  # what a block returned after its first tensor (None: a tensor)
 
     def _exit_linears(self, groups: list[list[str]], keep_wide: bool) -> dict[str, str]:
-        """{block: exit Linear} for blocks whose last-run group is one Linear (o_proj, down_proj): its inputs, kept
-        while it is solved, give the block's output without rerunning the block. Inputs wider than the hidden
-        states (down_proj's) would cost more memory than the activations themselves: kept only if keep_wide."""
+        """{block: exit Linear} whose inputs are kept (`exit_linears`). Inputs wider than the hidden states
+        (down_proj's) would cost more memory than the activations themselves: kept only if keep_wide."""
         modules = linear_modules(self.layer)
         exits = {}
-        for block, linears in self.blocks.items():
-            mine = [i for i, g in enumerate(groups) if set(g) <= linears]
-            if not mine or len(groups[mine[-1]]) != 1:
+        for block, (exit_linear, after) in exit_linears(self.layer, groups).items():
+            if block not in self.blocks or (self.derivable is not None and block not in self.derivable):
                 continue
-            exit_linear = groups[mine[-1]][0]
             if keep_wide or in_features(modules[exit_linear]) <= self.hidden_size:
                 exits[block] = exit_linear
-                self.exit_after[block] = {n for g in groups[:mine[-1]] for n in g}
+                self.exit_after[block] = after
         return exits
 
     def keep_exit_input(self, linear: str, x: Tensor) -> None:
@@ -330,9 +371,9 @@ class BlockMemo:
         return _to(records[self.batch], device, self.dtypes[block], copy=True)
 
     def _from_exit_input(self, block: str, forward, *args, **kwargs):
-        """The block's output as its exit Linear applied to the kept input. Batch 0 runs the real block and is
-        compared with that: a block that does more after its exit Linear (or returns more than one tensor)
-        runs for real on every batch."""
+        """The block's output as its exit Linear applied to the kept input. Unless the block's class was checked
+        (`derivable`), batch 0 runs the real block and is compared with that: a block that does more after its
+        exit Linear (or returns more than one tensor) runs for real on every batch."""
         seeds = self.seeds.get(block)
         if seeds is None:  # dropped on batch 0: the block does more than its exit Linear
             return forward(*args, **kwargs)
@@ -345,6 +386,10 @@ class BlockMemo:
                 log.warning("cannot read %s's kept inputs back (%s); it is rerun instead", block, e)
             self._drop_seeds(block)
             return forward(*args, **kwargs)
+        if self.derivable is not None:
+            out = exit_linear(_move(kept, device, exit_linear.weight.dtype))
+            tail = self.derivable[block]
+            return out if tail is None else (out, *tail)
         if self.batch == 0:
             real = forward(*args, **kwargs)
             first = _first_tensor(real)

@@ -17,8 +17,8 @@ import torch
 
 from . import __version__
 from .calibration import calibration_batch
-from .capture import (BlockMemo, capture_layer_inputs, collect_hessians, discover_groups, foldable_blocks,
-                      propagate, wait_for_copies)
+from .capture import (BlockMemo, capture_layer_inputs, collect_hessians, derivable_blocks, discover_groups,
+                      foldable_blocks, propagate, wait_for_copies)
 from .checkpoint import SafetensorsCheckpoint, read_config_dict, resolve_model_dir, torch_dtype_of
 from .config import CalibSpec, QuantSpec
 from .errors import NumericalError, QuantkitError
@@ -282,7 +282,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
     bar = _progress_bar(steps, progress)
     bar.update(state.layers_done)
     fmt = checkpoint_format(spec)
-    foldable: dict[type, set[str]] = {}  # per decoder-layer class: blocks folded into the stored inputs
+    class_checks: dict[type, tuple] = {}  # per decoder-layer class: (blocks folded into the inputs, derivable)
     for i, layer in enumerate(layers):
         if i < state.layers_done:
             continue
@@ -295,7 +295,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         last = i == len(layers) - 1 and not spec.lm_head  # no later step needs this layer's outputs
         if spec.method == "gptq":
             results = _gptq_layer(layer, f"{prefix}.{i}", batches, calls[i], spec, fmt, dev, compute_dtype, last,
-                                  stages, foldable, spill_dir=target.work if dev.type == "cpu" else None)
+                                  stages, class_checks, spill_dir=target.work if dev.type == "cpu" else None)
         else:
             results = _rtn_layer(layer, f"{prefix}.{i}", spec, fmt)
         tensors = {k: v for res in results.values() for k, v in res.tensors.items()}
@@ -410,10 +410,11 @@ def _packed(where: str, name: str, res: GPTQResult, module, spec: QuantSpec, fmt
 
 
 def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev, compute_dtype,
-                last: bool, clock: _StageClock, foldable: dict[type, set[str]],
+                last: bool, clock: _StageClock, class_checks: dict[type, tuple],
                 spill_dir: Path | None = None) -> dict[str, _Solved]:
     """GPTQ every Linear of layer `where` (stage by stage when true-sequential), then propagate the batches.
-    foldable: the blocks found foldable per layer class (filled on first use; one check per class).
+    class_checks: per layer class, the blocks found foldable and derivable (capture.foldable_blocks and
+    derivable_blocks; filled on first use, one check per class).
     spill_dir: where o_proj's and down_proj's inputs may wait for their later use, in a scratch file (on a CPU:
     the page cache holds them, not the process; the propagation applies down_proj to its kept inputs, where
     rerunning gate/up took a sixth of a SmolLM2 layer's time); None keeps o_proj's in memory, down_proj's not."""
@@ -423,15 +424,18 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev
     skipped = {n for n in modules if spec.skips(n)}  # final from the start: they keep their float weights
     stages = [[g] for g in groups] if spec.true_sequential else [groups]
     results: dict[str, _Solved] = {}
-    if spec.true_sequential and type(layer) not in foldable:  # else nothing is recorded, so nothing to fold
-        foldable[type(layer)] = foldable_blocks(layer, groups, batches[0][:1], call, dev, compute_dtype)
+    if spec.true_sequential and type(layer) not in class_checks:  # else nothing is recorded or kept
+        sample = batches[0][:1]
+        class_checks[type(layer)] = (foldable_blocks(layer, groups, sample, call, dev, compute_dtype),
+                                     derivable_blocks(layer, groups, sample, call, dev, compute_dtype))
+    fold, derivable = class_checks.get(type(layer), (set(), {}))
     hidden = batches[0].shape[-1]
     if spill_dir is not None and not (spec.true_sequential  # else nothing is kept
                                       and disk_has_room(spill_dir, _kept_inputs_bytes(batches, modules, hidden,
                                                                                       compute_dtype, last))):
         spill_dir = None
     memo = BlockMemo(layer, storage_dtype=batches[0].dtype, groups=groups, hidden_size=hidden,
-                     fold=foldable.get(type(layer), set()), spill_dir=spill_dir, propagates=not last)
+                     fold=fold, spill_dir=spill_dir, propagates=not last, derivable=derivable)
     try:
         for stage in stages:
             hessians = collect_hessians(layer, stage, batches, call, dev, compute_dtype, memo,

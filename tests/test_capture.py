@@ -16,11 +16,15 @@ def _shard_hashes(path: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.glob("*.safetensors"))}
 
 
-@pytest.mark.parametrize("model_type,act_order,folds", [("llama", True, {"self_attn"}), ("llama", False, {"self_attn"}),
-                                                        ("gpt_neox", True, set()),  # parallel residual
-                                                        ("gemma2", True, set())])   # a norm after the attention
-def test_replaying_finished_blocks_changes_no_output_byte(model_type, act_order, folds, tiny_tokenizer, tmp_path,
-                                                          monkeypatch):
+# reads: kept inputs read back from the scratch file, one batch each: o_proj's in every layer's gate/up stage and
+# down_proj's in every propagation (not the last layer's). Gemma 2's eager attention also returns its weights, so
+# it is run, not derived from o_proj's inputs.
+@pytest.mark.parametrize("model_type,act_order,folds,reads", [
+    ("llama", True, {"self_attn"}, [0, 0, 0]), ("llama", False, {"self_attn"}, [0, 0, 0]),
+    ("gpt_neox", True, set(), [0, 0, 0]),  # parallel residual
+    ("gemma2", True, set(), [0])])   # a norm after the attention
+def test_replaying_finished_blocks_changes_no_output_byte(model_type, act_order, folds, reads, tiny_tokenizer,
+                                                          tmp_path, monkeypatch):
     from conftest import make_tiny_model
 
     model_dir = make_tiny_model(tmp_path / model_type, tiny_tokenizer, model_type=model_type,
@@ -37,9 +41,7 @@ def test_replaying_finished_blocks_changes_no_output_byte(model_type, act_order,
     monkeypatch.setattr(capture, "KeptOnDisk", Spill)
     quantize(str(model_dir), spec, calib, out=tmp_path / "memo")
     assert found == [folds]  # checked once: every layer is of one class
-    # one batch of kept inputs read back: o_proj's in both layers' gate/up stage, down_proj's in layer 0's
-    # propagation (layer 1, the last, has none)
-    assert spilled == [0, 0, 0]
+    assert spilled == reads
     replays = []
     monkeypatch.setattr(pipeline, "BlockMemo", lambda layer, **kw: replays.append(layer) or BlockMemo(layer, enabled=False, **kw))
     quantize(str(model_dir), spec, calib, out=tmp_path / "plain")
@@ -290,3 +292,44 @@ def test_the_exit_check_tolerates_sum_order_only():
     assert not capture._is_exit_output(derived * 1.001, derived, kept)
     assert not capture._is_exit_output((derived, torch.ones(1)), derived, kept)  # returns more than its output
     assert capture._is_exit_output(derived * 1.001, derived, kept.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("extra_after_exit", [False, True])
+def test_blocks_checked_derivable_once_never_run_again(extra_after_exit, tmp_path):
+    """`derivable_blocks` checks on one sample that the attention returns o_proj's output and the MLP
+    down_proj's; with that, the real blocks do not run at all when their outputs come from kept inputs (not even
+    for a first-batch comparison), and the outputs are the checked-per-batch memo's bit for bit. An attention
+    that scales o_proj's output is not derivable and runs for real."""
+    layer, batches, call = _llama_layer_and_batches()
+    cpu, attention = torch.device("cpu"), set(GROUPS[0]) | set(GROUPS[1])
+    if extra_after_exit:  # a hook, not a patched forward: the memo swaps the forward in and out
+        layer.self_attn.register_forward_hook(lambda mod, inp, out: (out[0] * 2, None))
+    derivable = capture.derivable_blocks(layer, GROUPS, batches[0][:1], call, cpu, torch.float32)
+    assert derivable == ({"mlp": None} if extra_after_exit else {"self_attn": (None,), "mlp": None})
+    results, runs = {}, []
+    for checked in (None, derivable):
+        memo = BlockMemo(layer, groups=GROUPS, hidden_size=32, spill_dir=tmp_path, derivable=checked)
+        hooks = [layer.self_attn.q_proj.register_forward_hook(lambda *a, c=checked: runs.append((c is None, "attn"))),
+                 layer.mlp.gate_proj.register_forward_hook(lambda *a, c=checked: runs.append((c is None, "mlp")))]
+        got = [b.clone() for b in batches]
+        collect_hessians(layer, [GROUPS[1]], got, call, cpu, torch.float32, memo, done=set(GROUPS[0]))
+        runs.clear()
+        collect_hessians(layer, [GROUPS[2]], got, call, cpu, torch.float32, memo, done=attention)
+        collect_hessians(layer, [GROUPS[3]], got, call, cpu, torch.float32, memo, done=attention | set(GROUPS[2]))
+        propagate(layer, got, call, cpu, torch.float32, memo)
+        for h in hooks:
+            h.remove()
+        results[checked is None] = (got, list(runs))
+        runs.clear()
+    per_batch, checked_once = results[True], results[False]
+    for a, b in zip(per_batch[0], checked_once[0]):
+        assert torch.equal(a, b)
+    def count(runs, block):
+        return sum(1 for _, b in runs if b == block)
+    # gate/up stage: the per-batch memo runs the attention for batch 0's comparison (which a hook outside the
+    # block's forward does not change); the checked one never, or on every batch if the check failed
+    assert count(per_batch[1], "attn") == 1
+    assert count(checked_once[1], "attn") == (3 if extra_after_exit else 0)
+    # down_proj stage: gate/up run on every batch (they feed its Hessian); the propagation adds one for the check
+    assert count(per_batch[1], "mlp") == 3 + 1
+    assert count(checked_once[1], "mlp") == 3
