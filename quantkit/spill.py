@@ -29,10 +29,7 @@ class KeptInMemory:
 
     def take(self, i: int) -> Tensor:
         """Item i; its memory is freed once the caller drops it."""
-        item, self._items[i] = self._items[i], None
-        if item is None:
-            raise RuntimeError(f"internal error: kept tensor {i} was already taken")
-        return item
+        return _pop(self._items, i)
 
     def close(self) -> None:
         self._items.clear()
@@ -61,10 +58,7 @@ class KeptOnDisk:
         return len(self._items)
 
     def take(self, i: int) -> Tensor:
-        item, self._items[i] = self._items[i], None
-        if item is None:
-            raise RuntimeError(f"internal error: kept tensor {i} was already taken")
-        offset, shape, dtype = item
+        offset, shape, dtype = _pop(self._items, i)
         out = torch.empty(shape, dtype=dtype)
         raw = memoryview(out.view(-1).view(torch.uint8).numpy())
         self._file.seek(offset)
@@ -79,6 +73,14 @@ class KeptOnDisk:
     def close(self) -> None:
         self._file.close()
         self._items.clear()
+
+
+def _pop(items: list, i: int):
+    """items[i], leaving None in its place: each kept tensor is read once."""
+    item, items[i] = items[i], None
+    if item is None:
+        raise RuntimeError(f"internal error: kept tensor {i} was already taken")
+    return item
 
 
 def disk_has_room(directory: Path, nbytes: int) -> bool:
