@@ -5,7 +5,7 @@
 
 Layer 0 of MODEL_DIR, SAMPLES x 512 calibration tokens (default 128), float32 on the CPU, the same functions
 the pipeline calls, with its capture.BlockMemo: the attention folded into the stored inputs where the layer
-allows, and o_proj's and down_proj's kept inputs in a scratch file. --no-replay disables the memo, --no-spill
+allows, o_proj's and down_proj's kept inputs in a scratch file, blocks derived from them checked once. --no-replay disables the memo, --no-spill
 keeps o_proj's inputs in memory and down_proj's not at all (the pipeline on a GPU), for before/after
 comparisons. --ops also prints the torch operators that took the most time (torch.profiler).
 """
@@ -18,7 +18,8 @@ import torch
 from transformers import AutoTokenizer
 
 from quantkit.calibration import calibration_batch
-from quantkit.capture import BlockMemo, _run, collect_hessians, discover_groups, foldable_blocks, propagate
+from quantkit.capture import (BlockMemo, _run, collect_hessians, derivable_blocks, discover_groups, foldable_blocks,
+                              propagate)
 from quantkit.checkpoint import SafetensorsCheckpoint, read_config_dict
 from quantkit.config import CalibSpec, QuantSpec
 from quantkit.gptq import gptq_quantize_shared
@@ -44,7 +45,8 @@ replay = "--no-replay" not in sys.argv
 scratch = tempfile.TemporaryDirectory(dir=".") if "--no-spill" not in sys.argv else None  # on disk, as the work dir
 memo = BlockMemo(layer, enabled=replay, groups=groups, hidden_size=batches[0].shape[-1],
                  fold=foldable_blocks(layer, groups, batches[0][:1], calls[0], cpu, f32) if replay else set(),
-                 spill_dir=Path(scratch.name) if scratch else None)
+                 spill_dir=Path(scratch.name) if scratch else None,
+                 derivable=derivable_blocks(layer, groups, batches[0][:1], calls[0], cpu, f32) if replay else None)
 profiler = None
 if "--ops" in sys.argv:
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
