@@ -301,9 +301,7 @@ class BlockMemo:
                     continue
                 if block not in self.seeds:
                     self.seeds[block] = KeptOnDisk(self.spill_dir)
-                kept = _to(x, "cpu")
-                wait_for_copies(x.device)  # a copy back from a GPU lands asynchronously
-                self.seeds[block].append(kept)
+                self.seeds[block].append(x)  # copied to the CPU there, synchronously
             except OSError as e:  # a full disk costs time (the block reruns), never the run
                 log.warning("cannot keep %s's inputs in %s (%s); %s will be rerun instead", linear, self.spill_dir,
                             e, block)
