@@ -94,13 +94,17 @@ def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
 @click.option("--seq-len", type=int, default=512, show_default=True, help="tokens per calibration sample")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--compute-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="dtype of the calibration forwards; auto: the model's 16-bit dtype on a GPU and "
+                                      "a bfloat16 model's on a CPU with AVX512-BF16/AMX, else float32")
 @click.option("--repo-id", default=None, help="hub-cache repo id to publish as, NAMESPACE/NAME")
 @click.option("--out", type=click.Path(path_type=str), default=None, help="write to this directory instead of the hub cache")
 @click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object; no progress or log lines")
 def quantize(model, bits, group_size, sym, damp, act_order, static_groups, true_sequential, clip_search, skip, lm_head,
-             method, calib, samples, seq_len, seed, device, repo_id, out, overwrite, max_shard_size, as_json):
+             method, calib, samples, seq_len, seed, device, compute_dtype, repo_id, out, overwrite, max_shard_size,
+             as_json):
     """Quantize MODEL (a directory or a repo id in the local hub cache) to a GPTQ checkpoint."""
     from .config import BNB_BITS, CalibSpec, InvalidSetting, QuantSpec
 
@@ -123,7 +127,7 @@ def quantize(model, bits, group_size, sym, damp, act_order, static_groups, true_
 
     try:
         result = run_quantize(model, spec, calib_spec, repo_id=repo_id, out=out, overwrite=overwrite, device=device,
-                              max_shard_size=max_shard_size, progress=not as_json)
+                              max_shard_size=max_shard_size, progress=not as_json, compute_dtype=compute_dtype)
     except QuantkitError as e:
         raise _fail(e) from None
     if as_json:

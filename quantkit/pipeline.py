@@ -29,6 +29,8 @@ from .heap import release_large_frees_at_once, return_free_heap
 from .hub import cached_snapshot, hub_cache_dir, publish_snapshot, repo_lock, sha256_file, validate_repo_id
 from .lm_head import quantize_head
 from .model_card import render_model_card
+from .precision import compute_dtype as choose_compute_dtype
+from .precision import fast_float32_matmuls
 from .model_skeleton import (build_skeleton, calibration_batch_size, check_tensors, decoder_layers, in_features,
                              linear_modules, load_config, materialize, outer_modules_materialized, release,
                              set_weight_matrix, weight_matrix)
@@ -58,6 +60,7 @@ class QuantizeResult:
     seconds: float
     peak_rss_mb: float
     device: str
+    compute_dtype: str = "float32"  # the calibration forwards' dtype (--compute-dtype)
     peak_gpu_mb: float | None = None  # torch's peak allocation on the GPU, for --device cuda
     layers: list[dict] = field(default_factory=list)
 
@@ -88,13 +91,6 @@ def default_repo_id(model: str, model_dir: Path, spec: QuantSpec) -> str:
         return f"quantkit/{name}-{spec.method}"
     group = "row" if spec.group_size == -1 else str(spec.group_size)
     return f"quantkit/{name}-{spec.method}-{spec.bits}bit-g{group}{'' if spec.sym else '-asym'}"
-
-
-def _compute_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """CPUs without fast half-precision matmuls run forwards in float32; GPUs use the model's own dtype."""
-    if device.type == "cpu" or model_dtype not in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return model_dtype
 
 
 def _storage_dtype(model_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.dtype:
@@ -166,7 +162,8 @@ class _Target:
 
 def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = CalibSpec(), *, repo_id: str | None = None,
              out: str | Path | None = None, overwrite: bool = False, device: str = "auto",
-             max_shard_size: str = "2GB", work_dir: str | Path | None = None, progress: bool = False) -> QuantizeResult:
+             max_shard_size: str = "2GB", work_dir: str | Path | None = None, progress: bool = False,
+             compute_dtype: str = "auto") -> QuantizeResult:
     """Quantize MODEL (a local directory or a repo id in the hub cache) layer by layer and publish the result.
 
     :param model: base checkpoint: a directory with config.json and safetensors weights, or a cached repo id.
@@ -176,6 +173,8 @@ def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = Calib
     :param out: publish into this plain directory instead of the hub cache.
     :param overwrite: replace an existing output.
     :param device: "auto", "cpu" or "cuda".
+    :param compute_dtype: dtype of the calibration forwards: "auto" (the model's 16-bit dtype on a GPU, and a
+        bfloat16 model's on a CPU with native bfloat16 matmuls; else float32), "float32", "bfloat16" or "float16".
     :param max_shard_size: largest safetensors shard, e.g. "2GB".
     :param progress: show a per-layer progress bar (on a terminal).
     """
@@ -186,6 +185,7 @@ def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = Calib
     config = load_config(model_dir, config_dict)
     checkpoint = SafetensorsCheckpoint(model_dir)
     dev = resolve_device(device)
+    forward_dtype = choose_compute_dtype(compute_dtype, torch_dtype_of(config_dict), dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     try:
@@ -199,8 +199,9 @@ def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = Calib
                 if spec.is_bnb:
                     layers, files = _run_bnb(model, model_dir, config, config_dict, spec, dev, target)
                 else:
-                    layers, files = _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, target,
-                                         shard_bytes, progress)
+                    with fast_float32_matmuls(dev):
+                        layers, files = _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev,
+                                             target, shard_bytes, progress, forward_dtype)
                 path = target.publish(files)
             except OSError as e:
                 if e.errno != errno.ENOSPC:
@@ -217,7 +218,8 @@ def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = Calib
     return QuantizeResult(repo_id=target.repo_id, path=str(path), bits=spec.bits, group_size=spec.group_size,
                           sym=spec.sym, method=spec.method, checkpoint_format=checkpoint_format(spec),
                           seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(peak_rss_mb(), 1),
-                          device=str(dev), layers=layers, peak_gpu_mb=peak_gpu)
+                          device=str(dev), compute_dtype=str(forward_dtype).removeprefix("torch."), layers=layers,
+                          peak_gpu_mb=peak_gpu)
 
 
 def _no_space_message(error: OSError, model_dir: Path, hidden: int, spec: QuantSpec, calib: CalibSpec,
@@ -239,7 +241,8 @@ def _remove_work(target: _Target) -> None:
             target.work.parent.rmdir()  # quantkit's shared work folder, when no other run uses it
 
 
-def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, target, shard_bytes, progress):
+def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, target, shard_bytes, progress,
+         compute_dtype):
     """Quantize every layer into target.staging and write the side files; returns (layer reports, file hashes)."""
     from transformers import AutoTokenizer
 
@@ -255,7 +258,6 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         check_tensors(layer, f"{prefix}.{i}", checkpoint)
     checkpoint.close()
     _check_packable(spec, f"{prefix}.0", linear_modules(layers[0]))
-    compute_dtype = _compute_dtype(torch_dtype_of(config_dict), dev)
     storage_dtype = _storage_dtype(torch_dtype_of(config_dict), compute_dtype)
 
     input_ids = calibration_batch(tokenizer, calib) if spec.method == "gptq" else None
@@ -273,7 +275,8 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
     steps = len(layers) + spec.lm_head  # the head, when quantized, is one more step after the layers
     batches = None
     if spec.method == "gptq" and state.layers_done < steps:
-        log.info("calibration: %d x %d tokens from %s", calib.samples, calib.seq_len, calib.source)
+        log.info("calibration: %d x %d tokens from %s, forwards in %s on %s", calib.samples, calib.seq_len,
+                 calib.source, str(compute_dtype).removeprefix("torch."), dev)
         batches, calls = _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype,
                                             storage_dtype)
         return_free_heap()  # the small frees of the embedding lookup and the first forward

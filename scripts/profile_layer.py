@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Where one decoder layer's GPTQ time goes: each true-sequential stage's forward + Hessian, solves, propagation.
 
-    python scripts/profile_layer.py demo/SmolLM2-135M-Instruct [SAMPLES] [--no-replay] [--no-spill] [--ops]
+    python scripts/profile_layer.py demo/SmolLM2-135M-Instruct [SAMPLES] [--no-replay] [--no-spill] [--ops] [--bf16]
 
-Layer 0 of MODEL_DIR, SAMPLES x 512 calibration tokens (default 128), float32 on the CPU, the same functions
+Layer 0 of MODEL_DIR, SAMPLES x 512 calibration tokens (default 128), float32 (or --bf16) on the CPU, the same functions
 the pipeline calls, with its capture.BlockMemo: the attention folded into the stored inputs where the layer
 allows, o_proj's and down_proj's kept inputs in a scratch file, blocks derived from them checked once. --no-replay disables the memo, --no-spill
 keeps o_proj's inputs in memory and down_proj's not at all (the pipeline on a GPU), for before/after
-comparisons. --ops also prints the torch operators that took the most time (torch.profiler).
+comparisons. --bf16 runs the forwards in bfloat16 (a bfloat16 model on a CPU with native bfloat16 matmuls,
+`--compute-dtype auto` there). --ops also prints the torch operators that took the most time (torch.profiler).
 """
 import sys
 import tempfile
@@ -35,18 +36,19 @@ checkpoint = SafetensorsCheckpoint(model_dir)
 skeleton = build_skeleton(config)
 prefix, layers = decoder_layers(skeleton, config.num_hidden_layers)
 ids = calibration_batch(AutoTokenizer.from_pretrained(str(model_dir)), CalibSpec(samples=samples, seq_len=512))
-cpu, f32 = torch.device("cpu"), torch.float32
-batches, calls = _layer_zero_inputs(skeleton, layers, prefix, checkpoint, ids, cpu, f32, f32)
+cpu = torch.device("cpu")
+dtype = torch.bfloat16 if "--bf16" in sys.argv else torch.float32  # the compute dtype
+batches, calls = _layer_zero_inputs(skeleton, layers, prefix, checkpoint, ids, cpu, dtype, dtype)
 layer = layers[0]
-materialize(layer, f"{prefix}.0", checkpoint, cpu, f32)
+materialize(layer, f"{prefix}.0", checkpoint, cpu, dtype)
 groups = discover_groups(layer, batches[0][:1], calls[0])
 modules = linear_modules(layer)
 replay = "--no-replay" not in sys.argv
 scratch = tempfile.TemporaryDirectory(dir=".") if "--no-spill" not in sys.argv else None  # on disk, as the work dir
 memo = BlockMemo(layer, enabled=replay, groups=groups, hidden_size=batches[0].shape[-1],
-                 fold=foldable_blocks(layer, groups, batches[0][:1], calls[0], cpu, f32) if replay else set(),
+                 fold=foldable_blocks(layer, groups, batches[0][:1], calls[0], cpu, dtype) if replay else set(),
                  spill_dir=Path(scratch.name) if scratch else None,
-                 derivable=derivable_blocks(layer, groups, batches[0][:1], calls[0], cpu, f32) if replay else None)
+                 derivable=derivable_blocks(layer, groups, batches[0][:1], calls[0], cpu, dtype) if replay else None)
 profiler = None
 if "--ops" in sys.argv:
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
@@ -54,7 +56,7 @@ if "--ops" in sys.argv:
 done, total = set(), 0.0
 for group in groups:
     t = time.perf_counter()
-    (H,) = collect_hessians(layer, [group], batches, calls[0], cpu, f32, memo, done)
+    (H,) = collect_hessians(layer, [group], batches, calls[0], cpu, dtype, memo, done)
     t_fwd = time.perf_counter() - t
     t = time.perf_counter()
     solved = gptq_quantize_shared([modules[n].weight.data for n in group], H, QuantSpec(group_size=64))
@@ -65,7 +67,7 @@ for group in groups:
     total += t_fwd + t_solve
     print(f"stage {'/'.join(n.split('.')[-1] for n in group):24s} forward + Hessian {t_fwd:6.2f} s   solve {t_solve:5.2f} s")
 t = time.perf_counter()
-propagate(layer, batches, calls[0], cpu, f32, memo)
+propagate(layer, batches, calls[0], cpu, dtype, memo)
 total += time.perf_counter() - t
 print(f"propagate {time.perf_counter() - t:6.2f} s      layer total {total:6.2f} s")
 memo.close()

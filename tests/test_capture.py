@@ -18,13 +18,15 @@ def _shard_hashes(path: Path) -> dict[str, str]:
 
 # reads: kept inputs read back from the scratch file, one batch each: o_proj's in every layer's gate/up stage and
 # down_proj's in every propagation (not the last layer's). Gemma 2's eager attention also returns its weights, so
-# it is run, not derived from o_proj's inputs.
-@pytest.mark.parametrize("model_type,act_order,folds,reads", [
-    ("llama", True, {"self_attn"}, [0, 0, 0]), ("llama", False, {"self_attn"}, [0, 0, 0]),
-    ("gpt_neox", True, set(), [0, 0, 0]),  # parallel residual
-    ("gemma2", True, set(), [0])])   # a norm after the attention
-def test_replaying_finished_blocks_changes_no_output_byte(model_type, act_order, folds, reads, tiny_tokenizer,
-                                                          tmp_path, monkeypatch):
+# it is run, not derived from o_proj's inputs. bfloat16: the forwards of a bfloat16 model on a CPU with native
+# bfloat16 matmuls (--compute-dtype auto there), on any CPU.
+@pytest.mark.parametrize("model_type,act_order,folds,reads,compute", [
+    ("llama", True, {"self_attn"}, [0, 0, 0], "float32"), ("llama", False, {"self_attn"}, [0, 0, 0], "float32"),
+    ("llama", True, {"self_attn"}, [0, 0, 0], "bfloat16"),
+    ("gpt_neox", True, set(), [0, 0, 0], "float32"),  # parallel residual
+    ("gemma2", True, set(), [0], "float32")])   # a norm after the attention
+def test_replaying_finished_blocks_changes_no_output_byte(model_type, act_order, folds, reads, compute,
+                                                          tiny_tokenizer, tmp_path, monkeypatch):
     from conftest import make_tiny_model
 
     model_dir = make_tiny_model(tmp_path / model_type, tiny_tokenizer, model_type=model_type,
@@ -39,12 +41,12 @@ def test_replaying_finished_blocks_changes_no_output_byte(model_type, act_order,
             spilled.append(i)
             return super().take(i)
     monkeypatch.setattr(capture, "KeptOnDisk", Spill)
-    quantize(str(model_dir), spec, calib, out=tmp_path / "memo")
+    assert quantize(str(model_dir), spec, calib, out=tmp_path / "memo", compute_dtype=compute).compute_dtype == compute
     assert found == [folds]  # checked once: every layer is of one class
     assert spilled == reads
     replays = []
     monkeypatch.setattr(pipeline, "BlockMemo", lambda layer, **kw: replays.append(layer) or BlockMemo(layer, enabled=False, **kw))
-    quantize(str(model_dir), spec, calib, out=tmp_path / "plain")
+    quantize(str(model_dir), spec, calib, out=tmp_path / "plain", compute_dtype=compute)
     assert replays, "the pipeline no longer builds its BlockMemo through pipeline.BlockMemo"
     assert _shard_hashes(tmp_path / "memo") == _shard_hashes(tmp_path / "plain")
 

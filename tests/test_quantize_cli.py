@@ -37,6 +37,7 @@ def test_json_result_schema(quantized):
     assert res["repo_id"] == "test/tiny-gptq" and res["bits"] == 4 and res["group_size"] == 32 and res["sym"] is True
     assert len(res["layers"]) == 2 and set(res["layers"][0]["losses"]) >= {"self_attn.q_proj", "mlp.down_proj"}
     assert res["peak_rss_mb"] > 0 and res["seconds"] > 0 and res["peak_gpu_mb"] is None  # a CPU run
+    assert res["compute_dtype"] == "float32"  # the tiny model is float32: auto calibrates it in float32
     # where each layer's time went; the last layer is not propagated (nothing reads its outputs)
     assert set(res["layers"][0]["stage_seconds"]) == {"load", "hessians", "solve", "propagate"}
     assert set(res["layers"][-1]["stage_seconds"]) == {"load", "hessians", "solve"}
@@ -191,6 +192,11 @@ def test_unsupported_architecture(hub_cache, tmp_path, tiny_tokenizer):
 
 def test_bits_5_is_a_usage_error(hub_cache, tiny_llama_dir):
     _assert_clean_failure(run("quantize", tiny_llama_dir, "--bits", "5"), hub_cache, "'5' is not one of", code=2)
+
+
+def test_unknown_compute_dtype_is_a_usage_error(hub_cache, tiny_llama_dir):
+    _assert_clean_failure(run("quantize", tiny_llama_dir, "--compute-dtype", "int8"), hub_cache,
+                          "'int8' is not one of 'auto', 'float32', 'bfloat16', 'float16'", code=2)
 
 
 def test_bad_group_size_names_the_flag(hub_cache, tiny_llama_dir):
