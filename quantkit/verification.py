@@ -31,6 +31,7 @@ from .calibration import DEFAULT_EVAL, evaluation_windows
 from .checkpoint import read_config_dict, resolve_model_dir
 from .errors import QuantkitError
 from .integrity import MANIFEST_NAME, TORCH_BACKEND_NOTE, IntegrityReport, check_integrity
+from .precision import fast_float32_matmuls
 from .qlinear import available_memory, estimate_footprint, load_model
 
 # Defaults from measurements on SmolLM2-135M-Instruct 4-bit g64 sym (docs/VERIFY.md): they pass quantkit's GPTQ
@@ -181,11 +182,13 @@ def verify(quantized: str, base: str | None = None, *, eval_source: str = DEFAUL
             progress("loading base model", 0, 1)
             bmodel, report.load["base"] = _load(bdir, loader, budgets[1], Path(offload) / "base", report)
         _check_vocab(qmodel, bmodel)
-        _evaluate(qmodel, bmodel, windows, report, progress)
-        if generate:
-            report.generation_config = {"max_new_tokens": max_new_tokens, "do_sample": False,
-                                        "eos_token_ids": _eos_ids(tokenizer, qdir), "system_prompt": SYSTEM_PROMPT}
-            report.generations = generations(qmodel, bmodel, tokenizer, qdir, max_new_tokens, progress, report.notes)
+        with fast_float32_matmuls(torch.device("cpu")):  # float32's accuracy, on bfloat16 instructions where exact
+            _evaluate(qmodel, bmodel, windows, report, progress)
+            if generate:
+                report.generation_config = {"max_new_tokens": max_new_tokens, "do_sample": False,
+                                            "eos_token_ids": _eos_ids(tokenizer, qdir), "system_prompt": SYSTEM_PROMPT}
+                report.generations = generations(qmodel, bmodel, tokenizer, qdir, max_new_tokens, progress,
+                                                 report.notes)
         del qmodel, bmodel
     report.failures.extend(apply_thresholds(report, thresholds))
     report.seconds = round(time.perf_counter() - t0, 2)

@@ -2,14 +2,17 @@
 """Where one decoder layer's GPTQ time goes: each true-sequential stage's forward + Hessian, solves, propagation.
 
     python scripts/profile_layer.py demo/SmolLM2-135M-Instruct [SAMPLES] [--no-replay] [--no-spill] [--ops] [--bf16]
+                                    [--ieee]
 
 Layer 0 of MODEL_DIR, SAMPLES x 512 calibration tokens (default 128), float32 (or --bf16) on the CPU, the same functions
 the pipeline calls, with its capture.BlockMemo: the attention folded into the stored inputs where the layer
 allows, o_proj's and down_proj's kept inputs in a scratch file, blocks derived from them checked once. --no-replay disables the memo, --no-spill
 keeps o_proj's inputs in memory and down_proj's not at all (the pipeline on a GPU), for before/after
 comparisons. --bf16 runs the forwards in bfloat16 (a bfloat16 model on a CPU with native bfloat16 matmuls,
-`--compute-dtype auto` there). --ops also prints the torch operators that took the most time (torch.profiler).
+`--compute-dtype auto` there). --ieee keeps float32 matmuls off the CPU's bfloat16 instructions (the pipeline
+uses them where precision.bf16_float32_matmuls_are_accurate). --ops also prints the torch operators that took the most time (torch.profiler).
 """
+import contextlib
 import sys
 import tempfile
 import time
@@ -27,8 +30,12 @@ from quantkit.gptq import gptq_quantize_shared
 from quantkit.heap import release_large_frees_at_once
 from quantkit.model_skeleton import build_skeleton, decoder_layers, linear_modules, load_config, materialize
 from quantkit.pipeline import _layer_zero_inputs
+from quantkit.precision import fast_float32_matmuls
 
 release_large_frees_at_once()  # as quantize() does
+matmul_settings = contextlib.ExitStack()  # held for the whole run: a dropped context would restore the setting
+if "--ieee" not in sys.argv:
+    matmul_settings.enter_context(fast_float32_matmuls(torch.device("cpu")))  # as quantize() does
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 model_dir, samples = Path(args[0]), int(args[1]) if len(args) > 1 else 128
 config = load_config(model_dir, read_config_dict(model_dir))
