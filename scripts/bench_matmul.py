@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""How fast and how accurate this CPU's matmuls are in each mode quantkit may use.
+
+    python scripts/bench_matmul.py
+
+Rows: float32 as torch runs it by default; float32 with oneDNN allowed to use bfloat16 instructions
+(`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`, what quantize and verify use where
+precision.bf16_float32_matmuls_are_accurate); and plain bfloat16 inputs (a bfloat16 model's forwards). Shapes:
+a calibration forward (4096 tokens x 576 -> 1536), a Hessian product (1536 x 4096 x 1536) and one with inputs
+spread over six decades. Error: |result - float64 result| / (|a| @ |b|), the scale of a matmul's own rounding.
+"""
+import time
+
+import torch
+
+from quantkit.precision import _float32_matmuls_via_bf16, bf16_float32_matmuls_are_accurate, cpu_has_native_bf16
+
+
+def _rate(a, b, repeats=10) -> float:
+    a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] * repeats / (time.perf_counter() - t) / 1e9
+
+
+def _errors(result, a, b) -> tuple[float, float]:
+    exact, scale = a.double() @ b.double(), a.double().abs() @ b.double().abs()
+    rel = ((result.double() - exact).abs() / scale).flatten()
+    return rel.median().item(), rel.max().item()
+
+
+def main() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 1536, generator=g)
+    shapes = {"forward 4096x576 @ 576x1536": (torch.randn(4096, 576, generator=g),
+                                               torch.randn(576, 1536, generator=g) * 0.05),
+              "Hessian 1536x4096 @ 4096x1536": (x.t().contiguous(), x),
+              "inputs over 1e-3..1e3, 2048x512 @ 512x512": (torch.randn(2048, 512, generator=g)
+                                                            * torch.logspace(-3, 3, 512),
+                                                            torch.randn(512, 512, generator=g))}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, AVX512-BF16/AMX: {cpu_has_native_bf16()}, "
+          f"bf16 float32 matmuls accurate: {bf16_float32_matmuls_are_accurate()}")
+    print("| shape | mode | GFLOPS | error median | error max |\n|---|---|---:|---:|---:|")
+    for name, (a, b) in shapes.items():
+        rows = [("float32", lambda: a @ b, lambda: _rate(a, b))]
+
+        def fast():
+            with _float32_matmuls_via_bf16():
+                return a @ b
+
+        def fast_rate():
+            with _float32_matmuls_via_bf16():
+                return _rate(a, b)
+        rows.append(("float32, bf16 instructions allowed", fast, fast_rate))
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        rows.append(("bfloat16 inputs", lambda: a16 @ b16, lambda: _rate(a16, b16)))
+        for mode, run, rate in rows:
+            median, worst = _errors(run(), a, b)
+            print(f"| {name} | {mode} | {rate():.0f} | {median:.1e} | {worst:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
