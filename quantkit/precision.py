@@ -56,12 +56,15 @@ def bf16_float32_matmuls_are_accurate() -> bool:
     gives float32's accuracy here. On 2 AMD EPYC (Zen 4) cores it does, at 2x the rate (425 against 210 GFLOPS, errors
     within 2x of plain float32's); the mode also permits plain bfloat16 rounding, so a probe the size of a
     calibration matmul decides, once per process, and anything less accurate than float32 is not used."""
-    if not cpu_has_native_bf16():
-        return False
+    if not cpu_has_native_bf16() or not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"):
+        return False  # the setting is torch 2.9's; an older torch keeps plain float32
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(2048, 576, generator=g), torch.randn(576, 1024, generator=g)
-    with _float32_matmuls_via_bf16():
-        fast = (a @ b).double()
+    try:
+        with _float32_matmuls_via_bf16():
+            fast = (a @ b).double()
+    except (RuntimeError, ValueError):  # a torch build whose oneDNN refuses the mode
+        return False
     exact, scale = a.double() @ b.double(), a.double().abs() @ b.double().abs()
     return bool(((fast - exact).abs() / scale).max() < FLOAT32_ACCURACY)
 

@@ -16,8 +16,8 @@ mini-batch, 4096 * intermediate * 4 bytes) and a GPTQ solve's (Linears reading o
 rows by K inputs: the float32 weight and the Hessian with its factor while factorizing, N*K + 2*K^2 floats, then
 the inverse factor, the weight, its codes and its dequantized result, K^2 + 3*N*K floats).
 Quantize scratch (CPU runs only, on disk in the work directory, not in memory): the widest Linear's inputs
-(down_proj's, samples * seq_len * intermediate, in float32, the CPU's compute dtype) from its Hessian to the
-propagation. pipeline._kept_inputs_bytes takes the widest Linear the model has, which for a dense model is this.
+(down_proj's, samples * seq_len * intermediate, in the compute dtype: float32, or bfloat16 for a bfloat16 model on a
+CPU with AVX512-BF16/AMX, where this overstates by 2x) from its Hessian to the propagation. pipeline._kept_inputs_bytes takes the widest Linear the model has, which for a dense model is this.
 o_proj's inputs go there too on a CPU, so the peak above (one formula for every device) overstates a CPU run by one
 copy of the activations.
 """

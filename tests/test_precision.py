@@ -70,6 +70,19 @@ def test_the_probe_rejects_a_cpu_without_bf16_instructions(monkeypatch):
     assert not precision.bf16_float32_matmuls_are_accurate.__wrapped__()
 
 
+def test_the_probe_rejects_a_torch_without_the_setting_or_refusing_it(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(torch.backends.mkldnn, "matmul", None, raising=False)
+    assert not precision.bf16_float32_matmuls_are_accurate.__wrapped__()
+    monkeypatch.undo()
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+
+    def refuse():
+        raise RuntimeError("oneDNN: unsupported fpmath mode")
+    monkeypatch.setattr(precision, "_float32_matmuls_via_bf16", refuse)
+    assert not precision.bf16_float32_matmuls_are_accurate.__wrapped__()
+
+
 @pytest.mark.parametrize("width", [16, 600])  # 600: the lower-triangle product's blocks
 def test_hessians_under_fast_float32_matmuls_keep_float32_accuracy(width):
     """Where this CPU passes the probe, the calibration's matmuls run on bfloat16 instructions; the Hessians of
