@@ -29,11 +29,11 @@ from .heap import release_large_frees_at_once, return_free_heap
 from .hub import cached_snapshot, hub_cache_dir, publish_snapshot, repo_lock, sha256_file, validate_repo_id
 from .lm_head import quantize_head
 from .model_card import render_model_card
-from .precision import compute_dtype as choose_compute_dtype
-from .precision import fast_float32_matmuls
 from .model_skeleton import (build_skeleton, calibration_batch_size, check_tensors, decoder_layers, in_features,
                              linear_modules, load_config, materialize, outer_modules_materialized, release,
                              set_weight_matrix, weight_matrix)
+from .precision import compute_dtype as choose_compute_dtype
+from .precision import fast_float32_matmuls, float32_matmul_path
 from .resume import STATE, RunState, model_fingerprint, run_fingerprint
 from .spill import disk_has_room
 from .writer import ShardWriter, parse_size, write_json
@@ -60,7 +60,7 @@ class QuantizeResult:
     seconds: float
     peak_rss_mb: float
     device: str
-    compute_dtype: str = "float32"  # the calibration forwards' dtype (--compute-dtype)
+    compute_dtype: str | None = None  # the calibration forwards' dtype (--compute-dtype); None without them
     peak_gpu_mb: float | None = None  # torch's peak allocation on the GPU, for --device cuda
     layers: list[dict] = field(default_factory=list)
 
@@ -218,8 +218,8 @@ def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = Calib
     return QuantizeResult(repo_id=target.repo_id, path=str(path), bits=spec.bits, group_size=spec.group_size,
                           sym=spec.sym, method=spec.method, checkpoint_format=checkpoint_format(spec),
                           seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(peak_rss_mb(), 1),
-                          device=str(dev), compute_dtype=str(forward_dtype).removeprefix("torch."), layers=layers,
-                          peak_gpu_mb=peak_gpu)
+                          device=str(dev), layers=layers, peak_gpu_mb=peak_gpu,
+                          compute_dtype=str(forward_dtype).removeprefix("torch.") if spec.method == "gptq" else None)
 
 
 def _no_space_message(error: OSError, model_dir: Path, hidden: int, spec: QuantSpec, calib: CalibSpec,
@@ -269,7 +269,8 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
                             f"(max_position_embeddings); use --seq-len {positions} or less")
     state = RunState(target.work / "state", run_fingerprint(
         model=model_fingerprint(model_dir), spec=spec.to_dict(), calibration=input_ids, quantkit=__version__,
-        torch=torch.__version__, device=dev.type, compute_dtype=str(compute_dtype)))
+        torch=torch.__version__, device=dev.type, compute_dtype=str(compute_dtype),
+        float32_matmuls=float32_matmul_path(dev)))
     if state.layers_done:
         log.info("resuming after layer %d/%d from %s", state.layers_done, len(layers), target.work)
     steps = len(layers) + spec.lm_head  # the head, when quantized, is one more step after the layers
@@ -351,8 +352,10 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
     kill_point("assembled")
     reports = state.reports
     in_block = [[n for n in reports[0]["losses"]]] if spec.skip else None  # the quantized Linears of every layer
+    compute = {"device": dev.type, "dtype": str(compute_dtype).removeprefix("torch."),
+               "float32_matmuls": float32_matmul_path(dev)} if spec.method == "gptq" else None
     return reports, _write_side_files(model, model_dir, config_dict, spec, calib, target, reports, writer.total_bytes,
-                                      in_block)
+                                      in_block, compute)
 
 
 def _run_bnb(model, model_dir, config, config_dict, spec, dev, target):
@@ -486,7 +489,7 @@ def _rtn_layer(layer, where: str, spec: QuantSpec, fmt: str) -> dict[str, _Solve
 
 
 def _write_side_files(model, model_dir, config_dict, spec, calib, target, reports, weight_bytes,
-                      modules_in_block=None) -> dict[str, str]:
+                      modules_in_block=None, compute: dict | None = None) -> dict[str, str]:
     """config.json, quantize_config.json, tokenizer/generation files, model card and manifest; returns sha256s."""
     staging = target.staging
     if not spec.is_bnb:  # bitsandbytes: save_pretrained wrote config.json with its own quantization_config
@@ -510,6 +513,7 @@ def _write_side_files(model, model_dir, config_dict, spec, calib, target, report
         "source": {"model": source, "model_type": config_dict.get("model_type")},
         "quantization": spec.to_dict(),
         "calibration": calib.__dict__ if spec.method == "gptq" else None,
+        "compute": compute,  # where and in which dtype the calibration ran: the last bits depend on it
         "layers": [{k: v for k, v in r.items() if k not in ("seconds", "stage_seconds")} for r in reports],
         "files": {name: {"sha256": digest, "size": (staging / name).stat().st_size} for name, digest in hashes.items()},
     }

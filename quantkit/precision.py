@@ -1,9 +1,11 @@
 """Which dtype the calibration forwards run in (the model's own 16-bit dtype where the hardware multiplies it fast,
-float32 elsewhere; Hessians are summed in float32 whatever this is), and how float32 matmuls run on a CPU."""
+float32 elsewhere; Hessians are summed in float32 whatever this is), and which library runs float32 matmuls on a
+CPU."""
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from pathlib import Path
 
 import torch
@@ -51,41 +53,68 @@ FLOAT32_ACCURACY = 1e-5
 
 
 @functools.cache
-def bf16_float32_matmuls_are_accurate() -> bool:
-    """Whether oneDNN, allowed to use bfloat16 instructions for float32 matmuls (`fp32_precision = "bf16"`), still
-    gives float32's accuracy here. On 2 AMD EPYC (Zen 4) cores it does, at 2x the rate (425 against 210 GFLOPS, errors
-    within 2x of plain float32's); the mode also permits plain bfloat16 rounding, so a probe the size of a
-    calibration matmul decides, once per process, and anything less accurate than float32 is not used."""
+def onednn_float32_matmuls_are_accurate() -> bool:
+    """Whether float32 matmuls may go through oneDNN here. torch sends them there only when allowed to use bfloat16
+    (`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`, CPUs with AVX-512 or AMX). On 2 AMD EPYC (Zen 4) cores
+    oneDNN then runs its float32 AVX-512 kernel (ONEDNN_VERBOSE: brg_matmul:avx512_core), at 2x the rate of torch's
+    default BLAS (about 420 against 210 GFLOPS) with float32's accuracy, only summed in another order. A CPU with
+    AMX would round the inputs to bfloat16 instead, so a probe the size of a calibration matmul decides, once per
+    process, and anything less accurate than float32 is not used. Tried only on CPUs that list bfloat16
+    instructions: those are where it was measured."""
     if not cpu_has_native_bf16() or not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"):
-        return False  # the setting is torch 2.9's; an older torch keeps plain float32
+        return False  # the setting is torch 2.9's; an older torch keeps its default
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(2048, 576, generator=g), torch.randn(576, 1024, generator=g)
     try:
-        with _float32_matmuls_via_bf16():
-            fast = (a @ b).double()
+        fast = _onednn_product(a, b).double()
     except (RuntimeError, ValueError):  # a torch build whose oneDNN refuses the mode
         return False
     exact, scale = a.double() @ b.double(), a.double().abs() @ b.double().abs()
     return bool(((fast - exact).abs() / scale).max() < FLOAT32_ACCURACY)
 
 
+def float32_matmul_path(device: torch.device) -> str:
+    """"onednn" where fast_float32_matmuls changes anything, else "default" (recorded with a run's settings)."""
+    return "onednn" if device.type == "cpu" and onednn_float32_matmuls_are_accurate() else "default"
+
+
 @contextlib.contextmanager
 def fast_float32_matmuls(device: torch.device):
-    """Within: float32 matmuls on a CPU use its bfloat16 instructions where that keeps float32's accuracy (see
-    bf16_float32_matmuls_are_accurate); elsewhere nothing changes."""
-    if device.type != "cpu" or not bf16_float32_matmuls_are_accurate():
+    """Within: float32 matmuls on a CPU go through oneDNN where that keeps float32's accuracy (see
+    onednn_float32_matmuls_are_accurate); elsewhere nothing changes. The setting is process-wide while any such
+    block runs: other threads' float32 CPU matmuls take the same path, and torch.get_float32_matmul_precision()
+    raises inside (it refuses a mix of its old and new settings)."""
+    if float32_matmul_path(device) != "onednn":
         yield
         return
-    with _float32_matmuls_via_bf16():
+    with _onednn_float32_matmuls():
         yield
+
+
+def _onednn_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    with _onednn_float32_matmuls():
+        return a @ b
+
+
+_setting_lock = threading.Lock()
+_setting_users = 0
+_setting_before: str | None = None
 
 
 @contextlib.contextmanager
-def _float32_matmuls_via_bf16():
+def _onednn_float32_matmuls():
+    """Counted, so overlapping blocks (threads, nesting) restore the original setting when the last one ends."""
+    global _setting_users, _setting_before
     settings = torch.backends.mkldnn.matmul
-    before = settings.fp32_precision
-    settings.fp32_precision = "bf16"
+    with _setting_lock:
+        if _setting_users == 0:
+            _setting_before = settings.fp32_precision
+            settings.fp32_precision = "bf16"
+        _setting_users += 1
     try:
         yield
     finally:
-        settings.fp32_precision = before
+        with _setting_lock:
+            _setting_users -= 1
+            if _setting_users == 0:
+                settings.fp32_precision = _setting_before

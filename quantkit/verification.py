@@ -182,7 +182,7 @@ def verify(quantized: str, base: str | None = None, *, eval_source: str = DEFAUL
             progress("loading base model", 0, 1)
             bmodel, report.load["base"] = _load(bdir, loader, budgets[1], Path(offload) / "base", report)
         _check_vocab(qmodel, bmodel)
-        with fast_float32_matmuls(torch.device("cpu")):  # float32's accuracy, on bfloat16 instructions where exact
+        with fast_float32_matmuls(torch.device("cpu")):  # through oneDNN where that keeps float32's accuracy
             _evaluate(qmodel, bmodel, windows, report, progress)
             if generate:
                 report.generation_config = {"max_new_tokens": max_new_tokens, "do_sample": False,

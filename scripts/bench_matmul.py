@@ -3,9 +3,9 @@
 
     python scripts/bench_matmul.py
 
-Rows: float32 as torch runs it by default; float32 with oneDNN allowed to use bfloat16 instructions
-(`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`, what quantize and verify use where
-precision.bf16_float32_matmuls_are_accurate); and plain bfloat16 inputs (a bfloat16 model's forwards). Shapes:
+Rows: float32 as torch runs it by default (its BLAS); float32 through oneDNN (torch routes it there when allowed to
+use bfloat16, `torch.backends.mkldnn.matmul.fp32_precision = "bf16"`; what quantize and verify use where
+precision.onednn_float32_matmuls_are_accurate); and plain bfloat16 inputs (a bfloat16 model's forwards). Shapes:
 a calibration forward (4096 tokens x 576 -> 1536), a Hessian product (1536 x 4096 x 1536) and one with inputs
 spread over six decades. Error: |result - float64 result| / (|a| @ |b|), the scale of a matmul's own rounding.
 """
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from quantkit.precision import _float32_matmuls_via_bf16, bf16_float32_matmuls_are_accurate, cpu_has_native_bf16
+from quantkit.precision import _onednn_float32_matmuls, cpu_has_native_bf16, onednn_float32_matmuls_are_accurate
 
 
 def _rate(a, b, repeats=10) -> float:
@@ -41,19 +41,19 @@ def main() -> None:
                                                             torch.randn(512, 512, generator=g))}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, AVX512-BF16/AMX: {cpu_has_native_bf16()}, "
-          f"bf16 float32 matmuls accurate: {bf16_float32_matmuls_are_accurate()}")
+          f"oneDNN float32 matmuls accurate: {onednn_float32_matmuls_are_accurate()}")
     print("| shape | mode | GFLOPS | error median | error max |\n|---|---|---:|---:|---:|")
     for name, (a, b) in shapes.items():
         rows = [("float32", lambda: a @ b, lambda: _rate(a, b))]
 
         def fast():
-            with _float32_matmuls_via_bf16():
+            with _onednn_float32_matmuls():
                 return a @ b
 
         def fast_rate():
-            with _float32_matmuls_via_bf16():
+            with _onednn_float32_matmuls():
                 return _rate(a, b)
-        rows.append(("float32, bf16 instructions allowed", fast, fast_rate))
+        rows.append(("float32 through oneDNN", fast, fast_rate))
         a16, b16 = a.bfloat16(), b.bfloat16()
         rows.append(("bfloat16 inputs", lambda: a16 @ b16, lambda: _rate(a16, b16)))
         for mode, run, rate in rows:

@@ -9,8 +9,8 @@ the pipeline calls, with its capture.BlockMemo: the attention folded into the st
 allows, o_proj's and down_proj's kept inputs in a scratch file, blocks derived from them checked once. --no-replay disables the memo, --no-spill
 keeps o_proj's inputs in memory and down_proj's not at all (the pipeline on a GPU), for before/after
 comparisons. --bf16 runs the forwards in bfloat16 (a bfloat16 model on a CPU with native bfloat16 matmuls,
-`--compute-dtype auto` there). --ieee keeps float32 matmuls off the CPU's bfloat16 instructions (the pipeline
-uses them where precision.bf16_float32_matmuls_are_accurate). --ops also prints the torch operators that took the most time (torch.profiler).
+`--compute-dtype auto` there). --ieee keeps float32 matmuls on torch's default BLAS (the pipeline sends them
+through oneDNN where precision.onednn_float32_matmuls_are_accurate). --ops also prints the torch operators that took the most time (torch.profiler).
 """
 import contextlib
 import sys

@@ -47,16 +47,21 @@ def test_an_unknown_dtype_is_one_clear_error():
         compute_dtype("int8", torch.float32, CPU)
 
 
+HAS_SETTING = hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision")
+needs_setting = pytest.mark.skipif(not HAS_SETTING, reason="torch < 2.9 has no mkldnn.matmul.fp32_precision")
+
+
 def _matmul_setting() -> str:
     return torch.backends.mkldnn.matmul.fp32_precision
 
 
+@needs_setting
 def test_fast_float32_matmuls_only_where_the_probe_finds_float32_accuracy(monkeypatch):
     before = _matmul_setting()
-    monkeypatch.setattr(precision, "bf16_float32_matmuls_are_accurate", lambda: False)
+    monkeypatch.setattr(precision, "onednn_float32_matmuls_are_accurate", lambda: False)
     with fast_float32_matmuls(CPU):
         assert _matmul_setting() == before
-    monkeypatch.setattr(precision, "bf16_float32_matmuls_are_accurate", lambda: True)
+    monkeypatch.setattr(precision, "onednn_float32_matmuls_are_accurate", lambda: True)
     with fast_float32_matmuls(GPU):
         assert _matmul_setting() == before
     with pytest.raises(RuntimeError), fast_float32_matmuls(CPU):
@@ -65,24 +70,48 @@ def test_fast_float32_matmuls_only_where_the_probe_finds_float32_accuracy(monkey
     assert _matmul_setting() == before  # restored, also after an error
 
 
+@needs_setting
+def test_overlapping_blocks_restore_the_original_setting_when_the_last_ends(monkeypatch):
+    before = _matmul_setting()
+    monkeypatch.setattr(precision, "onednn_float32_matmuls_are_accurate", lambda: True)
+    first, second = fast_float32_matmuls(CPU), fast_float32_matmuls(CPU)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # ended out of order, as two threads may
+    assert _matmul_setting() == "bf16"
+    second.__exit__(None, None, None)
+    assert _matmul_setting() == before
+
+
+def test_the_probe_rejects_a_path_that_rounds_to_bfloat16(monkeypatch):
+    """What oneDNN does with the permission on a CPU with AMX: a result as from bfloat16 inputs."""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "_onednn_product", lambda a, b: (a.bfloat16() @ b.bfloat16()).float())
+    assert HAS_SETTING is False or not precision.onednn_float32_matmuls_are_accurate.__wrapped__()
+    monkeypatch.setattr(precision, "_onednn_product", lambda a, b: a @ b)
+    assert precision.onednn_float32_matmuls_are_accurate.__wrapped__() == HAS_SETTING
+
+
 def test_the_probe_rejects_a_cpu_without_bf16_instructions(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
-    assert not precision.bf16_float32_matmuls_are_accurate.__wrapped__()
+    assert not precision.onednn_float32_matmuls_are_accurate.__wrapped__()
 
 
 def test_the_probe_rejects_a_torch_without_the_setting_or_refusing_it(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(torch.backends.mkldnn, "matmul", None, raising=False)
-    assert not precision.bf16_float32_matmuls_are_accurate.__wrapped__()
+    assert not precision.onednn_float32_matmuls_are_accurate.__wrapped__()
     monkeypatch.undo()
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
 
     def refuse():
         raise RuntimeError("oneDNN: unsupported fpmath mode")
-    monkeypatch.setattr(precision, "_float32_matmuls_via_bf16", refuse)
-    assert not precision.bf16_float32_matmuls_are_accurate.__wrapped__()
+    monkeypatch.setattr(precision, "_onednn_product", lambda a, b: refuse())
+    assert not precision.onednn_float32_matmuls_are_accurate.__wrapped__()
 
 
+@pytest.mark.skipif(not precision.onednn_float32_matmuls_are_accurate(), reason="float32 matmuls stay on torch's "
+                    "default path on this machine (no bfloat16 instructions, or the probe says no)")
 @pytest.mark.parametrize("width", [16, 600])  # 600: the lower-triangle product's blocks
 def test_hessians_under_fast_float32_matmuls_keep_float32_accuracy(width):
     """Where this CPU passes the probe, the calibration's matmuls run on bfloat16 instructions; the Hessians of
@@ -90,8 +119,35 @@ def test_hessians_under_fast_float32_matmuls_keep_float32_accuracy(width):
     X = torch.randn(4096, width, dtype=torch.float64)
     H, n = torch.zeros(width, width), 0
     with fast_float32_matmuls(CPU):
+        assert _matmul_setting() == "bf16"
         for chunk in X.float().split(1024):
             H, n = accumulate_hessian(H, n, chunk)
     exact = 2 * X.T @ X / n
     scale = 2 * X.abs().T @ X.abs() / n
     assert ((H.double() - exact).abs() / scale).max() < precision.FLOAT32_ACCURACY
+
+
+def test_a_bfloat16_model_on_a_cpu_with_bf16_instructions_calibrates_in_bfloat16(tiny_tokenizer, tmp_path,
+                                                                                  monkeypatch):
+    """--compute-dtype auto through the CLI, on any CPU (the instructions are only patched in); recorded in the JSON
+    result and in the manifest beside the float32 matmul path."""
+    import json
+
+    from click.testing import CliRunner
+    from conftest import make_tiny_model
+
+    from quantkit.cli import cli
+
+    from transformers import AutoModelForCausalLM
+
+    model_dir = make_tiny_model(tmp_path / "bf16", tiny_tokenizer)
+    AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).save_pretrained(model_dir)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    args = ["quantize", str(model_dir), "--out", str(tmp_path / "q"), "--group-size", "32", "--samples", "4",
+            "--seq-len", "32", "--json"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["compute_dtype"] == "bfloat16"
+    manifest = json.loads((tmp_path / "q" / "quantkit.json").read_text())
+    assert manifest["compute"]["dtype"] == "bfloat16" and manifest["compute"]["device"] == "cpu"
+    assert manifest["compute"]["float32_matmuls"] in ("onednn", "default")
