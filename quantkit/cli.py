@@ -8,6 +8,7 @@ import sys
 import click
 
 from . import __version__
+from .config import COMPUTE_DTYPES
 from .errors import QuantkitError
 from .heap import request_huge_pages
 
@@ -94,7 +95,7 @@ def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
 @click.option("--seq-len", type=int, default=512, show_default=True, help="tokens per calibration sample")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--compute-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+@click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES), default="auto",
               show_default=True, help="dtype of the calibration forwards; auto: the model's 16-bit dtype on a GPU and "
                                       "a bfloat16 model's on a CPU with AVX512-BF16/AMX, else float32")
 @click.option("--repo-id", default=None, help="hub-cache repo id to publish as, NAMESPACE/NAME")

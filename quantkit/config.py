@@ -4,6 +4,9 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import asdict, dataclass
 
+# dtypes of the calibration forwards (--compute-dtype; precision.compute_dtype decides "auto")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 SUPPORTED_BITS = (2, 3, 4, 8)  # what the GPTQ packing holds (quantkit.packing); here so settings need no torch
 METHODS = ("gptq", "rtn", "bnb-nf4", "bnb-int8")
 BNB_BITS = {"bnb-nf4": 4, "bnb-int8": 8}  # bitsandbytes methods and the bits they store

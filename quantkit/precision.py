@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+from .config import COMPUTE_DTYPES
 from .errors import QuantkitError
 
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -66,11 +66,16 @@ def onednn_float32_matmuls_are_accurate() -> bool:
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(2048, 576, generator=g), torch.randn(576, 1024, generator=g)
     try:
-        fast = _onednn_product(a, b).double()
+        fast = _onednn_product(a, b)
     except (RuntimeError, ValueError):  # a torch build whose oneDNN refuses the mode
         return False
+    return bool(matmul_errors(fast, a, b).max() < FLOAT32_ACCURACY)
+
+
+def matmul_errors(result: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|result - a @ b in float64| / (|a| @ |b|) per element: a matmul's error on the scale of its own rounding."""
     exact, scale = a.double() @ b.double(), a.double().abs() @ b.double().abs()
-    return bool(((fast - exact).abs() / scale).max() < FLOAT32_ACCURACY)
+    return (result.double() - exact).abs() / scale
 
 
 def float32_matmul_path(device: torch.device) -> str:

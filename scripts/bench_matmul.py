@@ -9,11 +9,13 @@ precision.onednn_float32_matmuls_are_accurate); and plain bfloat16 inputs (a bfl
 a calibration forward (4096 tokens x 576 -> 1536), a Hessian product (1536 x 4096 x 1536) and one with inputs
 spread over six decades. Error: |result - float64 result| / (|a| @ |b|), the scale of a matmul's own rounding.
 """
+import contextlib
 import time
 
 import torch
 
-from quantkit.precision import _onednn_float32_matmuls, cpu_has_native_bf16, onednn_float32_matmuls_are_accurate
+from quantkit.precision import (_onednn_float32_matmuls, cpu_has_native_bf16, matmul_errors,
+                                onednn_float32_matmuls_are_accurate)
 
 
 def _rate(a, b, repeats=10) -> float:
@@ -22,12 +24,6 @@ def _rate(a, b, repeats=10) -> float:
     for _ in range(repeats):
         a @ b
     return 2 * a.shape[0] * a.shape[1] * b.shape[1] * repeats / (time.perf_counter() - t) / 1e9
-
-
-def _errors(result, a, b) -> tuple[float, float]:
-    exact, scale = a.double() @ b.double(), a.double().abs() @ b.double().abs()
-    rel = ((result.double() - exact).abs() / scale).flatten()
-    return rel.median().item(), rel.max().item()
 
 
 def main() -> None:
@@ -44,21 +40,14 @@ def main() -> None:
           f"oneDNN float32 matmuls accurate: {onednn_float32_matmuls_are_accurate()}")
     print("| shape | mode | GFLOPS | error median | error max |\n|---|---|---:|---:|---:|")
     for name, (a, b) in shapes.items():
-        rows = [("float32", lambda: a @ b, lambda: _rate(a, b))]
-
-        def fast():
-            with _onednn_float32_matmuls():
-                return a @ b
-
-        def fast_rate():
-            with _onednn_float32_matmuls():
-                return _rate(a, b)
-        rows.append(("float32 through oneDNN", fast, fast_rate))
-        a16, b16 = a.bfloat16(), b.bfloat16()
-        rows.append(("bfloat16 inputs", lambda: a16 @ b16, lambda: _rate(a16, b16)))
-        for mode, run, rate in rows:
-            median, worst = _errors(run(), a, b)
-            print(f"| {name} | {mode} | {rate():.0f} | {median:.1e} | {worst:.1e} |")
+        modes = [("float32", contextlib.nullcontext, a, b),
+                 ("float32 through oneDNN", _onednn_float32_matmuls, a, b),
+                 ("bfloat16 inputs", contextlib.nullcontext, a.bfloat16(), b.bfloat16())]
+        for mode, setting, left, right in modes:
+            with setting():
+                errors = matmul_errors(left @ right, a, b).flatten()
+                rate = _rate(left, right)
+            print(f"| {name} | {mode} | {rate:.0f} | {errors.median().item():.1e} | {errors.max().item():.1e} |")
 
 
 if __name__ == "__main__":
