@@ -251,12 +251,15 @@ class BlockMemo:
     derivable: the blocks `derivable_blocks` found to return their exit Linear's output; only those keep inputs,
     and the real block never runs again. Without it (None) every block with an exit Linear keeps them, and the
     first batch runs the real block to compare.
+
+    fold_in_place: False makes `fold_into` replace a batch by a new tensor instead of adding into it, for
+    batches that a background save may still be reading.
     """
 
     def __init__(self, layer: nn.Module, enabled: bool = True, storage_dtype: torch.dtype | None = None,
                  groups: list[list[str]] = (), hidden_size: int = 0, fold: set[str] = frozenset(),
                  spill_dir: Path | None = None, propagates: bool = True,
-                 derivable: dict[str, tuple | None] | None = None):
+                 derivable: dict[str, tuple | None] | None = None, fold_in_place: bool = True):
         self.layer = layer
         self.storage_dtype = storage_dtype  # records are kept like the activations (the model's dtype)
         self.blocks = {name: {f"{name}.{sub}" for sub in linear_modules(child)}
@@ -274,6 +277,7 @@ class BlockMemo:
         self.fold = set(fold)  # blocks whose records are added into the stored inputs (foldable_blocks)
         self.folded: dict[str, list[torch.Size]] = {}  # folded block -> its output's shape, one per batch
         self.tails: dict[str, tuple | None] = {}  # what a block returned after its first tensor (None: a tensor)
+        self.fold_in_place = fold_in_place
 
     def _exit_linears(self, groups: list[list[str]], keep_wide: bool) -> dict[str, str]:
         """{block: exit Linear} whose inputs are kept (`exit_linears`). Inputs wider than the hidden states
@@ -419,7 +423,10 @@ class BlockMemo:
                 raise RuntimeError(f"internal error: {name} ran {len(records) - i} times in batch {i}; it cannot "
                                    "be folded into the layer's input")
             record, records[i] = _first_tensor(records[i]), None
-            batches[i].add_(record)
+            if self.fold_in_place:
+                batches[i].add_(record)
+            else:  # the old tensor may still be being saved (resume.BackgroundSaves): a new one, same sum
+                batches[i] = batches[i] + record
             self.folded.setdefault(name, []).append(record.shape)
 
 def _tail(output) -> tuple | None:

@@ -15,7 +15,7 @@ from .quant import dequantize_codes, group_qparams, rtn_quantize
 
 @dataclass(frozen=True)
 class GPTQResult:
-    codes: Tensor       # int32 [N, K], values in [0, 2**bits), original column order
+    codes: Tensor       # uint8 [N, K], values in [0, 2**bits), original column order
     scales: Tensor      # float32 [N, G], float16-representable
     zeros: Tensor       # int32 [N, G]
     g_idx: Tensor       # int32 [K], group of each input channel
@@ -30,6 +30,7 @@ class GPTQResult:
 
 
 SYMMETRIC_BLOCK = 256  # row-block width of the lower-triangle product below
+GRAM_ROWS = 2048  # Hessian rows per 16-bit product on a GPU
 
 
 @functools.cache
@@ -50,8 +51,11 @@ def accumulate_hessian(H: Tensor, n_seen: int, x: Tensor) -> tuple[Tensor, int]:
     H.mul_(n_seen / n_new)
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _has_16bit_gram(x.device, x.dtype):
         # products of 16-bit numbers are exact in float32, and cuBLAS sums them in float32: the float32 product's
-        # result at the 16-bit tensor cores' speed (about 10x the float32 rate)
-        H.add_(torch.mm(x.t(), x, out_dtype=torch.float32), alpha=2.0 / n_new)
+        # result at the 16-bit tensor cores' speed (about 10x the float32 rate). A block of rows at a time: the
+        # product's temporary is [GRAM_ROWS, K], not a second [K, K] beside H (462 MB for a 7B down_proj)
+        for start in range(0, H.shape[0], GRAM_ROWS):
+            rows = slice(start, start + GRAM_ROWS)
+            H[rows].add_(torch.mm(x[:, rows].t(), x, out_dtype=torch.float32), alpha=2.0 / n_new)
         return H, n_new
     x = x.to(H.dtype)
     if H.device.type == "cpu" and H.shape[0] > SYMMETRIC_BLOCK:
@@ -85,39 +89,57 @@ def _reversed_inverse_factor(H: Tensor, damp: float, tries: int = 5) -> tuple[Te
     Why: for J the order reversal, JHJ = L·Lᵀ gives H⁻¹ = Uᵀ·U with U = J·L⁻¹·J upper triangular, the factor GPTQ
     needs. One Cholesky and one triangular inverse cost 2K³/3 flops, against 4K³/3 for the reference's Cholesky,
     inverse from it and second Cholesky: 37 -> 19 s for an 11008-wide Hessian on 2 CPU cores.
-    Overwrites H (it ends up holding X); one more [K, K] buffer lives while it runs."""
+    Both run in H's own memory (it ends up holding X). A copy of H for a retry with more damping waits in host
+    memory (pinned, copied asynchronously from a GPU): on a GPU the factorization needs no [K, K] beside H."""
     diagonal = H.diagonal().clone()
     mean_diag = diagonal.mean()
-    L, info = torch.empty_like(H), torch.empty((), dtype=torch.int32, device=H.device)
-    for _ in range(tries):
+    info = torch.empty((), dtype=torch.int32, device=H.device)
+    if H.is_cuda:
+        backup = torch.empty(H.shape, dtype=H.dtype, pin_memory=True).copy_(H, non_blocking=True)
+    else:
+        backup = H.clone()
+    for attempt in range(tries):
+        if attempt:
+            H.copy_(backup, non_blocking=True)
         H.diagonal().copy_(diagonal + damp * mean_diag)
-        torch.linalg.cholesky_ex(H, out=(L, info))
+        torch.linalg.cholesky_ex(H, out=(H, info))  # in place; the upper triangle comes back zero
         if info.item() == 0:
-            _lower_inverse(L, out=H)
+            _invert_lower_in_place(H)
             return H, damp
         damp *= 10
     raise NumericalError(f"Hessian is not positive definite even with damp={damp / 10:g}; "
                          "use more calibration samples or a larger --damp")
 
 
-def _lower_inverse(L: Tensor, out: Tensor) -> None:
-    """out = L⁻¹ for a lower-triangular L, a block of columns at a time: column block [c, c + b) of the inverse is
-    zero above row c and solves L[c:, c:]·X = I[c:, c:c+b], so the solves sum to the K³/3 flops of LAPACK's trtri
-    (torch exposes no trtri; one solve against the whole identity would take K³)."""
+def _invert_lower_in_place(L: Tensor) -> None:
+    """L ← L⁻¹ for a lower-triangular L (zero above its diagonal), a block of columns at a time: column block
+    [c, c + b) of the inverse is zero above row c and solves L[c:, c:]·X = I[c:, c:c+b], so the solves sum to the
+    K³/3 flops of LAPACK's trtri (torch exposes no trtri; one solve against the whole identity would take K³).
+    In place because later blocks read only L[c+b:, c+b:], never the columns already replaced."""
     k = L.shape[0]
-    out.zero_()
     for c in range(0, k, INVERSE_BLOCK):
         b = min(INVERSE_BLOCK, k - c)
         rhs = torch.zeros(k - c, b, dtype=L.dtype, device=L.device)
         rhs.diagonal().fill_(1)
         torch.linalg.solve_triangular(L[c:, c:], rhs, upper=False, out=rhs)
-        out[c:, c:c + b] = rhs
+        L[c:, c:c + b] = rhs
 
 
 def _upper_rows(X: Tensor, i1: int, i2: int) -> Tensor:
     """Rows i1..i2-1, columns i1.. of U = J·X·J (the upper Cholesky factor of H⁻¹; X from _reversed_inverse_factor)."""
     k = X.shape[0]
     return X[k - i2:k - i1, :k - i1].flip(0, 1)
+
+
+PERMUTE_ROWS = 1024  # rows per step of an in-place column permutation
+
+
+def _permute_columns_(W: Tensor, order: Tensor) -> None:
+    """W[:, j] ← W[:, order[j]] in place, a block of rows at a time: each row's permutation is its own, so the
+    temporary is [PERMUTE_ROWS, K] rather than a second W (a 7B gate/up stack is 344 MB in float32)."""
+    for start in range(0, W.shape[0], PERMUTE_ROWS):
+        rows = W[start:start + PERMUTE_ROWS]
+        rows.copy_(rows.index_select(1, order))
 
 
 def _block_size(group_size: int, n_in: int) -> int:
@@ -144,11 +166,11 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
     result, with one column sweep instead of one per Linear (the sweep is a chain of small steps: on a GPU
     its kernel launches, not its FLOPs, set the time). consume_hessian: overwrite a float32 `hessian` in place
     instead of copying it."""
-    W = torch.cat([w.float() for w in weights]) if len(weights) > 1 else weights[0].float().clone()  # [N, K]
     H = hessian.float()  # [K, K]
     if H is hessian and not consume_hessian:
         H = H.clone()
-    n_out, n_in = W.shape
+    n_in = H.shape[0]
+    n_out = sum(w.shape[0] for w in weights)
     group = spec.effective_group_size(n_in)
     n_groups = math.ceil(n_in / group)
 
@@ -157,24 +179,24 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
                              "(activations overflowing float16?)")
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1.0  # an input that is always zero: its column is zero, any positive curvature will do
-    W[:, dead] = 0.0
-
-    static_params = None
-    if spec.static_groups:  # fixed per group in original order, before any column is updated
-        static_params = [group_qparams(W[:, g * group:(g + 1) * group], spec.bits, spec.sym, spec.clip_search) for g in range(n_groups)]
-
-    perm = None
-    if spec.act_order:
-        perm = torch.argsort(H.diagonal(), descending=True)
-        W = W[:, perm]
+    perm = torch.argsort(H.diagonal(), descending=True) if spec.act_order else None
     # H in the reverse of the order the columns are solved in (see _reversed_inverse_factor); the act-order
-    # permutation comes with it: in place but for one [K, K] temporary
+    # permutation comes with it: in place but for one [K, K] temporary, freed before the weights are copied
     reverse = (perm if perm is not None else torch.arange(n_in, device=H.device)).flip(0)
     torch.index_select(H.index_select(0, reverse), 1, reverse, out=H)
     Xinv, damp = _reversed_inverse_factor(H, spec.damp)
     del H
 
-    codes = torch.zeros(n_out, n_in, dtype=torch.int32, device=W.device)
+    # the weights in float32 (one copy: w.float() of a 16-bit weight is one already), stacked when shared
+    W = torch.cat([w.float() for w in weights]) if len(weights) > 1 else weights[0].to(torch.float32, copy=True)
+    W[:, dead] = 0.0
+    static_params = None
+    if spec.static_groups:  # fixed per group in original order, before any column is updated
+        static_params = [group_qparams(W[:, g * group:(g + 1) * group], spec.bits, spec.sym, spec.clip_search) for g in range(n_groups)]
+    if perm is not None:
+        _permute_columns_(W, perm)
+
+    codes = torch.zeros(n_out, n_in, dtype=torch.uint8, device=W.device)  # up to 8 bits: a quarter of int32's memory
     losses = torch.zeros(n_out, device=W.device)
     scales = torch.zeros(n_out, n_groups, device=W.device)
     zeros = torch.zeros(n_out, n_groups, device=W.device)
@@ -185,9 +207,8 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
     scale = zero = None
     block = _block_size(group, n_in)
     static_cols = col_group.tolist() if static_params is not None else None  # no GPU sync per column
-    # finished columns go straight to their original positions: the dequantized weight (what the files reproduce)
-    # into W itself when nothing is permuted, so the solve holds no [N, K] tensors beyond W, codes and this
-    dequantized = W if perm is None else torch.empty_like(W)
+    # a finished block's columns of W are read no more: the dequantized weight (what the files reproduce) takes
+    # their place, so the solve holds no [N, K] tensors beyond W and the codes
     offset = torch.empty(n_out, device=W.device)  # q - zero of the current column
     for i1 in range(0, n_in, block):
         i2 = min(i1 + block, n_in)
@@ -218,12 +239,14 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
         losses += Err1.pow(2).sum(dim=0) / 2  # (w - q)^2 / d^2 / 2 summed over the block's columns
         W[:, i2:].addmm_(Err1.t(), Hrows[:, i2 - i1:], alpha=-1)  # in place: no [N, K] temporary per block
         original = slice(i1, i2) if perm is None else perm[i1:i2]
-        codes[:, original] = Q1.t().to(torch.int32)  # exact: small whole numbers
+        codes[:, original] = Q1.t().to(torch.uint8)  # exact: small whole numbers
         in_block = col_group[i1:i2]
-        dequantized[:, original] = dequantize_codes(Q1.t(), scales[:, in_block], zeros[:, in_block])
-    del W
+        W[:, i1:i2] = dequantize_codes(Q1.t(), scales[:, in_block], zeros[:, in_block])
+    dequantized = W
     if perm is not None:
-        col_group = col_group[torch.argsort(perm)]
+        inverse = torch.argsort(perm)
+        _permute_columns_(dequantized, inverse)
+        col_group = col_group[inverse]
     g_idx = col_group.to(torch.int32)
     total = float(losses.sum())
     if not math.isfinite(total):

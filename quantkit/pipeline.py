@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import re
 import resource
@@ -34,7 +35,7 @@ from .model_skeleton import (build_skeleton, calibration_batch_size, check_tenso
                              set_weight_matrix, weight_matrix)
 from .precision import compute_dtype as choose_compute_dtype
 from .precision import fast_float32_matmuls, float32_matmul_path
-from .resume import STATE, RunState, model_fingerprint, run_fingerprint
+from .resume import STATE, BackgroundSaves, RunState, model_fingerprint, run_fingerprint
 from .spill import disk_has_room
 from .writer import ShardWriter, parse_size, write_json
 
@@ -287,39 +288,14 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
     bar.update(state.layers_done)
     fmt = checkpoint_format(spec)
     class_checks: dict[type, tuple] = {}  # per decoder-layer class: (blocks folded into the inputs, derivable)
-    for i, layer in enumerate(layers):
-        if i < state.layers_done:
-            continue
-        t_layer = time.perf_counter()
-        kill_point(f"layer:{i}:start")
-        materialize(layer, f"{prefix}.{i}", checkpoint, dev, compute_dtype)
-        stages = _StageClock(dev, load=t_layer)
-        if i == 0:
-            spec.check_skip_patterns(linear_modules(layer))
-        last = i == len(layers) - 1 and not spec.lm_head  # no later step needs this layer's outputs
-        if spec.method == "gptq":
-            results = _gptq_layer(layer, f"{prefix}.{i}", batches, calls[i], spec, fmt, dev, compute_dtype, last,
-                                  stages, class_checks, spill_dir=target.work if dev.type == "cpu" else None)
-        else:
-            results = _rtn_layer(layer, f"{prefix}.{i}", spec, fmt)
-        tensors = {k: v for res in results.values() for k, v in res.tensors.items()}
-        losses = {name: res.loss for name, res in results.items()}
-        damps = {name: res.damp for name, res in results.items() if res.damp != spec.damp}
-        report = {"index": i, "seconds": round(time.perf_counter() - t_layer, 2), "stage_seconds": stages.seconds,
-                  "losses": losses, **({"damp_raised": damps} if damps else {})}
-        for name, damp in damps.items():
-            log.warning("%s.%d.%s: Hessian not positive definite; damping raised from %g to %g", prefix, i, name,
-                        spec.damp, damp)
-        kill_point(f"layer:{i}:solved")
-        wait_for_copies(dev)  # the next layer's inputs, copied back from the GPU, are saved below
-        state.save_layer(i, tensors, report, batches if spec.method == "gptq" and not last else None)
-        kill_point(f"layer:{i}:saved")
-        log.info("layer %d/%d  %s  (%.1fs: %s)", i + 1, len(layers),
-                 "  ".join(f"{n.split('.')[-1]}={v:.4g}" for n, v in losses.items()), report["seconds"],
-                 " ".join(f"{k} {v:.1f}" for k, v in stages.seconds.items()))
-        release(layer)
-        return_free_heap()  # else each layer's small frees stay resident: a creep of about 2 MB a layer
-        bar.update(1)
+    saves = BackgroundSaves(enabled=dev.type == "cuda")  # a GPU's layers are short: their saves overlap the next
+    try:
+        _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, state, batches, calls, bar,
+                         class_checks, saves, target)
+    except BaseException:
+        saves.wait(raise_error=False)  # the work directory must not change under the caller's clean-up
+        raise
+    saves.wait()
     if spec.lm_head and state.layers_done == len(layers):
         t_head = time.perf_counter()
         kill_point("head:start")
@@ -370,6 +346,51 @@ def _run_bnb(model, model_dir, config, config_dict, spec, dev, target):
     return [], _write_side_files(model, model_dir, config_dict, spec, None, target, [], weight_bytes)
 
 
+def _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, state, batches, calls, bar,
+                     class_checks, saves: BackgroundSaves, target) -> None:
+    """Quantize the decoder layers not finished yet, one in memory at a time; `batches` (the calibration
+    activations) end as the last layer's outputs. Each finished layer is saved through `saves`."""
+    for i, layer in enumerate(layers):
+        if i < state.layers_done:
+            continue
+        t_layer = time.perf_counter()
+        kill_point(f"layer:{i}:start")
+        materialize(layer, f"{prefix}.{i}", checkpoint, dev, compute_dtype)
+        stages = _StageClock(dev, load=t_layer)
+        if i == 0:
+            spec.check_skip_patterns(linear_modules(layer))
+        last = i == len(layers) - 1 and not spec.lm_head  # no later step needs this layer's outputs
+        if spec.method == "gptq":
+            results = _gptq_layer(layer, f"{prefix}.{i}", batches, calls[i], spec, fmt, dev, compute_dtype, last,
+                                  stages, class_checks, spill_dir=target.work if dev.type == "cpu" else None,
+                                  fold_in_place=not saves.enabled)
+        else:
+            results = _rtn_layer(layer, f"{prefix}.{i}", spec, fmt)
+        tensors = {k: v for res in results.values() for k, v in res.tensors.items()}
+        losses = {name: res.loss for name, res in results.items()}
+        damps = {name: res.damp for name, res in results.items() if res.damp != spec.damp}
+        report = {"index": i, "seconds": round(time.perf_counter() - t_layer, 2), "stage_seconds": stages.seconds,
+                  "losses": losses, **({"damp_raised": damps} if damps else {})}
+        for name, damp in damps.items():
+            log.warning("%s.%d.%s: Hessian not positive definite; damping raised from %g to %g", prefix, i, name,
+                        spec.damp, damp)
+        kill_point(f"layer:{i}:solved")
+        wait_for_copies(dev)  # the next layer's inputs, copied back from the GPU, are saved below
+        saves.submit(functools.partial(_save_layer, state, i, tensors, report,
+                                       list(batches) if spec.method == "gptq" and not last else None))
+        log.info("layer %d/%d  %s  (%.1fs: %s)", i + 1, len(layers),
+                 "  ".join(f"{n.split('.')[-1]}={v:.4g}" for n, v in losses.items()), report["seconds"],
+                 " ".join(f"{k} {v:.1f}" for k, v in stages.seconds.items()))
+        release(layer)
+        return_free_heap()  # else each layer's small frees stay resident: a creep of about 2 MB a layer
+        bar.update(1)
+
+
+def _save_layer(state: RunState, i: int, tensors: dict, report: dict, activations: list | None) -> None:
+    state.save_layer(i, tensors, report, activations)
+    kill_point(f"layer:{i}:saved")
+
+
 def _check_packable(spec: QuantSpec, where: str, modules: dict) -> None:
     """qweight packs input channels and qzeros output channels 32/bits to a word (3-bit: 32 values in 3 words)."""
     step = 32 if spec.bits == 3 else 32 // spec.bits
@@ -417,13 +438,14 @@ def _packed(where: str, name: str, res: GPTQResult, module, spec: QuantSpec, fmt
 
 def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev, compute_dtype,
                 last: bool, clock: _StageClock, class_checks: dict[type, tuple],
-                spill_dir: Path | None = None) -> dict[str, _Solved]:
+                spill_dir: Path | None = None, fold_in_place: bool = True) -> dict[str, _Solved]:
     """GPTQ every Linear of layer `where` (stage by stage when true-sequential), then propagate the batches.
     class_checks: per layer class, the blocks found foldable and derivable (capture.foldable_blocks and
     derivable_blocks; filled on first use, one check per class).
     spill_dir: where o_proj's and down_proj's inputs may wait for their later use, in a scratch file (on a CPU:
     the page cache holds them, not the process; the propagation applies down_proj to its kept inputs, where
-    rerunning gate/up took a sixth of a SmolLM2 layer's time); None keeps o_proj's in memory, down_proj's not."""
+    rerunning gate/up took a sixth of a SmolLM2 layer's time); None keeps o_proj's in memory, down_proj's not.
+    fold_in_place: False while the batches are being saved in the background (BlockMemo)."""
     groups = discover_groups(layer, batches[0][:1].to(dev, compute_dtype), call)
     groups = [kept for kept in ([n for n in g if not spec.skips(n)] for g in groups) if kept]
     modules = linear_modules(layer)
@@ -441,7 +463,8 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev
                                                                                       compute_dtype, last))):
         spill_dir = None
     memo = BlockMemo(layer, storage_dtype=batches[0].dtype, groups=groups, hidden_size=hidden,
-                     fold=fold, spill_dir=spill_dir, propagates=not last, derivable=derivable)
+                     fold=fold, spill_dir=spill_dir, propagates=not last, derivable=derivable,
+                     fold_in_place=fold_in_place)
     try:
         for stage in stages:
             hessians = collect_hessians(layer, stage, batches, call, dev, compute_dtype, memo,

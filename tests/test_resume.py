@@ -139,3 +139,51 @@ def test_second_run_on_the_same_target_is_refused(tiny4, tmp_path, monkeypatch):
     with FileLock(str(work / ".lock")):
         r = quantize(tiny4, cache, "--out", str(tmp_path / "q"))
     assert r.returncode == 1 and "another quantkit run is writing" in r.stderr and not (tmp_path / "q").exists()
+
+
+class _AlwaysInBackground:
+    """pipeline.BackgroundSaves as a GPU run has it (saves on a worker thread, batches folded into new tensors)."""
+
+    def __new__(cls, enabled):
+        from quantkit.resume import BackgroundSaves
+
+        return BackgroundSaves(enabled=True)
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_background_saves_write_the_same_bytes(tiny4, tmp_path, monkeypatch):
+    """A GPU run saves each layer while the next computes; on the CPU twin the files are the synchronous run's."""
+    from quantkit import pipeline
+    from quantkit.config import CalibSpec, QuantSpec
+
+    spec, calib = QuantSpec(bits=4, group_size=32), CalibSpec(samples=8, seq_len=32)
+    synchronous = pipeline.quantize(str(tiny4), spec, calib, out=tmp_path / "sync")
+    monkeypatch.setattr(pipeline, "BackgroundSaves", _AlwaysInBackground)
+    background = pipeline.quantize(str(tiny4), spec, calib, out=tmp_path / "background")
+    assert _file_hashes(Path(background.path)) == _file_hashes(Path(synchronous.path))
+
+
+def test_a_failed_background_save_fails_the_run_and_keeps_its_work(tiny4, tmp_path, monkeypatch):
+    from quantkit import pipeline
+    from quantkit.config import CalibSpec, QuantSpec
+    from quantkit.resume import RunState
+
+    save_layer = RunState.save_layer
+
+    def full_disk_at_layer_2(self, index, *args):
+        if index == 2:
+            raise OSError(28, "No space left on device", "activations-00003.safetensors")
+        return save_layer(self, index, *args)
+
+    monkeypatch.setattr(pipeline, "BackgroundSaves", _AlwaysInBackground)
+    monkeypatch.setattr(RunState, "save_layer", full_disk_at_layer_2)
+    work = tmp_path / "work"
+    with pytest.raises(pipeline.QuantkitError, match="no space left"):
+        pipeline.quantize(str(tiny4), QuantSpec(bits=4, group_size=32), CalibSpec(samples=8, seq_len=32),
+                          out=tmp_path / "out", work_dir=work)
+    state = json.loads(next(work.rglob("state.json")).read_text())
+    assert [layer["index"] for layer in state["layers"]] == [0, 1]  # finished layers kept for a resume
+    assert not (tmp_path / "out").exists()
