@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ class GPTQResult:
 
 
 SYMMETRIC_BLOCK = 256  # row-block width of the lower-triangle product below
-GRAM_ROWS = 2048  # Hessian rows per 16-bit product on a GPU
+GRAM_ROWS = 1024  # Hessian rows per 16-bit product on a GPU
 
 
 @functools.cache
@@ -79,7 +80,7 @@ def _add_gram_lower(H: Tensor, x: Tensor, alpha: float) -> None:
         H[start:end, end:].copy_(H[end:, start:end].t())
 
 
-INVERSE_BLOCK = 2048  # right-hand-side columns per triangular solve of the inverse below
+INVERSE_BLOCK = 1024  # rows per step of the triangular inverse below
 
 
 def _reversed_inverse_factor(H: Tensor, damp: float, tries: int = 5) -> tuple[Tensor, float]:
@@ -89,8 +90,12 @@ def _reversed_inverse_factor(H: Tensor, damp: float, tries: int = 5) -> tuple[Te
     Why: for J the order reversal, JHJ = L·Lᵀ gives H⁻¹ = Uᵀ·U with U = J·L⁻¹·J upper triangular, the factor GPTQ
     needs. One Cholesky and one triangular inverse cost 2K³/3 flops, against 4K³/3 for the reference's Cholesky,
     inverse from it and second Cholesky: 37 -> 19 s for an 11008-wide Hessian on 2 CPU cores.
-    Both run in H's own memory (it ends up holding X). A copy of H for a retry with more damping waits in host
-    memory (pinned, copied asynchronously from a GPU): on a GPU the factorization needs no [K, K] beside H."""
+
+    Both run in H's own memory, with no [K, K] temporary (462 MB for a 7B down_proj): X is returned as a view of
+    it. The factor is written through H's transpose, a column-major view that LAPACK and cuSOLVER take as it is
+    (H is symmetric, so the view holds the same matrix); written into H itself, torch would factor a column-major
+    copy and copy it back. A copy of H for a retry with more damping waits in host memory (pinned and copied
+    asynchronously from a GPU)."""
     diagonal = H.diagonal().clone()
     mean_diag = diagonal.mean()
     info = torch.empty((), dtype=torch.int32, device=H.device)
@@ -98,31 +103,42 @@ def _reversed_inverse_factor(H: Tensor, damp: float, tries: int = 5) -> tuple[Te
         backup = torch.empty(H.shape, dtype=H.dtype, pin_memory=True).copy_(H, non_blocking=True)
     else:
         backup = H.clone()
+    factor = H.mT
     for attempt in range(tries):
         if attempt:
             H.copy_(backup, non_blocking=True)
         H.diagonal().copy_(diagonal + damp * mean_diag)
-        torch.linalg.cholesky_ex(H, out=(H, info))  # in place; the upper triangle comes back zero
+        torch.linalg.cholesky_ex(factor, out=(factor, info))  # in place; the upper triangle comes back zero
         if info.item() == 0:
-            _invert_lower_in_place(H)
-            return H, damp
+            _invert_lower_in_place(factor)
+            return factor, damp
         damp *= 10
     raise NumericalError(f"Hessian is not positive definite even with damp={damp / 10:g}; "
                          "use more calibration samples or a larger --damp")
 
 
 def _invert_lower_in_place(L: Tensor) -> None:
-    """L ← L⁻¹ for a lower-triangular L (zero above its diagonal), a block of columns at a time: column block
-    [c, c + b) of the inverse is zero above row c and solves L[c:, c:]·X = I[c:, c:c+b], so the solves sum to the
-    K³/3 flops of LAPACK's trtri (torch exposes no trtri; one solve against the whole identity would take K³).
-    In place because later blocks read only L[c+b:, c+b:], never the columns already replaced."""
+    """L ← L⁻¹ for a lower-triangular L (zero above its diagonal), a block of rows at a time, top to bottom (the
+    blocked form of LAPACK's trtri, which torch does not expose): with D the row block's diagonal block,
+    X[r, :r] = -D⁻¹·L[r, :r]·X[:r, :r] and X[r, r] = D⁻¹. A row block reads only its own row of L and the rows of
+    X above it, so X overwrites L as it goes. The products skip X's zeros above the diagonal (K³/3 flops in
+    all) and are plain matrix products on strided slices: no copies of trailing blocks, as triangular solves on
+    submatrices would make (a [K, K] one for the first block)."""
     k = L.shape[0]
-    for c in range(0, k, INVERSE_BLOCK):
-        b = min(INVERSE_BLOCK, k - c)
-        rhs = torch.zeros(k - c, b, dtype=L.dtype, device=L.device)
-        rhs.diagonal().fill_(1)
-        torch.linalg.solve_triangular(L[c:, c:], rhs, upper=False, out=rhs)
-        L[c:, c:c + b] = rhs
+    for r in range(0, k, INVERSE_BLOCK):
+        r2 = min(r + INVERSE_BLOCK, k)
+        diagonal_block = L[r:r2, r:r2].contiguous()
+        if r:
+            rows = torch.empty(r2 - r, r, dtype=L.dtype, device=L.device)
+            for c in range(0, r, INVERSE_BLOCK):  # X[:r, c:c2] is zero above row c
+                c2 = min(c + INVERSE_BLOCK, r)
+                torch.mm(L[r:r2, c:r], L[c:r, c:c2], out=rows[:, c:c2])
+            torch.linalg.solve_triangular(diagonal_block, rows, upper=False, out=rows)
+            L[r:r2, :r] = rows.neg_()
+        inverse = torch.zeros(r2 - r, r2 - r, dtype=L.dtype, device=L.device)
+        inverse.diagonal().fill_(1)
+        torch.linalg.solve_triangular(diagonal_block, inverse, upper=False, out=inverse)
+        L[r:r2, r:r2] = inverse
 
 
 def _upper_rows(X: Tensor, i1: int, i2: int) -> Tensor:
@@ -131,12 +147,76 @@ def _upper_rows(X: Tensor, i1: int, i2: int) -> Tensor:
     return X[k - i2:k - i1, :k - i1].flip(0, 1)
 
 
+def _sweep_columns(W1: Tensor, Q1: Tensor, Err1: Tensor, Hinv1: Tensor, scale: Tensor, zero: Tensor,
+                   offset: Tensor, start: int, end: int, maxq: int) -> None:
+    """GPTQ's inner loop over columns start..end-1 of a block (held transposed: W1 [block, N]) on one grid: round
+    each column, keep its code in Q1 and its scaled error in Err1, and pass the error on to the block's later
+    columns. A column is a chain of small kernels, each writing its result in place (no allocations: a GPU
+    runs the chain as a CUDA graph, see _GraphedSweeps)."""
+    for i in range(start, end):
+        w, q, err = W1[i], Q1[i], Err1[i]
+        torch.div(w, scale, out=q).round_().add_(zero).clamp_(0, maxq)
+        torch.sub(q, zero, out=offset)
+        torch.addcmul(w, offset, scale, value=-1, out=err).div_(Hinv1[i, i])
+        W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # propagate this column's error to the rest of the block
+
+
+def _graph_sweeps(W: Tensor) -> bool:
+    """Whether the column sweeps run as CUDA graphs: on a GPU, unless QUANTKIT_CUDA_GRAPHS=0 (to compare, or to
+    rule them out: the results are the same bits either way)."""
+    return W.is_cuda and os.environ.get("QUANTKIT_CUDA_GRAPHS", "1") != "0"
+
+
+class _GraphedSweeps:
+    """`_sweep_columns` on a GPU as CUDA graphs, one per run of columns within a full block: a group of 64
+    columns is 512 kernels, which the GPU would otherwise run at the speed Python launches them (about 10 µs
+    each; a 7B layer's sweeps are about 190 thousand kernels). The graphs read and write fixed buffers (a
+    block's W1, Q1, Err1, its inverse-Hessian rows, the grid), which `load` and `sweep` fill. The first run of
+    each kind runs eagerly, then is captured (capturing runs nothing), and replays after that: the same kernels
+    on the same data, so the same bits as the eager sweep."""
+
+    def __init__(self, n_out: int, block: int, device: torch.device):
+        self.W1, self.Q1, self.Err1 = (torch.empty(block, n_out, device=device) for _ in range(3))
+        self.Hinv1 = torch.empty(block, block, device=device)
+        self.scale, self.zero, self.offset = (torch.empty(n_out, device=device) for _ in range(3))
+        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
+
+    def load(self, W_block: Tensor, Hinv1: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A block's columns [N, block] and its [block, block] inverse-Hessian rows; returns W1, Q1, Err1."""
+        self.W1.copy_(W_block.t())
+        self.Hinv1.copy_(Hinv1)
+        return self.W1, self.Q1, self.Err1
+
+    def sweep(self, start: int, end: int, scale: Tensor, zero: Tensor, maxq: int) -> None:
+        self.scale.copy_(scale)
+        self.zero.copy_(zero)
+        key = (start, end, maxq)
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        args = (self.W1, self.Q1, self.Err1, self.Hinv1, self.scale, self.zero, self.offset, start, end, maxq)
+        _sweep_columns(*args)  # this run's work, and the warm-up the capture needs
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(self.W1.device)
+        stream.wait_stream(torch.cuda.current_stream(self.W1.device))
+        with torch.cuda.stream(stream):
+            # thread_local: a background save freeing pinned buffers on another thread must not break the capture
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                _sweep_columns(*args)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(self.W1.device).wait_stream(stream)
+        self.graphs[key] = graph
+
+
 PERMUTE_ROWS = 1024  # rows per step of an in-place column permutation
 
 
 def _permute_columns_(W: Tensor, order: Tensor) -> None:
     """W[:, j] ← W[:, order[j]] in place, a block of rows at a time: each row's permutation is its own, so the
-    temporary is [PERMUTE_ROWS, K] rather than a second W (a 7B gate/up stack is 344 MB in float32)."""
+    temporary is [PERMUTE_ROWS, K] rather than a second W (a 7B gate/up stack is 344 MB in float32, its
+    down_proj's Hessian 462 MB). W may be a transposed view (then its rows are the memory's columns)."""
     for start in range(0, W.shape[0], PERMUTE_ROWS):
         rows = W[start:start + PERMUTE_ROWS]
         rows.copy_(rows.index_select(1, order))
@@ -180,15 +260,20 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1.0  # an input that is always zero: its column is zero, any positive curvature will do
     perm = torch.argsort(H.diagonal(), descending=True) if spec.act_order else None
-    # H in the reverse of the order the columns are solved in (see _reversed_inverse_factor); the act-order
-    # permutation comes with it: in place but for one [K, K] temporary, freed before the weights are copied
-    reverse = (perm if perm is not None else torch.arange(n_in, device=H.device)).flip(0)
-    torch.index_select(H.index_select(0, reverse), 1, reverse, out=H)
+    # H in the reverse of the order the columns are solved in (see _reversed_inverse_factor), with the act-order
+    # permutation: H[i, j] <- H[order[i], order[j]], in place
+    order = (perm if perm is not None else torch.arange(n_in, device=H.device)).flip(0)
+    _permute_columns_(H, order)
+    _permute_columns_(H.mT, order)  # the rows: a row of H.mT is a column of H
     Xinv, damp = _reversed_inverse_factor(H, spec.damp)
     del H
 
-    # the weights in float32 (one copy: w.float() of a 16-bit weight is one already), stacked when shared
-    W = torch.cat([w.float() for w in weights]) if len(weights) > 1 else weights[0].to(torch.float32, copy=True)
+    # the weights stacked, in float32, copied straight into place (a 7B gate/up stack is 344 MB)
+    W = torch.empty(n_out, n_in, device=weights[0].device)
+    start = 0
+    for w in weights:
+        W[start:start + w.shape[0]].copy_(w)
+        start += w.shape[0]
     W[:, dead] = 0.0
     static_params = None
     if spec.static_groups:  # fixed per group in original order, before any column is updated
@@ -210,32 +295,39 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
     # a finished block's columns of W are read no more: the dequantized weight (what the files reproduce) takes
     # their place, so the solve holds no [N, K] tensors beyond W and the codes
     offset = torch.empty(n_out, device=W.device)  # q - zero of the current column
+    # a GPU runs the column sweeps of full blocks as CUDA graphs; static groups change the grid every column
+    graphed = _GraphedSweeps(n_out, block, W.device) if _graph_sweeps(W) and static_params is None else None
     for i1 in range(0, n_in, block):
         i2 = min(i1 + block, n_in)
+        Hrows = _upper_rows(Xinv, i1, i2)  # [block, K - i1]: this block's rows of the inverse Hessian's factor
         # The block is held transposed, [columns, N]: each column's steps then read and write contiguous memory
         # (a column of an [N, block] tensor touches one cache line per row: 3x slower on a CPU).
-        W1 = W[:, i1:i2].t().contiguous()
-        Q1 = torch.empty_like(W1)    # the block's codes
-        Err1 = torch.empty_like(W1)  # (w - dequantized) / d per column: what the block passes on
-        Hrows = _upper_rows(Xinv, i1, i2)  # [block, K - i1]: this block's rows of the inverse Hessian's factor
+        if graphed is not None and i2 - i1 == block:
+            W1, Q1, Err1 = graphed.load(W[:, i1:i2], Hrows[:, :block])
+        else:
+            W1 = W[:, i1:i2].t().contiguous()
+            Q1 = torch.empty_like(W1)    # the block's codes
+            Err1 = torch.empty_like(W1)  # (w - dequantized) / d per column: what the block passes on
         Hinv1 = Hrows[:, :i2 - i1]
-        # One column is a chain of small kernels (a GPU runs them at the speed it launches them): each writes
-        # its result in place, and the codes go to `codes` once per block.
-        for i in range(i2 - i1):
+        i = 0
+        while i < i2 - i1:  # runs of columns that share their grid (scale, zero)
             col = i1 + i
             if static_cols is not None:
                 g = static_cols[col]
                 scale, zero = static_params[g]
                 scales[:, g], zeros[:, g] = scale, zero
-            elif col % group == 0:  # first column of a group: block starts align with groups, W1 is current
-                cols = W[:, col:col + group] if i == 0 else W1[i:i + group].t()
-                scale, zero = group_qparams(cols, spec.bits, spec.sym, spec.clip_search)
-                scales[:, col // group], zeros[:, col // group] = scale, zero
-            w, q, err = W1[i], Q1[i], Err1[i]
-            torch.div(w, scale, out=q).round_().add_(zero).clamp_(0, spec.maxq)
-            torch.sub(q, zero, out=offset)
-            torch.addcmul(w, offset, scale, value=-1, out=err).div_(Hinv1[i, i])
-            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # propagate this column's error to the rest of the block
+                run = 1
+            else:
+                if col % group == 0:  # first column of a group: block starts align with groups, W1 is current
+                    cols = W[:, col:col + group] if i == 0 else W1[i:i + group].t()
+                    scale, zero = group_qparams(cols, spec.bits, spec.sym, spec.clip_search)
+                    scales[:, col // group], zeros[:, col // group] = scale, zero
+                run = min(group - col % group, i2 - i1 - i)
+            if graphed is not None and i2 - i1 == block:
+                graphed.sweep(i, i + run, scale, zero, spec.maxq)
+            else:
+                _sweep_columns(W1, Q1, Err1, Hinv1, scale, zero, offset, i, i + run, spec.maxq)
+            i += run
         losses += Err1.pow(2).sum(dim=0) / 2  # (w - q)^2 / d^2 / 2 summed over the block's columns
         W[:, i2:].addmm_(Err1.t(), Hrows[:, i2 - i1:], alpha=-1)  # in place: no [N, K] temporary per block
         original = slice(i1, i2) if perm is None else perm[i1:i2]

@@ -275,7 +275,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
     if state.layers_done:
         log.info("resuming after layer %d/%d from %s", state.layers_done, len(layers), target.work)
     steps = len(layers) + spec.lm_head  # the head, when quantized, is one more step after the layers
-    batches = None
+    batches = calls = None
     if spec.method == "gptq" and state.layers_done < steps:
         log.info("calibration: %d x %d tokens from %s, forwards in %s on %s", calib.samples, calib.seq_len,
                  calib.source, str(compute_dtype).removeprefix("torch."), dev)

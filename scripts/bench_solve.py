@@ -7,7 +7,8 @@ A layer's Linears that read one input are solved stacked (q/k/v, gate/up), as th
 four solves; this times each (`gptq_quantize_shared` with the Hessian consumed, the quantize defaults: act-order
 and clip search) and prints one JSON line per solve and the layer's total. GPTQ's cost depends on the shapes,
 not on the values. To compare a solver change side by side, run it again with the other checkout first on the
-path: `PYTHONPATH=/path/to/other/checkout python scripts/bench_solve.py`.
+path: `PYTHONPATH=/path/to/other/checkout python scripts/bench_solve.py`. On a GPU each line also gives the
+memory the solve needs beyond its inputs; `QUANTKIT_CUDA_GRAPHS=0` runs the column sweeps without CUDA graphs.
 """
 from __future__ import annotations
 
@@ -52,13 +53,18 @@ def main() -> int:
         del x
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            inputs = torch.cuda.memory_allocated(device)
         start = time.perf_counter()
         gptq_quantize_shared([weight], hessian, spec, consume_hessian=True)
+        row = {"solve": name, "rows": rows, "in_features": k}
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            # GPU memory the solve needs beyond its inputs (the float32 weight and the Hessian it consumes)
+            row["gpu_mb_beyond_inputs"] = round((torch.cuda.max_memory_allocated(device) - inputs) / 2**20)
         seconds = time.perf_counter() - start
         total += seconds
-        print(json.dumps({"solve": name, "rows": rows, "in_features": k, "seconds": round(seconds, 2)}), flush=True)
+        print(json.dumps({**row, "seconds": round(seconds, 2)}), flush=True)
         del weight, hessian
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"shape": args.shape, "layer_solve_seconds": round(total, 2), "peak_rss_mb": round(peak),

@@ -1,6 +1,5 @@
 """The CUDA-only branches against their CPU twins. Skipped without a GPU (CI has none); run them where one is:
-`./scripts/test tests/test_cuda.py` (with QUANTKIT_TORCH naming a CUDA build of torch). Written on 2026-11-26
-after that session's GPU time was spent: their first run on a GPU is still to come."""
+`./scripts/test tests/test_cuda.py` (with QUANTKIT_TORCH naming a CUDA build of torch)."""
 import pytest
 import torch
 
@@ -25,9 +24,9 @@ def test_copies_to_the_host_are_pinned_and_exact():
 
 
 def test_16_bit_hessian_products_equal_the_float32_ones():
-    x = torch.randn(3, 512, 256, device=GPU).bfloat16()
-    H16, n16 = accumulate_hessian(torch.zeros(256, 256, device=GPU), 0, x)
-    H32, n32 = accumulate_hessian(torch.zeros(256, 256, device=GPU), 0, x.float())
+    x = torch.randn(3, 512, 2560, device=GPU).bfloat16()  # wider than GRAM_ROWS: two blocks of rows
+    H16, n16 = accumulate_hessian(torch.zeros(2560, 2560, device=GPU), 0, x)
+    H32, n32 = accumulate_hessian(torch.zeros(2560, 2560, device=GPU), 0, x.float())
     assert n16 == n32 == 1536
     torch.testing.assert_close(H16, H32, rtol=1e-5, atol=1e-6)  # exact products; only the summation order differs
 
@@ -64,3 +63,35 @@ def test_quantize_on_cuda_writes_what_the_cpu_run_writes(tiny_llama_dir, tmp_pat
         top_gpu = load_dequantized(on_gpu.path)(input_ids=ids).logits.argmax(-1)
         top_cpu = load_dequantized(on_cpu.path)(input_ids=ids).logits.argmax(-1)
     assert (top_gpu == top_cpu).float().mean() > 0.9
+
+
+def test_graphed_sweeps_give_the_eager_bits_on_the_gpu(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(384, 1000, generator=g)  # 7 full blocks of 128 columns and a partial one
+    X = torch.randn(4096, 1000, generator=g)
+    H = (2 * X.T @ X / X.shape[0]).to(GPU)
+    spec = QuantSpec(bits=4, group_size=64, clip_search=True)
+    graphed = gptq_quantize(W.to(GPU), H, spec)
+    monkeypatch.setenv("QUANTKIT_CUDA_GRAPHS", "0")
+    eager = gptq_quantize(W.to(GPU), H, spec)
+    for field in ("codes", "scales", "zeros", "g_idx", "weight"):
+        assert torch.equal(getattr(graphed, field), getattr(eager, field)), field
+    assert graphed.loss == eager.loss
+
+
+def test_a_solve_needs_no_second_hessian_of_gpu_memory():
+    """The permutation, the factorization and the inverse run in the Hessian's own memory and the codes are
+    bytes: beyond its inputs a solve needs the float32 weight, its codes and small temporaries."""
+    k = 4096
+    weight = torch.randn(2048, k, device=GPU, dtype=torch.bfloat16)
+    x = torch.randn(8192, k, device=GPU)
+    hessian = 2 * x.T @ x / x.shape[0]
+    del x
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    gptq_quantize(weight, hessian, QuantSpec(bits=4, group_size=64), consume_hessian=True)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    weight_and_codes = weight.numel() * (4 + 1)
+    assert extra <= weight_and_codes + 0.5 * hessian.numel() * 4, extra / 2**20

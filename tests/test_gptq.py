@@ -188,3 +188,73 @@ def test_clip_search_never_rounds_worse_and_clips_outliers(sym):
     assert (error(*clipped) <= error(*plain)).all()
     assert (clipped[0] <= plain[0]).all() and (clipped[0] < plain[0]).any()
     assert torch.equal(clipped[0], clipped[0].half().float())  # still exactly representable on disk
+
+
+class _FakeGraph:
+    """torch.cuda.CUDAGraph on a CPU: capturing records the sweep instead of running it (as a real capture runs
+    nothing), and replay runs what was recorded on the buffers' contents at that moment."""
+    capturing = None
+
+    def __init__(self):
+        self.recorded, self.replays = [], 0
+
+    def capture_begin(self, capture_error_mode="global"):
+        assert capture_error_mode == "thread_local"
+        _FakeGraph.capturing = self
+
+    def capture_end(self):
+        _FakeGraph.capturing = None
+
+    def replay(self):
+        self.replays += 1
+        for args in self.recorded:
+            _real_sweep(*args)
+
+
+def _real_sweep(*args):
+    from quantkit import gptq
+
+    return gptq._sweep_columns.__wrapped__(*args)
+
+
+@pytest.mark.parametrize("group_size,n_in", [(64, 512), (32, 300), (256, 512), (-1, 200)])
+def test_graphed_column_sweeps_give_the_eager_bits(monkeypatch, group_size, n_in):
+    """The GPU's CUDA-graph path (fixed buffers, one capture per run of columns, replays) through a CPU stand-in
+    for the graph: the same codes, grid and dequantized weights as the eager sweep, bit for bit, also for a final
+    partial block and for groups wider than a block."""
+    import contextlib
+    import functools
+
+    from quantkit import gptq
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(48, n_in, generator=g)
+    X = torch.randn(4 * n_in, n_in, generator=g)
+    H = 2 * X.T @ X / X.shape[0]
+    spec = QuantSpec(bits=4, group_size=group_size, act_order=True)
+    eager = gptq_quantize(W, H, spec)
+
+    sweep = gptq._sweep_columns
+
+    @functools.wraps(sweep)
+    def recording_sweep(*args):
+        if _FakeGraph.capturing is not None:
+            _FakeGraph.capturing.recorded.append(args)
+        else:
+            sweep(*args)
+
+    captures = []
+    monkeypatch.setattr(gptq, "_sweep_columns", recording_sweep)
+    monkeypatch.setattr(gptq, "_graph_sweeps", lambda W: True)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: captures.append(_FakeGraph()) or captures[-1])
+    stream = type("Stream", (), {"wait_stream": lambda self, other: None})()
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    graphed = gptq_quantize(W, H, spec)
+    assert captures and all(c.recorded for c in captures)
+    if n_in >= 2 * max(group_size, 128):  # more than one full block: later blocks replay
+        assert sum(c.replays for c in captures) > 0
+    for field in ("codes", "scales", "zeros", "g_idx", "weight"):
+        assert torch.equal(getattr(graphed, field), getattr(eager, field)), field
+    assert graphed.loss == eager.loss
