@@ -135,10 +135,12 @@ def _invert_lower_in_place(L: Tensor) -> None:
                 torch.mm(L[r:r2, c:r], L[c:r, c:c2], out=rows[:, c:c2])
             torch.linalg.solve_triangular(diagonal_block, rows, upper=False, out=rows)
             L[r:r2, :r] = rows.neg_()
+            del rows
         inverse = torch.zeros(r2 - r, r2 - r, dtype=L.dtype, device=L.device)
         inverse.diagonal().fill_(1)
         torch.linalg.solve_triangular(diagonal_block, inverse, upper=False, out=inverse)
         L[r:r2, r:r2] = inverse
+        del inverse, diagonal_block  # before the next block's: temporaries of one block at a time
 
 
 def _upper_rows(X: Tensor, i1: int, i2: int) -> Tensor:
@@ -210,7 +212,7 @@ class _GraphedSweeps:
         self.graphs[key] = graph
 
 
-PERMUTE_ROWS = 1024  # rows per step of an in-place column permutation
+PERMUTE_ROWS = 256  # rows per step of an in-place column permutation (a [256, K] temporary)
 
 
 def _permute_columns_(W: Tensor, order: Tensor) -> None:
@@ -254,7 +256,9 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
     group = spec.effective_group_size(n_in)
     n_groups = math.ceil(n_in / group)
 
-    if not torch.isfinite(H).all():
+    # the largest magnitude is NaN or inf exactly when an entry is; one reduction, where isfinite(H).all() made
+    # temporaries of 1.75x H's size (abs, three boolean masks): the peak of a whole 7B run on a GPU
+    if not torch.isfinite(torch.linalg.vector_norm(H, float("inf"))):
         raise NumericalError("the Hessian holds NaN/Inf: this layer's calibration inputs are not finite "
                              "(activations overflowing float16?)")
     dead = H.diagonal() == 0

@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from quantkit.config import QuantSpec
+from quantkit.errors import NumericalError
 from quantkit.gptq import accumulate_hessian, gptq_quantize, gptq_quantize_shared
 from quantkit.gptq_format import dequantize_module, module_tensors
 from quantkit.quant import _clip_search_batched, dequantize_grouped, group_qparams, rtn_quantize
@@ -258,3 +259,51 @@ def test_graphed_column_sweeps_give_the_eager_bits(monkeypatch, group_size, n_in
     for field in ("codes", "scales", "zeros", "g_idx", "weight"):
         assert torch.equal(getattr(graphed, field), getattr(eager, field)), field
     assert graphed.loss == eager.loss
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_hessian_with_one_non_finite_entry_is_refused(bad):
+    H = torch.eye(64)
+    H[3, 40] = H[40, 3] = bad  # off the diagonal: the check reads every entry, not only the diagonal
+    with pytest.raises(NumericalError, match="the Hessian holds NaN/Inf"):
+        gptq_quantize(torch.randn(8, 64), H, QuantSpec(bits=4, group_size=32))
+
+
+class _LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most bytes that tensors made inside the block held at once, beyond the storages of `inputs` (a
+    stand-in for a GPU allocator's peak on the CPU: every op's outputs, grouped by storage, freed when no tensor
+    on them is left)."""
+
+    def __init__(self, *inputs):
+        super().__init__()
+        self.live, self.peak = {}, 0
+        self.inputs = {t.untyped_storage().data_ptr() for t in inputs}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.inputs | {0}:
+                storage = t.untyped_storage()
+                self.live.setdefault(storage.data_ptr(), [storage.nbytes(), []])[1].append(weakref.ref(t))
+        for ptr in [p for p, (_, refs) in self.live.items() if all(r() is None for r in refs)]:
+            del self.live[ptr]
+        self.peak = max(self.peak, sum(n for n, _ in self.live.values()))
+        return out
+
+
+def test_a_solve_makes_no_temporary_of_the_hessians_size():
+    """Beyond its inputs a solve holds the float32 weight, its uint8 codes, on a CPU the Hessian's copy for a
+    retry (on a GPU that waits in host memory), and temporaries far smaller than the Hessian: no abs or masks
+    of it for the finiteness check, no permuted copy, no column-major copy for the Cholesky or the inverse."""
+    n, k = 256, 3072
+    weight = torch.randn(n, k).bfloat16()
+    x = torch.randn(2 * k, k)
+    hessian = 2 * x.T @ x / x.shape[0]
+    del x
+    with _LiveTensorBytes(weight, hessian) as tracked:
+        gptq_quantize(weight, hessian, QuantSpec(bits=4, group_size=64), consume_hessian=True)
+    hessian_bytes = k * k * 4
+    expected = n * k * (4 + 1) + hessian_bytes  # weight in float32, codes, the retry copy
+    assert tracked.peak <= expected + hessian_bytes // 2, (tracked.peak - expected) / hessian_bytes
