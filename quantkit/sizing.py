@@ -13,8 +13,10 @@ Quantize peak (what quantkit holds at once): one decoder layer's weights in floa
 the gate/up stage; 2 bytes each in a 16-bit model, 4 in a float32 one); and the larger of a forward's own
 needs (the Hessian being collected, in_features^2 * 4 bytes, plus one intermediate MLP activation of a 4096-token
 mini-batch, 4096 * intermediate * 4 bytes) and a GPTQ solve's (Linears reading one input are solved stacked, N
-rows by K inputs: the float32 weight and the Hessian with its factor while factorizing, N*K + 2*K^2 floats, then
-the inverse factor, the weight, its codes and its dequantized result, K^2 + 3*N*K floats).
+rows by K inputs: while factorizing, the Hessian, in whose memory the factor and its inverse are made, and its
+copy kept for a retry with more damping, 2*K^2 floats; then the inverse factor, the float32 weight, which the
+dequantized result overwrites, and its uint8 codes, K^2 + 1.25*N*K floats. On a GPU the copy waits in host
+memory).
 Quantize scratch (CPU runs only, on disk in the work directory, not in memory): the widest Linear's inputs
 (down_proj's, samples * seq_len * intermediate, in the compute dtype: float32, or bfloat16 for a bfloat16 model on a
 CPU with AVX512-BF16/AMX, where this overstates by 2x) from its Hessian to the propagation. pipeline._kept_inputs_bytes takes the widest Linear the model has, which for a dense model is this.
@@ -285,7 +287,7 @@ def quantize_peak_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes
             "activations": 2 * samples * seq_len * shape.hidden * act_bytes,
             "hessian": max(k for _, k in solves) ** 2 * 4,
             "mlp_activation": MLP_BATCH_TOKENS * shape.intermediate * 4,
-            "solve": max(max(n * k + 2 * k * k, k * k + 3 * n * k) for n, k in solves) * 4}
+            "solve": max(max(2 * k * k, k * k + n * k + n * k // 4) for n, k in solves) * 4}
     peak["total"] = (peak["layer_fp32"] + peak["activations"]
                      + max(peak["hessian"] + peak["mlp_activation"], peak["solve"]))
     return peak
