@@ -425,8 +425,11 @@ class BlockMemo:
             record, records[i] = _first_tensor(records[i]), None
             if self.fold_in_place:
                 batches[i].add_(record)
-            else:  # the old tensor may still be being saved (resume.BackgroundSaves): a new one, same sum
-                batches[i] = batches[i] + record
+            else:  # the old tensor may still be being saved (resume.BackgroundSaves): a new one, same sum,
+                # pinned like the old (its later copies to the GPU then stay asynchronous)
+                old = batches[i]
+                batches[i] = torch.add(old, record, out=torch.empty(old.shape, dtype=old.dtype,
+                                                                    pin_memory=old.is_pinned()))
             self.folded.setdefault(name, []).append(record.shape)
 
 def _tail(output) -> tuple | None:

@@ -1,6 +1,7 @@
 """GPTQ (Frantar et al. 2022, Algorithm 1) as pure functions: tensors in, a result out. No I/O, no modules."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -206,8 +207,11 @@ class _GraphedSweeps:
             graph.capture_begin(capture_error_mode="thread_local")
             try:
                 _sweep_columns(*args)
-            finally:
-                graph.capture_end()
+            except BaseException:
+                with contextlib.suppress(Exception):  # ending a broken capture fails too; the first error matters
+                    graph.capture_end()
+                raise
+            graph.capture_end()
         torch.cuda.current_stream(self.W1.device).wait_stream(stream)
         self.graphs[key] = graph
 

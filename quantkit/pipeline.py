@@ -187,8 +187,7 @@ def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = Calib
     checkpoint = SafetensorsCheckpoint(model_dir)
     dev = resolve_device(device)
     forward_dtype = choose_compute_dtype(compute_dtype, torch_dtype_of(config_dict), dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    gpu_peaks = _GpuPeaks(dev)
     try:
         shard_bytes = parse_size(max_shard_size)
     except ValueError as e:
@@ -202,7 +201,7 @@ def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = Calib
                 else:
                     with fast_float32_matmuls(dev):
                         layers, files = _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev,
-                                             target, shard_bytes, progress, forward_dtype)
+                                             target, shard_bytes, progress, forward_dtype, gpu_peaks)
                 path = target.publish(files)
             except OSError as e:
                 if e.errno != errno.ENOSPC:
@@ -215,7 +214,7 @@ def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = Calib
                 _remove_work(target)
             raise
         _remove_work(target)
-    peak_gpu = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if dev.type == "cuda" else None
+    peak_gpu = gpu_peaks.overall_mb()
     return QuantizeResult(repo_id=target.repo_id, path=str(path), bits=spec.bits, group_size=spec.group_size,
                           sym=spec.sym, method=spec.method, checkpoint_format=checkpoint_format(spec),
                           seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(peak_rss_mb(), 1),
@@ -243,7 +242,7 @@ def _remove_work(target: _Target) -> None:
 
 
 def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, target, shard_bytes, progress,
-         compute_dtype):
+         compute_dtype, gpu_peaks: _GpuPeaks):
     """Quantize every layer into target.staging and write the side files; returns (layer reports, file hashes)."""
     from transformers import AutoTokenizer
 
@@ -291,7 +290,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
     saves = BackgroundSaves(enabled=dev.type == "cuda")  # a GPU's layers are short: their saves overlap the next
     try:
         _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, state, batches, calls, bar,
-                         class_checks, saves, target)
+                         class_checks, saves, target, gpu_peaks)
     except BaseException:
         saves.wait(raise_error=False)  # the work directory must not change under the caller's clean-up
         raise
@@ -347,7 +346,7 @@ def _run_bnb(model, model_dir, config, config_dict, spec, dev, target):
 
 
 def _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, state, batches, calls, bar,
-                     class_checks, saves: BackgroundSaves, target) -> None:
+                     class_checks, saves: BackgroundSaves, target, gpu_peaks: _GpuPeaks) -> None:
     """Quantize the decoder layers not finished yet, one in memory at a time; `batches` (the calibration
     activations) end as the last layer's outputs. Each finished layer is saved through `saves`."""
     for i, layer in enumerate(layers):
@@ -356,7 +355,7 @@ def _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, 
         t_layer = time.perf_counter()
         kill_point(f"layer:{i}:start")
         materialize(layer, f"{prefix}.{i}", checkpoint, dev, compute_dtype)
-        stages = _StageClock(dev, load=t_layer)
+        stages = _StageClock(dev, load=t_layer, gpu_peaks=gpu_peaks)
         if i == 0:
             spec.check_skip_patterns(linear_modules(layer))
         last = i == len(layers) - 1 and not spec.lm_head  # no later step needs this layer's outputs
@@ -370,6 +369,7 @@ def _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, 
         losses = {name: res.loss for name, res in results.items()}
         damps = {name: res.damp for name, res in results.items() if res.damp != spec.damp}
         report = {"index": i, "seconds": round(time.perf_counter() - t_layer, 2), "stage_seconds": stages.seconds,
+                  **({"stage_peak_gpu_mb": stages.gpu_mb} if stages.gpu_mb else {}),
                   "losses": losses, **({"damp_raised": damps} if damps else {})}
         for name, damp in damps.items():
             log.warning("%s.%d.%s: Hessian not positive definite; damping raised from %g to %g", prefix, i, name,
@@ -378,9 +378,10 @@ def _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, 
         wait_for_copies(dev)  # the next layer's inputs, copied back from the GPU, are saved below
         saves.submit(functools.partial(_save_layer, state, i, tensors, report,
                                        list(batches) if spec.method == "gptq" and not last else None))
-        log.info("layer %d/%d  %s  (%.1fs: %s)", i + 1, len(layers),
+        log.info("layer %d/%d  %s  (%.1fs: %s)%s", i + 1, len(layers),
                  "  ".join(f"{n.split('.')[-1]}={v:.4g}" for n, v in losses.items()), report["seconds"],
-                 " ".join(f"{k} {v:.1f}" for k, v in stages.seconds.items()))
+                 " ".join(f"{k} {v:.1f}" for k, v in stages.seconds.items()),
+                 f"  peak GPU {max(stages.gpu_mb.values()):.0f} MB" if stages.gpu_mb else "")
         release(layer)
         return_free_heap()  # else each layer's small frees stay resident: a creep of about 2 MB a layer
         bar.update(1)
@@ -407,11 +408,37 @@ def _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, com
         return capture_layer_inputs(skeleton, layers, input_ids, calibration_batch_size(input_ids), dev, storage_dtype)
 
 
-class _StageClock:
-    """Seconds per step of a layer (load, forward + Hessians, solve, propagate): where a run's time goes."""
+class _GpuPeaks:
+    """torch's peak GPU allocation per stage of a layer, its counter reset as each stage ends, and over the whole
+    run: where a run's GPU memory goes. Inert on a CPU."""
 
-    def __init__(self, dev: torch.device, load: float):
+    def __init__(self, dev: torch.device):
+        self.dev, self.overall = dev, 0
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+
+    def take(self) -> float | None:
+        """MB at the peak since the last call (or the start), then a fresh count; None on a CPU."""
+        if self.dev.type != "cuda":
+            return None
+        peak = torch.cuda.max_memory_allocated(self.dev)
+        torch.cuda.reset_peak_memory_stats(self.dev)
+        self.overall = max(self.overall, peak)
+        return round(peak / 2**20, 1)
+
+    def overall_mb(self) -> float | None:
+        if self.dev.type != "cuda":
+            return None
+        return round(max(self.overall, torch.cuda.max_memory_allocated(self.dev)) / 2**20, 1)
+
+
+class _StageClock:
+    """Seconds per step of a layer (load, forward + Hessians, solve, propagate): where a run's time goes; on a GPU
+    also each step's peak allocation (gpu_mb; the load's includes whatever ran since the last layer)."""
+
+    def __init__(self, dev: torch.device, load: float, gpu_peaks: _GpuPeaks | None = None):
         self.dev, self.seconds, self.t = dev, {}, load
+        self.gpu_peaks, self.gpu_mb = gpu_peaks, {}
         self.lap("load")
 
     def lap(self, stage: str) -> None:
@@ -420,6 +447,9 @@ class _StageClock:
         now = time.perf_counter()
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self.t, 3)
         self.t = now
+        peak = self.gpu_peaks.take() if self.gpu_peaks is not None else None
+        if peak is not None:
+            self.gpu_mb[stage] = max(self.gpu_mb.get(stage, 0.0), peak)
 
 
 @dataclass
@@ -537,7 +567,8 @@ def _write_side_files(model, model_dir, config_dict, spec, calib, target, report
         "quantization": spec.to_dict(),
         "calibration": calib.__dict__ if spec.method == "gptq" else None,
         "compute": compute,  # where and in which dtype the calibration ran: the last bits depend on it
-        "layers": [{k: v for k, v in r.items() if k not in ("seconds", "stage_seconds")} for r in reports],
+        "layers": [{k: v for k, v in r.items() if k not in ("seconds", "stage_seconds", "stage_peak_gpu_mb")}
+                   for r in reports],
         "files": {name: {"sha256": digest, "size": (staging / name).stat().st_size} for name, digest in hashes.items()},
     }
     write_json(staging / MANIFEST_NAME, manifest)

@@ -16,7 +16,8 @@ mini-batch, 4096 * intermediate * 4 bytes) and a GPTQ solve's (Linears reading o
 rows by K inputs: while factorizing, the Hessian, in whose memory the factor and its inverse are made, and its
 copy kept for a retry with more damping, 2*K^2 floats; then the inverse factor, the float32 weight, which the
 dequantized result overwrites, and its uint8 codes, K^2 + 1.25*N*K floats. On a GPU the copy waits in host
-memory).
+memory, and while a layer's save overlaps the next layer a second copy of the activations is held there: GPU
+runs only, not counted below).
 Quantize scratch (CPU runs only, on disk in the work directory, not in memory): the widest Linear's inputs
 (down_proj's, samples * seq_len * intermediate, in the compute dtype: float32, or bfloat16 for a bfloat16 model on a
 CPU with AVX512-BF16/AMX, where this overstates by 2x) from its Hessian to the propagation. pipeline._kept_inputs_bytes takes the widest Linear the model has, which for a dense model is this.

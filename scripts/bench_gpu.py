@@ -84,9 +84,13 @@ def run_tool(cmd: list[str], log: Path, env: dict, timeout: float) -> dict:
     rc = os.waitstatus_to_exitcode(status)
     lines = log.read_text(errors="replace").splitlines()
     reported = next((json.loads(line) for line in reversed(lines) if line.startswith("{")), {})
+    stage_peaks = {}  # quantkit's per-stage peaks (its layer reports), the largest over the layers
+    for layer in reported.get("layers", []):
+        for stage, mb in layer.get("stage_peak_gpu_mb", {}).items():
+            stage_peaks[stage] = max(stage_peaks.get(stage, 0), mb)
     return {"rc": rc, "wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024),
             "peak_gpu_smi_mb": gpu.peak, "peak_gpu_torch_mb": reported.get("peak_gpu_mb"),
-            "log_tail": lines[-15:] if rc else []}
+            "peak_gpu_torch_mb_by_stage": stage_peaks, "log_tail": lines[-15:] if rc else []}
 
 
 def layer_bound_mb(config: dict, tokens_per_batch: int) -> dict:
@@ -169,6 +173,10 @@ def render(rows: dict, bound: dict, args, gpu: str) -> str:
                      f"{r['peak_gpu_smi_mb']} | {r['peak_rss_mb']} |")
     lines += ["", f"One layer's weights {bound['weights']} MB + Hessians {bound['hessians']} MB + one batch of "
               f"activations {bound['batch']} MB = {bound['total']} MB."]
+    by_stage = rows.get("quantkit", {}).get("peak_gpu_torch_mb_by_stage")
+    if by_stage:
+        lines.append("quantkit's peak GPU MB (torch) by stage of a layer, the largest over the layers: "
+                     + ", ".join(f"{stage} {mb:.0f}" for stage, mb in by_stage.items()) + ".")
     if {"quantkit", "llmcompressor"} <= rows.keys():
         qk, lc = rows["quantkit"], rows["llmcompressor"]
         lines.append(f"quantkit / llm-compressor: wall time {qk['wall_s'] / lc['wall_s']:.2f}x, peak GPU (torch) "

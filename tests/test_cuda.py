@@ -58,6 +58,9 @@ def test_quantize_on_cuda_writes_what_the_cpu_run_writes(tiny_llama_dir, tmp_pat
     on_cpu = quantize(str(tiny_llama_dir), spec, calib, out=tmp_path / "cpu", device="cpu")
     assert on_gpu.device.startswith("cuda") and on_gpu.peak_gpu_mb > 0
     assert set(on_gpu.layers[0]["stage_seconds"]) == {"load", "hessians", "solve", "propagate"}
+    stage_peaks = on_gpu.layers[0]["stage_peak_gpu_mb"]
+    assert set(stage_peaks) == {"load", "hessians", "solve", "propagate"}
+    assert 0 < max(stage_peaks.values()) <= on_gpu.peak_gpu_mb
     ids = torch.arange(1, 33).unsqueeze(0)
     with torch.no_grad():
         top_gpu = load_dequantized(on_gpu.path)(input_ids=ids).logits.argmax(-1)

@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -307,3 +308,34 @@ def test_a_solve_makes_no_temporary_of_the_hessians_size():
     hessian_bytes = k * k * 4
     expected = n * k * (4 + 1) + hessian_bytes  # weight in float32, codes, the retry copy
     assert tracked.peak <= expected + hessian_bytes // 2, (tracked.peak - expected) / hessian_bytes
+
+
+def _peak_rss_growth(fn) -> int:
+    """Bytes by which the process's peak resident memory grows while fn runs (Linux: VmHWM, reset first). It
+    sees what a tracker of torch's ops cannot: copies made inside a kernel (LAPACK's column-major layouts)."""
+    def status_kb(field: str) -> int:
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+        return int(line.split()[1])
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pytest.skip("needs /proc/self/clear_refs (Linux)")
+    before = status_kb("VmRSS")
+    fn()
+    return (status_kb("VmHWM") - before) * 1024
+
+
+def test_the_factorization_makes_no_hidden_copy_of_the_hessian():
+    """The Cholesky factor and its inverse are made in the Hessian's own memory: beyond it, a CPU holds the copy
+    kept for a retry and one block's temporaries. Written into a row-major H, torch would factor a column-major
+    copy; a triangular solve on a trailing block copies that block (the whole Hessian for the first)."""
+    from quantkit.gptq import _reversed_inverse_factor
+
+    k = 4096
+    x = torch.randn(2 * k, k)
+    H = 2 * x.T @ x / x.shape[0]
+    del x
+    _reversed_inverse_factor(H.clone(), 0.01)  # the first call's lasting allocations (LAPACK's buffers) not counted
+    grown = _peak_rss_growth(lambda: _reversed_inverse_factor(H, 0.01))
+    assert grown < 1.75 * H.nbytes, grown / H.nbytes  # a copy of H more would make it 2x or more

@@ -42,6 +42,7 @@ def test_json_result_schema(quantized):
     assert set(res["layers"][0]["stage_seconds"]) == {"load", "hessians", "solve", "propagate"}
     assert set(res["layers"][-1]["stage_seconds"]) == {"load", "hessians", "solve"}
     assert all(v >= 0 for layer in res["layers"] for v in layer["stage_seconds"].values())
+    assert not any("stage_peak_gpu_mb" in layer for layer in res["layers"])  # a GPU run's only
 
 
 def test_published_into_hub_cache_layout(quantized):
@@ -263,3 +264,30 @@ def test_calibration_longer_than_the_model_positions_is_refused(tiny_tokenizer, 
     r = run("quantize", d, "--out", tmp_path / "q", "--samples", "8", "--seq-len", "128")
     assert r.exit_code == 1 and "--seq-len 128 is longer than the model's 64 positions" in r.output
     assert not (tmp_path / "q").exists()
+
+
+def test_gpu_peaks_per_stage_and_over_the_run(monkeypatch):
+    """On a GPU each stage of a layer reports torch's peak allocation since the stage before (the counter is
+    reset as a stage ends), and the run's peak is the largest of them or of what came after: here with torch's
+    counters stood in for, as CI has no GPU."""
+    import torch
+
+    from quantkit.pipeline import _GpuPeaks, _StageClock
+
+    counter = {"peak": 0}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: counter["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: counter.update(peak=0))
+    gpu = torch.device("cuda")
+    peaks = _GpuPeaks(gpu)
+    counter["peak"] = 300 * 2**20  # the layer's weights being loaded
+    clock = _StageClock(gpu, load=0.0, gpu_peaks=peaks)
+    for stage, mb in [("hessians", 900), ("solve", 1200), ("hessians", 1000), ("propagate", 500)]:
+        counter["peak"] = mb * 2**20
+        clock.lap(stage)
+    assert clock.gpu_mb == {"load": 300, "hessians": 1000, "solve": 1200, "propagate": 500}
+    counter["peak"] = 1500 * 2**20  # after the last layer (the head, say)
+    assert peaks.overall_mb() == 1500
+    cpu = _StageClock(torch.device("cpu"), load=0.0, gpu_peaks=_GpuPeaks(torch.device("cpu")))
+    cpu.lap("solve")
+    assert cpu.gpu_mb == {} and _GpuPeaks(torch.device("cpu")).overall_mb() is None

@@ -155,15 +155,36 @@ def _file_hashes(folder: Path) -> dict[str, str]:
 
 
 def test_background_saves_write_the_same_bytes(tiny4, tmp_path, monkeypatch):
-    """A GPU run saves each layer while the next computes; on the CPU twin the files are the synchronous run's."""
+    """A GPU run saves each layer while the next computes; on the CPU twin every saved file (the activations a
+    resume starts from, too) and the output are the synchronous run's. Each background save waits first, so the
+    next layer is computing (and folding records into its inputs) while the save reads them."""
+    import time
+
     from quantkit import pipeline
     from quantkit.config import CalibSpec, QuantSpec
+    from quantkit.resume import RunState
+
+    save_layer = RunState.save_layer
+
+    def run(out: Path, delay: float) -> tuple[dict, list[str]]:
+        saved = []
+
+        def recording_save(self, index, tensors, report, activations):
+            time.sleep(delay)
+            save_layer(self, index, tensors, report, activations)
+            files = [self.layer_file(index), self.activations_file(index + 1)]
+            saved.extend(hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file())
+
+        monkeypatch.setattr(RunState, "save_layer", recording_save)
+        result = pipeline.quantize(str(tiny4), spec, calib, out=out)
+        return _file_hashes(Path(result.path)), saved
 
     spec, calib = QuantSpec(bits=4, group_size=32), CalibSpec(samples=8, seq_len=32)
-    synchronous = pipeline.quantize(str(tiny4), spec, calib, out=tmp_path / "sync")
+    synchronous = run(tmp_path / "sync", delay=0)
     monkeypatch.setattr(pipeline, "BackgroundSaves", _AlwaysInBackground)
-    background = pipeline.quantize(str(tiny4), spec, calib, out=tmp_path / "background")
-    assert _file_hashes(Path(background.path)) == _file_hashes(Path(synchronous.path))
+    background = run(tmp_path / "background", delay=0.5)
+    assert len(synchronous[1]) == 7  # 4 layers' tensors, the inputs of layers 1-3
+    assert background == synchronous
 
 
 def test_a_failed_background_save_fails_the_run_and_keeps_its_work(tiny4, tmp_path, monkeypatch):
