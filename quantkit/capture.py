@@ -318,6 +318,13 @@ class BlockMemo:
         if seeds is not None:
             seeds.close()
 
+    def replayed_from_now_on(self, n_batches: int) -> list[str]:
+        """The blocks that every later pass of this layer replays (records complete for every batch, or folded
+        into the inputs) instead of running: their weights are not read again."""
+        return [name for name in self.blocks
+                if len(self.folded.get(name, ())) == n_batches
+                or (name not in self.folded and len(self.outputs.get(name, ())) == n_batches)]
+
     def close(self) -> None:
         """Free every kept input (and its scratch file)."""
         for block in list(self.seeds):

@@ -495,10 +495,14 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev
     memo = BlockMemo(layer, storage_dtype=batches[0].dtype, groups=groups, hidden_size=hidden,
                      fold=fold, spill_dir=spill_dir, propagates=not last, derivable=derivable,
                      fold_in_place=fold_in_place)
+    replayed: set[str] = set()  # blocks whose weights were dropped: every later pass replays them
     try:
         for stage in stages:
             hessians = collect_hessians(layer, stage, batches, call, dev, compute_dtype, memo,
                                         done=set(results) | skipped)
+            for block in set(memo.replayed_from_now_on(len(batches))) - replayed:  # the attention, once the MLP
+                release(layer.get_submodule(block))  # stages begin: its weights (128 MB of a 7B layer in bf16) go
+                replayed.add(block)
             clock.lap("hessians")
             for group in stage:
                 results.update(_solve_group(where, group, hessians.pop(0), modules, spec, fmt))

@@ -291,3 +291,17 @@ def test_gpu_peaks_per_stage_and_over_the_run(monkeypatch):
     cpu = _StageClock(torch.device("cpu"), load=0.0, gpu_peaks=_GpuPeaks(torch.device("cpu")))
     cpu.lap("solve")
     assert cpu.gpu_mb == {} and _GpuPeaks(torch.device("cpu")).overall_mb() is None
+
+
+def test_a_layers_attention_leaves_memory_once_it_is_only_replayed(tiny_llama_dir, tmp_path, monkeypatch):
+    """True-sequential GPTQ replays the quantized attention from records in the MLP stages and the propagation,
+    so its weights are dropped (to the meta device, where any use would fail loudly) before the MLP is solved."""
+    from quantkit import pipeline
+    from quantkit.config import CalibSpec, QuantSpec
+
+    released = []
+    release = pipeline.release
+    monkeypatch.setattr(pipeline, "release", lambda module: (released.append(type(module).__name__), release(module)))
+    pipeline.quantize(str(tiny_llama_dir), QuantSpec(bits=4, group_size=32), CalibSpec(samples=8, seq_len=32),
+                      out=tmp_path / "q")
+    assert released == ["LlamaAttention", "LlamaDecoderLayer"] * 2  # per layer: the attention, then the layer
