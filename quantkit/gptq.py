@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -256,7 +257,9 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
     if H is hessian and not consume_hessian:
         H = H.clone()
     n_in = H.shape[0]
-    n_out = sum(w.shape[0] for w in weights)
+    ends = list(itertools.accumulate(w.shape[0] for w in weights))
+    rows_of = [slice(end - w.shape[0], end) for w, end in zip(weights, ends)]  # each Linear's rows of the stack
+    n_out = ends[-1]
     group = spec.effective_group_size(n_in)
     n_groups = math.ceil(n_in / group)
 
@@ -278,10 +281,8 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
 
     # the weights stacked, in float32, copied straight into place (a 7B gate/up stack is 344 MB)
     W = torch.empty(n_out, n_in, device=weights[0].device)
-    start = 0
-    for w in weights:
-        W[start:start + w.shape[0]].copy_(w)
-        start += w.shape[0]
+    for w, rows in zip(weights, rows_of):
+        W[rows].copy_(w)
     W[:, dead] = 0.0
     static_params = None
     if spec.static_groups:  # fixed per group in original order, before any column is updated
@@ -310,8 +311,9 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
         Hrows = _upper_rows(Xinv, i1, i2)  # [block, K - i1]: this block's rows of the inverse Hessian's factor
         # The block is held transposed, [columns, N]: each column's steps then read and write contiguous memory
         # (a column of an [N, block] tensor touches one cache line per row: 3x slower on a CPU).
-        if graphed is not None and i2 - i1 == block:
-            W1, Q1, Err1 = graphed.load(W[:, i1:i2], Hrows[:, :block])
+        sweeps = graphed if graphed is not None and i2 - i1 == block else None  # graphs are of full blocks
+        if sweeps is not None:
+            W1, Q1, Err1 = sweeps.load(W[:, i1:i2], Hrows[:, :block])
         else:
             W1 = W[:, i1:i2].t().contiguous()
             Q1 = torch.empty_like(W1)    # the block's codes
@@ -331,8 +333,8 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
                     scale, zero = group_qparams(cols, spec.bits, spec.sym, spec.clip_search)
                     scales[:, col // group], zeros[:, col // group] = scale, zero
                 run = min(group - col % group, i2 - i1 - i)
-            if graphed is not None and i2 - i1 == block:
-                graphed.sweep(i, i + run, scale, zero, spec.maxq)
+            if sweeps is not None:
+                sweeps.sweep(i, i + run, scale, zero, spec.maxq)
             else:
                 _sweep_columns(W1, Q1, Err1, Hinv1, scale, zero, offset, i, i + run, spec.maxq)
             i += run
@@ -352,10 +354,8 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
     if not math.isfinite(total):
         raise NumericalError(f"GPTQ loss is not finite ({total}); the layer's inputs or weights hold NaN/Inf")
     zeros = zeros.to(torch.int32)
-    results, start = [], 0
-    for w in weights:  # each Linear's rows of the stacked solve (views; g_idx its own, as each is written alone)
-        rows = slice(start, start + w.shape[0])
-        start = rows.stop
+    results = []
+    for rows in rows_of:  # each Linear's rows of the stacked solve (views; g_idx its own, as each is written alone)
         results.append(GPTQResult(codes=codes[rows], scales=scales[rows], zeros=zeros[rows],
                                   g_idx=g_idx if len(weights) == 1 else g_idx.clone(), weight=dequantized[rows],
                                   loss=float(losses[rows].sum()), damp=damp))

@@ -274,10 +274,11 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
     if state.layers_done:
         log.info("resuming after layer %d/%d from %s", state.layers_done, len(layers), target.work)
     steps = len(layers) + spec.lm_head  # the head, when quantized, is one more step after the layers
+    dtype_name = str(compute_dtype).removeprefix("torch.")
     batches = calls = None
     if spec.method == "gptq" and state.layers_done < steps:
         log.info("calibration: %d x %d tokens from %s, forwards in %s on %s", calib.samples, calib.seq_len,
-                 calib.source, str(compute_dtype).removeprefix("torch."), dev)
+                 calib.source, dtype_name, dev)
         batches, calls = _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype,
                                             storage_dtype)
         return_free_heap()  # the small frees of the embedding lookup and the first forward
@@ -327,7 +328,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
     kill_point("assembled")
     reports = state.reports
     in_block = [[n for n in reports[0]["losses"]]] if spec.skip else None  # the quantized Linears of every layer
-    compute = {"device": dev.type, "dtype": str(compute_dtype).removeprefix("torch."),
+    compute = {"device": dev.type, "dtype": dtype_name,
                "float32_matmuls": float32_matmul_path(dev)} if spec.method == "gptq" else None
     return reports, _write_side_files(model, model_dir, config_dict, spec, calib, target, reports, writer.total_bytes,
                                       in_block, compute)
@@ -436,7 +437,7 @@ class _StageClock:
     """Seconds per step of a layer (load, forward + Hessians, solve, propagate): where a run's time goes; on a GPU
     also each step's peak allocation (gpu_mb; the load's includes whatever ran since the last layer)."""
 
-    def __init__(self, dev: torch.device, load: float, gpu_peaks: _GpuPeaks | None = None):
+    def __init__(self, dev: torch.device, load: float, gpu_peaks: _GpuPeaks):
         self.dev, self.seconds, self.t = dev, {}, load
         self.gpu_peaks, self.gpu_mb = gpu_peaks, {}
         self.lap("load")
@@ -447,7 +448,7 @@ class _StageClock:
         now = time.perf_counter()
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self.t, 3)
         self.t = now
-        peak = self.gpu_peaks.take() if self.gpu_peaks is not None else None
+        peak = self.gpu_peaks.take()
         if peak is not None:
             self.gpu_mb[stage] = max(self.gpu_mb.get(stage, 0.0), peak)
 

@@ -229,10 +229,7 @@ def test_graphed_column_sweeps_give_the_eager_bits(monkeypatch, group_size, n_in
 
     from quantkit import gptq
 
-    g = torch.Generator().manual_seed(3)
-    W = torch.randn(48, n_in, generator=g)
-    X = torch.randn(4 * n_in, n_in, generator=g)
-    H = 2 * X.T @ X / X.shape[0]
+    W, _, H = _correlated(48, n_in, 4 * n_in, seed=3)
     spec = QuantSpec(bits=4, group_size=group_size, act_order=True)
     eager = gptq_quantize(W, H, spec)
 
@@ -299,9 +296,8 @@ def test_a_solve_makes_no_temporary_of_the_hessians_size():
     retry (on a GPU that waits in host memory), and temporaries far smaller than the Hessian: no abs or masks
     of it for the finiteness check, no permuted copy, no column-major copy for the Cholesky or the inverse."""
     n, k = 256, 3072
-    weight = torch.randn(n, k).bfloat16()
-    x = torch.randn(2 * k, k)
-    hessian = 2 * x.T @ x / x.shape[0]
+    weight, x, hessian = _correlated(n, k, 2 * k)
+    weight = weight.bfloat16()
     del x
     with _LiveTensorBytes(weight, hessian) as tracked:
         gptq_quantize(weight, hessian, QuantSpec(bits=4, group_size=64), consume_hessian=True)
@@ -332,9 +328,7 @@ def test_the_factorization_makes_no_hidden_copy_of_the_hessian():
     copy; a triangular solve on a trailing block copies that block (the whole Hessian for the first)."""
     from quantkit.gptq import _reversed_inverse_factor
 
-    k = 4096
-    x = torch.randn(2 * k, k)
-    H = 2 * x.T @ x / x.shape[0]
+    _, x, H = _correlated(1, 4096, 2 * 4096)
     del x
     _reversed_inverse_factor(H.clone(), 0.01)  # the first call's lasting allocations (LAPACK's buffers) not counted
     grown = _peak_rss_growth(lambda: _reversed_inverse_factor(H, 0.01))

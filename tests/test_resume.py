@@ -29,14 +29,17 @@ def quantize(model_dir: Path, cache: Path, *extra: str, kill_at: str | None = No
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
+def _file_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
 def published(cache: Path) -> dict[str, str] | None:
     """sha256 of every file of the published revision, or None when nothing looks published."""
     folder = cache / ("models--" + REPO_ID.replace("/", "--"))
     ref = folder / "refs" / "main"
     if not ref.is_file():
         return None
-    snapshot = folder / "snapshots" / ref.read_text()
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(snapshot.iterdir())}
+    return _file_hashes(folder / "snapshots" / ref.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -148,10 +151,6 @@ class _AlwaysInBackground:
         from quantkit.resume import BackgroundSaves
 
         return BackgroundSaves(enabled=True)
-
-
-def _file_hashes(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def test_background_saves_write_the_same_bytes(tiny4, tmp_path, monkeypatch):
