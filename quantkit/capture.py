@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .gptq import accumulate_hessian
+from .gptq import accumulate_cross, accumulate_hessian
 from .model_skeleton import in_features, linear_modules
 from .spill import KeptInMemory, KeptOnDisk
 
@@ -462,7 +462,27 @@ def _is_exit_output(real, derived: Tensor, kept: Tensor) -> bool:
     return bool(err <= tolerance * first.float().norm())
 
 
-@torch.no_grad()
+@dataclass
+class Reference:
+    """The unquantized model's side of GPTAQ (asymmetric calibration): a copy of the layer with its original
+    weights and that model's own activations entering it, one per mini-batch (CPU, like the quantized ones).
+
+    Its memo follows the quantized layer's schedule (the same `done` sets): its blocks never change, so any
+    schedule replays them correctly, and this one records, keeps and folds them exactly when the quantized
+    layer's memo does: the attention runs once per batch, not once per stage."""
+    layer: nn.Module
+    batches: list[Tensor]
+    memo: BlockMemo | None = None
+
+
+@dataclass
+class Statistics:
+    """What one calibration pass gathers for a group of Linears sharing an input: the Hessian, and with a
+    reference the cross term of GPTAQ (gptq.accumulate_cross)."""
+    hessian: Tensor
+    cross: Tensor | None = None
+
+
 def collect_hessians(layer: nn.Module, groups: list[list[str]], batches: list[Tensor], call: LayerCall,
                      device: torch.device, dtype: torch.dtype, memo: BlockMemo | None = None,
                      done: set[str] = frozenset()) -> list[Tensor]:
@@ -470,26 +490,58 @@ def collect_hessians(layer: nn.Module, groups: list[list[str]], batches: list[Te
 
     `done` names the Linear modules quantized already; `memo` replays blocks made only of those.
     """
+    return [s.hessian for s in collect_statistics(layer, groups, batches, call, device, dtype, memo, done)]
+
+
+@torch.no_grad()
+def collect_statistics(layer: nn.Module, groups: list[list[str]], batches: list[Tensor], call: LayerCall,
+                       device: torch.device, dtype: torch.dtype, memo: BlockMemo | None = None,
+                       done: set[str] = frozenset(), reference: Reference | None = None) -> list[Statistics]:
+    """`collect_hessians`, and with a `reference` each group's GPTAQ cross term too: each batch first runs through
+    the unquantized copy of the layer, up to the last group, whose inputs to the groups are paired with the
+    quantized layer's inputs for the same tokens."""
     modules = linear_modules(layer)
     memo = memo or BlockMemo(layer, enabled=False)
+    ref_memo = None
+    if reference is not None:
+        ref_memo = reference.memo or BlockMemo(reference.layer, enabled=False)
     state = []
     handles = []
+    ref_inputs: dict[str, Tensor] = {}  # this batch's unquantized inputs to each group's first Linear
     for gi, group in enumerate(groups):
         first = modules[group[0]]
         k = in_features(first)
-        entry = {"H": torch.zeros(k, k, device=device), "n": 0}
+        entry = {"H": torch.zeros(k, k, device=device), "n": 0,
+                 "C": torch.zeros(k, k, device=device) if reference is not None else None, "nc": 0}
         state.append(entry)
 
         def hook(mod, inp, entry=entry, name=group[0], last=gi == len(groups) - 1):
             entry["H"], entry["n"] = accumulate_hessian(entry["H"], entry["n"], inp[0])
+            if reference is not None:
+                entry["C"], entry["nc"] = accumulate_cross(entry["C"], entry["nc"], ref_inputs.pop(name), inp[0])
             memo.keep_exit_input(name, inp[0])
             if last:
                 raise _StopForward
         handles.append(first.register_forward_pre_hook(hook))
+        if reference is not None:
+            def ref_hook(mod, inp, name=group[0], last=gi == len(groups) - 1):
+                ref_inputs[name] = inp[0]
+                ref_memo.keep_exit_input(name, inp[0])
+                if last:
+                    raise _StopForward
+            handles.append(linear_modules(reference.layer)[group[0]].register_forward_pre_hook(ref_hook))
     try:
-        with memo.replaying(set(done), len(batches), device):
+        with memo.replaying(set(done), len(batches), device), \
+                (ref_memo.replaying(set(done), len(batches), device) if ref_memo else contextlib.nullcontext()):
             for i, hidden in enumerate(batches):
                 memo.batch = i
+                if reference is not None:
+                    ref_memo.batch = i
+                    try:
+                        _run(reference.layer, _move(reference.batches[i], device, dtype), call)
+                    except _StopForward:
+                        pass
+                    ref_memo.fold_into(reference.batches, i, device)
                 try:
                     _run(layer, _move(hidden, device, dtype), call)
                 except _StopForward:
@@ -498,7 +550,7 @@ def collect_hessians(layer: nn.Module, groups: list[list[str]], batches: list[Te
     finally:
         for h in handles:
             h.remove()
-    return [entry["H"] for entry in state]
+    return [Statistics(entry["H"], entry["C"]) for entry in state]
 
 
 @torch.no_grad()

@@ -86,6 +86,9 @@ def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
               help="keep Linears matching this glob (name within a layer, e.g. mlp.down_proj) in float16; repeatable")
 @click.option("--lm-head", "lm_head", is_flag=True,
               help="quantize the output head too (loads in gptqmodel and vLLM, not transformers + optimum)")
+@click.option("--gptaq", is_flag=True,
+              help="asymmetric calibration: solve each Linear against the unquantized model's outputs, so it also "
+                   "corrects the error of earlier layers (more time: unquantized forwards beside the quantized ones)")
 @click.option("--method", type=click.Choice(["gptq", "rtn", "bnb-nf4", "bnb-int8"]), default="gptq", show_default=True,
               help="gptq (calibrated), rtn (round-to-nearest baseline, no calibration), or bitsandbytes nf4/int8 "
                    "(needs bitsandbytes; --bits and the GPTQ options do not apply)")
@@ -104,7 +107,7 @@ def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object; no progress or log lines")
 def quantize(model, bits, group_size, sym, damp, act_order, static_groups, true_sequential, clip_search, skip, lm_head,
-             method, calib, samples, seq_len, seed, device, compute_dtype, repo_id, out, overwrite, max_shard_size,
+             gptaq, method, calib, samples, seq_len, seed, device, compute_dtype, repo_id, out, overwrite, max_shard_size,
              as_json):
     """Quantize MODEL (a directory or a repo id in the local hub cache) to a GPTQ checkpoint."""
     from .config import BNB_BITS, CalibSpec, InvalidSetting, QuantSpec
@@ -116,7 +119,7 @@ def quantize(model, bits, group_size, sym, damp, act_order, static_groups, true_
     try:
         spec = QuantSpec(bits=int(bits), group_size=group_size, sym=sym, damp=damp, act_order=act_order,
                          static_groups=static_groups, true_sequential=true_sequential, method=method,
-                         clip_search=clip_search, skip=tuple(skip), lm_head=lm_head)
+                         clip_search=clip_search, skip=tuple(skip), lm_head=lm_head, gptaq=gptaq)
     except InvalidSetting as e:
         raise click.BadParameter(str(e), param_hint=e.flag) from None
     try:

@@ -42,6 +42,9 @@ class QuantSpec:
         kept unquantized in float16, in every layer.
     :param lm_head: quantize the output head too (GPTQ-calibrated on the final hidden states; a tied head is
         untied). Written as "lm_head": true, which gptqmodel and vLLM read; optimum does not load it.
+    :param gptaq: asymmetric calibration (GPTAQ): each Linear is solved against the unquantized model's outputs on
+        the unquantized model's own activations, so it also corrects the error of the Linears and layers quantized
+        before it. Costs an unquantized copy of each layer's forwards and a second set of activations.
     """
 
     bits: int = 4
@@ -55,6 +58,7 @@ class QuantSpec:
     clip_search: bool = True
     skip: tuple[str, ...] = ()
     lm_head: bool = False
+    gptaq: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -73,6 +77,8 @@ class QuantSpec:
         if self.lm_head and self.method in BNB_BITS:
             raise InvalidSetting("lm_head", "--lm-head applies to GPTQ and RTN outputs; bitsandbytes keeps the head in "
                                             "float")
+        if self.gptaq and self.method != "gptq":
+            raise InvalidSetting("gptaq", "GPTAQ is a calibration method: it applies to --method gptq only")
         if self.static_groups and not self.act_order:
             raise InvalidSetting("static_groups", "static groups only apply with act-order")
 

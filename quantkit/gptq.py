@@ -68,6 +68,40 @@ def accumulate_hessian(H: Tensor, n_seen: int, x: Tensor) -> tuple[Tensor, int]:
     return H, n_new
 
 
+def accumulate_cross(C: Tensor, n_seen: int, x_ref: Tensor, x: Tensor) -> tuple[Tensor, int]:
+    """Running mean of 2·(X̃ - X)ᵀX over tokens, in place, scaled like `accumulate_hessian`'s H: x_ref [..., K] is
+    the unquantized model's input to a Linear, x the quantized model's input for the same tokens. C[i, j] sums
+    (x̃ - x)_i·x_j, the term by which W·X̃ differs from what W applied to the quantized inputs explains."""
+    x = x.reshape(-1, x.shape[-1]).to(C.dtype)
+    drift = x_ref.reshape(-1, x_ref.shape[-1]).to(C.dtype) - x
+    n_new = n_seen + x.shape[0]
+    C.mul_(n_seen / n_new)
+    C.addmm_(drift.t(), x, alpha=2.0 / n_new)
+    return C, n_new
+
+
+@torch.no_grad()
+def asymmetric_targets(weights: list[Tensor], hessian: Tensor, cross: Tensor, damp: float) -> list[Tensor]:
+    """GPTAQ's targets (asymmetric calibration, Li et al. 2025): the weights W' that best reproduce the unquantized
+    model's outputs W·X̃ from the quantized model's inputs X, W' = W·X̃·Xᵀ·(X·Xᵀ)⁻¹ = W + W·C·H⁻¹ (H damped as the
+    solve damps it). Because W' is that least-squares fit, |W·X̃ - Q·X|² = |W·X̃ - W'·X|² + |(W' - Q)·X|² for
+    every Q: GPTQ run on W' with H minimises the error against the unquantized model itself, so each Linear also
+    corrects the error that reaches it from the layers and Linears quantized before it. float32 results [N, K]."""
+    H = hessian.float().clone()
+    H.diagonal().add_(damp * H.diagonal().mean())
+    L, info = torch.linalg.cholesky_ex(H)
+    if info.item() != 0:
+        raise NumericalError("the Hessian is not positive definite with the chosen damping; GPTAQ needs a larger "
+                             "--damp")
+    del H
+    targets = []
+    for w in weights:
+        w = w.float()
+        shift = torch.cholesky_solve((w @ cross.float()).t(), L).t()  # (W·C)·H⁻¹, H symmetric
+        targets.append(w + shift)
+    return targets
+
+
 def _add_gram_lower(H: Tensor, x: Tensor, alpha: float) -> None:
     """H += alpha·xᵀx computing only the lower triangle's row blocks, then mirroring it: (k+1)/2k of the FLOPs for
     k blocks (1536 wide: 0.55 s -> 0.33 s per 8192 tokens on 2 CPU cores; the same bits as one addmm there).

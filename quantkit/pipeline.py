@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import functools
 import logging
@@ -18,13 +19,13 @@ import torch
 
 from . import __version__
 from .calibration import calibration_batch
-from .capture import (BlockMemo, capture_layer_inputs, collect_hessians, derivable_blocks, discover_groups,
-                      foldable_blocks, propagate, wait_for_copies)
+from .capture import (BlockMemo, Reference, capture_layer_inputs, collect_statistics, derivable_blocks,
+                      discover_groups, foldable_blocks, propagate, wait_for_copies)
 from .checkpoint import SafetensorsCheckpoint, read_config_dict, resolve_model_dir, torch_dtype_of
 from .config import CalibSpec, QuantSpec
 from .errors import NumericalError, QuantkitError
 from .faults import kill_point
-from .gptq import GPTQResult, gptq_quantize_shared, rtn_result
+from .gptq import GPTQResult, asymmetric_targets, gptq_quantize_shared, rtn_result
 from .gptq_format import checkpoint_format, module_tensors, quantization_config
 from .heap import release_large_frees_at_once, return_free_heap
 from .hub import cached_snapshot, hub_cache_dir, publish_snapshot, repo_lock, sha256_file, validate_repo_id
@@ -275,7 +276,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         log.info("resuming after layer %d/%d from %s", state.layers_done, len(layers), target.work)
     steps = len(layers) + spec.lm_head  # the head, when quantized, is one more step after the layers
     dtype_name = str(compute_dtype).removeprefix("torch.")
-    batches = calls = None
+    batches = calls = ref_batches = None
     if spec.method == "gptq" and state.layers_done < steps:
         log.info("calibration: %d x %d tokens from %s, forwards in %s on %s", calib.samples, calib.seq_len,
                  calib.source, dtype_name, dev)
@@ -284,6 +285,9 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         return_free_heap()  # the small frees of the embedding lookup and the first forward
         if state.layers_done:
             batches = state.load_activations()
+        if spec.gptaq:  # the unquantized model's own activations: the same as the quantized ones at layer 0
+            ref_batches = batches[len(batches) // 2:] if state.layers_done else [b.clone() for b in batches]
+            batches = batches[:len(batches) // 2] if state.layers_done else batches
     bar = _progress_bar(steps, progress)
     bar.update(state.layers_done)
     fmt = checkpoint_format(spec)
@@ -291,7 +295,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
     saves = BackgroundSaves(enabled=dev.type == "cuda")  # a GPU's layers are short: their saves overlap the next
     try:
         _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, state, batches, calls, bar,
-                         class_checks, saves, target, gpu_peaks)
+                         class_checks, saves, target, gpu_peaks, ref_batches)
     except BaseException:
         saves.wait(raise_error=False)  # the work directory must not change under the caller's clean-up
         raise
@@ -308,7 +312,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         checkpoint.close()
         bar.update(1)
     bar.close()
-    batches = None  # the last layer's inputs: not needed to assemble the output
+    batches = ref_batches = None  # the last layer's inputs: not needed to assemble the output
     return_free_heap()
 
     # assemble the output from the finished layers, then everything else (streamed: one layer in memory)
@@ -347,9 +351,12 @@ def _run_bnb(model, model_dir, config, config_dict, spec, dev, target):
 
 
 def _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, state, batches, calls, bar,
-                     class_checks, saves: BackgroundSaves, target, gpu_peaks: _GpuPeaks) -> None:
+                     class_checks, saves: BackgroundSaves, target, gpu_peaks: _GpuPeaks,
+                     ref_batches: list | None = None) -> None:
     """Quantize the decoder layers not finished yet, one in memory at a time; `batches` (the calibration
-    activations) end as the last layer's outputs. Each finished layer is saved through `saves`."""
+    activations) end as the last layer's outputs. Each finished layer is saved through `saves`. ref_batches (GPTAQ):
+    the unquantized model's activations, carried along through unquantized copies of the layers and saved after
+    the quantized ones."""
     for i, layer in enumerate(layers):
         if i < state.layers_done:
             continue
@@ -361,9 +368,12 @@ def _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, 
             spec.check_skip_patterns(linear_modules(layer))
         last = i == len(layers) - 1 and not spec.lm_head  # no later step needs this layer's outputs
         if spec.method == "gptq":
+            # GPTAQ: a copy with the original weights, taken before any is quantized
+            reference = Reference(copy.deepcopy(layer), ref_batches) if ref_batches is not None else None
             results = _gptq_layer(layer, f"{prefix}.{i}", batches, calls[i], spec, fmt, dev, compute_dtype, last,
                                   stages, class_checks, spill_dir=target.work if dev.type == "cpu" else None,
-                                  fold_in_place=not saves.enabled)
+                                  fold_in_place=not saves.enabled, reference=reference)
+            del reference
         else:
             results = _rtn_layer(layer, f"{prefix}.{i}", spec, fmt)
         tensors = {k: v for res in results.values() for k, v in res.tensors.items()}
@@ -378,7 +388,8 @@ def _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, 
         kill_point(f"layer:{i}:solved")
         wait_for_copies(dev)  # the next layer's inputs, copied back from the GPU, are saved below
         saves.submit(functools.partial(_save_layer, state, i, tensors, report,
-                                       list(batches) if spec.method == "gptq" and not last else None))
+                                       list(batches) + list(ref_batches or []) if spec.method == "gptq" and not last
+                                       else None))
         log.info("layer %d/%d  %s  (%.1fs: %s)%s", i + 1, len(layers),
                  "  ".join(f"{n.split('.')[-1]}={v:.4g}" for n, v in losses.items()), report["seconds"],
                  " ".join(f"{k} {v:.1f}" for k, v in stages.seconds.items()),
@@ -469,14 +480,17 @@ def _packed(where: str, name: str, res: GPTQResult, module, spec: QuantSpec, fmt
 
 def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev, compute_dtype,
                 last: bool, clock: _StageClock, class_checks: dict[type, tuple],
-                spill_dir: Path | None = None, fold_in_place: bool = True) -> dict[str, _Solved]:
+                spill_dir: Path | None = None, fold_in_place: bool = True,
+                reference: Reference | None = None) -> dict[str, _Solved]:
     """GPTQ every Linear of layer `where` (stage by stage when true-sequential), then propagate the batches.
     class_checks: per layer class, the blocks found foldable and derivable (capture.foldable_blocks and
     derivable_blocks; filled on first use, one check per class).
     spill_dir: where o_proj's and down_proj's inputs may wait for their later use, in a scratch file (on a CPU:
     the page cache holds them, not the process; the propagation applies down_proj to its kept inputs, where
     rerunning gate/up took a sixth of a SmolLM2 layer's time); None keeps o_proj's in memory, down_proj's not.
-    fold_in_place: False while the batches are being saved in the background (BlockMemo)."""
+    fold_in_place: False while the batches are being saved in the background (BlockMemo).
+    reference (GPTAQ): the layer's unquantized copy and its own inputs; each group's solve then targets the
+    unquantized model's outputs (gptq.asymmetric_targets), and the reference batches are propagated too."""
     groups = discover_groups(layer, batches[0][:1].to(dev, compute_dtype), call)
     groups = [kept for kept in ([n for n in g if not spec.skips(n)] for g in groups) if kept]
     modules = linear_modules(layer)
@@ -489,30 +503,41 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev
                                      derivable_blocks(layer, groups, sample, call, dev, compute_dtype))
     fold, derivable = class_checks.get(type(layer), (set(), {}))
     hidden = batches[0].shape[-1]
+    streams = 1 if reference is None else 2  # GPTAQ keeps the unquantized copy's inputs too
     if spill_dir is not None and not (spec.true_sequential  # else nothing is kept
-                                      and disk_has_room(spill_dir, _kept_inputs_bytes(batches, modules, hidden,
-                                                                                      compute_dtype, last))):
+                                      and disk_has_room(spill_dir, streams * _kept_inputs_bytes(
+                                          batches, modules, hidden, compute_dtype, last))):
         spill_dir = None
     memo = BlockMemo(layer, storage_dtype=batches[0].dtype, groups=groups, hidden_size=hidden,
                      fold=fold, spill_dir=spill_dir, propagates=not last, derivable=derivable,
                      fold_in_place=fold_in_place)
+    if reference is not None:  # the same bookkeeping for the unquantized copy (capture.Reference)
+        reference.memo = BlockMemo(reference.layer, storage_dtype=batches[0].dtype, groups=groups, hidden_size=hidden,
+                                   fold=fold, spill_dir=spill_dir, propagates=not last, derivable=derivable,
+                                   fold_in_place=fold_in_place)
     replayed: set[str] = set()  # blocks whose weights were dropped: every later pass replays them
     try:
         for stage in stages:
-            hessians = collect_hessians(layer, stage, batches, call, dev, compute_dtype, memo,
-                                        done=set(results) | skipped)
+            statistics = collect_statistics(layer, stage, batches, call, dev, compute_dtype, memo,
+                                            done=set(results) | skipped, reference=reference)
             for block in set(memo.replayed_from_now_on(len(batches))) - replayed:  # the attention, once the MLP
                 release(layer.get_submodule(block))  # stages begin: its weights (128 MB of a 7B layer in bf16) go
                 replayed.add(block)
+                if reference is not None and block in reference.memo.replayed_from_now_on(len(batches)):
+                    release(reference.layer.get_submodule(block))
             clock.lap("hessians")
             for group in stage:
-                results.update(_solve_group(where, group, hessians.pop(0), modules, spec, fmt))
+                results.update(_solve_group(where, group, statistics.pop(0), modules, spec, fmt))
             clock.lap("solve")
         if not last:  # the final layer's outputs are never used
             propagate(layer, batches, call, dev, compute_dtype, memo)
+            if reference is not None:
+                propagate(reference.layer, reference.batches, call, dev, compute_dtype, reference.memo)
             clock.lap("propagate")
     finally:
         memo.close()
+        if reference is not None:
+            reference.memo.close()
     return {name: results[name] for name in modules if name in results}
 
 
@@ -524,14 +549,18 @@ def _kept_inputs_bytes(batches, modules: dict, hidden: int, dtype: torch.dtype, 
     return tokens * width * dtype.itemsize
 
 
-def _solve_group(where: str, group: list[str], hessian: torch.Tensor, modules: dict, spec: QuantSpec,
+def _solve_group(where: str, group: list[str], statistics, modules: dict, spec: QuantSpec,
                  fmt: str) -> dict[str, _Solved]:
-    """GPTQ the Linears sharing `hessian` (consumed), write their dequantized weights back for later stages, and
+    """GPTQ the Linears sharing a Hessian (consumed), write their dequantized weights back for later stages, and
     keep only their packed tensors: the solve's [N, K] codes and results, and the Hessian's buffer, are freed on
-    return (a 7B layer's gate/up codes and results alone are 690 MB)."""
+    return (a 7B layer's gate/up codes and results alone are 690 MB). With a GPTAQ cross term the solve targets
+    the weights that reproduce the unquantized model's outputs."""
+    weights = [weight_matrix(modules[name]) for name in group]
     try:
-        solved = gptq_quantize_shared([weight_matrix(modules[name]) for name in group], hessian, spec,
-                                      consume_hessian=True)
+        if statistics.cross is not None:
+            weights = asymmetric_targets(weights, statistics.hessian, statistics.cross, spec.damp)
+            statistics.cross = None
+        solved = gptq_quantize_shared(weights, statistics.hessian, spec, consume_hessian=True)
     except NumericalError as e:
         raise NumericalError(f"{where}.{group[0]}: {e}") from None  # the group shares its Hessian
     packed = {}

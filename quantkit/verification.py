@@ -34,10 +34,11 @@ from .integrity import MANIFEST_NAME, TORCH_BACKEND_NOTE, IntegrityReport, check
 from .precision import fast_float32_matmuls
 from .qlinear import available_memory, estimate_footprint, load_model
 
-# Defaults from measurements on SmolLM2-135M-Instruct 4-bit g64 sym (docs/VERIFY.md): they pass quantkit's GPTQ
-# (ratio 1.22-1.30, KL 0.20-0.27, top-1 0.74-0.82 depending on the text) and fail round-to-nearest (ratio >= 1.38,
-# KL >= 0.34). Tiny models lose the most at 4 bits; for 7B-class models pass stricter values.
-DEFAULT_MAX_PPL_RATIO = 1.25
+# Defaults from measurements on SmolLM2-135M-Instruct 4-bit g64 sym (docs/VERIFY.md): the ratio limit is the 10%
+# a CI gate asks for, which quantkit's GPTAQ-calibrated checkpoint passes (1.052) and plain GPTQ only just misses
+# (1.108); KL and top-1 are floors that round-to-nearest fails (KL >= 0.34). Tiny models lose the most at 4 bits;
+# for 7B-class models pass stricter values.
+DEFAULT_MAX_PPL_RATIO = 1.10
 DEFAULT_MAX_KL = 0.25
 DEFAULT_MIN_TOP1 = 0.70
 LOADERS = ("quantkit", "transformers")
@@ -191,8 +192,19 @@ def verify(quantized: str, base: str | None = None, *, eval_source: str = DEFAUL
                                                  report.notes)
         del qmodel, bmodel
     report.failures.extend(apply_thresholds(report, thresholds))
+    if any(f["metric"] in CLOSENESS_METRICS for f in report.failures) and _calibrated_without_gptaq(manifest):
+        report.notes.append("this checkpoint was calibrated with plain GPTQ: `quantkit quantize --gptaq` solves each "
+                            "layer against the unquantized model's outputs and usually lands closer to the base")
     report.seconds = round(time.perf_counter() - t0, 2)
     return report
+
+
+CLOSENESS_METRICS = ("ppl_ratio", "kl_mean", "top1_agreement")
+
+
+def _calibrated_without_gptaq(manifest: dict | None) -> bool:
+    quantization = (manifest or {}).get("quantization") or {}
+    return quantization.get("method") == "gptq" and not quantization.get("gptaq", False)
 
 
 def _read_manifest(qdir: Path) -> dict | None:

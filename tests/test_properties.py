@@ -65,22 +65,25 @@ def test_out_of_range_codes_are_refused(bits, bad):
 
 # ---- options -----------------------------------------------------------------------------------------------------
 
-QUANTIZE_FLAGS = {"--bits", "--group-size", "--damp", "--static-groups", "--skip", "--method", "--samples", "--seq-len"}
+QUANTIZE_FLAGS = {"--bits", "--group-size", "--damp", "--static-groups", "--skip", "--method", "--samples", "--seq-len",
+                  "--gptaq"}
 
 
 @PROFILE
 @given(bits=st.integers(-3, 20), group_size=st.integers(-300, 5000), damp=st.floats(allow_nan=True, allow_infinity=True),
        act_order=st.booleans(), static_groups=st.booleans(), method=st.sampled_from(["gptq", "rtn", "awq", ""]),
-       skip=st.lists(st.text(max_size=12), max_size=3))
-def test_quant_spec_is_valid_or_names_the_setting(bits, group_size, damp, act_order, static_groups, method, skip):
+       skip=st.lists(st.text(max_size=12), max_size=3), gptaq=st.booleans())
+def test_quant_spec_is_valid_or_names_the_setting(bits, group_size, damp, act_order, static_groups, method, skip,
+                                                  gptaq):
     try:
         spec = QuantSpec(bits=bits, group_size=group_size, damp=damp, act_order=act_order, static_groups=static_groups,
-                         method=method, skip=tuple(skip))
+                         method=method, skip=tuple(skip), gptaq=gptaq)
     except InvalidSetting as e:
         assert e.flag in QUANTIZE_FLAGS and str(e)
         return
     assert spec.bits in SUPPORTED_BITS and (spec.group_size == -1 or spec.group_size > 0) and 0 < spec.damp < 1
     assert spec.method in ("gptq", "rtn") and not (spec.static_groups and not spec.act_order)
+    assert not spec.gptaq or spec.method == "gptq"
     assert spec.effective_group_size(64) >= 1 and QuantSpec(**{**spec.to_dict(), "skip": tuple(spec.skip)}) == spec
 
 
@@ -107,7 +110,8 @@ option_values = st.fixed_dictionaries({}, optional={
     "--repo-id": st.text(alphabet="ab./-_\n ", min_size=1, max_size=8),
 })
 option_flags = st.fixed_dictionaries({}, optional={f: st.just(True) for f in
-                                                   ("--static-groups", "--asym", "--no-act-order", "--no-clip-search")})
+                                                   ("--static-groups", "--asym", "--no-act-order", "--no-clip-search",
+                                                    "--gptaq")})
 
 
 @pytest.fixture()

@@ -76,6 +76,19 @@ def test_killed_run_resumes_to_identical_files(kill_at, tiny4, reference, tmp_pa
     assert not work.exists()  # finished: the work directory is gone
 
 
+def test_a_killed_gptaq_run_resumes_to_identical_files(tiny4, tmp_path):
+    """GPTAQ carries the unquantized model's activations beside the quantized ones: both are saved with each
+    layer, and a resumed run continues both streams where they were."""
+    whole = quantize(tiny4, tmp_path / "whole", "--repo-id", REPO_ID, "--gptaq")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    cache = tmp_path / "hub"
+    killed = quantize(tiny4, cache, "--repo-id", REPO_ID, "--gptaq", kill_at="layer:2:saved")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = quantize(tiny4, cache, "--repo-id", REPO_ID, "--gptaq")
+    assert resumed.returncode == 0 and "resuming after layer 3/4" in resumed.stderr, resumed.stderr[-2000:]
+    assert published(cache) == published(tmp_path / "whole")
+
+
 def test_resume_refuses_other_settings(tiny4, tmp_path):
     out = tmp_path / "q"
     killed = quantize(tiny4, tmp_path / "hub", "--out", str(out), kill_at="layer:2:saved")

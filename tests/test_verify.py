@@ -320,7 +320,7 @@ SMOL = ["--seq-len", "256", "--max-tokens", "2048"]
 @pytest.fixture(scope="module")
 def smollm2_g64(smollm2_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2") / "gptq-g64"
-    quantize(str(smollm2_dir), QuantSpec(bits=4, group_size=64), CalibSpec(samples=16, seq_len=256), out=out)
+    quantize(str(smollm2_dir), QuantSpec(bits=4, group_size=64, gptaq=True), CalibSpec(samples=16, seq_len=256), out=out)
     return out
 
 

@@ -1,0 +1,150 @@
+"""GPTAQ (asymmetric calibration): each Linear solved against the unquantized model's outputs on its own inputs."""
+import copy
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import quantkit.pipeline as pipeline
+from quantkit import CalibSpec, QuantSpec, quantize
+from quantkit.capture import BlockMemo, Reference, collect_statistics, derivable_blocks, propagate
+from quantkit.gptq import accumulate_cross, accumulate_hessian, asymmetric_targets, gptq_quantize
+from quantkit.model_skeleton import linear_modules
+from test_capture import _llama_layer_and_batches
+
+
+def _drifted(n_out=48, n_in=96, tokens=2048, drift=0.3, seed=0):
+    """Weights, the unquantized model's inputs X̃ and the quantized model's X = X̃ + correlated drift."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n_out, n_in, generator=g)
+    X_ref = torch.randn(tokens, n_in, generator=g) @ torch.randn(n_in, n_in, generator=g)
+    X = X_ref + drift * torch.randn(tokens, n_in, generator=g) @ torch.randn(n_in, n_in, generator=g)
+    return W, X_ref, X
+
+
+def _statistics(X_ref, X, chunk=300):
+    k = X.shape[1]
+    H, C, n, nc = torch.zeros(k, k), torch.zeros(k, k), 0, 0
+    for x_ref, x in zip(X_ref.split(chunk), X.split(chunk)):
+        H, n = accumulate_hessian(H, n, x)
+        C, nc = accumulate_cross(C, nc, x_ref, x)
+    return H, C
+
+
+def test_the_targets_are_the_least_squares_fit_to_the_unquantized_outputs():
+    W, X_ref, X = _drifted()
+    H, C = _statistics(X_ref, X)
+    torch.testing.assert_close(C, 2 * (X_ref - X).T @ X / X.shape[0], rtol=1e-4, atol=1e-3)
+    (target,) = asymmetric_targets([W], H, C, damp=1e-9)
+    fit = torch.linalg.lstsq(X.double(), (X_ref.double() @ W.double().T)).solution.T
+    torch.testing.assert_close(target.double(), fit, rtol=1e-4, atol=1e-4)
+
+
+def test_without_drift_the_targets_are_the_weights_themselves():
+    W, X_ref, _ = _drifted()
+    H, C = _statistics(X_ref, X_ref)
+    assert torch.count_nonzero(C) == 0
+    (target,) = asymmetric_targets([W], H, C, damp=0.01)
+    assert torch.equal(target, W)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=32), QuantSpec(bits=3, group_size=-1, sym=False,
+                                                                              act_order=False)], ids=["4b", "3b-row"])
+def test_gptaq_reproduces_the_unquantized_outputs_better_than_gptq(spec):
+    W, X_ref, X = _drifted()
+    H, C = _statistics(X_ref, X)
+    wanted = X_ref @ W.T  # what the unquantized model computes
+
+    def error(weight):
+        return float((X @ weight.T - wanted).pow(2).sum())
+    plain = gptq_quantize(W, H, spec).weight
+    (target,) = asymmetric_targets([W], H, C, spec.damp)
+    gptaq = gptq_quantize(target, H, spec).weight
+    assert error(gptaq) < 0.75 * error(plain), (error(gptaq), error(plain))
+
+
+def test_the_cross_term_pairs_each_linears_unquantized_and_quantized_inputs():
+    """Every group's H and C equal the formulas on the inputs the two layers really receive."""
+    layer, batches, call = _llama_layer_and_batches()
+    reference = copy.deepcopy(layer)
+    with torch.no_grad():
+        for module in linear_modules(layer).values():  # "quantized": other weights, so other inputs downstream
+            module.weight.add_(0.05 * torch.randn_like(module.weight))
+    ref_batches = [b + 0.1 * torch.randn_like(b) for b in batches]
+    groups = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    seen = {id(layer): {}, id(reference): {}}
+    for model in (layer, reference):
+        for g in groups:
+            linear_modules(model)[g[0]].register_forward_pre_hook(
+                lambda mod, inp, name=g[0], sink=seen[id(model)]: sink.setdefault(name, []).append(inp[0].reshape(-1, inp[0].shape[-1])))
+    stats = collect_statistics(layer, groups, batches, call, torch.device("cpu"), torch.float32,
+                               reference=Reference(reference, ref_batches))
+    for g, s in zip(groups, stats):
+        x = torch.cat(seen[id(layer)][g[0]])
+        x_ref = torch.cat(seen[id(reference)][g[0]])
+        torch.testing.assert_close(s.hessian, 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(s.cross, 2 * (x_ref - x).T @ x / x.shape[0], rtol=1e-4, atol=1e-4)
+
+
+def test_the_reference_memo_gives_the_statistics_and_outputs_of_plain_forwards():
+    """Stage by stage, as the pipeline runs it: the unquantized copy's replays, kept inputs and folds change no
+    statistic and no propagated activation, and its attention runs once per batch instead of once per stage."""
+    layer, batches, call = _llama_layer_and_batches()
+    stages = [[["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]], [["self_attn.o_proj"]],
+              [["mlp.gate_proj", "mlp.up_proj"]], [["mlp.down_proj"]]]
+    groups = [g for s in stages for g in s]
+    cpu = torch.device("cpu")
+    derivable = derivable_blocks(layer, groups, batches[0][:1], call, cpu, torch.float32)  # as the pipeline finds
+
+    def run(memo_on: bool):
+        ref_layer = copy.deepcopy(layer)
+        ref_layer.self_attn.q_proj.register_forward_hook(lambda *a: attention_runs.append(memo_on))
+        ref_batches = [b.clone() * 1.1 for b in batches]
+        quant = copy.deepcopy(layer)
+        options = dict(enabled=memo_on, storage_dtype=torch.float32, groups=groups, hidden_size=32,
+                       fold={"self_attn"} if memo_on else set(), derivable=derivable)
+        memo = BlockMemo(quant, **options)
+        reference = Reference(ref_layer, ref_batches, BlockMemo(ref_layer, **options))
+        q_batches = [b.clone() for b in batches]
+        done, out = set(), []
+        for stage in stages:
+            out += collect_statistics(quant, stage, q_batches, call, cpu, torch.float32, memo, done, reference)
+            done |= set(stage[0])
+        propagate(quant, q_batches, call, cpu, torch.float32, memo)
+        propagate(ref_layer, ref_batches, call, cpu, torch.float32, reference.memo)
+        return out, ref_batches
+
+    attention_runs = []
+    (with_memo, ref_memo), (plain, ref_plain) = run(True), run(False)
+    # the o_proj, gate/up, down and propagation passes each run it without the memo; with it, only the first
+    assert attention_runs.count(True) == len(batches) and attention_runs.count(False) == 4 * len(batches)
+    for a, b in zip(with_memo, plain):
+        torch.testing.assert_close(a.hessian, b.hessian)
+        torch.testing.assert_close(a.cross, b.cross)
+    for a, b in zip(ref_memo, ref_plain):
+        torch.testing.assert_close(a, b)
+
+
+def _hashes(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.glob("*.safetensors"))}
+
+
+def test_a_gptaq_run_replays_to_the_bytes_of_plain_forwards(tiny_llama_dir, tmp_path, monkeypatch):
+    spec = QuantSpec(bits=4, group_size=32, gptaq=True)
+    calib = CalibSpec(samples=8, seq_len=32)
+    memos = []
+    real = pipeline.BlockMemo
+    quantize(str(tiny_llama_dir), spec, calib, out=tmp_path / "memo")
+    monkeypatch.setattr(pipeline, "BlockMemo", lambda layer, **kw: memos.append(layer) or real(layer, enabled=False, **kw))
+    quantize(str(tiny_llama_dir), spec, calib, out=tmp_path / "plain")
+    assert len(memos) == 4  # two layers, each with its quantized and its unquantized memo
+    assert _hashes(tmp_path / "memo") == _hashes(tmp_path / "plain")
+    plain = quantize(str(tiny_llama_dir), QuantSpec(bits=4, group_size=32), calib, out=tmp_path / "gptq")
+    assert _hashes(tmp_path / "memo") != _hashes(Path(plain.path))
+
+
+def test_gptaq_applies_to_gptq_only():
+    with pytest.raises(ValueError, match="GPTAQ"):
+        QuantSpec(method="rtn", gptaq=True)
