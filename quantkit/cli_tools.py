@@ -48,8 +48,9 @@ def _group_size(ctx, param, value: int) -> int:
               help="calibration samples (quantize peak)")
 @click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True,
               help="tokens per calibration sample (quantize peak)")
+@click.option("--gptaq", is_flag=True, help="size the quantize peak of quantize --gptaq")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def estimate_command(model_or_config, bits, group_size, context, batch, samples, seq_len, as_json):
+def estimate_command(model_or_config, bits, group_size, context, batch, samples, seq_len, gptaq, as_json):
     """Memory needed to run and to quantize MODEL_OR_CONFIG, from its config alone: a directory, a config.json,
     a repo id in the local hub cache, or a built-in name (llama-2-7b, llama-2-13b, llama-2-70b, mistral-7b,
     llama-3-8b, llama-3-70b, qwen2.5-7b, smollm2-135m). Sizes in GiB (2**30 bytes)."""
@@ -57,7 +58,7 @@ def estimate_command(model_or_config, bits, group_size, context, batch, samples,
 
     try:
         result = estimate(model_or_config, bits=bits, group_size=group_size, context=context, batch=batch,
-                          samples=samples, seq_len=seq_len)
+                          samples=samples, seq_len=seq_len, gptaq=gptaq)
     except QuantkitError as e:
         raise _fail(e) from None
     click.echo(json.dumps(result.to_dict()) if as_json else format_estimate(result))

@@ -87,13 +87,14 @@ def asymmetric_targets(weights: list[Tensor], hessian: Tensor, cross: Tensor, da
     solve damps it). Because W' is that least-squares fit, |W·X̃ - Q·X|² = |W·X̃ - W'·X|² + |(W' - Q)·X|² for
     every Q: GPTQ run on W' with H minimises the error against the unquantized model itself, so each Linear also
     corrects the error that reaches it from the layers and Linears quantized before it. float32 results [N, K]."""
-    H = hessian.float().clone()
+    H = hessian.float().clone()  # the solve still needs the Hessian itself: one copy, factored in place
     H.diagonal().add_(damp * H.diagonal().mean())
-    L, info = torch.linalg.cholesky_ex(H)
+    L = H.mT  # column-major: LAPACK writes the factor in place (see _reversed_inverse_factor)
+    info = torch.empty((), dtype=torch.int32, device=H.device)
+    torch.linalg.cholesky_ex(L, out=(L, info))
     if info.item() != 0:
         raise NumericalError("the Hessian is not positive definite with the chosen damping; GPTAQ needs a larger "
                              "--damp")
-    del H
     targets = []
     for w in weights:
         w = w.float()

@@ -34,6 +34,8 @@ def render_model_card(*, repo_id: str | None, source: str, spec: QuantSpec, cali
             f"| act-order (desc_act) | {spec.act_order} |",
             f"| true sequential | {spec.true_sequential} |",
             f"| range clip search | {spec.clip_search} |",
+            *([f"| calibration target | {'the unquantized model (GPTAQ)' if spec.gptaq else 'each layer as quantized so far (GPTQ)'} |"]
+              if spec.method == "gptq" else []),
             f"| damping | {spec.damp} |",
             f"| output head | {'quantized (lm_head: true; untied from the embedding)' if spec.lm_head else 'float16'} |",
         ]

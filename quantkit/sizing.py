@@ -196,6 +196,7 @@ class Estimate:
     quantize_scratch_bytes: int = 0  # on disk, CPU runs only
     gpus: list[dict] = field(default_factory=list)   # {gpu_gb, run: {bits: bool}, quantize: bool}
     overhead: float = OVERHEAD
+    gptaq: bool = False             # the quantize peak is that of quantize --gptaq
 
     @property
     def total_params(self) -> int:
@@ -214,7 +215,7 @@ class Estimate:
             "weights": [w.to_dict() for w in self.weights],
             "group_size": self.group_size, "context": self.context, "batch": self.batch,
             "kv_cache_bytes": self.kv_cache_bytes, "kv_cache_gib": self.kv_cache_bytes / GIB,
-            "calibration": {"samples": self.samples, "seq_len": self.seq_len},
+            "calibration": {"samples": self.samples, "seq_len": self.seq_len, "gptaq": self.gptaq},
             "quantize_peak": dict(self.quantize_peak),
             "quantize_peak_gib": self.quantize_peak["total"] / GIB,
             "quantize_scratch_disk_bytes": self.quantize_scratch_bytes,
@@ -280,23 +281,31 @@ def activation_bytes(config: dict) -> int:
     return 4 if dtype == "float32" else 2
 
 
-def quantize_peak_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes: int = 2) -> dict[str, int]:
-    """The parts of quantkit's peak while quantizing a layer, and their total (module docstring)."""
+def quantize_peak_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes: int = 2,
+                        gptaq: bool = False) -> dict[str, int]:
+    """The parts of quantkit's peak while quantizing a layer, and their total (module docstring). GPTAQ doubles the
+    layer (its unquantized copy) and the activations (the unquantized model's), sums a cross term of the Hessian's
+    size beside it, and before a solve holds both with a factored copy of the Hessian (gptq.asymmetric_targets)."""
+    streams = 2 if gptaq else 1
     layer_params = sum(l.params for l in shape.layer_linears()) + shape.layer_norm_params()
     solves = shape.solves()
-    peak = {"layer_fp32": layer_params * 4,
-            "activations": 2 * samples * seq_len * shape.hidden * act_bytes,
-            "hessian": max(k for _, k in solves) ** 2 * 4,
+    widest = max(k for _, k in solves)
+    peak = {"layer_fp32": streams * layer_params * 4,
+            "activations": streams * 2 * samples * seq_len * shape.hidden * act_bytes,
+            "hessian": streams * widest ** 2 * 4,
             "mlp_activation": MLP_BATCH_TOKENS * shape.intermediate * 4,
             "solve": max(max(2 * k * k, k * k + n * k + n * k // 4) for n, k in solves) * 4}
+    if gptaq:
+        peak["solve"] = max(peak["solve"], 3 * widest ** 2 * 4)
     peak["total"] = (peak["layer_fp32"] + peak["activations"]
                      + max(peak["hessian"] + peak["mlp_activation"], peak["solve"]))
     return peak
 
 
-def quantize_scratch_bytes(shape: ModelShape, samples: int, seq_len: int) -> int:
-    """Disk a CPU run borrows per layer for the widest Linear's inputs (float32, pipeline._kept_inputs_bytes)."""
-    return samples * seq_len * max(shape.intermediate, shape.hidden) * 4
+def quantize_scratch_bytes(shape: ModelShape, samples: int, seq_len: int, gptaq: bool = False) -> int:
+    """Disk a CPU run borrows per layer for the widest Linear's inputs (float32, pipeline._kept_inputs_bytes); GPTAQ
+    keeps the unquantized copy's too."""
+    return (2 if gptaq else 1) * samples * seq_len * max(shape.intermediate, shape.hidden) * 4
 
 
 def _fits(need: int, gpu_gb: int) -> bool:
@@ -304,11 +313,12 @@ def _fits(need: int, gpu_gb: int) -> bool:
 
 
 def estimate(model_or_config, bits=DEFAULT_BITS, group_size: int = 128, context: int = 4096, batch: int = 1,
-             samples: int = 128, seq_len: int = 512) -> Estimate:
+             samples: int = 128, seq_len: int = 512, gptaq: bool = False) -> Estimate:
     """Parameter count, weight memory per bit width, KV cache, quantize peak and GPU fit, from config.json alone.
 
     :param model_or_config: a directory with config.json, a config.json path, a repo id in the local hub cache,
         a built-in name (llama-2-7b, llama-2-70b, mistral-7b, llama-3-8b, qwen2.5-7b, smollm2-135m, ...) or a dict.
+    :param gptaq: size the quantize peak of `quantize --gptaq`.
     """
     bits = tuple(dict.fromkeys(int(b) for b in bits))
     bad = [b for b in bits if b not in ESTIMATE_BITS]
@@ -331,14 +341,14 @@ def estimate(model_or_config, bits=DEFAULT_BITS, group_size: int = 128, context:
         weights.append(WeightEstimate(bits=b, group_size=None if b == 16 else group_size, linear_bytes=linears,
                                       fp16_bytes=fp16_rest, total_bytes=total, kv_cache_bytes=kv,
                                       run_bytes=math.ceil((total + kv) * (1 + OVERHEAD))))
-    peak = quantize_peak_bytes(shape, samples, seq_len, activation_bytes(cfg))
+    peak = quantize_peak_bytes(shape, samples, seq_len, activation_bytes(cfg), gptaq)
     quantize_need = math.ceil(peak["total"] * (1 + OVERHEAD))
     gpus = [{"gpu_gb": g, "run": {w.bits: _fits(w.run_bytes, g) for w in weights},
              "quantize": _fits(quantize_need, g)} for g in GPU_SIZES_GB]
     return Estimate(model=label, source=source, path=path, shape=shape, params=params, weights=weights,
                     group_size=group_size, context=context, batch=batch, kv_cache_bytes=kv, samples=samples,
                     seq_len=seq_len, quantize_peak=peak, gpus=gpus,
-                    quantize_scratch_bytes=quantize_scratch_bytes(shape, samples, seq_len))
+                    quantize_scratch_bytes=quantize_scratch_bytes(shape, samples, seq_len, gptaq), gptaq=gptaq)
 
 
 def _count(n: int) -> str:
@@ -379,7 +389,7 @@ def format_estimate(e: Estimate) -> str:
               f"quantize peak   {gib(q['total'])} GiB = decoder layer fp32 {gib(q['layer_fp32'])} + calibration "
               f"activations {gib(q['activations'])} + the larger of the largest GPTQ solve {gib(q['solve'])} and "
               f"a forward's Hessian + MLP activation {gib(q['hessian'] + q['mlp_activation'])}  "
-              f"({e.samples} x {e.seq_len} calibration tokens)",
+              f"({e.samples} x {e.seq_len} calibration tokens{', GPTAQ' if e.gptaq else ''})",
               f"quantize disk   {gib(e.quantize_scratch_bytes)} GiB of scratch in the work directory while a layer "
               "quantizes on a CPU (down_proj's inputs, kept for the propagation; skipped without twice that free)",
               ""]

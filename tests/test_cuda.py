@@ -68,6 +68,18 @@ def test_quantize_on_cuda_writes_what_the_cpu_run_writes(tiny_llama_dir, tmp_pat
     assert (top_gpu == top_cpu).float().mean() > 0.9
 
 
+def test_gptaq_on_cuda_agrees_with_the_cpu_run(tiny_llama_dir, tmp_path):
+    """--gptaq on a GPU: the unquantized copy, its activations (saved in the background) and the cross term."""
+    spec, calib = QuantSpec(bits=4, group_size=32, gptaq=True), CalibSpec(samples=8, seq_len=32)
+    on_gpu = quantize(str(tiny_llama_dir), spec, calib, out=tmp_path / "gpu", device="cuda")
+    on_cpu = quantize(str(tiny_llama_dir), spec, calib, out=tmp_path / "cpu", device="cpu")
+    ids = torch.arange(1, 33).unsqueeze(0)
+    with torch.no_grad():
+        top_gpu = load_dequantized(on_gpu.path)(input_ids=ids).logits.argmax(-1)
+        top_cpu = load_dequantized(on_cpu.path)(input_ids=ids).logits.argmax(-1)
+    assert (top_gpu == top_cpu).float().mean() > 0.9
+
+
 def test_graphed_sweeps_give_the_eager_bits_on_the_gpu(monkeypatch):
     g = torch.Generator().manual_seed(1)
     W = torch.randn(384, 1000, generator=g)  # 7 full blocks of 128 columns and a partial one

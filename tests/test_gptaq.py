@@ -131,17 +131,25 @@ def _hashes(path: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.glob("*.safetensors"))}
 
 
-def test_a_gptaq_run_replays_to_the_bytes_of_plain_forwards(tiny_llama_dir, tmp_path, monkeypatch):
+# llama: the attention folded into the input; gpt_neox: a parallel residual; gemma2: a norm after the attention
+@pytest.mark.parametrize("model_type", ["llama", "gpt_neox", "gemma2"])
+def test_a_gptaq_run_replays_to_the_bytes_of_plain_forwards(model_type, tiny_tokenizer, tmp_path, monkeypatch):
+    """Both streams' replays, kept inputs and folds are optimisations only, whatever the layer's wiring."""
+    from conftest import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / model_type, tiny_tokenizer, model_type=model_type,
+                                **({"head_dim": 16} if model_type == "gemma2" else {}))
     spec = QuantSpec(bits=4, group_size=32, gptaq=True)
     calib = CalibSpec(samples=8, seq_len=32)
     memos = []
     real = pipeline.BlockMemo
-    quantize(str(tiny_llama_dir), spec, calib, out=tmp_path / "memo")
+    quantize(str(model_dir), spec, calib, out=tmp_path / "memo")
     monkeypatch.setattr(pipeline, "BlockMemo", lambda layer, **kw: memos.append(layer) or real(layer, enabled=False, **kw))
-    quantize(str(tiny_llama_dir), spec, calib, out=tmp_path / "plain")
+    quantize(str(model_dir), spec, calib, out=tmp_path / "plain")
     assert len(memos) == 4  # two layers, each with its quantized and its unquantized memo
     assert _hashes(tmp_path / "memo") == _hashes(tmp_path / "plain")
-    plain = quantize(str(tiny_llama_dir), QuantSpec(bits=4, group_size=32), calib, out=tmp_path / "gptq")
+    monkeypatch.setattr(pipeline, "BlockMemo", real)
+    plain = quantize(str(model_dir), QuantSpec(bits=4, group_size=32), calib, out=tmp_path / "gptq")
     assert _hashes(tmp_path / "memo") != _hashes(Path(plain.path))
 
 

@@ -91,6 +91,19 @@ def test_llama2_70b_fits_one_80gb_gpu_only_when_quantized():
     assert json.loads(json.dumps(d))["gpus"][-1]["run"] == {"16": False, "8": True, "4": True, "3": True, "2": True}
 
 
+def test_the_gptaq_estimate_holds_two_streams_and_the_cross_term():
+    """quantize --gptaq: the unquantized copy of the layer and its activations, the cross term beside the Hessian,
+    and before a solve the Hessian, the cross term and the factored copy (3 x 28672^2 floats for a 70B down_proj)."""
+    plain, gptaq = quantkit.estimate("llama-2-70b").quantize_peak, quantkit.estimate("llama-2-70b", gptaq=True)
+    q = gptaq.quantize_peak
+    assert q["layer_fp32"] == 2 * plain["layer_fp32"] and q["activations"] == 2 * plain["activations"]
+    assert q["hessian"] == 2 * 28672**2 * 4 and q["solve"] == 3 * 28672**2 * 4
+    assert q["total"] == q["layer_fp32"] + q["activations"] + q["solve"]
+    assert gptaq.quantize_scratch_bytes == 2 * 128 * 512 * 28672 * 4
+    r = run("estimate", "llama-2-7b", "--bits", "4", "--gptaq", "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["calibration"]["gptaq"] is True, r.output
+
+
 def test_estimate_cli_human_and_json():
     r = run("estimate", "llama-2-70b")
     assert r.exit_code == 0, r.output
