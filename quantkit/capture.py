@@ -518,6 +518,9 @@ def collect_statistics(layer: nn.Module, groups: list[list[str]], batches: list[
         def hook(mod, inp, entry=entry, name=group[0], last=gi == len(groups) - 1):
             entry["H"], entry["n"] = accumulate_hessian(entry["H"], entry["n"], inp[0])
             if reference is not None:
+                if name not in ref_inputs:  # a Linear the layer calls twice per forward: no pairing of inputs
+                    raise RuntimeError(f"GPTAQ: {name} ran more often in the quantized layer than in its unquantized "
+                                       "copy; this layer cannot be calibrated with --gptaq")
                 entry["C"], entry["nc"] = accumulate_cross(entry["C"], entry["nc"], ref_inputs.pop(name), inp[0])
             memo.keep_exit_input(name, inp[0])
             if last:
@@ -541,12 +544,14 @@ def collect_statistics(layer: nn.Module, groups: list[list[str]], batches: list[
                         _run(reference.layer, _move(reference.batches[i], device, dtype), call)
                     except _StopForward:
                         pass
-                    ref_memo.fold_into(reference.batches, i, device)
                 try:
                     _run(layer, _move(hidden, device, dtype), call)
                 except _StopForward:
                     pass
                 memo.fold_into(batches, i, device)
+                if reference is not None:  # after both forwards: the inputs it paired may be views of the batch
+                    ref_inputs.clear()
+                    ref_memo.fold_into(reference.batches, i, device)
     finally:
         for h in handles:
             h.remove()

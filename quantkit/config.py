@@ -44,7 +44,8 @@ class QuantSpec:
         untied). Written as "lm_head": true, which gptqmodel and vLLM read; optimum does not load it.
     :param gptaq: asymmetric calibration (GPTAQ): each Linear is solved against the unquantized model's outputs on
         the unquantized model's own activations, so it also corrects the error of the Linears and layers quantized
-        before it. Costs an unquantized copy of each layer's forwards and a second set of activations.
+        before it. Costs an unquantized copy of each layer's forwards and a second set of activations. With
+        lm_head, the head is calibrated as plain GPTQ, on the quantized model's final hidden states.
     """
 
     bits: int = 4

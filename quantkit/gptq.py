@@ -80,29 +80,6 @@ def accumulate_cross(C: Tensor, n_seen: int, x_ref: Tensor, x: Tensor) -> tuple[
     return C, n_new
 
 
-@torch.no_grad()
-def asymmetric_targets(weights: list[Tensor], hessian: Tensor, cross: Tensor, damp: float) -> list[Tensor]:
-    """GPTAQ's targets (asymmetric calibration, Li et al. 2025): the weights W' that best reproduce the unquantized
-    model's outputs W·X̃ from the quantized model's inputs X, W' = W·X̃·Xᵀ·(X·Xᵀ)⁻¹ = W + W·C·H⁻¹ (H damped as the
-    solve damps it). Because W' is that least-squares fit, |W·X̃ - Q·X|² = |W·X̃ - W'·X|² + |(W' - Q)·X|² for
-    every Q: GPTQ run on W' with H minimises the error against the unquantized model itself, so each Linear also
-    corrects the error that reaches it from the layers and Linears quantized before it. float32 results [N, K]."""
-    H = hessian.float().clone()  # the solve still needs the Hessian itself: one copy, factored in place
-    H.diagonal().add_(damp * H.diagonal().mean())
-    L = H.mT  # column-major: LAPACK writes the factor in place (see _reversed_inverse_factor)
-    info = torch.empty((), dtype=torch.int32, device=H.device)
-    torch.linalg.cholesky_ex(L, out=(L, info))
-    if info.item() != 0:
-        raise NumericalError("the Hessian is not positive definite with the chosen damping; GPTAQ needs a larger "
-                             "--damp")
-    targets = []
-    for w in weights:
-        w = w.float()
-        shift = torch.cholesky_solve((w @ cross.float()).t(), L).t()  # (W·C)·H⁻¹, H symmetric
-        targets.append(w + shift)
-    return targets
-
-
 def _add_gram_lower(H: Tensor, x: Tensor, alpha: float) -> None:
     """H += alpha·xᵀx computing only the lower triangle's row blocks, then mirroring it: (k+1)/2k of the FLOPs for
     k blocks (1536 wide: 0.55 s -> 0.33 s per 8192 tokens on 2 CPU cores; the same bits as one addmm there).
@@ -264,6 +241,22 @@ def _permute_columns_(W: Tensor, order: Tensor) -> None:
         rows.copy_(rows.index_select(1, order))
 
 
+SHIFT_ROWS = 1024  # weight rows per step of the GPTAQ shift: temporaries of [SHIFT_ROWS, K]
+
+
+def _shift_to_asymmetric_target_(W: Tensor, cross: Tensor, Xinv: Tensor, order: Tensor) -> None:
+    """W += W·C·H⁻¹ in place, a block of rows at a time. Xinv is the solve's factor of H permuted by `order`
+    (H[order][:, order] = (XinvᵀXinv)⁻¹, _reversed_inverse_factor), so for B = W·C,
+    B·H⁻¹ = (B[:, order]·Xinvᵀ·Xinv)[:, order⁻¹]. Xinv is lower triangular with zeros above: plain matmuls."""
+    C = cross.float()
+    for start in range(0, W.shape[0], SHIFT_ROWS):
+        rows = W[start:start + SHIFT_ROWS]
+        shift = (rows @ C)[:, order]
+        shift = (shift @ Xinv.mT) @ Xinv
+        rows.index_add_(1, order, shift)
+        del shift
+
+
 def _block_size(group_size: int, n_in: int) -> int:
     """Lazy-update block size whose starts coincide with group starts, so group params see current weights."""
     if group_size >= n_in:
@@ -273,21 +266,30 @@ def _block_size(group_size: int, n_in: int) -> int:
     return 128 if group_size % 128 == 0 else group_size
 
 
-def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, consume_hessian: bool = False) -> GPTQResult:
+def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, consume_hessian: bool = False,
+                  cross: Tensor | None = None) -> GPTQResult:
     """Quantize one weight [N, K] given the Hessian [K, K] of its inputs. Computes in float32; the weight is
-    untouched, and so is the Hessian unless consume_hessian (then its memory is reused: one [K, K] less)."""
-    return gptq_quantize_shared([weight], hessian, spec, consume_hessian)[0]
+    untouched, and so is the Hessian unless consume_hessian (then its memory is reused: one [K, K] less).
+    cross: GPTAQ's cross term (see gptq_quantize_shared)."""
+    return gptq_quantize_shared([weight], hessian, spec, consume_hessian, cross)[0]
 
 
 @torch.no_grad()
 def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec,
-                         consume_hessian: bool = False) -> list[GPTQResult]:
+                         consume_hessian: bool = False, cross: Tensor | None = None) -> list[GPTQResult]:
     """Quantize Linears that read the same input (q/k/v, gate/up), so share one Hessian, in a single solve.
 
     GPTQ treats every output row on its own given H, so solving the stacked rows gives each Linear its own
     result, with one column sweep instead of one per Linear (the sweep is a chain of small steps: on a GPU
     its kernel launches, not its FLOPs, set the time). consume_hessian: overwrite a float32 `hessian` in place
-    instead of copying it."""
+    instead of copying it.
+
+    cross (GPTAQ, asymmetric calibration; Li et al. 2025): the cross term C = 2·(X̃ - X)ᵀX / n of the unquantized
+    model's inputs X̃ and the quantized model's X (accumulate_cross). The solve then quantizes the weights that best
+    reproduce the unquantized outputs W·X̃ from X, W' = W·X̃·Xᵀ·(X·Xᵀ)⁻¹ = W + W·C·H⁻¹, with H⁻¹ damped exactly as
+    the solve damps it (raised damping included) and taken from the solve's own factor: no second Hessian. As W'
+    is that least-squares fit, |W·X̃ - Q·X|² = |W·X̃ - W'·X|² + |(W' - Q)·X|² for every Q, so GPTQ on W' minimises
+    the error against the unquantized model itself."""
     H = hessian.float()  # [K, K]
     if H is hessian and not consume_hessian:
         H = H.clone()
@@ -303,6 +305,9 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
     if not torch.isfinite(torch.linalg.vector_norm(H, float("inf"))):
         raise NumericalError("the Hessian holds NaN/Inf: this layer's calibration inputs are not finite "
                              "(activations overflowing float16?)")
+    if cross is not None and not torch.isfinite(torch.linalg.vector_norm(cross, float("inf"))):
+        raise NumericalError("GPTAQ's cross term holds NaN/Inf: the unquantized model's calibration inputs to this "
+                             "layer are not finite (activations overflowing float16?)")
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1.0  # an input that is always zero: its column is zero, any positive curvature will do
     perm = torch.argsort(H.diagonal(), descending=True) if spec.act_order else None
@@ -318,6 +323,8 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
     W = torch.empty(n_out, n_in, device=weights[0].device)
     for w, rows in zip(weights, rows_of):
         W[rows].copy_(w)
+    if cross is not None:
+        _shift_to_asymmetric_target_(W, cross, Xinv, order)
     W[:, dead] = 0.0
     static_params = None
     if spec.static_groups:  # fixed per group in original order, before any column is updated

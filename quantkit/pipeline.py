@@ -25,7 +25,7 @@ from .checkpoint import SafetensorsCheckpoint, read_config_dict, resolve_model_d
 from .config import CalibSpec, QuantSpec
 from .errors import NumericalError, QuantkitError
 from .faults import kill_point
-from .gptq import GPTQResult, asymmetric_targets, gptq_quantize_shared, rtn_result
+from .gptq import GPTQResult, gptq_quantize_shared, rtn_result
 from .gptq_format import checkpoint_format, module_tensors, quantization_config
 from .heap import release_large_frees_at_once, return_free_heap
 from .hub import cached_snapshot, hub_cache_dir, publish_snapshot, repo_lock, sha256_file, validate_repo_id
@@ -286,7 +286,9 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         if state.layers_done:
             batches = state.load_activations()
         if spec.gptaq:  # the unquantized model's own activations: the same as the quantized ones at layer 0
-            ref_batches = batches[len(batches) // 2:] if state.layers_done else [b.clone() for b in batches]
+            ref_batches = batches[len(batches) // 2:] if state.layers_done else [
+                torch.empty(b.shape, dtype=b.dtype, pin_memory=b.is_pinned()).copy_(b) for b in batches]  # pinned
+            # like the originals on a GPU run: their copies to the device stay asynchronous
             batches = batches[:len(batches) // 2] if state.layers_done else batches
     bar = _progress_bar(steps, progress)
     bar.update(state.layers_done)
@@ -555,12 +557,9 @@ def _solve_group(where: str, group: list[str], statistics, modules: dict, spec: 
     keep only their packed tensors: the solve's [N, K] codes and results, and the Hessian's buffer, are freed on
     return (a 7B layer's gate/up codes and results alone are 690 MB). With a GPTAQ cross term the solve targets
     the weights that reproduce the unquantized model's outputs."""
-    weights = [weight_matrix(modules[name]) for name in group]
     try:
-        if statistics.cross is not None:
-            weights = asymmetric_targets(weights, statistics.hessian, statistics.cross, spec.damp)
-            statistics.cross = None
-        solved = gptq_quantize_shared(weights, statistics.hessian, spec, consume_hessian=True)
+        solved = gptq_quantize_shared([weight_matrix(modules[name]) for name in group], statistics.hessian, spec,
+                                      consume_hessian=True, cross=statistics.cross)
     except NumericalError as e:
         raise NumericalError(f"{where}.{group[0]}: {e}") from None  # the group shares its Hessian
     packed = {}

@@ -284,8 +284,8 @@ def activation_bytes(config: dict) -> int:
 def quantize_peak_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes: int = 2,
                         gptaq: bool = False) -> dict[str, int]:
     """The parts of quantkit's peak while quantizing a layer, and their total (module docstring). GPTAQ doubles the
-    layer (its unquantized copy) and the activations (the unquantized model's), sums a cross term of the Hessian's
-    size beside it, and before a solve holds both with a factored copy of the Hessian (gptq.asymmetric_targets)."""
+    layer (its unquantized copy) and the activations (the unquantized model's), and sums a cross term of the
+    Hessian's size beside it, which a solve holds throughout (gptq.gptq_quantize_shared's `cross`)."""
     streams = 2 if gptaq else 1
     layer_params = sum(l.params for l in shape.layer_linears()) + shape.layer_norm_params()
     solves = shape.solves()
@@ -295,8 +295,9 @@ def quantize_peak_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes
             "hessian": streams * widest ** 2 * 4,
             "mlp_activation": MLP_BATCH_TOKENS * shape.intermediate * 4,
             "solve": max(max(2 * k * k, k * k + n * k + n * k // 4) for n, k in solves) * 4}
-    if gptaq:
-        peak["solve"] = max(peak["solve"], 3 * widest ** 2 * 4)
+    if gptaq:  # the cross term beside every phase of a solve; while W is shifted, two blocks of rows times C
+        peak["solve"] = max(max(3 * k * k, 2 * k * k + n * k + n * k // 4 + 2 * min(n, 1024) * k)
+                            for n, k in solves) * 4
     peak["total"] = (peak["layer_fp32"] + peak["activations"]
                      + max(peak["hessian"] + peak["mlp_activation"], peak["solve"]))
     return peak

@@ -9,7 +9,9 @@ import torch
 import quantkit.pipeline as pipeline
 from quantkit import CalibSpec, QuantSpec, quantize
 from quantkit.capture import BlockMemo, Reference, collect_statistics, derivable_blocks, propagate
-from quantkit.gptq import accumulate_cross, accumulate_hessian, asymmetric_targets, gptq_quantize
+from quantkit.errors import NumericalError
+from quantkit.gptq import (_reversed_inverse_factor, _shift_to_asymmetric_target_, accumulate_cross,
+                            accumulate_hessian, gptq_quantize)
 from quantkit.model_skeleton import linear_modules
 from test_capture import _llama_layer_and_batches
 
@@ -32,25 +34,33 @@ def _statistics(X_ref, X, chunk=300):
     return H, C
 
 
-def test_the_targets_are_the_least_squares_fit_to_the_unquantized_outputs():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_the_shifted_weights_are_the_least_squares_fit_to_the_unquantized_outputs(act_order):
+    """W + W·C·H⁻¹, through the solve's own permuted, reversed factor of H, is lstsq's fit of W·X̃ from X."""
     W, X_ref, X = _drifted()
     H, C = _statistics(X_ref, X)
     torch.testing.assert_close(C, 2 * (X_ref - X).T @ X / X.shape[0], rtol=1e-4, atol=1e-3)
-    (target,) = asymmetric_targets([W], H, C, damp=1e-9)
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(H.shape[0])
+    order = perm.flip(0)
+    factor, _ = _reversed_inverse_factor(H[order][:, order].clone(), damp=1e-7)
+    shifted = W.clone()
+    _shift_to_asymmetric_target_(shifted, C, factor, order)
     fit = torch.linalg.lstsq(X.double(), (X_ref.double() @ W.double().T)).solution.T
-    torch.testing.assert_close(target.double(), fit, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(shifted.double(), fit, rtol=1e-3, atol=1e-3)
 
 
-def test_without_drift_the_targets_are_the_weights_themselves():
+def test_without_drift_gptaq_is_plain_gptq_bit_for_bit():
     W, X_ref, _ = _drifted()
     H, C = _statistics(X_ref, X_ref)
     assert torch.count_nonzero(C) == 0
-    (target,) = asymmetric_targets([W], H, C, damp=0.01)
-    assert torch.equal(target, W)
+    spec = QuantSpec(bits=4, group_size=32)
+    plain, gptaq = gptq_quantize(W, H, spec), gptq_quantize(W, H, spec, cross=C)
+    assert torch.equal(plain.codes, gptaq.codes) and torch.equal(plain.scales, gptaq.scales)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=32), QuantSpec(bits=3, group_size=-1, sym=False,
-                                                                              act_order=False)], ids=["4b", "3b-row"])
+                                                                              act_order=False),
+                                  QuantSpec(bits=4, group_size=32, static_groups=True)], ids=["4b", "3b-row", "static"])
 def test_gptaq_reproduces_the_unquantized_outputs_better_than_gptq(spec):
     W, X_ref, X = _drifted()
     H, C = _statistics(X_ref, X)
@@ -59,9 +69,19 @@ def test_gptaq_reproduces_the_unquantized_outputs_better_than_gptq(spec):
     def error(weight):
         return float((X @ weight.T - wanted).pow(2).sum())
     plain = gptq_quantize(W, H, spec).weight
-    (target,) = asymmetric_targets([W], H, C, spec.damp)
-    gptaq = gptq_quantize(target, H, spec).weight
+    gptaq = gptq_quantize(W, H, spec, cross=C).weight
     assert error(gptaq) < 0.75 * error(plain), (error(gptaq), error(plain))
+
+
+def test_gptaq_raises_the_damping_as_the_solve_does_and_refuses_a_non_finite_cross_term():
+    W, X_ref, X = _drifted(n_in=32)
+    X[:, 5] = X[:, 6]  # two identical inputs: H is singular
+    H, C = _statistics(X_ref, X)
+    res = gptq_quantize(W[:, :32], H, QuantSpec(bits=4, group_size=16, damp=1e-9), cross=C)
+    assert res.damp > 1e-9 and torch.isfinite(res.weight).all()
+    C[3, 4] = float("nan")
+    with pytest.raises(NumericalError, match="cross term"):
+        gptq_quantize(W[:, :32], H, QuantSpec(bits=4, group_size=16), cross=C)
 
 
 def test_the_cross_term_pairs_each_linears_unquantized_and_quantized_inputs():

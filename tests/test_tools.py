@@ -93,7 +93,7 @@ def test_llama2_70b_fits_one_80gb_gpu_only_when_quantized():
 
 def test_the_gptaq_estimate_holds_two_streams_and_the_cross_term():
     """quantize --gptaq: the unquantized copy of the layer and its activations, the cross term beside the Hessian,
-    and before a solve the Hessian, the cross term and the factored copy (3 x 28672^2 floats for a 70B down_proj)."""
+    and while a solve factorizes the Hessian, its retry copy and the cross term (3 x 28672^2 floats, 70B down_proj)."""
     plain, gptaq = quantkit.estimate("llama-2-70b").quantize_peak, quantkit.estimate("llama-2-70b", gptaq=True)
     q = gptaq.quantize_peak
     assert q["layer_fp32"] == 2 * plain["layer_fp32"] and q["activations"] == 2 * plain["activations"]
