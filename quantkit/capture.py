@@ -126,6 +126,14 @@ def _run(layer: nn.Module, hidden: Tensor, call: LayerCall) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _run_until_stopped(layer: nn.Module, hidden: Tensor, call: LayerCall) -> None:
+    """A forward whose hooks record what they need and may end it early (_StopForward)."""
+    try:
+        _run(layer, hidden, call)
+    except _StopForward:
+        pass
+
+
 @torch.no_grad()
 def discover_groups(layer: nn.Module, hidden: Tensor, call: LayerCall) -> list[list[str]]:
     """The layer's Linear modules in execution order, grouped by shared input (q/k/v share one, gate/up one)."""
@@ -502,9 +510,10 @@ def collect_statistics(layer: nn.Module, groups: list[list[str]], batches: list[
     quantized layer's inputs for the same tokens."""
     modules = linear_modules(layer)
     memo = memo or BlockMemo(layer, enabled=False)
-    ref_memo = None
+    ref_memo = ref_modules = None
     if reference is not None:
         ref_memo = reference.memo or BlockMemo(reference.layer, enabled=False)
+        ref_modules = linear_modules(reference.layer)
     state = []
     handles = []
     ref_inputs: dict[str, Tensor] = {}  # this batch's unquantized inputs to each group's first Linear
@@ -512,16 +521,16 @@ def collect_statistics(layer: nn.Module, groups: list[list[str]], batches: list[
         first = modules[group[0]]
         k = in_features(first)
         entry = {"H": torch.zeros(k, k, device=device), "n": 0,
-                 "C": torch.zeros(k, k, device=device) if reference is not None else None, "nc": 0}
+                 "C": torch.zeros(k, k, device=device) if reference is not None else None}
         state.append(entry)
 
         def hook(mod, inp, entry=entry, name=group[0], last=gi == len(groups) - 1):
-            entry["H"], entry["n"] = accumulate_hessian(entry["H"], entry["n"], inp[0])
-            if reference is not None:
+            if reference is not None:  # before the Hessian's update: both are running means over the same tokens
                 if name not in ref_inputs:  # a Linear the layer calls twice per forward: no pairing of inputs
                     raise RuntimeError(f"GPTAQ: {name} ran more often in the quantized layer than in its unquantized "
                                        "copy; this layer cannot be calibrated with --gptaq")
-                entry["C"], entry["nc"] = accumulate_cross(entry["C"], entry["nc"], ref_inputs.pop(name), inp[0])
+                accumulate_cross(entry["C"], entry["n"], ref_inputs.pop(name), inp[0])
+            entry["H"], entry["n"] = accumulate_hessian(entry["H"], entry["n"], inp[0])
             memo.keep_exit_input(name, inp[0])
             if last:
                 raise _StopForward
@@ -532,7 +541,7 @@ def collect_statistics(layer: nn.Module, groups: list[list[str]], batches: list[
                 ref_memo.keep_exit_input(name, inp[0])
                 if last:
                     raise _StopForward
-            handles.append(linear_modules(reference.layer)[group[0]].register_forward_pre_hook(ref_hook))
+            handles.append(ref_modules[group[0]].register_forward_pre_hook(ref_hook))
     try:
         with memo.replaying(set(done), len(batches), device), \
                 (ref_memo.replaying(set(done), len(batches), device) if ref_memo else contextlib.nullcontext()):
@@ -540,14 +549,8 @@ def collect_statistics(layer: nn.Module, groups: list[list[str]], batches: list[
                 memo.batch = i
                 if reference is not None:
                     ref_memo.batch = i
-                    try:
-                        _run(reference.layer, _move(reference.batches[i], device, dtype), call)
-                    except _StopForward:
-                        pass
-                try:
-                    _run(layer, _move(hidden, device, dtype), call)
-                except _StopForward:
-                    pass
+                    _run_until_stopped(reference.layer, _move(reference.batches[i], device, dtype), call)
+                _run_until_stopped(layer, _move(hidden, device, dtype), call)
                 memo.fold_into(batches, i, device)
                 if reference is not None:  # after both forwards: the inputs it paired may be views of the batch
                     ref_inputs.clear()

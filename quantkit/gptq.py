@@ -68,16 +68,17 @@ def accumulate_hessian(H: Tensor, n_seen: int, x: Tensor) -> tuple[Tensor, int]:
     return H, n_new
 
 
-def accumulate_cross(C: Tensor, n_seen: int, x_ref: Tensor, x: Tensor) -> tuple[Tensor, int]:
-    """Running mean of 2·(X̃ - X)ᵀX over tokens, in place, scaled like `accumulate_hessian`'s H: x_ref [..., K] is
-    the unquantized model's input to a Linear, x the quantized model's input for the same tokens. C[i, j] sums
-    (x̃ - x)_i·x_j, the term by which W·X̃ differs from what W applied to the quantized inputs explains."""
+def accumulate_cross(C: Tensor, n_seen: int, x_ref: Tensor, x: Tensor) -> Tensor:
+    """Running mean of 2·(X̃ - X)ᵀX over tokens, in place, scaled like `accumulate_hessian`'s H (n_seen: the tokens
+    summed so far, the Hessian's count before this batch): x_ref [..., K] is the unquantized model's input to a
+    Linear, x the quantized model's input for the same tokens. C[i, j] sums (x̃ - x)_i·x_j, the term by which W·X̃
+    differs from what W applied to the quantized inputs explains."""
     x = x.reshape(-1, x.shape[-1]).to(C.dtype)
     drift = x_ref.reshape(-1, x_ref.shape[-1]).to(C.dtype) - x
     n_new = n_seen + x.shape[0]
     C.mul_(n_seen / n_new)
     C.addmm_(drift.t(), x, alpha=2.0 / n_new)
-    return C, n_new
+    return C
 
 
 def _add_gram_lower(H: Tensor, x: Tensor, alpha: float) -> None:

@@ -370,12 +370,9 @@ def _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, 
             spec.check_skip_patterns(linear_modules(layer))
         last = i == len(layers) - 1 and not spec.lm_head  # no later step needs this layer's outputs
         if spec.method == "gptq":
-            # GPTAQ: a copy with the original weights, taken before any is quantized
-            reference = Reference(copy.deepcopy(layer), ref_batches) if ref_batches is not None else None
             results = _gptq_layer(layer, f"{prefix}.{i}", batches, calls[i], spec, fmt, dev, compute_dtype, last,
                                   stages, class_checks, spill_dir=target.work if dev.type == "cpu" else None,
-                                  fold_in_place=not saves.enabled, reference=reference)
-            del reference
+                                  fold_in_place=not saves.enabled, ref_batches=ref_batches)
         else:
             results = _rtn_layer(layer, f"{prefix}.{i}", spec, fmt)
         tensors = {k: v for res in results.values() for k, v in res.tensors.items()}
@@ -483,7 +480,7 @@ def _packed(where: str, name: str, res: GPTQResult, module, spec: QuantSpec, fmt
 def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev, compute_dtype,
                 last: bool, clock: _StageClock, class_checks: dict[type, tuple],
                 spill_dir: Path | None = None, fold_in_place: bool = True,
-                reference: Reference | None = None) -> dict[str, _Solved]:
+                ref_batches: list | None = None) -> dict[str, _Solved]:
     """GPTQ every Linear of layer `where` (stage by stage when true-sequential), then propagate the batches.
     class_checks: per layer class, the blocks found foldable and derivable (capture.foldable_blocks and
     derivable_blocks; filled on first use, one check per class).
@@ -491,8 +488,11 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev
     the page cache holds them, not the process; the propagation applies down_proj to its kept inputs, where
     rerunning gate/up took a sixth of a SmolLM2 layer's time); None keeps o_proj's in memory, down_proj's not.
     fold_in_place: False while the batches are being saved in the background (BlockMemo).
-    reference (GPTAQ): the layer's unquantized copy and its own inputs; each group's solve then targets the
-    unquantized model's outputs (gptq.asymmetric_targets), and the reference batches are propagated too."""
+    ref_batches (GPTAQ): the unquantized model's inputs to this layer. A copy of the layer keeps its original
+    weights and carries them (capture.Reference); each group's solve then targets the unquantized model's outputs
+    (gptq_quantize_shared's `cross`), and ref_batches are propagated through the copy."""
+    # GPTAQ: the copy is taken before any weight is quantized
+    reference = Reference(copy.deepcopy(layer), ref_batches) if ref_batches is not None else None
     groups = discover_groups(layer, batches[0][:1].to(dev, compute_dtype), call)
     groups = [kept for kept in ([n for n in g if not spec.skips(n)] for g in groups) if kept]
     modules = linear_modules(layer)
@@ -510,13 +510,11 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev
                                       and disk_has_room(spill_dir, streams * _kept_inputs_bytes(
                                           batches, modules, hidden, compute_dtype, last))):
         spill_dir = None
-    memo = BlockMemo(layer, storage_dtype=batches[0].dtype, groups=groups, hidden_size=hidden,
-                     fold=fold, spill_dir=spill_dir, propagates=not last, derivable=derivable,
-                     fold_in_place=fold_in_place)
+    memo_options = dict(storage_dtype=batches[0].dtype, groups=groups, hidden_size=hidden, fold=fold,
+                        spill_dir=spill_dir, propagates=not last, derivable=derivable, fold_in_place=fold_in_place)
+    memo = BlockMemo(layer, **memo_options)
     if reference is not None:  # the same bookkeeping for the unquantized copy (capture.Reference)
-        reference.memo = BlockMemo(reference.layer, storage_dtype=batches[0].dtype, groups=groups, hidden_size=hidden,
-                                   fold=fold, spill_dir=spill_dir, propagates=not last, derivable=derivable,
-                                   fold_in_place=fold_in_place)
+        reference.memo = BlockMemo(reference.layer, **memo_options)
     replayed: set[str] = set()  # blocks whose weights were dropped: every later pass replays them
     try:
         for stage in stages:

@@ -27,10 +27,10 @@ def _drifted(n_out=48, n_in=96, tokens=2048, drift=0.3, seed=0):
 
 def _statistics(X_ref, X, chunk=300):
     k = X.shape[1]
-    H, C, n, nc = torch.zeros(k, k), torch.zeros(k, k), 0, 0
+    H, C, n = torch.zeros(k, k), torch.zeros(k, k), 0
     for x_ref, x in zip(X_ref.split(chunk), X.split(chunk)):
+        accumulate_cross(C, n, x_ref, x)  # before the Hessian's update, which advances the shared count
         H, n = accumulate_hessian(H, n, x)
-        C, nc = accumulate_cross(C, nc, x_ref, x)
     return H, C
 
 
