@@ -14,6 +14,7 @@ from torch import Tensor
 from .config import QuantSpec
 from .errors import NumericalError
 from .quant import dequantize_codes, group_qparams, rtn_quantize
+from .sizing import SHIFT_ROWS  # [SHIFT_ROWS, K] temporaries while GPTAQ's shift runs
 
 
 @dataclass(frozen=True)
@@ -240,9 +241,6 @@ def _permute_columns_(W: Tensor, order: Tensor) -> None:
     for start in range(0, W.shape[0], PERMUTE_ROWS):
         rows = W[start:start + PERMUTE_ROWS]
         rows.copy_(rows.index_select(1, order))
-
-
-SHIFT_ROWS = 1024  # weight rows per step of the GPTAQ shift: temporaries of [SHIFT_ROWS, K]
 
 
 def _shift_to_asymmetric_target_(W: Tensor, cross: Tensor, Xinv: Tensor, order: Tensor) -> None:

@@ -285,11 +285,11 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         return_free_heap()  # the small frees of the embedding lookup and the first forward
         if state.layers_done:
             batches = state.load_activations()
-        if spec.gptaq:  # the unquantized model's own activations: the same as the quantized ones at layer 0
-            ref_batches = batches[len(batches) // 2:] if state.layers_done else [
-                torch.empty(b.shape, dtype=b.dtype, pin_memory=b.is_pinned()).copy_(b) for b in batches]  # pinned
-            # like the originals on a GPU run: their copies to the device stay asynchronous
-            batches = batches[:len(batches) // 2] if state.layers_done else batches
+            if spec.gptaq:  # saved as the quantized stream, then the unquantized one (_quantize_layers)
+                batches, ref_batches = batches[:len(batches) // 2], batches[len(batches) // 2:]
+        elif spec.gptaq:  # the unquantized model's own activations: the same as the quantized ones at layer 0,
+            # pinned like the originals on a GPU run, so their copies to the device stay asynchronous
+            ref_batches = [torch.empty(b.shape, dtype=b.dtype, pin_memory=b.is_pinned()).copy_(b) for b in batches]
     bar = _progress_bar(steps, progress)
     bar.update(state.layers_done)
     fmt = checkpoint_format(spec)

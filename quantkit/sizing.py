@@ -39,6 +39,7 @@ ESTIMATE_BITS = (2, 3, 4, 8, 16)
 GPU_SIZES_GB = (16, 24, 40, 48, 80)
 OVERHEAD = 0.10           # CUDA context, allocator fragmentation, temporary buffers
 MLP_BATCH_TOKENS = 4096   # tokens per calibration mini-batch (model_skeleton.calibration_batch_size)
+SHIFT_ROWS = 1024         # weight rows per step of GPTAQ's shift (gptq._shift_to_asymmetric_target_)
 
 # Real config.json numbers of well-known checkpoints (hidden, intermediate, layers, heads, KV heads, vocab, tied).
 BUILTIN_CONFIGS: dict[str, dict] = {
@@ -296,7 +297,7 @@ def quantize_peak_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes
             "mlp_activation": MLP_BATCH_TOKENS * shape.intermediate * 4,
             "solve": max(max(2 * k * k, k * k + n * k + n * k // 4) for n, k in solves) * 4}
     if gptaq:  # the cross term beside every phase of a solve; while W is shifted, two blocks of rows times C
-        peak["solve"] = max(max(3 * k * k, 2 * k * k + n * k + n * k // 4 + 2 * min(n, 1024) * k)
+        peak["solve"] = max(max(3 * k * k, 2 * k * k + n * k + n * k // 4 + 2 * min(n, SHIFT_ROWS) * k)
                             for n, k in solves) * 4
     peak["total"] = (peak["layer_fp32"] + peak["activations"]
                      + max(peak["hessian"] + peak["mlp_activation"], peak["solve"]))

@@ -147,7 +147,25 @@ def render(rows: list[dict], base_ppl: float, versions: dict, args, eval_tokens:
             if r["tool"] != "quantkit":
                 lines.append(f"| {r['tool']} | {q['wall_s'] / r['wall_s']:.2f} | "
                              f"{q['peak_rss_mb'] / r['peak_rss_mb']:.2f} | {q['ppl'] / r['ppl']:.3f} |")
+        lines += targets(q, [r for r in rows if r["tool"] != "quantkit"])
     return "\n".join(lines)
+
+
+def targets(q: dict, peers: list[dict]) -> list[str]:
+    """The Performance issue's bar, each measure against the best peer on it: wall time at most 0.5x the faster
+    peer's, peak RSS at most 0.5x the leaner peer's, perplexity no worse than the better peer's."""
+    if not peers:
+        return []
+    lines = ["", "Against the best peer on each measure (the Performance issue's bar):", ""]
+    for key, unit, bound, what in (("wall_s", "s", 0.5, "wall time"), ("peak_rss_mb", "MB", 0.5, "peak RSS"),
+                                   ("ppl", "", 1.0, "perplexity")):
+        best = min(peers, key=lambda r: r[key])
+        ratio = q[key] / best[key]
+        value = f"{q[key]:.3f}" if key == "ppl" else f"{q[key]:.0f} {unit}"
+        peer = f"{best[key]:.3f}" if key == "ppl" else f"{best[key]:.0f} {unit}"
+        lines.append(f"- {what}: {value} against {best['tool']}'s {peer}, {ratio:.2f}x (target at most {bound:g}x): "
+                     f"{'met' if ratio <= bound else '**not met**'}")
+    return lines
 
 
 if __name__ == "__main__":

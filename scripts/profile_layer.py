@@ -37,6 +37,8 @@ matmul_settings = contextlib.ExitStack()  # held for the whole run: a dropped co
 if "--ieee" not in sys.argv:
     matmul_settings.enter_context(fast_float32_matmuls(torch.device("cpu")))  # as quantize() does
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
+if not args or "--help" in sys.argv or "-h" in sys.argv:
+    sys.exit(__doc__)
 model_dir, samples = Path(args[0]), int(args[1]) if len(args) > 1 else 128
 config = load_config(model_dir, read_config_dict(model_dir))
 checkpoint = SafetensorsCheckpoint(model_dir)
@@ -85,3 +87,4 @@ t = time.perf_counter()
 for b in batches:
     _run(layer, b, calls[0])
 print(f"(a plain forward of the layer: {time.perf_counter() - t:.2f} s)")
+matmul_settings.close()  # before interpreter shutdown, while torch.backends still exists
