@@ -106,39 +106,19 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: Ten
 
         sink = []
         layers[0] = _Recorder(originals[0], sink, stop=True)
-        batches, block = [], None
+        batches = []
         for start in range(0, input_ids.shape[0], batch_size):
             try:
                 model(input_ids=input_ids[start:start + batch_size].to(device), use_cache=False)
             except _StopForward:
                 pass
-            hidden = sink.pop()[0]
-            if device.type == "cpu":  # every mini-batch a view of one allocation (one_block_copy says why)
-                if block is None:
-                    block = torch.empty((input_ids.shape[0], *hidden.shape[1:]), dtype=storage_dtype)
-                batches.append(block[start:start + hidden.shape[0]].copy_(hidden))
-            else:
-                batches.append(_move(hidden, torch.device("cpu"), storage_dtype))
+            batches.append(_move(sink.pop()[0], torch.device("cpu"), storage_dtype))
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
     for call in calls:
         call.kwargs.pop("use_cache", None)
     return batches, calls
-
-
-def one_block_copy(batches: list[Tensor]) -> list[Tensor]:
-    """A copy of CPU mini-batches (same shape but the first dimension) in one allocation, as views of it.
-
-    The calibration activations live as long as the run; as one block they get one mapping of their own instead
-    of sitting among a layer's temporaries in the C heap, which can then serve and reuse those temporaries
-    (heap.MMAP_THRESHOLD_BYTES) without the activations fragmenting it."""
-    block = torch.empty((sum(b.shape[0] for b in batches), *batches[0].shape[1:]), dtype=batches[0].dtype)
-    views, at = [], 0
-    for b in batches:
-        views.append(block[at:at + b.shape[0]].copy_(b))
-        at += b.shape[0]
-    return views
 
 
 def _run(layer: nn.Module, hidden: Tensor, call: LayerCall) -> Tensor:
@@ -583,19 +563,13 @@ def collect_statistics(layer: nn.Module, groups: list[list[str]], batches: list[
 
 @torch.no_grad()
 def propagate(layer: nn.Module, batches: list[Tensor], call: LayerCall, device: torch.device,
-              dtype: torch.dtype, memo: BlockMemo | None = None, in_place: bool = False) -> None:
-    """Replace each mini-batch by the layer's output on it (the next layer's input). in_place (CPU runs) writes
-    it into the batch's own memory, so the activations stay in the allocation they started in; otherwise the
-    list gets new tensors (a GPU run's background save may still be reading the old ones)."""
+              dtype: torch.dtype, memo: BlockMemo | None = None) -> None:
+    """Replace each mini-batch in place by the layer's output on it (the next layer's input)."""
     memo = memo or BlockMemo(layer, enabled=False)
     with memo.replaying(set(linear_modules(layer)), len(batches), device, last_pass=True):
         for i, hidden in enumerate(batches):
             memo.batch = i
-            out = _run(layer, _move(hidden, device, dtype), call)
-            if in_place and device.type == "cpu":
-                hidden.copy_(out)
-            else:
-                batches[i] = _move(out, torch.device("cpu"), hidden.dtype)
+            batches[i] = _move(_run(layer, _move(hidden, device, dtype), call), torch.device("cpu"), hidden.dtype)
 
 
 class _Stand(nn.Module):

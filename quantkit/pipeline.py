@@ -20,7 +20,7 @@ import torch
 from . import __version__
 from .calibration import calibration_batch
 from .capture import (BlockMemo, Reference, capture_layer_inputs, collect_statistics, derivable_blocks,
-                      discover_groups, foldable_blocks, one_block_copy, propagate, wait_for_copies)
+                      discover_groups, foldable_blocks, propagate, wait_for_copies)
 from .checkpoint import SafetensorsCheckpoint, read_config_dict, resolve_model_dir, torch_dtype_of
 from .config import CalibSpec, QuantSpec
 from .errors import NumericalError, QuantkitError
@@ -289,8 +289,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
                 batches, ref_batches = batches[:len(batches) // 2], batches[len(batches) // 2:]
         elif spec.gptaq:  # the unquantized model's own activations: the same as the quantized ones at layer 0,
             # pinned like the originals on a GPU run, so their copies to the device stay asynchronous
-            ref_batches = [torch.empty(b.shape, dtype=b.dtype, pin_memory=True).copy_(b) for b in batches] \
-                if dev.type == "cuda" else one_block_copy(batches)
+            ref_batches = [torch.empty(b.shape, dtype=b.dtype, pin_memory=b.is_pinned()).copy_(b) for b in batches]
     bar = _progress_bar(steps, progress)
     bar.update(state.layers_done)
     fmt = checkpoint_format(spec)
@@ -531,10 +530,9 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev
                 results.update(_solve_group(where, group, statistics.pop(0), modules, spec, fmt))
             clock.lap("solve")
         if not last:  # the final layer's outputs are never used
-            propagate(layer, batches, call, dev, compute_dtype, memo, in_place=fold_in_place)
+            propagate(layer, batches, call, dev, compute_dtype, memo)
             if reference is not None:
-                propagate(reference.layer, reference.batches, call, dev, compute_dtype, reference.memo,
-                          in_place=fold_in_place)
+                propagate(reference.layer, reference.batches, call, dev, compute_dtype, reference.memo)
             clock.lap("propagate")
     finally:
         memo.close()

@@ -335,28 +335,3 @@ def test_blocks_checked_derivable_once_never_run_again(extra_after_exit, tmp_pat
     # down_proj stage: gate/up run on every batch (they feed its Hessian); the propagation adds one for the check
     assert count(per_batch[1], "mlp") == 3 + 1
     assert count(checked_once[1], "mlp") == 3
-
-
-def test_a_cpu_run_keeps_its_activations_in_one_block_through_the_layers():
-    """On a CPU the activations are views of one allocation (capture.one_block_copy), and an in-place propagation
-    writes each layer's outputs into that same memory: the values of a plain propagation, bit for bit, and the
-    block never moves, so the C heap serves only the layers' temporaries (heap.MMAP_THRESHOLD_BYTES)."""
-    from quantkit.capture import one_block_copy
-
-    layer, batches, call = _llama_layer_and_batches()
-    batches[-1] = batches[-1][:1]  # a shorter last mini-batch, as when --samples is not a multiple of it
-    cpu = torch.device("cpu")
-    block = one_block_copy(batches)
-    base = block[0].untyped_storage().data_ptr()
-    assert all(b.untyped_storage().data_ptr() == base for b in block)
-    assert [b.data_ptr() - base for b in block] == [0, 2 * 8 * 32 * 4, 4 * 8 * 32 * 4]
-    assert all(torch.equal(a, b) for a, b in zip(block, batches))
-
-    expected = [b.clone() for b in batches]
-    propagate(layer, expected, call, cpu, torch.float32)
-    views = list(block)
-    propagate(layer, block, call, cpu, torch.float32, in_place=True)
-    assert all(a is b for a, b in zip(block, views))  # the same tensors, written in place
-    assert all(torch.equal(a, b) for a, b in zip(block, expected))
-    propagate(layer, views, call, cpu, torch.float32)  # not in place (a GPU run): new tensors
-    assert all(v.untyped_storage().data_ptr() != base for v in views)
