@@ -96,10 +96,8 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: Ten
         sink: list = []
         for i, layer in enumerate(originals):
             layers[i] = _Recorder(layer, sink, stop=i == len(originals) - 1)
-        try:
+        with contextlib.suppress(_StopForward):
             model(input_ids=input_ids[:1].to(device), use_cache=False)
-        except _StopForward:
-            pass
         calls = [LayerCall(args, kwargs) for _, args, kwargs in sink]
         if len(calls) != len(originals):  # the model chained layers in a way pass-through broke: reuse layer 0's
             calls = [calls[0]] * len(originals)
@@ -108,10 +106,8 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: Ten
         layers[0] = _Recorder(originals[0], sink, stop=True)
         batches = []
         for start in range(0, input_ids.shape[0], batch_size):
-            try:
+            with contextlib.suppress(_StopForward):
                 model(input_ids=input_ids[start:start + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
             batches.append(_move(sink.pop()[0], torch.device("cpu"), storage_dtype))
     finally:
         for i, layer in enumerate(originals):
@@ -124,14 +120,6 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: Ten
 def _run(layer: nn.Module, hidden: Tensor, call: LayerCall) -> Tensor:
     out = layer(hidden, *call.args, **call.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _run_until_stopped(layer: nn.Module, hidden: Tensor, call: LayerCall) -> None:
-    """A forward whose hooks record what they need and may end it early (_StopForward)."""
-    try:
-        _run(layer, hidden, call)
-    except _StopForward:
-        pass
 
 
 @torch.no_grad()
@@ -549,8 +537,10 @@ def collect_statistics(layer: nn.Module, groups: list[list[str]], batches: list[
                 memo.batch = i
                 if reference is not None:
                     ref_memo.batch = i
-                    _run_until_stopped(reference.layer, _move(reference.batches[i], device, dtype), call)
-                _run_until_stopped(layer, _move(hidden, device, dtype), call)
+                    with contextlib.suppress(_StopForward):  # the hooks end each forward after the last group
+                        _run(reference.layer, _move(reference.batches[i], device, dtype), call)
+                with contextlib.suppress(_StopForward):
+                    _run(layer, _move(hidden, device, dtype), call)
                 memo.fold_into(batches, i, device)
                 if reference is not None:  # after both forwards: the inputs it paired may be views of the batch
                     ref_inputs.clear()
@@ -615,10 +605,8 @@ def collect_head_hessian(model: nn.Module, layers: nn.ModuleList, head: nn.Modul
         start = 0
         for hidden in final_hidden:
             current["hidden"] = _move(hidden, device, dtype)
-            try:
+            with contextlib.suppress(_StopForward):
                 model(input_ids=input_ids[start:start + hidden.shape[0]].to(device), use_cache=False)
-            except _StopForward:
-                pass
             start += hidden.shape[0]
     finally:
         handle.remove()

@@ -141,13 +141,12 @@ def render(rows: list[dict], base_ppl: float, versions: dict, args, eval_tokens:
         lines.append(f"| {r['tool']} | {versions.get(r['tool'], '?')} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['ppl']:.3f} | {r['ppl'] / base_ppl:.3f} |")
     if "quantkit" in by:
-        q = by["quantkit"]
+        q, peers = by["quantkit"], [r for r in rows if r["tool"] != "quantkit"]
         lines += ["", "| quantkit / peer | wall time | peak RSS | perplexity |", "|---|---|---|---|"]
-        for r in rows:
-            if r["tool"] != "quantkit":
-                lines.append(f"| {r['tool']} | {q['wall_s'] / r['wall_s']:.2f} | "
-                             f"{q['peak_rss_mb'] / r['peak_rss_mb']:.2f} | {q['ppl'] / r['ppl']:.3f} |")
-        lines += targets(q, [r for r in rows if r["tool"] != "quantkit"])
+        for r in peers:
+            lines.append(f"| {r['tool']} | {q['wall_s'] / r['wall_s']:.2f} | "
+                         f"{q['peak_rss_mb'] / r['peak_rss_mb']:.2f} | {q['ppl'] / r['ppl']:.3f} |")
+        lines += targets(q, peers)
     return "\n".join(lines)
 
 
@@ -157,14 +156,13 @@ def targets(q: dict, peers: list[dict]) -> list[str]:
     if not peers:
         return []
     lines = ["", "Against the best peer on each measure (the Performance issue's bar):", ""]
-    for key, unit, bound, what in (("wall_s", "s", 0.5, "wall time"), ("peak_rss_mb", "MB", 0.5, "peak RSS"),
-                                   ("ppl", "", 1.0, "perplexity")):
+    for key, shown, bound, what in (("wall_s", "{:.0f} s", 0.5, "wall time"),
+                                    ("peak_rss_mb", "{:.0f} MB", 0.5, "peak RSS"),
+                                    ("ppl", "{:.3f}", 1.0, "perplexity")):
         best = min(peers, key=lambda r: r[key])
         ratio = q[key] / best[key]
-        value = f"{q[key]:.3f}" if key == "ppl" else f"{q[key]:.0f} {unit}"
-        peer = f"{best[key]:.3f}" if key == "ppl" else f"{best[key]:.0f} {unit}"
-        lines.append(f"- {what}: {value} against {best['tool']}'s {peer}, {ratio:.2f}x (target at most {bound:g}x): "
-                     f"{'met' if ratio <= bound else '**not met**'}")
+        lines.append(f"- {what}: {shown.format(q[key])} against {best['tool']}'s {shown.format(best[key])}, "
+                     f"{ratio:.2f}x (target at most {bound:g}x): {'met' if ratio <= bound else '**not met**'}")
     return lines
 
 

@@ -32,13 +32,13 @@ from quantkit.model_skeleton import build_skeleton, decoder_layers, linear_modul
 from quantkit.pipeline import _layer_zero_inputs
 from quantkit.precision import fast_float32_matmuls
 
-if not [a for a in sys.argv[1:] if not a.startswith("-")] or {"-h", "--help"} & set(sys.argv):
+args = [a for a in sys.argv[1:] if not a.startswith("-")]
+if not args or {"-h", "--help"} & set(sys.argv):  # before any setting is entered: exit cleanly
     sys.exit(__doc__)
 release_large_frees_at_once()  # as quantize() does
 matmul_settings = contextlib.ExitStack()  # held for the whole run: a dropped context would restore the setting
 if "--ieee" not in sys.argv:
     matmul_settings.enter_context(fast_float32_matmuls(torch.device("cpu")))  # as quantize() does
-args = [a for a in sys.argv[1:] if not a.startswith("--")]
 model_dir, samples = Path(args[0]), int(args[1]) if len(args) > 1 else 128
 config = load_config(model_dir, read_config_dict(model_dir))
 checkpoint = SafetensorsCheckpoint(model_dir)
