@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .gptq import accumulate_cross, accumulate_hessian
 from .model_skeleton import in_features, linear_modules
-from .spill import KeptInMemory, KeptOnDisk
+from .spill import ActivationsOnDisk, KeptInMemory, KeptOnDisk
 
 log = logging.getLogger("quantkit")
 
@@ -85,11 +85,15 @@ def wait_for_copies(device: torch.device) -> None:
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: Tensor, batch_size: int,
-                         device: torch.device, storage_dtype: torch.dtype) -> tuple[list[Tensor], list[LayerCall]]:
-    """Hidden states entering layer 0 (CPU mini-batches) and each layer's call arguments.
+                         device: torch.device, storage_dtype: torch.dtype,
+                         batches: list | ActivationsOnDisk | None = None) -> tuple[list | ActivationsOnDisk,
+                                                                                  list[LayerCall]]:
+    """Hidden states entering layer 0 (CPU mini-batches, appended to `batches`: a new list by default) and each
+    layer's call arguments.
 
     Needs the model's non-layer input modules (embeddings, rotary tables) materialised on `device`.
     """
+    batches = [] if batches is None else batches
     originals = list(layers)
     try:
         # one sample through pass-through recorders: each layer's own kwargs (masks can differ per layer)
@@ -104,7 +108,6 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: Ten
 
         sink = []
         layers[0] = _Recorder(originals[0], sink, stop=True)
-        batches = []
         for start in range(0, input_ids.shape[0], batch_size):
             with contextlib.suppress(_StopForward):
                 model(input_ids=input_ids[start:start + batch_size].to(device), use_cache=False)
@@ -249,7 +252,8 @@ class BlockMemo:
     first batch runs the real block to compare.
 
     fold_in_place: False makes `fold_into` replace a batch by a new tensor instead of adding into it, for
-    batches that a background save may still be reading.
+    batches that a background save may still be reading. Batches kept on disk (spill.ActivationsOnDisk) are
+    always read, added into and written back.
     """
 
     def __init__(self, layer: nn.Module, enabled: bool = True, storage_dtype: torch.dtype | None = None,
@@ -426,7 +430,11 @@ class BlockMemo:
                 raise RuntimeError(f"internal error: {name} ran {len(records) - i} times in batch {i}; it cannot "
                                    "be folded into the layer's input")
             record, records[i] = _first_tensor(records[i]), None
-            if self.fold_in_place:
+            if isinstance(batches, ActivationsOnDisk):  # batches[i] reads a copy: add into it, write it back
+                folded = batches[i]
+                folded.add_(record)
+                batches[i] = folded
+            elif self.fold_in_place:
                 batches[i].add_(record)
             else:  # the old tensor may still be being saved (resume.BackgroundSaves): a new one, same sum,
                 # pinned like the old (its later copies to the GPU then stay asynchronous)

@@ -6,6 +6,7 @@ import copy
 import errno
 import functools
 import logging
+import math
 import re
 import resource
 import shutil
@@ -27,7 +28,7 @@ from .errors import NumericalError, QuantkitError
 from .faults import kill_point
 from .gptq import GPTQResult, gptq_quantize_shared, rtn_result
 from .gptq_format import checkpoint_format, module_tensors, quantization_config
-from .heap import release_large_frees_at_once, return_free_heap
+from .heap import release_large_frees_at_once, return_free_heap, reusing_heap_blocks
 from .hub import cached_snapshot, hub_cache_dir, publish_snapshot, repo_lock, sha256_file, validate_repo_id
 from .lm_head import quantize_head
 from .model_card import render_model_card
@@ -37,7 +38,7 @@ from .model_skeleton import (build_skeleton, calibration_batch_size, check_tenso
 from .precision import compute_dtype as choose_compute_dtype
 from .precision import fast_float32_matmuls, float32_matmul_path
 from .resume import STATE, BackgroundSaves, RunState, model_fingerprint, run_fingerprint
-from .spill import disk_has_room
+from .spill import ActivationsOnDisk, batch_meta, disk_has_room
 from .writer import ShardWriter, parse_size, write_json
 
 log = logging.getLogger("quantkit")
@@ -276,45 +277,56 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         log.info("resuming after layer %d/%d from %s", state.layers_done, len(layers), target.work)
     steps = len(layers) + spec.lm_head  # the head, when quantized, is one more step after the layers
     dtype_name = str(compute_dtype).removeprefix("torch.")
-    batches = calls = ref_batches = None
-    if spec.method == "gptq" and state.layers_done < steps:
-        log.info("calibration: %d x %d tokens from %s, forwards in %s on %s", calib.samples, calib.seq_len,
-                 calib.source, dtype_name, dev)
-        batches, calls = _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype,
-                                            storage_dtype)
-        return_free_heap()  # the small frees of the embedding lookup and the first forward
-        if state.layers_done:
-            batches = state.load_activations()
-            if spec.gptaq:  # saved as the quantized stream, then the unquantized one (_quantize_layers)
-                batches, ref_batches = batches[:len(batches) // 2], batches[len(batches) // 2:]
-        elif spec.gptaq:  # the unquantized model's own activations: the same as the quantized ones at layer 0,
-            # pinned like the originals on a GPU run, so their copies to the device stay asynchronous
-            ref_batches = [torch.empty(b.shape, dtype=b.dtype, pin_memory=b.is_pinned()).copy_(b) for b in batches]
-    bar = _progress_bar(steps, progress)
-    bar.update(state.layers_done)
-    fmt = checkpoint_format(spec)
-    class_checks: dict[type, tuple] = {}  # per decoder-layer class: (blocks folded into the inputs, derivable)
     saves = BackgroundSaves(enabled=dev.type == "cuda")  # a GPU's layers are short: their saves overlap the next
-    try:
-        _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, state, batches, calls, bar,
-                         class_checks, saves, target, gpu_peaks, ref_batches)
-    except BaseException:
-        saves.wait(raise_error=False)  # the work directory must not change under the caller's clean-up
-        raise
-    saves.wait()
-    if spec.lm_head and state.layers_done == len(layers):
-        t_head = time.perf_counter()
-        kill_point("head:start")
-        name, tensors, res = quantize_head(skeleton, layers, prefix, checkpoint, spec, fmt, dev, compute_dtype,
-                                           input_ids, batches)
-        report = {"index": len(layers), "module": name, "seconds": round(time.perf_counter() - t_head, 2),
-                  "losses": {name: res.loss}, **({"damp_raised": {name: res.damp}} if res.damp != spec.damp else {})}
-        state.save_layer(len(layers), tensors, report, None)
-        log.info("%s  loss=%.4g  (%.1fs)", name, res.loss, report["seconds"])
-        checkpoint.close()
-        bar.update(1)
-    bar.close()
-    batches = ref_batches = None  # the last layer's inputs: not needed to assemble the output
+    batches = calls = ref_batches = None
+    with contextlib.ExitStack() as stores:
+        if spec.method == "gptq" and state.layers_done < steps:
+            log.info("calibration: %d x %d tokens from %s, forwards in %s on %s", calib.samples, calib.seq_len,
+                     calib.source, dtype_name, dev)
+            new_store = _activation_store(stores, target.work, not saves.enabled,
+                                          (1 + spec.gptaq) * input_ids.numel() * config.hidden_size
+                                          * storage_dtype.itemsize)
+            batches, calls = _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype,
+                                                storage_dtype, new_store())
+            if isinstance(batches, ActivationsOnDisk):  # the heap now holds nothing long-lived to fragment
+                stores.enter_context(reusing_heap_blocks())
+            return_free_heap()  # the small frees of the embedding lookup and the first forward
+            if state.layers_done:  # saved as the quantized stream, then (GPTAQ) the unquantized one
+                if isinstance(batches, ActivationsOnDisk):
+                    batches.close()  # layer 0's inputs; the run continues from later ones
+                streams = [new_store() for _ in range(1 + spec.gptaq)]
+                state.load_activations(streams)
+                batches, ref_batches = streams[0], (streams[1] if spec.gptaq else None)
+            elif spec.gptaq:  # the unquantized model's own activations: the same as the quantized ones at layer 0,
+                # pinned like the originals on a GPU run, so their copies to the device stay asynchronous
+                ref_batches = new_store()
+                for b in batches:
+                    ref_batches.append(torch.empty(b.shape, dtype=b.dtype, pin_memory=b.is_pinned()).copy_(b))
+        bar = _progress_bar(steps, progress)
+        bar.update(state.layers_done)
+        fmt = checkpoint_format(spec)
+        class_checks: dict[type, tuple] = {}  # per decoder-layer class: (blocks folded into the inputs, derivable)
+        try:
+            _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, state, batches, calls, bar,
+                             class_checks, saves, target, gpu_peaks, ref_batches)
+        except BaseException:
+            saves.wait(raise_error=False)  # the work directory must not change under the caller's clean-up
+            raise
+        saves.wait()
+        if spec.lm_head and state.layers_done == len(layers):
+            t_head = time.perf_counter()
+            kill_point("head:start")
+            name, tensors, res = quantize_head(skeleton, layers, prefix, checkpoint, spec, fmt, dev, compute_dtype,
+                                               input_ids, batches)
+            report = {"index": len(layers), "module": name, "seconds": round(time.perf_counter() - t_head, 2),
+                      "losses": {name: res.loss},
+                      **({"damp_raised": {name: res.damp}} if res.damp != spec.damp else {})}
+            state.save_layer(len(layers), tensors, report, None)
+            log.info("%s  loss=%.4g  (%.1fs)", name, res.loss, report["seconds"])
+            checkpoint.close()
+            bar.update(1)
+        bar.close()
+        batches = ref_batches = None  # the last layer's inputs: not needed to assemble the output
     return_free_heap()
 
     # assemble the output from the finished layers, then everything else (streamed: one layer in memory)
@@ -386,9 +398,11 @@ def _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, 
                         spec.damp, damp)
         kill_point(f"layer:{i}:solved")
         wait_for_copies(dev)  # the next layer's inputs, copied back from the GPU, are saved below
+        # a list is copied (a background save reads its tensors while the next layer replaces them in it); batches
+        # on disk are saved synchronously (_activation_store), so they are passed as they are
+        streams = [list(s) if isinstance(s, list) else s for s in (batches, ref_batches) if s is not None]
         saves.submit(functools.partial(_save_layer, state, i, tensors, report,
-                                       list(batches) + list(ref_batches or []) if spec.method == "gptq" and not last
-                                       else None))
+                                       streams if spec.method == "gptq" and not last else None))
         log.info("layer %d/%d  %s  (%.1fs: %s)%s", i + 1, len(layers),
                  "  ".join(f"{n.split('.')[-1]}={v:.4g}" for n, v in losses.items()), report["seconds"],
                  " ".join(f"{k} {v:.1f}" for k, v in stages.seconds.items()),
@@ -413,10 +427,25 @@ def _check_packable(spec: QuantSpec, where: str, modules: dict) -> None:
                                 f"by {step}; {where}.{name} is {n_in} -> {n_out}. Use --bits 4 or 8, or --skip {name}")
 
 
-def _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype, storage_dtype):
-    """Materialise the modules outside the decoder layers (not lm_head), run the calibration batch up to layer 0."""
+def _activation_store(stores: contextlib.ExitStack, work: Path, on_disk: bool, nbytes: int):
+    """A factory of containers for calibration activations: in a scratch file in `work` (spill.ActivationsOnDisk,
+    closed with `stores`) when on_disk and there is room for nbytes, else plain lists (a GPU run's pinned batches:
+    its background saves read them while the next layer computes)."""
+    if not (on_disk and disk_has_room(work, nbytes)):
+        return list
+
+    def new():
+        return stores.enter_context(contextlib.closing(ActivationsOnDisk(work)))
+    return new
+
+
+def _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype, storage_dtype,
+                       store=None):
+    """Materialise the modules outside the decoder layers (not lm_head), run the calibration batch up to layer 0;
+    its inputs are appended to `store` (a new list by default)."""
     with outer_modules_materialized(skeleton, prefix, checkpoint, dev, compute_dtype):
-        return capture_layer_inputs(skeleton, layers, input_ids, calibration_batch_size(input_ids), dev, storage_dtype)
+        return capture_layer_inputs(skeleton, layers, input_ids, calibration_batch_size(input_ids), dev, storage_dtype,
+                                    store)
 
 
 class _GpuPeaks:
@@ -493,24 +522,24 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev
     (gptq_quantize_shared's `cross`), and ref_batches are propagated through the copy."""
     # GPTAQ: the copy is taken before any weight is quantized
     reference = Reference(copy.deepcopy(layer), ref_batches) if ref_batches is not None else None
-    groups = discover_groups(layer, batches[0][:1].to(dev, compute_dtype), call)
+    sample = batches[0][:1].clone()  # one sequence (a read from disk where the batches are kept there)
+    groups = discover_groups(layer, sample.to(dev, compute_dtype), call)
     groups = [kept for kept in ([n for n in g if not spec.skips(n)] for g in groups) if kept]
     modules = linear_modules(layer)
     skipped = {n for n in modules if spec.skips(n)}  # final from the start: they keep their float weights
     stages = [[g] for g in groups] if spec.true_sequential else [groups]
     results: dict[str, _Solved] = {}
     if spec.true_sequential and type(layer) not in class_checks:  # else nothing is recorded or kept
-        sample = batches[0][:1]
         class_checks[type(layer)] = (foldable_blocks(layer, groups, sample, call, dev, compute_dtype),
                                      derivable_blocks(layer, groups, sample, call, dev, compute_dtype))
     fold, derivable = class_checks.get(type(layer), (set(), {}))
-    hidden = batches[0].shape[-1]
+    hidden = sample.shape[-1]
     streams = 1 if reference is None else 2  # GPTAQ keeps the unquantized copy's inputs too
     if spill_dir is not None and not (spec.true_sequential  # else nothing is kept
                                       and disk_has_room(spill_dir, streams * _kept_inputs_bytes(
                                           batches, modules, hidden, compute_dtype, last))):
         spill_dir = None
-    memo_options = dict(storage_dtype=batches[0].dtype, groups=groups, hidden_size=hidden, fold=fold,
+    memo_options = dict(storage_dtype=sample.dtype, groups=groups, hidden_size=hidden, fold=fold,
                         spill_dir=spill_dir, propagates=not last, derivable=derivable, fold_in_place=fold_in_place)
     memo = BlockMemo(layer, **memo_options)
     if reference is not None:  # the same bookkeeping for the unquantized copy (capture.Reference)
@@ -544,7 +573,7 @@ def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev
 def _kept_inputs_bytes(batches, modules: dict, hidden: int, dtype: torch.dtype, last: bool) -> int:
     """Scratch for the largest set of kept inputs over every batch: the widest Linear's (down_proj's, for a Llama
     MLP), or in the last layer, which propagates nothing, the hidden-wide ones (o_proj's)."""
-    tokens = sum(b.numel() // b.shape[-1] for b in batches)
+    tokens = sum(math.prod(batch_meta(batches, i)[0][:-1]) for i in range(len(batches)))
     width = hidden if last else max(in_features(m) for m in modules.values())
     return tokens * width * dtype.itemsize
 

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import threading
-from typing import Callable
+from typing import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .errors import QuantkitError
+from .spill import batch_meta, read_tensor_at, write_tensor_at
 
 STATE = "state.json"
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def run_fingerprint(**parts) -> str:
@@ -80,8 +83,10 @@ class RunState:
     def layer_file(self, index: int) -> Path:
         return self.work / "layers" / f"layer-{index:05d}.safetensors"
 
-    def save_layer(self, index: int, tensors: dict[str, Tensor], report: dict, activations: list[Tensor] | None) -> None:
+    def save_layer(self, index: int, tensors: dict[str, Tensor], report: dict,
+                   activations: Sequence[Sequence[Tensor]] | None) -> None:
         """Record layer `index` as finished: its tensors and the next layer's inputs first, state.json last.
+        activations: the next layer's input streams (lists or spill.ActivationsOnDisk), saved one after another.
 
         A kill between any two steps leaves either the old state (redo this layer from its kept inputs) or
         the new one (continue with the next layer's inputs): each layer's inputs live in their own file.
@@ -93,8 +98,7 @@ class RunState:
         _write_atomically(self.layer_file(index),
                           lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
         if activations is not None:
-            _write_atomically(self.activations_file(index + 1), lambda p: save_file(
-                {f"batch.{i:05d}": t.contiguous() for i, t in enumerate(activations)}, str(p)))
+            _write_atomically(self.activations_file(index + 1), lambda p: _save_batches(p, activations))
         self.reports.append(report)
         _write_atomically(self.work / STATE, lambda p: p.write_text(json.dumps(
             {"fingerprint": self.fingerprint, "layers": self.reports}, indent=1)))
@@ -103,20 +107,60 @@ class RunState:
     def activations_file(self, index: int) -> Path:
         return self.work / f"activations-{index:05d}.safetensors"
 
-    def load_activations(self) -> list[Tensor]:
-        """The saved inputs of layer `layers_done`, as the mini-batches they were."""
-        from safetensors.torch import load_file
-
+    def load_activations(self, streams: list) -> None:
+        """The saved inputs of layer `layers_done`, as the mini-batches they were, appended to `streams` (empty
+        lists or spill.ActivationsOnDisk) in the order they were saved, an equal share each."""
         path = self.activations_file(self.layers_done)
         if not path.is_file():
             raise QuantkitError(f"{path} is missing, so the run cannot resume; remove {self.work} to start over")
-        saved = load_file(str(path))
-        return [saved[k] for k in sorted(saved)]
+        try:
+            _load_batches(path, streams)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise QuantkitError(f"{path} is damaged ({e}), so the run cannot resume; remove {self.work} to start "
+                                "over") from None
 
     def layer_tensors(self, index: int) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(self.layer_file(index)))
+
+
+def _save_batches(path: Path, streams: Sequence[Sequence[Tensor]]) -> None:
+    """The mini-batches of each stream, one after another, as a safetensors file (batch.00000, ...), written
+    one batch at a time: batches kept on disk are read back one by one, never all into memory at once."""
+    header, offset = {}, 0
+    for stream in streams:
+        for i in range(len(stream)):
+            shape, dtype = batch_meta(stream, i)
+            size = math.prod(shape) * dtype.itemsize
+            header[f"batch.{len(header):05d}"] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                                                  "data_offsets": [offset, offset + size]}
+            offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        at = f.tell()
+        for stream in streams:
+            for batch in stream:
+                write_tensor_at(f, at, batch.contiguous())
+                at += batch.numel() * batch.element_size()
+
+
+def _load_batches(path: Path, streams: list) -> None:
+    """Read what _save_batches wrote (a safetensors file) batch by batch into `streams`, an equal share each."""
+    dtypes = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+    with open(path, "rb", buffering=0) as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+        names = sorted(k for k in header if k != "__metadata__")
+        if not names or len(names) % len(streams):
+            raise ValueError(f"{len(names)} batches for {len(streams)} stream(s)")
+        share = len(names) // len(streams)
+        for k, name in enumerate(names):
+            entry = header[name]
+            streams[k // share].append(read_tensor_at(f, 8 + length + entry["data_offsets"][0], entry["shape"],
+                                                      dtypes[entry["dtype"]]))
 
 
 class BackgroundSaves:

@@ -18,11 +18,13 @@ copy kept for a retry with more damping, 2*K^2 floats; then the inverse factor, 
 dequantized result overwrites, and its uint8 codes, K^2 + 1.25*N*K floats. On a GPU the copy waits in host
 memory, and while a layer's save overlaps the next layer a second copy of the activations is held there: GPU
 runs only, not counted below).
-Quantize scratch (CPU runs only, on disk in the work directory, not in memory): the widest Linear's inputs
-(down_proj's, samples * seq_len * intermediate, in the compute dtype: float32, or bfloat16 for a bfloat16 model on a
-CPU with AVX512-BF16/AMX, where this overstates by 2x) from its Hessian to the propagation. pipeline._kept_inputs_bytes takes the widest Linear the model has, which for a dense model is this.
-o_proj's inputs go there too on a CPU, so the peak above (one formula for every device) overstates a CPU run by one
-copy of the activations.
+Quantize scratch (CPU runs only, on disk in the work directory, not in memory): the calibration activations
+themselves (spill.ActivationsOnDisk: only the mini-batch being worked on is in memory), and the widest Linear's
+inputs (down_proj's, samples * seq_len * intermediate, in the compute dtype: float32, or bfloat16 for a bfloat16
+model on a CPU with AVX512-BF16/AMX, where this overstates by 2x) from its Hessian to the propagation.
+pipeline._kept_inputs_bytes takes the widest Linear the model has, which for a dense model is this. o_proj's
+inputs go there too on a CPU, so the peak above (one formula for every device, sized for a GPU run, whose
+activations wait in host memory) overstates a CPU run by the activations term.
 """
 from __future__ import annotations
 
@@ -304,10 +306,12 @@ def quantize_peak_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes
     return peak
 
 
-def quantize_scratch_bytes(shape: ModelShape, samples: int, seq_len: int, gptaq: bool = False) -> int:
-    """Disk a CPU run borrows per layer for the widest Linear's inputs (float32, pipeline._kept_inputs_bytes); GPTAQ
-    keeps the unquantized copy's too."""
-    return (2 if gptaq else 1) * samples * seq_len * max(shape.intermediate, shape.hidden) * 4
+def quantize_scratch_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes: int = 2,
+                           gptaq: bool = False) -> int:
+    """Disk a CPU run borrows: the calibration activations, and per layer the widest Linear's inputs (float32,
+    pipeline._kept_inputs_bytes); GPTAQ keeps the unquantized model's of both too."""
+    per_token = max(shape.intermediate, shape.hidden) * 4 + shape.hidden * act_bytes
+    return (2 if gptaq else 1) * samples * seq_len * per_token
 
 
 def _fits(need: int, gpu_gb: int) -> bool:
@@ -350,7 +354,8 @@ def estimate(model_or_config, bits=DEFAULT_BITS, group_size: int = 128, context:
     return Estimate(model=label, source=source, path=path, shape=shape, params=params, weights=weights,
                     group_size=group_size, context=context, batch=batch, kv_cache_bytes=kv, samples=samples,
                     seq_len=seq_len, quantize_peak=peak, gpus=gpus,
-                    quantize_scratch_bytes=quantize_scratch_bytes(shape, samples, seq_len, gptaq), gptaq=gptaq)
+                    quantize_scratch_bytes=quantize_scratch_bytes(shape, samples, seq_len, activation_bytes(cfg),
+                                                                          gptaq), gptaq=gptaq)
 
 
 def _count(n: int) -> str:
@@ -391,9 +396,11 @@ def format_estimate(e: Estimate) -> str:
               f"quantize peak   {gib(q['total'])} GiB = decoder layer fp32 {gib(q['layer_fp32'])} + calibration "
               f"activations {gib(q['activations'])} + the larger of the largest GPTQ solve {gib(q['solve'])} and "
               f"a forward's Hessian + MLP activation {gib(q['hessian'] + q['mlp_activation'])}  "
-              f"({e.samples} x {e.seq_len} calibration tokens{', GPTAQ' if e.gptaq else ''})",
-              f"quantize disk   {gib(e.quantize_scratch_bytes)} GiB of scratch in the work directory while a layer "
-              "quantizes on a CPU (down_proj's inputs, kept for the propagation; skipped without twice that free)",
+              f"({e.samples} x {e.seq_len} calibration tokens{', GPTAQ' if e.gptaq else ''}; a CPU run keeps the "
+              "activations on disk instead)",
+              f"quantize disk   {gib(e.quantize_scratch_bytes)} GiB of scratch in the work directory on a CPU (the "
+              "calibration activations, and down_proj's inputs kept for the propagation; without twice that free, "
+              "the activations stay in memory and down_proj's inputs are not kept)",
               ""]
     header = ["fits one GPU?"] + [("fp16" if w.bits == 16 else f"{w.bits}-bit") for w in e.weights] + ["quantize"]
     rows = [header] + [[f"{g['gpu_gb']} GB"] + ["yes" if g["run"][w.bits] else "no" for w in e.weights]

@@ -13,9 +13,9 @@ from quantkit.synthetic import shape_config, write_synthetic_checkpoint
 SHAPE = dict(hidden_size=1024, intermediate_size=2752, num_attention_heads=8, num_key_value_heads=8, vocab_size=4096)
 
 
-def _quantize_peak_rss_mb(model_dir, out) -> float:
+def _quantize_peak_rss_mb(model_dir, out, samples: int = 8, seq_len: int = 64) -> float:
     cmd = [sys.executable, "-m", "quantkit", "quantize", str(model_dir), "--out", str(out), "--json",
-           "--samples", "8", "--seq-len", "64", "--group-size", "128", "--device", "cpu"]
+           "--samples", str(samples), "--seq-len", str(seq_len), "--group-size", "128", "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout)["peak_rss_mb"]
@@ -30,6 +30,18 @@ def test_peak_rss_is_flat_in_depth(tmp_path):
         peaks[layers] = _quantize_peak_rss_mb(model, tmp_path / f"q-{layers}")
     layer_mb = (4 * 1024 * 1024 + 3 * 1024 * 2752) * 4 / 2**20
     assert peaks[8] <= 1.15 * peaks[2], f"peak RSS grew with depth: {peaks} (one float32 layer is {layer_mb:.0f} MB)"
+
+
+@pytest.mark.slow
+def test_peak_rss_does_not_grow_with_the_calibration_set(tmp_path):
+    """On a CPU the calibration activations wait in a scratch file between passes (the page cache holds them,
+    not the process): 16 times the samples, one mini-batch in memory either way."""
+    model = tmp_path / "synthetic-2"
+    write_synthetic_checkpoint(model, shape_config("llama-2-7b", 2, **SHAPE), torch.bfloat16)
+    few = _quantize_peak_rss_mb(model, tmp_path / "q-few", samples=8, seq_len=512)
+    many = _quantize_peak_rss_mb(model, tmp_path / "q-many", samples=128, seq_len=512)
+    activations_mb = 128 * 512 * SHAPE["hidden_size"] * 2 / 2**20  # in the model's bfloat16: 128 MB
+    assert many - few < activations_mb / 2, f"peak RSS {few:.0f} MB with 8 samples, {many:.0f} MB with 128"
 
 
 def test_synthetic_checkpoint_has_the_shape_and_loads(tmp_path):

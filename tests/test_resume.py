@@ -220,3 +220,43 @@ def test_a_failed_background_save_fails_the_run_and_keeps_its_work(tiny4, tmp_pa
     state = json.loads(next(work.rglob("state.json")).read_text())
     assert [layer["index"] for layer in state["layers"]] == [0, 1]  # finished layers kept for a resume
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kept", ["memory", "disk"])
+def test_saved_activations_are_a_safetensors_file_and_load_back_exactly(kept, tmp_path):
+    """The inputs a resume starts from: written batch by batch (from disk, never all in memory), readable by
+    safetensors itself, and read back into as many streams as were saved (GPTAQ saves two)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from quantkit.errors import QuantkitError
+    from quantkit.resume import RunState
+    from quantkit.spill import ActivationsOnDisk
+
+    torch.manual_seed(0)
+    quantized = [torch.randn(2, 8, 4), torch.randn(1, 8, 4)]
+    unquantized = [torch.randn(2, 8, 4), torch.randn(1, 8, 4)]
+
+    def stream(batches):
+        if kept == "memory":
+            return list(batches)
+        store = ActivationsOnDisk(tmp_path)
+        for b in batches:
+            store.append(b)
+        return store
+
+    state = RunState(tmp_path / "work", "fingerprint")
+    state.save_layer(0, {"w": torch.ones(2)}, {"index": 0}, [stream(quantized), stream(unquantized)])
+    saved = load_file(str(state.activations_file(1)))
+    assert sorted(saved) == ["batch.00000", "batch.00001", "batch.00002", "batch.00003"]
+    assert all(torch.equal(saved[f"batch.{i:05d}"], t) for i, t in enumerate(quantized + unquantized))
+
+    streams = [stream([]), stream([])]
+    state.load_activations(streams)
+    assert [len(s) for s in streams] == [2, 2]
+    assert all(torch.equal(got, want) for s, batches in zip(streams, (quantized, unquantized))
+               for got, want in zip(s, batches))
+
+    state.activations_file(1).write_bytes(state.activations_file(1).read_bytes()[:-8])  # cut short
+    with pytest.raises(QuantkitError, match="is damaged .* remove .* to start over"):
+        state.load_activations([[]])

@@ -1,10 +1,11 @@
-"""Tensors kept for a later pass: exact round trips through memory or an unlinked scratch file."""
+"""Tensors kept on disk: exact round trips through memory or an unlinked scratch file, for inputs kept for a later
+pass and for the calibration activations themselves."""
 import sys
 
 import pytest
 import torch
 
-from quantkit.spill import KeptInMemory, KeptOnDisk, disk_has_room
+from quantkit.spill import ActivationsOnDisk, KeptInMemory, KeptOnDisk, batch_meta, disk_has_room
 
 
 @pytest.mark.parametrize("store", ["memory", "disk"])
@@ -31,6 +32,39 @@ def test_the_scratch_file_has_no_name_and_is_gone_after_close(tmp_path):
     kept.append(torch.ones(1024))
     assert list(tmp_path.iterdir()) == []  # unlinked at once: a crash leaves nothing behind
     kept.close()
+
+
+def test_activations_on_disk_behave_like_a_list_of_batches(tmp_path):
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 16, 8), torch.randn(4, 16, 8), torch.randn(2, 16, 8)]  # a short last batch
+    store = ActivationsOnDisk(tmp_path)
+    for b in batches:
+        store.append(b)
+    assert len(store) == 3 and list(tmp_path.iterdir()) == []
+    assert all(torch.equal(got, want) for got, want in zip(store, batches))
+    assert [batch_meta(store, i) for i in range(3)] == [(b.shape, b.dtype) for b in batches]
+
+    read = store[1]
+    read.add_(1.0)  # a read is a copy: changing it changes nothing on disk
+    assert torch.equal(store[1], batches[1])
+    store[1] = read  # until it is written back, in place: the other batches stay as they were
+    assert torch.equal(store[1], batches[1] + 1.0)
+    assert torch.equal(store[0], batches[0]) and torch.equal(store[2], batches[2])
+
+    with pytest.raises(ValueError, match=r"batch 2 is \(2, 16, 8\) torch.float32 on disk"):
+        store[2] = torch.zeros(4, 16, 8)
+    with pytest.raises(ValueError, match="torch.bfloat16"):
+        store[0] = batches[0].to(torch.bfloat16)
+    store.close()
+
+
+def test_activations_on_disk_keep_16_bit_batches_exactly(tmp_path):
+    store = ActivationsOnDisk(tmp_path)
+    batch = torch.randn(3, 5, 7).to(torch.bfloat16)
+    store.append(batch)
+    store[0] = batch * 2
+    assert store[0].dtype == torch.bfloat16 and torch.equal(store[0], batch * 2)
+    store.close()
 
 
 def test_disk_room_keeps_as_much_free_for_the_output(tmp_path, monkeypatch):
