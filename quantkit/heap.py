@@ -15,16 +15,14 @@ Measured on SmolLM2-135M (4-bit g64, 32 x 512 calibration, 2 cores): peak RSS 13
 The synthetic 2- and 8-layer models of tests/test_memory.py peak within 3 % of each other instead of up to
 30 % apart.
 
-While a CPU run's calibration activations wait on disk (spill.ActivationsOnDisk), nothing long-lived is left to
-fragment the heap, and `reusing_heap_blocks` raises the threshold to 16 MiB: a layer's forward temporaries (a
-4096-token mini-batch's hidden states are 9.4 MB on SmolLM2, its MLP's 25 MB) are then served from blocks freed
-by the previous mini-batch instead of pages the kernel must zero. SmolLM2 at 128 x 512 tokens: 162 -> 131 s for a
-peak of 624 -> 645 MB (one run each; 32 MiB: 133 s, 656 MB). With the activations in the heap the same change cost
-up to 195 MB (a GPTAQ run), which is why it waits for them to be on disk.
+Raising the threshold while a CPU run's activations wait on disk (spill.ActivationsOnDisk) makes a layer's
+forward temporaries reuse freed heap blocks instead of pages the kernel must zero: SmolLM2 at 128 x 512 tokens
+162 -> 131 s at 16 MiB. It was built and taken out: the heap then grows with every mini-batch of a pass (a
+2-layer bfloat16 model of tests/test_memory.py: 659 MB with 8 samples, 888 MB with 256; at 1 MiB 633 and 634
+MB), so peak memory would grow with the calibration set again.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -36,7 +34,6 @@ log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 MMAP_THRESHOLD_BYTES = 1 << 20
-REUSE_THRESHOLD_BYTES = 16 << 20  # while nothing long-lived is in the heap (reusing_heap_blocks)
 
 
 @functools.cache
@@ -51,27 +48,15 @@ def _glibc_call(name: str, *argtypes):
     return fn
 
 
-def release_large_frees_at_once(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Fix glibc's mmap threshold (1 MiB by default) for this process; False where the C library is not glibc."""
+def release_large_frees_at_once() -> bool:
+    """Fix glibc's mmap threshold at 1 MiB for this process; False where the C library is not glibc."""
     mallopt = _glibc_call("mallopt", ctypes.c_int, ctypes.c_int)
     if mallopt is None:
         return False
-    ok = mallopt(M_MMAP_THRESHOLD, threshold) == 1
+    ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
     if not ok:
         log.debug("mallopt(M_MMAP_THRESHOLD) refused; peak memory may creep with depth")
     return ok
-
-
-@contextlib.contextmanager
-def reusing_heap_blocks():
-    """Within: freed blocks below REUSE_THRESHOLD_BYTES stay in the heap for the next allocation of their size
-    (module docstring); afterwards the threshold is back at MMAP_THRESHOLD_BYTES. Only for stretches where
-    nothing large outlives a mini-batch."""
-    release_large_frees_at_once(REUSE_THRESHOLD_BYTES)
-    try:
-        yield
-    finally:
-        release_large_frees_at_once()
 
 
 def return_free_heap() -> bool:

@@ -28,7 +28,7 @@ from .errors import NumericalError, QuantkitError
 from .faults import kill_point
 from .gptq import GPTQResult, gptq_quantize_shared, rtn_result
 from .gptq_format import checkpoint_format, module_tensors, quantization_config
-from .heap import release_large_frees_at_once, return_free_heap, reusing_heap_blocks
+from .heap import release_large_frees_at_once, return_free_heap
 from .hub import cached_snapshot, hub_cache_dir, publish_snapshot, repo_lock, sha256_file, validate_repo_id
 from .lm_head import quantize_head
 from .model_card import render_model_card
@@ -288,8 +288,6 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
                                           * storage_dtype.itemsize)
             batches, calls = _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, compute_dtype,
                                                 storage_dtype, new_store())
-            if isinstance(batches, ActivationsOnDisk):  # the heap now holds nothing long-lived to fragment
-                stores.enter_context(reusing_heap_blocks())
             return_free_heap()  # the small frees of the embedding lookup and the first forward
             if state.layers_done:  # saved as the quantized stream, then (GPTAQ) the unquantized one
                 if isinstance(batches, ActivationsOnDisk):

@@ -35,7 +35,9 @@ def test_peak_rss_is_flat_in_depth(tmp_path):
 @pytest.mark.slow
 def test_peak_rss_does_not_grow_with_the_calibration_set(tmp_path):
     """On a CPU the calibration activations wait in a scratch file between passes (the page cache holds them,
-    not the process): 16 times the samples, one mini-batch in memory either way."""
+    not the process): 16 times the samples, one mini-batch in memory either way. Held in memory, the 120 extra
+    samples alone would add 120 MB. (With glibc's heap serving a layer's temporaries, it grew with every
+    mini-batch: heap.py.)"""
     model = tmp_path / "synthetic-2"
     write_synthetic_checkpoint(model, shape_config("llama-2-7b", 2, **SHAPE), torch.bfloat16)
     few = _quantize_peak_rss_mb(model, tmp_path / "q-few", samples=8, seq_len=512)
