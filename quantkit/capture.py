@@ -417,9 +417,10 @@ class BlockMemo:
         self.tails[name] = _tail(output)
         self.outputs[name].append(_to(output, "cpu", self.storage_dtype, copy=True))
 
-    def fold_into(self, batches: list[Tensor], i: int, device: torch.device) -> None:
+    def fold_into(self, batches: list[Tensor], i: int, device: torch.device, read: Tensor | None = None) -> None:
         """After batch i's forward: add the records of `fold` blocks made in it into batches[i] (the layer's stored
-        input) and drop them. The caller's forward is over, so the layer no longer reads the input it changes."""
+        input) and drop them. The caller's forward is over, so the layer no longer reads the input it changes.
+        read: batches[i] as the caller read it for that forward, so batches on disk are not read a second time."""
         pending = [name for name in self.fold if name in self.outputs and len(self.folded.get(name, ())) == i
                    and len(self.outputs[name]) > i]  # recorded in this batch and not folded yet
         if pending:
@@ -430,8 +431,8 @@ class BlockMemo:
                 raise RuntimeError(f"internal error: {name} ran {len(records) - i} times in batch {i}; it cannot "
                                    "be folded into the layer's input")
             record, records[i] = _first_tensor(records[i]), None
-            if isinstance(batches, ActivationsOnDisk):  # batches[i] reads a copy: add into it, write it back
-                folded = batches[i]
+            if isinstance(batches, ActivationsOnDisk):  # a read is a copy: add into it, write it back
+                folded = batches[i] if read is None else read
                 folded.add_(record)
                 batches[i] = folded
             elif self.fold_in_place:
@@ -545,14 +546,15 @@ def collect_statistics(layer: nn.Module, groups: list[list[str]], batches: list[
                 memo.batch = i
                 if reference is not None:
                     ref_memo.batch = i
+                    ref_hidden = reference.batches[i]
                     with contextlib.suppress(_StopForward):  # the hooks end each forward after the last group
-                        _run(reference.layer, _move(reference.batches[i], device, dtype), call)
+                        _run(reference.layer, _move(ref_hidden, device, dtype), call)
                 with contextlib.suppress(_StopForward):
                     _run(layer, _move(hidden, device, dtype), call)
-                memo.fold_into(batches, i, device)
+                memo.fold_into(batches, i, device, read=hidden)
                 if reference is not None:  # after both forwards: the inputs it paired may be views of the batch
                     ref_inputs.clear()
-                    ref_memo.fold_into(reference.batches, i, device)
+                    ref_memo.fold_into(reference.batches, i, device, read=ref_hidden)
     finally:
         for h in handles:
             h.remove()
