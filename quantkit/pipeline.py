@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -579,19 +579,26 @@ def _kept_inputs_bytes(batches, modules: dict, hidden: int, dtype: torch.dtype, 
 def _solve_group(where: str, group: list[str], statistics, modules: dict, spec: QuantSpec,
                  fmt: str) -> dict[str, _Solved]:
     """GPTQ the Linears sharing a Hessian (consumed), write their dequantized weights back for later stages, and
-    keep only their packed tensors: the solve's [N, K] codes and results, and the Hessian's buffer, are freed on
-    return (a 7B layer's gate/up codes and results alone are 690 MB). With a GPTAQ cross term the solve targets
-    the weights that reproduce the unquantized model's outputs."""
+    keep only their packed tensors: the solve's [N, K] codes and results are freed on return (a 7B layer's gate/up
+    codes and results alone are 690 MB). With a GPTAQ cross term the solve targets the weights that reproduce the
+    unquantized model's outputs. The caller hands over its only reference to `statistics`."""
     try:
         solved = gptq_quantize_shared([weight_matrix(modules[name]) for name in group], statistics.hessian, spec,
                                       consume_hessian=True, cross=statistics.cross)
     except NumericalError as e:
         raise NumericalError(f"{where}.{group[0]}: {e}") from None  # the group shares its Hessian
-    packed = {}
+    # freed before packing, which was a 7B layer's GPU peak: down_proj's spent 462 MB Hessian and float32 result
+    del statistics
+    solved = _written_back(group, solved, modules)
+    return {name: _packed(where, name, res, modules[name], spec, fmt) for name, res in zip(group, solved)}
+
+
+def _written_back(group: list[str], solved: list[GPTQResult], modules: dict) -> list[GPTQResult]:
+    """Each Linear's weight set to its dequantized result (later stages see the quantized weights); the results
+    are returned without that float32 copy."""
     for name, res in zip(group, solved):
-        set_weight_matrix(modules[name], res.weight)  # later stages see the quantized weights
-        packed[name] = _packed(where, name, res, modules[name], spec, fmt)
-    return packed
+        set_weight_matrix(modules[name], res.weight)
+    return [replace(res, weight=None) for res in solved]
 
 
 def _rtn_layer(layer, where: str, spec: QuantSpec, fmt: str) -> dict[str, _Solved]:

@@ -68,3 +68,18 @@ def test_pack_rejects_bad_lengths_and_bits():
         pack_last_dim(torch.zeros(1, 48, dtype=torch.int32), bits=3)
     with pytest.raises(ValueError, match="bits must be"):
         pack_last_dim(torch.zeros(1, 32, dtype=torch.int32), bits=5)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("chunk", [1, 100, 2**21])  # one row at a time (a row wider than the chunk), a few, all
+def test_packing_in_chunks_gives_the_same_words(bits, chunk, monkeypatch):
+    """Rows are packed a bounded number of values at a time (the int64 working copies stay small on a GPU);
+    the words do not depend on where the chunks fall."""
+    import quantkit.packing as packing
+
+    values = torch.randint(0, 2**bits, (37, 192), dtype=torch.int32)
+    monkeypatch.setattr(packing, "PACK_VALUES", 2**30)
+    whole = pack_last_dim(values, bits)
+    monkeypatch.setattr(packing, "PACK_VALUES", chunk)
+    assert torch.equal(pack_last_dim(values, bits), whole)
+    assert torch.equal(unpack_last_dim(whole, bits, 192), values)
