@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .gptq import accumulate_cross, accumulate_hessian
 from .model_skeleton import in_features, linear_modules
-from .spill import ActivationsOnDisk, KeptInMemory, KeptOnDisk
+from .spill import ActivationsOnDisk, KeptInMemory, KeptOnDisk, ScratchFiles
 
 log = logging.getLogger("quantkit")
 
@@ -258,7 +258,7 @@ class BlockMemo:
 
     def __init__(self, layer: nn.Module, enabled: bool = True, storage_dtype: torch.dtype | None = None,
                  groups: list[list[str]] = (), hidden_size: int = 0, fold: set[str] = frozenset(),
-                 spill_dir: Path | None = None, propagates: bool = True,
+                 spill_dir: Path | ScratchFiles | None = None, propagates: bool = True,
                  derivable: dict[str, tuple | None] | None = None, fold_in_place: bool = True):
         self.layer = layer
         self.storage_dtype = storage_dtype  # records are kept like the activations (the model's dtype)

@@ -38,7 +38,7 @@ from .model_skeleton import (build_skeleton, calibration_batch_size, check_tenso
 from .precision import compute_dtype as choose_compute_dtype
 from .precision import fast_float32_matmuls, float32_matmul_path
 from .resume import STATE, BackgroundSaves, RunState, model_fingerprint, run_fingerprint
-from .spill import ActivationsOnDisk, batch_meta, disk_has_room
+from .spill import ActivationsOnDisk, ScratchFiles, batch_meta, disk_has_room
 from .writer import ShardWriter, parse_size, write_json
 
 log = logging.getLogger("quantkit")
@@ -304,9 +304,11 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         bar.update(state.layers_done)
         fmt = checkpoint_format(spec)
         class_checks: dict[type, tuple] = {}  # per decoder-layer class: (blocks folded into the inputs, derivable)
+        # on a CPU, o_proj's and down_proj's inputs wait in scratch files that every layer rewrites in place
+        kept = stores.enter_context(contextlib.closing(ScratchFiles(target.work))) if dev.type == "cpu" else None
         try:
             _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, state, batches, calls, bar,
-                             class_checks, saves, target, gpu_peaks, ref_batches)
+                             class_checks, saves, target, gpu_peaks, ref_batches, kept)
         except BaseException:
             saves.wait(raise_error=False)  # the work directory must not change under the caller's clean-up
             raise
@@ -364,11 +366,11 @@ def _run_bnb(model, model_dir, config, config_dict, spec, dev, target):
 
 def _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, state, batches, calls, bar,
                      class_checks, saves: BackgroundSaves, target, gpu_peaks: _GpuPeaks,
-                     ref_batches: list | None = None) -> None:
+                     ref_batches: list | None = None, kept: ScratchFiles | None = None) -> None:
     """Quantize the decoder layers not finished yet, one in memory at a time; `batches` (the calibration
     activations) end as the last layer's outputs. Each finished layer is saved through `saves`. ref_batches (GPTAQ):
     the unquantized model's activations, carried along through unquantized copies of the layers and saved after
-    the quantized ones."""
+    the quantized ones. kept: where a layer's exit Linears' inputs wait (`_gptq_layer`'s spill_dir)."""
     for i, layer in enumerate(layers):
         if i < state.layers_done:
             continue
@@ -381,7 +383,7 @@ def _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, 
         last = i == len(layers) - 1 and not spec.lm_head  # no later step needs this layer's outputs
         if spec.method == "gptq":
             results = _gptq_layer(layer, f"{prefix}.{i}", batches, calls[i], spec, fmt, dev, compute_dtype, last,
-                                  stages, class_checks, spill_dir=target.work if dev.type == "cpu" else None,
+                                  stages, class_checks, spill_dir=kept,
                                   fold_in_place=not saves.enabled, ref_batches=ref_batches)
         else:
             results = _rtn_layer(layer, f"{prefix}.{i}", spec, fmt)
@@ -506,7 +508,7 @@ def _packed(where: str, name: str, res: GPTQResult, module, spec: QuantSpec, fmt
 
 def _gptq_layer(layer, where: str, batches, call, spec: QuantSpec, fmt: str, dev, compute_dtype,
                 last: bool, clock: _StageClock, class_checks: dict[type, tuple],
-                spill_dir: Path | None = None, fold_in_place: bool = True,
+                spill_dir: Path | ScratchFiles | None = None, fold_in_place: bool = True,
                 ref_batches: list | None = None) -> dict[str, _Solved]:
     """GPTQ every Linear of layer `where` (stage by stage when true-sequential), then propagate the batches.
     class_checks: per layer class, the blocks found foldable and derivable (capture.foldable_blocks and

@@ -9,6 +9,7 @@ files have no name (O_TMPFILE, or removed once opened), so nothing is left behin
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,12 +38,49 @@ class KeptInMemory:
         self._items.clear()
 
 
-class _ScratchFile:
-    """Raw tensor bytes at offsets of an unlinked file in `directory`; (offset, shape, dtype) per item."""
+class ScratchFiles:
+    """Unlinked scratch files in `directory` that are handed back after use and rewritten from the start by the
+    next user (each decoder layer's kept inputs: the same sizes, layer after layer). Overwriting pages that the
+    page cache holds already is a copy (about 15 GB/s on this project's CI machine); writing a new file makes the
+    file system allocate every page (about 1 GB/s there), which was a sixth of a SmolLM2 layer's time."""
 
     def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._idle: list = []
+        self._all: list = []
+
+    def __str__(self) -> str:  # where, in messages
+        return str(self.directory)
+
+    def take(self):
+        if self._idle:
+            return self._idle.pop()
+        f = tempfile.TemporaryFile(dir=self.directory, buffering=0)  # unbuffered: a full disk shows in the write
+        self._all.append(f)
+        return f
+
+    def give_back(self, f) -> None:
+        self._idle.append(f)
+
+    def held_bytes(self) -> int:
+        """Disk space the files take already (reused in place, not taken again)."""
+        return sum(os.fstat(f.fileno()).st_size for f in self._all if not f.closed)
+
+    def close(self) -> None:
+        for f in self._all:
+            f.close()
+        self._all.clear()
+        self._idle.clear()
+
+
+class _ScratchFile:
+    """Raw tensor bytes at offsets of an unlinked file in `directory` (or one taken from a ScratchFiles pool, given
+    back on close); (offset, shape, dtype) per item."""
+
+    def __init__(self, directory: Path | ScratchFiles):
+        self._pool = directory if isinstance(directory, ScratchFiles) else None
         # unbuffered, so a full disk shows in the write itself, not at a later seek
-        self._file = tempfile.TemporaryFile(dir=directory, buffering=0)
+        self._file = self._pool.take() if self._pool else tempfile.TemporaryFile(dir=directory, buffering=0)
         self._items: list[tuple[int, torch.Size, torch.dtype] | None] = []
         self._end = 0
 
@@ -59,7 +97,11 @@ class _ScratchFile:
         return read_tensor_at(self._file, *item)
 
     def close(self) -> None:
-        self._file.close()
+        if self._pool is not None and self._file is not None:
+            self._pool.give_back(self._file)
+        elif self._file is not None:
+            self._file.close()
+        self._file = None
         self._items.clear()
 
 
@@ -138,9 +180,12 @@ def _pop(items: list, i: int):
     return item
 
 
-def disk_has_room(directory: Path, nbytes: int) -> bool:
-    """Whether `directory` can take nbytes of scratch and still keep as much free for the output files."""
+def disk_has_room(directory: Path | ScratchFiles, nbytes: int) -> bool:
+    """Whether `directory` can take nbytes of scratch and still keep as much free for the output files (a pool's
+    files count as room: they are rewritten in place)."""
+    held = directory.held_bytes() if isinstance(directory, ScratchFiles) else 0
+    where = directory.directory if isinstance(directory, ScratchFiles) else directory
     try:
-        return shutil.disk_usage(directory).free >= 2 * nbytes
+        return shutil.disk_usage(where).free + held >= 2 * nbytes
     except OSError:
         return False

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from quantkit.spill import ActivationsOnDisk, KeptInMemory, KeptOnDisk, batch_meta, disk_has_room
+from quantkit.spill import ActivationsOnDisk, KeptInMemory, KeptOnDisk, ScratchFiles, batch_meta, disk_has_room
 
 
 @pytest.mark.parametrize("store", ["memory", "disk"])
@@ -75,3 +75,40 @@ def test_disk_room_keeps_as_much_free_for_the_output(tmp_path, monkeypatch):
     assert not disk_has_room(tmp_path, 31)
     monkeypatch.undo()
     assert not disk_has_room(tmp_path / "missing", 1)
+
+
+def test_a_layer_after_another_rewrites_the_same_scratch_file_in_place(tmp_path):
+    """Each layer's kept inputs go to files the previous layer handed back: no new file per layer (a new file's
+    pages are allocated by the file system, about 15 times slower to write here than overwriting cached ones),
+    and what each layer reads back is its own."""
+    import os
+
+    pool = ScratchFiles(tmp_path)
+    seen = []
+    for layer in range(3):
+        kept = [KeptOnDisk(pool), KeptOnDisk(pool)]  # o_proj's and down_proj's inputs
+        seen.append({os.fstat(k._file.fileno()).st_ino for k in kept})
+        batches = [[torch.randn(4, 8) + layer for _ in range(3)] for _ in kept]
+        for k, bs in zip(kept, batches):
+            for b in bs:
+                k.append(b)
+        for k, bs in zip(kept, batches):
+            assert all(torch.equal(k.take(i), b) for i, b in reversed(list(enumerate(bs))))
+            k.close()
+    assert seen[0] == seen[1] == seen[2] and len(seen[0]) == 2
+    assert pool.held_bytes() == 2 * 3 * 4 * 8 * 4
+    assert os.listdir(tmp_path) == []  # unlinked: nothing is left behind, even by a crash
+    pool.close()
+
+
+def test_a_pools_files_count_as_room_on_the_disk(tmp_path, monkeypatch):
+    import shutil
+
+    pool = ScratchFiles(tmp_path)
+    kept = KeptOnDisk(pool)
+    kept.append(torch.zeros(10, dtype=torch.uint8))
+    kept.close()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100, 50, 50))
+    assert disk_has_room(pool, 30) and not disk_has_room(tmp_path, 30)  # 50 free + 10 held >= 2 x 30
+    assert not disk_has_room(pool, 31)
+    pool.close()
