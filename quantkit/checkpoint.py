@@ -106,6 +106,31 @@ class SafetensorsCheckpoint:
         except Exception as e:  # safetensors raises its own error types for truncated or garbled data
             raise QuantkitError(f"cannot read tensor {name} from {self.model_dir / filename}: {e}") from None
 
+    def get_as(self, name: str, dtype: torch.dtype, chunk_bytes: int = 8 << 20) -> Tensor:
+        """Tensor `name` converted to `dtype`, read through the mapping a block of rows at a time and unmapped after
+        each block. get(name).to(dtype) keeps every page read through the mapping resident beside the converted
+        copy: SmolLM2's float32 embedding (113 MB) set the peak of a whole quantize run while it was written out."""
+        shape = self.shape(name)
+        if len(shape) < 2:
+            return self.get(name).to(dtype)
+        out = torch.empty(shape, dtype=dtype)
+        row_bytes = max(1, out[0].numel() * max(out.element_size(), 4))
+        step = max(1, chunk_bytes // row_bytes)
+        filename = self.weight_map[name]
+        for start in range(0, shape[0], step):
+            try:
+                out[start:start + step] = self._handle(filename).get_slice(name)[start:start + step]
+            except Exception as e:
+                raise QuantkitError(f"cannot read tensor {name} from {self.model_dir / filename}: {e}") from None
+            self.close()
+        return out
+
+    def is_floating(self, name: str) -> bool:
+        """Whether tensor `name` holds floating-point numbers (F16, BF16, F32, F8_...; the header alone)."""
+        if name not in self.weight_map:
+            raise self._missing(name)
+        return self._handle(self.weight_map[name]).get_slice(name).get_dtype().startswith(("F", "BF"))
+
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self.weight_map:
             raise self._missing(name)

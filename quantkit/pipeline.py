@@ -340,8 +340,9 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         quantized |= {f"{n[: -len('.qweight')]}.{p}" for n in tensors if n.endswith(".qweight") for p in ("weight", "bias")}
     for name in checkpoint.names():  # embeddings, norms, lm_head, skipped Linears: in float16
         if name not in quantized:
-            t = checkpoint.get(name)
-            writer.add({name: t.to(OUTPUT_DTYPE) if t.is_floating_point() else t})
+            writer.add({name: checkpoint.get_as(name, OUTPUT_DTYPE) if checkpoint.is_floating(name)
+                        else checkpoint.get(name)})
+    checkpoint.close()
     writer.finish()
     kill_point("assembled")
     reports = state.reports

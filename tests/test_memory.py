@@ -91,3 +91,26 @@ def test_the_spent_hessian_and_float32_results_are_freed_before_packing(monkeypa
         t = {k.rsplit(".", 1)[1]: v for k, v in packed[name].tensors.items()}
         restored = dequantize_module(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, "gptq")
         torch.testing.assert_close(module.weight.data, restored, rtol=0, atol=1e-3)
+
+
+def test_a_tensor_converted_for_the_output_is_read_a_block_of_rows_at_a_time(tmp_path):
+    """The output's embeddings and norms are converted to float16 from the checkpoint's memory map a block of rows
+    at a time, unmapped after each: get(name).to(float16) kept every page read through the mapping resident
+    beside the copy (SmolLM2's 113 MB float32 embedding set a whole quantize run's peak as it was written out)."""
+    from safetensors.torch import save_file
+
+    from quantkit.checkpoint import SafetensorsCheckpoint
+    from tests.test_gptq import _peak_rss_growth
+
+    emb = torch.randn(16384, 1024)  # 64 MB in float32
+    save_file({"embed.weight": emb, "norm.weight": torch.ones(1024), "ids": torch.arange(7)},
+              str(tmp_path / "model.safetensors"))
+    checkpoint = SafetensorsCheckpoint(tmp_path)
+    expected = emb.half()
+    del emb
+    assert torch.equal(checkpoint.get_as("norm.weight", torch.float16), torch.ones(1024, dtype=torch.float16))
+    assert checkpoint.is_floating("embed.weight") and not checkpoint.is_floating("ids")
+    got = []
+    growth = _peak_rss_growth(lambda: got.append(checkpoint.get_as("embed.weight", torch.float16)))
+    assert torch.equal(got[0], expected)
+    assert growth < 32 * 2**20 + 16 * 2**20, f"{growth / 2**20:.0f} MB for a 32 MB float16 result"
