@@ -100,9 +100,13 @@ class SafetensorsCheckpoint:
     def get(self, name: str) -> Tensor:
         if name not in self.weight_map:
             raise self._missing(name)
+        return self._read(name, lambda handle: handle.get_tensor(name))
+
+    def _read(self, name: str, read):
+        """read(handle of the shard holding `name`), its errors named after the tensor and the file."""
         filename = self.weight_map[name]
         try:
-            return self._handle(filename).get_tensor(name)
+            return read(self._handle(filename))
         except Exception as e:  # safetensors raises its own error types for truncated or garbled data
             raise QuantkitError(f"cannot read tensor {name} from {self.model_dir / filename}: {e}") from None
 
@@ -116,12 +120,8 @@ class SafetensorsCheckpoint:
         out = torch.empty(shape, dtype=dtype)
         row_bytes = max(1, out[0].numel() * max(out.element_size(), 4))
         step = max(1, chunk_bytes // row_bytes)
-        filename = self.weight_map[name]
         for start in range(0, shape[0], step):
-            try:
-                out[start:start + step] = self._handle(filename).get_slice(name)[start:start + step]
-            except Exception as e:
-                raise QuantkitError(f"cannot read tensor {name} from {self.model_dir / filename}: {e}") from None
+            out[start:start + step] = self._read(name, lambda handle: handle.get_slice(name)[start:start + step])
             self.close()
         return out
 

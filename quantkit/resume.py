@@ -22,10 +22,11 @@ import torch
 from torch import Tensor
 
 from .errors import QuantkitError
+from .integrity import TORCH_DTYPES
 from .spill import batch_meta, read_tensor_at, write_tensor_at
+from .writer import header_bytes, safetensors_dtype
 
 STATE = "state.json"
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def run_fingerprint(**parts) -> str:
@@ -133,13 +134,11 @@ def _save_batches(path: Path, streams: Sequence[Sequence[Tensor]]) -> None:
         for i in range(len(stream)):
             shape, dtype = batch_meta(stream, i)
             size = math.prod(shape) * dtype.itemsize
-            header[f"batch.{len(header):05d}"] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+            header[f"batch.{len(header):05d}"] = {"dtype": safetensors_dtype(dtype), "shape": list(shape),
                                                   "data_offsets": [offset, offset + size]}
             offset += size
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.write(header_bytes(header))
         at = f.tell()
         for stream in streams:
             for batch in stream:
@@ -149,7 +148,6 @@ def _save_batches(path: Path, streams: Sequence[Sequence[Tensor]]) -> None:
 
 def _load_batches(path: Path, streams: list) -> None:
     """Read what _save_batches wrote (a safetensors file) batch by batch into `streams`, an equal share each."""
-    dtypes = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
     with open(path, "rb", buffering=0) as f:
         length = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(length))
@@ -160,7 +158,7 @@ def _load_batches(path: Path, streams: list) -> None:
         for k, name in enumerate(names):
             entry = header[name]
             streams[k // share].append(read_tensor_at(f, 8 + length + entry["data_offsets"][0], entry["shape"],
-                                                      dtypes[entry["dtype"]]))
+                                                      TORCH_DTYPES[entry["dtype"]]))
 
 
 class BackgroundSaves:

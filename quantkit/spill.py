@@ -38,6 +38,11 @@ class KeptInMemory:
         self._items.clear()
 
 
+def _new_scratch_file(directory: Path):
+    """An unlinked file in `directory`; unbuffered, so a full disk shows in the write itself, not at a later seek."""
+    return tempfile.TemporaryFile(dir=directory, buffering=0)
+
+
 class ScratchFiles:
     """Unlinked scratch files in `directory` that are handed back after use and rewritten from the start by the
     next user (each decoder layer's kept inputs: the same sizes, layer after layer). Overwriting pages that the
@@ -56,7 +61,7 @@ class ScratchFiles:
     def take(self):
         if self._idle:
             return self._idle.pop()
-        f = tempfile.TemporaryFile(dir=self.directory, buffering=0)  # unbuffered: a full disk shows in the write
+        f = _new_scratch_file(self.directory)
         self._all.append(f)
         return f
 
@@ -65,7 +70,7 @@ class ScratchFiles:
 
     def held_bytes(self) -> int:
         """Disk space the files take already (reused in place, not taken again)."""
-        return sum(os.fstat(f.fileno()).st_size for f in self._all if not f.closed)
+        return sum(os.fstat(f.fileno()).st_size for f in self._all)
 
     def close(self) -> None:
         for f in self._all:
@@ -80,8 +85,7 @@ class _ScratchFile:
 
     def __init__(self, directory: Path | ScratchFiles):
         self._pool = directory if isinstance(directory, ScratchFiles) else None
-        # unbuffered, so a full disk shows in the write itself, not at a later seek
-        self._file = self._pool.take() if self._pool else tempfile.TemporaryFile(dir=directory, buffering=0)
+        self._file = self._pool.take() if self._pool else _new_scratch_file(directory)
         self._items: list[tuple[int, torch.Size, torch.dtype] | None] = []
         self._end = 0
 

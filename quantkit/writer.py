@@ -38,9 +38,21 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
            "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
-           "float8_e5m2": "F8_E5M2"}
+           "float8_e5m2": "F8_E5M2"}  # torch dtype name -> safetensors dtype code
+
+
+def safetensors_dtype(dtype: torch.dtype) -> str | None:
+    return SAFETENSORS_DTYPES.get(str(dtype).removeprefix("torch."))
+
+
+def header_bytes(header: dict) -> bytes:
+    """A safetensors file's first bytes: the header's length, then the header, padded so the data starts 8-byte
+    aligned."""
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
 
 
 class _SpooledShard:
@@ -56,7 +68,7 @@ class _SpooledShard:
         self._entries: dict[int, list[tuple[str, str, list[int], int]]] = {}  # element size -> (name, dtype, shape, nbytes)
 
     def add(self, name: str, tensor: Tensor) -> None:
-        dtype = _DTYPES.get(str(tensor.dtype).removeprefix("torch."))
+        dtype = safetensors_dtype(tensor.dtype)
         if dtype is None:
             raise QuantkitError(f"internal error: cannot write tensor {name} of dtype {tensor.dtype}")
         size = tensor.element_size()
@@ -75,11 +87,8 @@ class _SpooledShard:
                 header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
                 offset += nbytes
                 names.append(name)
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
         with self.path.open("wb") as out:
-            out.write(struct.pack("<Q", len(raw)))
-            out.write(raw)
+            out.write(header_bytes(header))
             for size in sorted(self._spools, reverse=True):
                 spool, handle = self._spools[size]
                 handle.close()
