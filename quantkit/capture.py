@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from .gptq import accumulate_cross, accumulate_hessian
+from .heap import reusing_freed_memory
 from .model_skeleton import in_features, linear_modules
-from .spill import ActivationsOnDisk, KeptInMemory, KeptOnDisk, ScratchFiles
+from .spill import ActivationsOnDisk, KeptInMemory, KeptOnDisk, ScratchFiles, batch_meta
 
 log = logging.getLogger("quantkit")
 
@@ -541,7 +542,8 @@ def collect_statistics(layer: nn.Module, groups: list[list[str]], batches: list[
             handles.append(ref_modules[group[0]].register_forward_pre_hook(ref_hook))
     try:
         with memo.replaying(set(done), len(batches), device), \
-                (ref_memo.replaying(set(done), len(batches), device) if ref_memo else contextlib.nullcontext()):
+                (ref_memo.replaying(set(done), len(batches), device) if ref_memo else contextlib.nullcontext()), \
+                _forward_temporaries_reused(layer, batches, device, dtype):
             for i, hidden in enumerate(batches):
                 memo.batch = i
                 if reference is not None:
@@ -566,10 +568,22 @@ def propagate(layer: nn.Module, batches: list[Tensor], call: LayerCall, device: 
               dtype: torch.dtype, memo: BlockMemo | None = None) -> None:
     """Replace each mini-batch in place by the layer's output on it (the next layer's input)."""
     memo = memo or BlockMemo(layer, enabled=False)
-    with memo.replaying(set(linear_modules(layer)), len(batches), device, last_pass=True):
+    with memo.replaying(set(linear_modules(layer)), len(batches), device, last_pass=True), \
+            _forward_temporaries_reused(layer, batches, device, dtype):
         for i, hidden in enumerate(batches):
             memo.batch = i
             batches[i] = _move(_run(layer, _move(hidden, device, dtype), call), torch.device("cpu"), hidden.dtype)
+
+
+def _forward_temporaries_reused(layer: nn.Module, batches, device: torch.device, dtype: torch.dtype):
+    """On a CPU, the window in which a pass's forward temporaries are kept for the next mini-batch
+    (heap.reusing_freed_memory), sized by the widest activation of a mini-batch: its tokens times the widest Linear.
+    A GPU's temporaries come from torch's own caching allocator: nothing to do."""
+    if device.type != "cpu" or not len(batches):
+        return contextlib.nullcontext()
+    shape, _ = batch_meta(batches, 0)
+    widest = max([shape[-1], *(max(m.weight.shape) for m in linear_modules(layer).values())])
+    return reusing_freed_memory(math.prod(shape[:-1]) * widest * max(dtype.itemsize, torch.float32.itemsize))
 
 
 class _Stand(nn.Module):

@@ -10,7 +10,6 @@ import click
 from . import __version__
 from .config import COMPUTE_DTYPES
 from .errors import QuantkitError
-from .heap import request_huge_pages
 
 
 def _fail(e: Exception) -> click.ClickException:
@@ -144,7 +143,6 @@ def quantize(model, bits, group_size, sym, damp, act_order, static_groups, true_
 
 
 def _register_commands() -> None:
-    request_huge_pages()  # the commands' modules import torch, which reads this setting once, at import
     from .cli_tools import cache_group, estimate_command, inspect_command
     from .cli_verify import verify_command
 

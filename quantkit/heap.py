@@ -1,4 +1,4 @@
-"""Keep freed tensor memory from staying resident (glibc only; elsewhere a no-op).
+"""Where freed tensor memory goes (glibc only; elsewhere a no-op): back to the system at once, or kept for reuse.
 
 glibc serves allocations above its mmap threshold with mmap and returns them to the system on free, but after each
 such free it raises the threshold (up to 32 MB on 64-bit), so the next layer's tensors come from the heap instead.
@@ -6,34 +6,34 @@ Freed heap blocks stay resident and fragment, and peak RSS then creeps up layer 
 was 5-30 % above the 2-layer peak, differing run to run. Fixing the threshold (mallopt turns off the adjustment)
 keeps every tensor of 1 MiB or more in its own mapping, released the moment it is freed.
 
-Fresh mappings are paid for in page faults; asking torch for transparent huge pages (2 MiB) for its large
-tensors makes those 512 times fewer. torch reads that setting once, when it is imported, so the command line
-sets it before anything imports torch; the Python API gets the threshold alone.
+Fresh mappings are paid for in page faults, and a CPU run's calibration forwards allocate and free the same
+temporaries mini-batch after mini-batch: a SmolLM2 run faulted 19 million pages and spent 70 of its 150 s of CPU
+time in the kernel. `reusing_freed_memory` therefore lets the heap serve a pass's forward temporaries and keep
+them between mini-batches (no trimming of the heap's top), then hands everything back when the pass ends. Two
+things keep that flat: the window covers only the forwards, so the layer's weights, Hessians and solves stay in
+their own mappings and do not pin the heap's top; and torch's huge pages stay off (they are its default; the
+command once asked for them), because torch then aligns every tensor of 2 MiB or more to 2 MiB, which glibc serves
+only from a free block 2 MiB larger than the tensor: the heap grew by one temporary every mini-batch.
 
-Measured on SmolLM2-135M (4-bit g64, 32 x 512 calibration, 2 cores): peak RSS 1310 -> 874 MB, wall time
-252 -> 270 s with the threshold alone; with huge pages as well, 245 -> 233 s against the threshold alone.
-The synthetic 2- and 8-layer models of tests/test_memory.py peak within 3 % of each other instead of up to
-30 % apart.
-
-Raising the threshold while a CPU run's activations wait on disk (spill.ActivationsOnDisk) makes a layer's
-forward temporaries reuse freed heap blocks instead of pages the kernel must zero: SmolLM2 at 128 x 512 tokens
-162 -> 131 s at 16 MiB. It was built and taken out: the heap then grows with every mini-batch of a pass (a
-2-layer bfloat16 model of tests/test_memory.py: 659 MB with 8 samples, 888 MB with 256; at 1 MiB 633 and 634
-MB), so peak memory would grow with the calibration set again.
+Measured on SmolLM2-135M (4-bit g64, 128 x 512 calibration tokens, 2 cores), the whole command: 149-155 s, 602 MB,
+18-19 million page faults before; 114 s, 541 MB, 3.6 million with the window and 1024-token mini-batches
+(docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import logging
-import os
-import sys
 
 log = logging.getLogger(__name__)
 
-M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
 MMAP_THRESHOLD_BYTES = 1 << 20
+HEAP_SERVES_AT_MOST = 32 << 20  # the largest mmap threshold glibc accepts on 64-bit
+DEFAULT_TRIM_THRESHOLD = 128 << 10  # glibc's: a free top of the heap larger than this is returned at once
+KEEP_HEAP_TOP = 1 << 30  # within a reuse window: never trimmed while it lasts
 
 
 @functools.cache
@@ -72,8 +72,22 @@ def return_free_heap() -> bool:
     return True
 
 
-def request_huge_pages() -> None:
-    """Ask torch to back tensors of 2 MiB or more with transparent huge pages (where the kernel allows them only
-    on request, as in its default "madvise" mode). No effect once torch is imported; a user's setting wins."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+@contextlib.contextmanager
+def reusing_freed_memory(largest_temporary_bytes: int):
+    """Within: allocations up to `largest_temporary_bytes` (a mini-batch's widest activation; at most 32 MiB) come
+    from glibc's heap, and what is freed stays there for the next mini-batch's temporaries instead of being paid
+    for again in page faults. On exit the threshold is 1 MiB again and the heap's free pages go back to the
+    system, so the window adds nothing to memory outside it. Not for overlapping use from several threads."""
+    mallopt = _glibc_call("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
+        yield
+        return
+    # + 1 MiB: a block's header makes an allocation of exactly the threshold's size go to mmap
+    mallopt(M_MMAP_THRESHOLD, min(max(largest_temporary_bytes + (1 << 20), MMAP_THRESHOLD_BYTES), HEAP_SERVES_AT_MOST))
+    mallopt(M_TRIM_THRESHOLD, KEEP_HEAP_TOP)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+        return_free_heap()

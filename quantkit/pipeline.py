@@ -445,7 +445,7 @@ def _layer_zero_inputs(skeleton, layers, prefix, checkpoint, input_ids, dev, com
     """Materialise the modules outside the decoder layers (not lm_head), run the calibration batch up to layer 0;
     its inputs are appended to `store` (a new list by default)."""
     with outer_modules_materialized(skeleton, prefix, checkpoint, dev, compute_dtype):
-        return capture_layer_inputs(skeleton, layers, input_ids, calibration_batch_size(input_ids), dev, storage_dtype,
+        return capture_layer_inputs(skeleton, layers, input_ids, calibration_batch_size(input_ids, dev), dev, storage_dtype,
                                     store)
 
 

@@ -40,7 +40,8 @@ DEFAULT_BITS = (16, 8, 4, 3, 2)
 ESTIMATE_BITS = (2, 3, 4, 8, 16)
 GPU_SIZES_GB = (16, 24, 40, 48, 80)
 OVERHEAD = 0.10           # CUDA context, allocator fragmentation, temporary buffers
-MLP_BATCH_TOKENS = 4096   # tokens per calibration mini-batch (model_skeleton.calibration_batch_size)
+MLP_BATCH_TOKENS = 4096   # tokens per calibration mini-batch on a GPU (model_skeleton.calibration_batch_size)
+CPU_BATCH_TOKENS = 1024   # and on a CPU, where the heap reuses a mini-batch's temporaries (heap.py)
 SHIFT_ROWS = 1024         # weight rows per step of GPTAQ's shift (gptq._shift_to_asymmetric_target_)
 
 # Real config.json numbers of well-known checkpoints (hidden, intermediate, layers, heads, KV heads, vocab, tied).

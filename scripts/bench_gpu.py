@@ -30,8 +30,6 @@ sys.path.insert(0, str(ROOT))
 # last line (`quantkit quantize --json` would silence the log)
 QUANTKIT_RUN = """
 import json, logging, sys
-from quantkit.heap import request_huge_pages
-request_huge_pages()  # as the quantkit command does, before torch is imported
 from quantkit.config import CalibSpec, QuantSpec
 from quantkit.pipeline import quantize
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -153,7 +151,7 @@ def main() -> int:
         rows[tool] = run_tool(commands[tool](work / f"{tool}-{args.layers}l"), work / f"{tool}-{args.layers}l.log",
                               env, args.timeout)
         print(tool, json.dumps(rows[tool]), flush=True)
-    bound = layer_bound_mb(config, calibration_batch_size(ids) * args.seq_len)
+    bound = layer_bound_mb(config, calibration_batch_size(ids, torch.device("cuda")) * args.seq_len)
     table = render(rows, bound, args, torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (dry run)")
     print(table)
     (work / "bench_gpu.md").write_text(table + "\n")

@@ -18,11 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from quantkit.heap import release_large_frees_at_once, request_huge_pages
+import torch
 
-request_huge_pages()  # as the quantkit command does, before torch is imported (without: 3.7x the page faults)
-
-import torch  # noqa: E402
+from quantkit.heap import release_large_frees_at_once
 from transformers import AutoTokenizer
 
 from quantkit.calibration import calibration_batch

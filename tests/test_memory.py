@@ -1,12 +1,14 @@
 """Peak memory must not grow with the model's depth: one decoder layer is in memory at a time."""
 import json
 import os
+import resource
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from quantkit import heap
 from quantkit.synthetic import shape_config, write_synthetic_checkpoint
 
 # a Llama shape whose layers are big enough (50 MB each in float32) that holding several would show
@@ -114,3 +116,33 @@ def test_a_tensor_converted_for_the_output_is_read_a_block_of_rows_at_a_time(tmp
     growth = _peak_rss_growth(lambda: got.append(checkpoint.get_as("embed.weight", torch.float16)))
     assert torch.equal(got[0], expected)
     assert growth < 32 * 2**20 + 16 * 2**20, f"{growth / 2**20:.0f} MB for a 32 MB float16 result"
+
+
+def _resident_kb() -> int:
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+    return int(line.split()[1])
+
+
+def test_the_reuse_window_keeps_freed_temporaries_for_the_next_batch_and_returns_them_after():
+    """Within heap.reusing_freed_memory, a mini-batch's temporaries reuse the last one's memory (few page faults);
+    after it, they are fresh mappings again, and what the window kept is handed back to the system."""
+    if not sys.platform.startswith("linux") or not heap.release_large_frees_at_once():  # as quantize() sets it
+        pytest.skip("glibc's malloc only")
+    x = torch.ones(1024, 1536)  # a SmolLM2 MLP activation of a 1024-token mini-batch: 6 MiB
+
+    def faults_of_forty_temporaries() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(40):
+            torch.mul(x, 2)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    resident = _resident_kb()
+    with heap.reusing_freed_memory(x.nbytes):
+        torch.mul(x, 2)  # the first one is paid for
+        inside = faults_of_forty_temporaries()
+    kept_after = _resident_kb() - resident
+    outside = faults_of_forty_temporaries()
+    # fresh, each faults at least once (1536 times in 4 KiB pages); inside, the heap may grow a few times first
+    assert outside >= 40, f"{outside} page faults after the window"
+    assert inside < outside / 4, f"{inside} page faults for 40 temporaries inside the window, {outside} after it"
+    assert kept_after < 2 * 1024, f"{kept_after} kB still resident after the window"
