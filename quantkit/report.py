@@ -29,7 +29,10 @@ def fmt(value, digits: int = 4) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
-        return f"{value:.{digits}g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+        if abs(value) < 1e-3 and value != 0:
+            return f"{value:.2e}"
+        # '#' keeps trailing zeros, so a perplexity of 7.000 does not print as a bare "7"
+        return f"{value:#.{digits}g}".rstrip(".")
     return str(value)
 
 

@@ -430,3 +430,10 @@ def test_transformers_loader_agrees_on_a_tiny_model_and_keeps_stdout_clean(tiny_
                                        "dtype": "float16"}
     assert abs(hf["quantized"]["ppl"] / own["quantized"]["ppl"] - 1) < 0.005
     assert hf["base"]["ppl"] == pytest.approx(own["base"]["ppl"], rel=1e-5)
+
+
+def test_report_numbers_keep_their_significant_digits():
+    """A perplexity of exactly 7 reads 7.000 in the table, as 6.656 beside it does, not a bare 7."""
+    from quantkit.report import fmt
+    assert [fmt(7.0), fmt(6.656), fmt(0.059), fmt(1234.0), fmt(12345.6), fmt(0.0), fmt(2e-5), fmt(None)] == \
+        ["7.000", "6.656", "0.05900", "1234", "1.235e+04", "0.000", "2.00e-05", "–"]
