@@ -7,8 +7,8 @@ was 5-30 % above the 2-layer peak, differing run to run. Fixing the threshold (m
 keeps every tensor of 1 MiB or more in its own mapping, released the moment it is freed.
 
 Fresh mappings are paid for in page faults, and a CPU run's calibration forwards allocate and free the same
-temporaries mini-batch after mini-batch: a SmolLM2 run faulted 19 million pages and spent 70 of its 150 s of CPU
-time in the kernel. `reusing_freed_memory` therefore lets the heap serve a pass's forward temporaries and keep
+temporaries mini-batch after mini-batch: a SmolLM2 run faulted 19 million pages and spent 70 of its 281 CPU
+seconds in the kernel. `reusing_freed_memory` therefore lets the heap serve a pass's forward temporaries and keep
 them between mini-batches (no trimming of the heap's top), then hands everything back when the pass ends. Two
 things keep that flat: the window covers only the forwards, so the layer's weights, Hessians and solves stay in
 their own mappings and do not pin the heap's top; and torch's huge pages stay off (they are its default; the
@@ -16,7 +16,7 @@ command once asked for them), because torch then aligns every tensor of 2 MiB or
 only from a free block 2 MiB larger than the tensor: the heap grew by one temporary every mini-batch.
 
 Measured on SmolLM2-135M (4-bit g64, 128 x 512 calibration tokens, 2 cores), the whole command: 149-155 s, 602 MB,
-18-19 million page faults before; 114 s, 541 MB, 3.6 million with the window and 1024-token mini-batches
+18-19 million page faults before; 115 s, 554 MB, 3.3 million with the window and 1024-token mini-batches
 (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
