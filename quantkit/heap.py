@@ -11,8 +11,8 @@ temporaries mini-batch after mini-batch: a SmolLM2 run faulted 19 million pages 
 seconds in the kernel. `reusing_freed_memory` therefore lets the heap serve a pass's forward temporaries and keep
 them between mini-batches (no trimming of the heap's top), then hands everything back when the pass ends. Two
 things keep that flat: the window covers only the forwards, so the layer's weights, Hessians and solves stay in
-their own mappings and do not pin the heap's top; and torch's huge pages stay off (they are its default; the
-command once asked for them), because torch then aligns every tensor of 2 MiB or more to 2 MiB, which glibc serves
+their own mappings and do not pin the heap's top; and torch's huge pages stay off (off is torch's default; the
+command used to turn them on), because torch then aligns every tensor of 2 MiB or more to 2 MiB, which glibc serves
 only from a free block 2 MiB larger than the tensor: the heap grew by one temporary every mini-batch.
 
 Measured on SmolLM2-135M (4-bit g64, 128 x 512 calibration tokens, 2 cores), the whole command: 149-155 s, 602 MB,
