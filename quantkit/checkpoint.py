@@ -98,12 +98,12 @@ class SafetensorsCheckpoint:
         return list(self.weight_map)
 
     def get(self, name: str) -> Tensor:
-        if name not in self.weight_map:
-            raise self._missing(name)
         return self._read(name, lambda handle: handle.get_tensor(name))
 
     def _read(self, name: str, read):
         """read(handle of the shard holding `name`), its errors named after the tensor and the file."""
+        if name not in self.weight_map:
+            raise self._missing(name)
         filename = self.weight_map[name]
         try:
             return read(self._handle(filename))
@@ -127,14 +127,10 @@ class SafetensorsCheckpoint:
 
     def is_floating(self, name: str) -> bool:
         """Whether tensor `name` holds floating-point numbers (F16, BF16, F32, F8_...; the header alone)."""
-        if name not in self.weight_map:
-            raise self._missing(name)
-        return self._handle(self.weight_map[name]).get_slice(name).get_dtype().startswith(("F", "BF"))
+        return self._read(name, lambda handle: handle.get_slice(name).get_dtype()).startswith(("F", "BF"))
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self.weight_map:
-            raise self._missing(name)
-        return tuple(self._handle(self.weight_map[name]).get_slice(name).get_shape())
+        return tuple(self._read(name, lambda handle: handle.get_slice(name).get_shape()))
 
     def close(self) -> None:
         self._handles.clear()

@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-
-from quantkit.heap import release_large_frees_at_once
 from transformers import AutoTokenizer
 
 from quantkit.calibration import calibration_batch
@@ -29,6 +27,7 @@ from quantkit.capture import (BlockMemo, _run, collect_hessians, derivable_block
 from quantkit.checkpoint import SafetensorsCheckpoint, read_config_dict
 from quantkit.config import CalibSpec, QuantSpec
 from quantkit.gptq import gptq_quantize_shared
+from quantkit.heap import release_large_frees_at_once
 from quantkit.model_skeleton import build_skeleton, decoder_layers, linear_modules, load_config, materialize
 from quantkit.pipeline import _layer_zero_inputs
 from quantkit.precision import fast_float32_matmuls

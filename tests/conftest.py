@@ -89,3 +89,21 @@ def smollm2_dir(tmp_path_factory) -> Path:
 
 def has_ecosystem() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("optimum", "gptqmodel"))
+
+
+def proc_status_kb(field: str) -> int:
+    """A kB figure of this process from /proc/self/status (Linux): VmRSS, VmHWM, ..."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def peak_rss_growth(fn) -> int:
+    """Bytes by which the process's peak resident memory grows while fn runs (Linux: VmHWM, reset first). It
+    sees what a tracker of torch's ops cannot: copies made inside a kernel (LAPACK's column-major layouts)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pytest.skip("needs /proc/self/clear_refs (Linux)")
+    before = proc_status_kb("VmRSS")
+    fn()
+    return (proc_status_kb("VmHWM") - before) * 1024

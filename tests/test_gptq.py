@@ -1,8 +1,8 @@
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import peak_rss_growth
 from safetensors.torch import save_file
 
 from quantkit.config import QuantSpec
@@ -306,22 +306,6 @@ def test_a_solve_makes_no_temporary_of_the_hessians_size():
     assert tracked.peak <= expected + hessian_bytes // 2, (tracked.peak - expected) / hessian_bytes
 
 
-def _peak_rss_growth(fn) -> int:
-    """Bytes by which the process's peak resident memory grows while fn runs (Linux: VmHWM, reset first). It
-    sees what a tracker of torch's ops cannot: copies made inside a kernel (LAPACK's column-major layouts)."""
-    def status_kb(field: str) -> int:
-        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
-        return int(line.split()[1])
-
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pytest.skip("needs /proc/self/clear_refs (Linux)")
-    before = status_kb("VmRSS")
-    fn()
-    return (status_kb("VmHWM") - before) * 1024
-
-
 def test_the_factorization_makes_no_hidden_copy_of_the_hessian():
     """The Cholesky factor and its inverse are made in the Hessian's own memory: beyond it, a CPU holds the copy
     kept for a retry and one block's temporaries. Written into a row-major H, torch would factor a column-major
@@ -331,5 +315,5 @@ def test_the_factorization_makes_no_hidden_copy_of_the_hessian():
     _, x, H = _correlated(1, 4096, 2 * 4096)
     del x
     _reversed_inverse_factor(H.clone(), 0.01)  # the first call's lasting allocations (LAPACK's buffers) not counted
-    grown = _peak_rss_growth(lambda: _reversed_inverse_factor(H, 0.01))
+    grown = peak_rss_growth(lambda: _reversed_inverse_factor(H, 0.01))
     assert grown < 1.75 * H.nbytes, grown / H.nbytes  # a copy of H more would make it 2x or more

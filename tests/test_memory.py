@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import peak_rss_growth, proc_status_kb
 
 from quantkit import heap
 from quantkit.synthetic import shape_config, write_synthetic_checkpoint
@@ -102,7 +103,6 @@ def test_a_tensor_converted_for_the_output_is_read_a_block_of_rows_at_a_time(tmp
     from safetensors.torch import save_file
 
     from quantkit.checkpoint import SafetensorsCheckpoint
-    from tests.test_gptq import _peak_rss_growth
 
     emb = torch.randn(16384, 1024)  # 64 MB in float32
     save_file({"embed.weight": emb, "norm.weight": torch.ones(1024), "ids": torch.arange(7)},
@@ -113,14 +113,9 @@ def test_a_tensor_converted_for_the_output_is_read_a_block_of_rows_at_a_time(tmp
     assert torch.equal(checkpoint.get_as("norm.weight", torch.float16), torch.ones(1024, dtype=torch.float16))
     assert checkpoint.is_floating("embed.weight") and not checkpoint.is_floating("ids")
     got = []
-    growth = _peak_rss_growth(lambda: got.append(checkpoint.get_as("embed.weight", torch.float16)))
+    growth = peak_rss_growth(lambda: got.append(checkpoint.get_as("embed.weight", torch.float16)))
     assert torch.equal(got[0], expected)
     assert growth < 32 * 2**20 + 16 * 2**20, f"{growth / 2**20:.0f} MB for a 32 MB float16 result"
-
-
-def _resident_kb() -> int:
-    line = next(l for l in open("/proc/self/status") if l.startswith("VmRSS:"))
-    return int(line.split()[1])
 
 
 def test_the_reuse_window_keeps_freed_temporaries_for_the_next_batch_and_returns_them_after():
@@ -136,11 +131,11 @@ def test_the_reuse_window_keeps_freed_temporaries_for_the_next_batch_and_returns
             torch.mul(x, 2)
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-    resident = _resident_kb()
+    resident = proc_status_kb("VmRSS")
     with heap.reusing_freed_memory(x.nbytes):
         torch.mul(x, 2)  # the first one is paid for
         inside = faults_of_forty_temporaries()
-    kept_after = _resident_kb() - resident
+    kept_after = proc_status_kb("VmRSS") - resident
     outside = faults_of_forty_temporaries()
     # fresh, each faults at least once (1536 times in 4 KiB pages); inside, the heap may grow a few times first
     assert outside >= 40, f"{outside} page faults after the window"
