@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import QuantSpec
-from .errors import QuantkitError
+from .errors import QuantkitError, first_line
 
 # LLM.int8 on CPU casts float32 inputs to float16 in every matmul and warns each time; the cast is by design
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
@@ -72,7 +72,7 @@ def quantize_bnb(model_dir: Path, config, spec: QuantSpec, staging: Path, device
         raise
     except Exception as e:
         raise QuantkitError(f"bitsandbytes could not quantize {model_dir}: "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                            f"{first_line(e)}") from None
     for p in staging.iterdir():  # save_pretrained creates its shards 0600; match the other files
         p.chmod(0o666 & ~_umask())
     return sum(p.stat().st_size for p in staging.glob("*.safetensors"))

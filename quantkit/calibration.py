@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .config import CalibSpec
-from .errors import CalibrationError
+from .errors import CalibrationError, first_line
 
 BUILTIN_SETS = {
     "pydocs-calib": "pydocs-calib.jsonl",  # CPython 3.11 stdlib docstrings, calibration half
@@ -148,7 +148,7 @@ def _read_hf_dataset(spec: str) -> list[str]:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:
         raise CalibrationError(f"cannot load dataset {name!r} (config {config}, split {split}): "
-                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                               f"{first_line(e)}") from None
     if "text" not in ds.column_names:
         raise CalibrationError(f"dataset {name!r} has no 'text' column (columns: {', '.join(ds.column_names)})")
     return [t for t in ds["text"] if isinstance(t, str)]

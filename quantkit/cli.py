@@ -9,11 +9,32 @@ import click
 
 from . import __version__
 from .config import COMPUTE_DTYPES
-from .errors import QuantkitError
+from .errors import QuantkitError, first_line
 
 
-def _fail(e: Exception) -> click.ClickException:
-    return click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__)
+class _OneLineErrors(click.Group):
+    """The one error path of every command: a QuantkitError is one `Error:` line and exit 1; any other exception
+    is one line naming it as an internal error (exit 1), with its traceback only under --debug."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit,
+                KeyboardInterrupt):
+            raise
+        except QuantkitError as e:
+            if _debug(ctx):
+                raise
+            raise click.ClickException(first_line(e)) from None
+        except Exception as e:
+            if _debug(ctx):
+                raise
+            raise click.ClickException(f"internal error ({type(e).__name__}: {first_line(e)}); rerun with --debug "
+                                       "for the traceback") from None
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool((ctx.find_root().params or {}).get("debug"))
 
 
 class _TqdmHandler(logging.Handler):
@@ -38,9 +59,10 @@ def _setup_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="quantkit")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="show the full traceback of any error")
+def cli(debug: bool) -> None:
     """Quantize Hugging Face causal LMs to GPTQ checkpoints and prove they are good."""
 
 
@@ -61,10 +83,7 @@ def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
         shard = parse_size(max_shard_size)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-shard-size") from None
-    try:
-        out = import_gguf(gguf_file, out_dir, dtype=dtype, max_shard_bytes=shard, overwrite=overwrite)
-    except QuantkitError as e:
-        raise _fail(e) from None
+    out = import_gguf(gguf_file, out_dir, dtype=dtype, max_shard_bytes=shard, overwrite=overwrite)
     click.echo(f"wrote {out}")
 
 
@@ -128,11 +147,8 @@ def quantize(model, bits, group_size, sym, damp, act_order, static_groups, true_
     _setup_logging(quiet=as_json)
     from .pipeline import quantize as run_quantize
 
-    try:
-        result = run_quantize(model, spec, calib_spec, repo_id=repo_id, out=out, overwrite=overwrite, device=device,
-                              max_shard_size=max_shard_size, progress=not as_json, compute_dtype=compute_dtype)
-    except QuantkitError as e:
-        raise _fail(e) from None
+    result = run_quantize(model, spec, calib_spec, repo_id=repo_id, out=out, overwrite=overwrite, device=device,
+                          max_shard_size=max_shard_size, progress=not as_json, compute_dtype=compute_dtype)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return

@@ -9,11 +9,6 @@ import json
 
 import click
 
-from .errors import QuantkitError
-
-
-def _fail(e: Exception) -> click.ClickException:
-    return click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 def _bits(ctx, param, value: str) -> tuple[int, ...]:
@@ -56,11 +51,8 @@ def estimate_command(model_or_config, bits, group_size, context, batch, samples,
     llama-3-8b, llama-3-70b, qwen2.5-7b, smollm2-135m). Sizes in GiB (2**30 bytes)."""
     from .sizing import estimate, format_estimate
 
-    try:
-        result = estimate(model_or_config, bits=bits, group_size=group_size, context=context, batch=batch,
-                          samples=samples, seq_len=seq_len, gptaq=gptaq)
-    except QuantkitError as e:
-        raise _fail(e) from None
+    result = estimate(model_or_config, bits=bits, group_size=group_size, context=context, batch=batch,
+                      samples=samples, seq_len=seq_len, gptaq=gptaq)
     click.echo(json.dumps(result.to_dict()) if as_json else format_estimate(result))
 
 
@@ -73,10 +65,7 @@ def inspect_command(path_or_repo, as_json):
     Reads safetensors headers only. Exit 1 when the manifest does not match or a header is unreadable."""
     from .inspect_cmd import format_inspect, inspect
 
-    try:
-        report = inspect(path_or_repo)
-    except QuantkitError as e:
-        raise _fail(e) from None
+    report = inspect(path_or_repo)
     click.echo(json.dumps(report.to_dict()) if as_json else format_inspect(report))
     damaged = report.errors or report.manifest.get("status") in ("mismatch", "invalid")
     if damaged:
@@ -125,11 +114,8 @@ def cache_rm_command(repo_id, yes):
     from .cache import cache_remove, cached_repo_folder, folder_size
     from .inspect_cmd import human_size
 
-    try:
-        folder = cached_repo_folder(repo_id)
-        if not yes:
-            click.confirm(f"remove {repo_id} ({human_size(folder_size(folder))}, {folder})?", abort=True)
-        freed = cache_remove(repo_id)
-    except QuantkitError as e:
-        raise _fail(e) from None
+    folder = cached_repo_folder(repo_id)
+    if not yes:
+        click.confirm(f"remove {repo_id} ({human_size(folder_size(folder))}, {folder})?", abort=True)
+    freed = cache_remove(repo_id)
     click.echo(f"removed {repo_id} ({human_size(freed)} freed)")

@@ -11,7 +11,6 @@ import sys
 
 import click
 
-from .errors import QuantkitError
 from .integrity import describe_quantization
 from .verification import DEFAULT_MAX_KL, DEFAULT_MAX_PPL_RATIO, DEFAULT_MIN_TOP1, LOADERS
 
@@ -111,10 +110,8 @@ def verify_command(quantized, base, eval_source, seq_len, max_tokens, loader, ma
                         max_memory=max_memory, generate=not no_generate, max_new_tokens=max_new_tokens,
                         thresholds=Thresholds(max_ppl_ratio=max_ppl_ratio, max_kl=max_kl, min_top1=min_top1),
                         progress=progress)
-    except QuantkitError as e:
+    finally:
         progress.close()
-        raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    progress.close()
     written = None
     if report_dir:
         from .report import write_report

@@ -11,3 +11,9 @@ class NumericalError(QuantkitError):
 
 class CalibrationError(QuantkitError):
     """The calibration set cannot be read or holds too few tokens."""
+
+
+def first_line(e: BaseException) -> str:
+    """An error's message as one line: its first line, or its type's name when it has no message."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

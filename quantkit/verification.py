@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from . import __version__
 from .calibration import DEFAULT_EVAL, evaluation_windows
 from .checkpoint import read_config_dict, resolve_model_dir
-from .errors import QuantkitError
+from .errors import QuantkitError, first_line
 from .integrity import MANIFEST_NAME, TORCH_BACKEND_NOTE, IntegrityReport, check_integrity
 from .precision import fast_float32_matmuls
 from .qlinear import available_memory, estimate_footprint, load_model
@@ -244,7 +244,7 @@ def _tokenizer(qdir: Path, bdir: Path | None):
         try:
             return AutoTokenizer.from_pretrained(str(path))
         except Exception as e:
-            raise QuantkitError(f"cannot load the tokenizer from {path}: {str(e).splitlines()[0] if str(e) else e!r}") \
+            raise QuantkitError(f"cannot load the tokenizer from {path}: {first_line(e)}") \
                 from None
     tok = load(qdir)
     if bdir is not None and load(bdir).get_vocab() != tok.get_vocab():
@@ -338,7 +338,7 @@ def _load_transformers(path: Path, quantized: bool, budget: int | None, offload:
                 import gptqmodel  # noqa: F401
             model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except Exception as e:
-        raise QuantkitError(f"transformers cannot load {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+        raise QuantkitError(f"transformers cannot load {path}: {first_line(e)}") \
             from None
     return model.eval(), {"loader": "transformers", "path": str(path), "quantized": quantized,
                           "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
