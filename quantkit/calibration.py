@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ def builtin_dir() -> Path:
 MIN_TEXT_BUDGET = 8 * 2**20          # characters; the built-in sets (about 1 MB) are always read whole
 CHARS_PER_TOKEN_BUDGET = 32          # generous: English text averages about 4 characters per token
 MAX_LINE_BYTES = 16 * 2**20
+PARQUET_BATCH_ROWS = 1024            # rows per record batch read from a parquet file
 
 
 def text_budget(tokens: int | None) -> int:
@@ -59,12 +61,15 @@ def load_documents(source: str, max_chars: int | None = None) -> list[str]:
     raise CalibrationError(f"{path}: unsupported calibration file type {suffix!r} (use .txt, .jsonl or .parquet)")
 
 
-def _cut(docs: list[str], max_chars: int | None) -> list[str]:
+def _cut(docs: Iterable[str], max_chars: int | None) -> list[str]:
+    """The documents up to `max_chars` characters, the last one cut there; `docs` is consumed no further than
+    that, so a lazy source is read only as far as the budget needs."""
     if max_chars is None:
-        return docs
-    out, total = [], 0
-    for d in docs:
-        if total >= max_chars:
+        return list(docs)
+    out, total, docs = [], 0, iter(docs)
+    while total < max_chars:
+        d = next(docs, None)
+        if d is None:
             break
         out.append(d[: max_chars - total])
         total += len(out[-1])
@@ -124,19 +129,32 @@ def _read_jsonl(path: Path, max_chars: int | None) -> list[str]:
     return _cut(docs, max_chars)
 
 
-def _read_parquet(path: Path) -> list[str]:
+def _read_parquet(path: Path) -> Iterator[str]:
+    """The string cells of the 'text' column, read one record batch at a time as they are consumed."""
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        parquet = pq.ParquetFile(path)
+        columns = parquet.schema_arrow.names
     except Exception as e:
-        raise CalibrationError(f"{path} is not a readable parquet file: {e}") from None
-    if "text" not in table.column_names:
-        raise CalibrationError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
-    return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
+        raise CalibrationError(f"{path} is not a readable parquet file: {first_line(e)}") from None
+    if "text" not in columns:
+        raise CalibrationError(f"{path} has no 'text' column (columns: {', '.join(columns)})")
+    for group in range(parquet.num_row_groups):  # one row group at a time: iter_batches alone reads ahead
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group], columns=["text"])
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as e:
+                raise CalibrationError(f"{path} is not a readable parquet file: {first_line(e)}") from None
+            yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
 
 
-def _read_hf_dataset(spec: str) -> list[str]:
+def _read_hf_dataset(spec: str) -> Iterator[str]:
+    """The string 'text' of each row of a (cached or downloaded) dataset, row by row as they are consumed: the
+    Arrow files stay memory-mapped, and only the rows the budget needs are read."""
     parts = spec.split(":")
     if not parts[0] or len(parts) > 3:
         raise CalibrationError(f"bad dataset spec 'hf:{spec}': use hf:<dataset id>[:config][:split]")
@@ -151,7 +169,7 @@ def _read_hf_dataset(spec: str) -> list[str]:
                                f"{first_line(e)}") from None
     if "text" not in ds.column_names:
         raise CalibrationError(f"dataset {name!r} has no 'text' column (columns: {', '.join(ds.column_names)})")
-    return [t for t in ds["text"] if isinstance(t, str)]
+    return (row["text"] for row in ds.select_columns(["text"]) if isinstance(row["text"], str))
 
 
 def token_stream(tokenizer, documents: list[str]) -> Tensor:

@@ -1,7 +1,7 @@
 """Finding and reading a base checkpoint: config.json plus safetensors shards, one tensor at a time."""
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 
 import torch
@@ -9,6 +9,8 @@ from torch import Tensor
 
 from .errors import QuantkitError
 from .hub import cached_snapshot, hub_cache_dir, looks_like_repo_id
+from .safetensors_header import read_header
+from .untrusted import field, positive_int, read_json, relative_name
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -30,13 +32,32 @@ def resolve_model_dir(model: str) -> Path:
 
 
 def read_config_dict(model_dir: Path) -> dict:
+    """config.json as a JSON object whose quantization_config, when set, is an object too (every reader looks
+    into it)."""
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise QuantkitError(f"{model_dir} has no config.json; is it a Hugging Face model directory?")
+    config = read_json(cfg_path, "config")
+    if config.get("quantization_config") is not None:
+        field(config, "quantization_config", dict, str(cfg_path))
+    return config
+
+
+def read_index(model_dir: Path) -> dict[str, str] | None:
+    """The weight map of model_dir's safetensors index (tensor name -> shard file name, a plain relative name), or
+    None when there is no index. Whether the shards exist is the caller's to check."""
+    index = model_dir / INDEX_NAME
+    if not index.is_file():
+        return None
+    where = f"{index} is not a valid safetensors index"
     try:
-        return json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QuantkitError(f"{cfg_path} is not valid JSON: {e}") from None
+        document = read_json(index, "safetensors index")
+    except QuantkitError as e:
+        raise QuantkitError(f"{where}: {e}") from None
+    weight_map = field(document, "weight_map", dict, where)
+    for name, filename in weight_map.items():
+        relative_name(filename, f"{where}: tensor {name}")
+    return weight_map
 
 
 class SafetensorsCheckpoint:
@@ -44,20 +65,17 @@ class SafetensorsCheckpoint:
 
     def __init__(self, model_dir: Path):
         self.model_dir = model_dir
+        self._headers: dict[str, dict] = {}
         self.weight_map = self._weight_map(model_dir)
         self._handles: dict[str, object] = {}
 
-    @staticmethod
-    def _weight_map(model_dir: Path) -> dict[str, str]:
-        index = model_dir / INDEX_NAME
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-                raise QuantkitError(f"{index} is not a valid safetensors index: {e}") from None
+    def _weight_map(self, model_dir: Path) -> dict[str, str]:
+        weight_map = read_index(model_dir)
+        if weight_map is not None:
             missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
             if missing:
-                raise QuantkitError(f"{index} names shard {missing[0]}, which is missing from {model_dir}")
+                raise QuantkitError(f"{model_dir / INDEX_NAME} names shard {missing[0]}, which is missing from "
+                                    f"{model_dir}")
             return weight_map
         shards = sorted(model_dir.glob("*.safetensors"))
         if not shards:
@@ -68,7 +86,13 @@ class SafetensorsCheckpoint:
             raise QuantkitError(f"{model_dir} has no .safetensors weights")
         if len(shards) > 1:
             raise QuantkitError(f"{model_dir} has {len(shards)} safetensors files but no {INDEX_NAME}")
-        return {name: shards[0].name for name in _open(shards[0]).keys()}
+        return {name: shards[0].name for name in sorted(self.header(shards[0].name))}
+
+    def header(self, filename: str) -> dict:
+        """The header of one of the checkpoint's files, read once and checked (safetensors_header.read_header)."""
+        if filename not in self._headers:
+            self._headers[filename] = read_header(self.model_dir / filename)
+        return self._headers[filename]
 
     def check_index(self) -> None:
         """Every tensor the index places in a shard is in that shard (headers only; no tensor data is read)."""
@@ -76,11 +100,24 @@ class SafetensorsCheckpoint:
         for name, filename in self.weight_map.items():
             by_file.setdefault(filename, []).append(name)
         for filename, names in by_file.items():
-            present = set(self._handle(filename).keys())
+            present = self.header(filename)
             absent = [n for n in names if n not in present]
             if absent:
-                raise QuantkitError(f"{self.model_dir / INDEX_NAME} places tensor {absent[0]} in {filename}, which does not "
-                                    f"contain it ({len(absent)} such tensor{'s' if len(absent) > 1 else ''})")
+                raise self._misplaced(absent[0], filename, len(absent))
+
+    def _misplaced(self, name: str, filename: str, count: int) -> QuantkitError:
+        return QuantkitError(f"{self.model_dir / INDEX_NAME} places tensor {name} in {filename}, which does not "
+                             f"contain it ({count} such tensor{'s' if count > 1 else ''})")
+
+    def _entry(self, name: str) -> dict:
+        """The header entry (dtype, shape, data_offsets) of tensor `name`."""
+        if name not in self.weight_map:
+            raise self._missing(name)
+        filename = self.weight_map[name]
+        header = self.header(filename)
+        if name not in header:
+            raise self._misplaced(name, filename, 1)
+        return header[name]
 
     def _handle(self, filename: str):
         if filename not in self._handles:
@@ -127,10 +164,10 @@ class SafetensorsCheckpoint:
 
     def is_floating(self, name: str) -> bool:
         """Whether tensor `name` holds floating-point numbers (F16, BF16, F32, F8_...; the header alone)."""
-        return self._read(name, lambda handle: handle.get_slice(name).get_dtype()).startswith(("F", "BF"))
+        return self._entry(name)["dtype"].startswith(("F", "BF"))
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._read(name, lambda handle: handle.get_slice(name).get_shape()))
+        return tuple(self._entry(name)["shape"])
 
     def close(self) -> None:
         self._handles.clear()
@@ -146,5 +183,56 @@ def _open(path: Path):
 
 
 def torch_dtype_of(config_dict: dict) -> torch.dtype:
+    """config.json's dtype; float32 when it names none, or names something that is not a torch dtype."""
     name = config_dict.get("dtype") or config_dict.get("torch_dtype") or "float32"
-    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+    dtype = getattr(torch, str(name).replace("torch.", ""), torch.float32)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+# config.json keys of the sizes a model skeleton is built from (GPT-2 spells two of them its own way), and the
+# names that end a token embedding's weight in the supported architectures
+_SKELETON_SIZES = {"num_hidden_layers": ("num_hidden_layers", "n_layer"), "hidden_size": ("hidden_size", "n_embd"),
+                   "num_attention_heads": ("num_attention_heads", "n_head"), "vocab_size": ("vocab_size",)}
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "intermediate_size", "word_embed_proj_dim")
+_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight")
+_LAYER_INDEX = re.compile(r"(.+?)\.(\d+)\.")
+
+
+def check_config_fits(config_dict: dict, checkpoint: SafetensorsCheckpoint) -> None:
+    """config.json describes the weights beside it, checked from the tensor names and headers before any model
+    is built from it (a lying num_hidden_layers or hidden_size would otherwise size the skeleton): its sizes are
+    positive integers, the weights hold decoder layers numbered exactly 0..num_hidden_layers-1, and the
+    token embedding is vocab_size x hidden_size (word_embed_proj_dim wide where the config sets it, as OPT's).
+    The embedding is found by the names the supported architectures give it; other architectures (which verify's
+    loaders may still read) get the size and layer checks only."""
+    where = checkpoint.model_dir / "config.json"
+    text = config_dict
+    if config_dict.get("num_hidden_layers") is None and isinstance(config_dict.get("text_config"), dict):
+        text = config_dict["text_config"]  # a composite model: its language model's sizes
+    sizes, spelled = {}, {}
+    for size, keys in _SKELETON_SIZES.items():
+        spelled[size] = next((k for k in keys if text.get(k) is not None), keys[0])
+        sizes[size] = positive_int(text, spelled[size], str(where))
+    for key in _OPTIONAL_SIZES:
+        if text.get(key) is not None:
+            sizes[key] = positive_int(text, key, str(where))
+    stacks: dict[str, set[int]] = {}  # "model.layers" -> the numbers N of the tensors named model.layers.N.*
+    for name in checkpoint.names():
+        match = _LAYER_INDEX.match(name)
+        if match:
+            stacks.setdefault(match.group(1), set()).add(int(match.group(2)))
+    layers = sizes["num_hidden_layers"]
+    if not any(len(found) == layers and min(found) == 0 and max(found) == layers - 1 for found in stacks.values()):
+        prefix, found = max(stacks.items(), key=lambda item: len(item[1]), default=("layers", set()))
+        held = f"{len(found)} numbered {min(found)} to {max(found)} ({prefix}.N)" if found else "none"
+        raise QuantkitError(f"{where} says {spelled['num_hidden_layers']} is {layers}, but the weights in "
+                            f"{checkpoint.model_dir} hold decoder layers {held}: config.json does not describe these "
+                            "weights")
+    embeddings = [n for n in checkpoint.names() if n.endswith(_EMBEDDING_SUFFIXES)]
+    expected = (sizes["vocab_size"], sizes.get("word_embed_proj_dim", sizes["hidden_size"]))
+    for name in embeddings:
+        shape = checkpoint.shape(name)
+        if shape != expected:
+            raise QuantkitError(f"{where} implies a token embedding of {list(expected)} (vocab_size x hidden_size), "
+                                f"but {name} is {list(shape)} in the checkpoint: config.json does not describe "
+                                "these weights")

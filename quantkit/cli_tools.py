@@ -83,18 +83,27 @@ def cache_group():
 @cache_group.command("list")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def cache_list_command(as_json):
-    """List quantized models (refs/main snapshot with a quantization_config) in the hub cache."""
-    from .cache import cache_list
+    """List quantized models (refs/main snapshot with a quantization_config) in the hub cache. Damaged entries are
+    left out; when there are any, one `Error:` line names the first and the exit status is 1."""
+    from .cache import scan_cache
     from .hub import hub_cache_dir
     from .inspect_cmd import human_size
 
-    models = cache_list()
+    listing = scan_cache()
+    models = listing.models
     if as_json:
-        click.echo(json.dumps({"cache": str(hub_cache_dir()), "models": [m.to_dict() for m in models]}))
-        return
-    if not models:
+        click.echo(json.dumps({"cache": str(hub_cache_dir()), "models": [m.to_dict() for m in models],
+                               "skipped": listing.skipped}))
+    elif not models:
         click.echo(f"no quantized models in {hub_cache_dir()}")
-        return
+    else:
+        _print_models(models, human_size)
+    if listing.skipped:  # the intact ones are listed; the exit status says the cache needs a look
+        more = len(listing.skipped) - 1
+        raise click.ClickException(f"{listing.skipped[0]}{f' (+{more} more damaged entries; --json lists them)' if more else ''}")
+
+
+def _print_models(models: list, human_size) -> None:
     rows = [["repo id", "method", "bits", "group", "sym", "size", "path"]]
     for m in models:
         group = "row" if m.group_size == -1 else str(m.group_size)

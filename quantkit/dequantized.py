@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checkpoint import SafetensorsCheckpoint, read_config_dict, resolve_model_dir
+from .checkpoint import SafetensorsCheckpoint, check_config_fits, read_config_dict, resolve_model_dir
 from .errors import QuantkitError
 from .gptq_format import dequantize_module
 from .model_skeleton import causal_lm_from_config, checkpoint_key_renamer, is_conv1d
@@ -25,12 +25,13 @@ def load_dequantized(model: str, dtype: torch.dtype = torch.float32) -> nn.Modul
     qcfg = config_dict.get("quantization_config") or {}
     if qcfg.get("quant_method") != "gptq":
         raise QuantkitError(f"{model_dir} is not a GPTQ checkpoint (quantization_config.quant_method != 'gptq')")
+    checkpoint = SafetensorsCheckpoint(model_dir)
+    check_config_fits(config_dict, checkpoint)
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     del config.quantization_config
     with init_empty_weights(include_buffers=False):
         lm = causal_lm_from_config(config, dtype)
     rename = checkpoint_key_renamer(lm)
-    checkpoint = SafetensorsCheckpoint(model_dir)
     bits, fmt = int(qcfg["bits"]), qcfg.get("checkpoint_format", "gptq")
     names = set(checkpoint.names())
     for name in sorted(names):

@@ -5,12 +5,18 @@ Layout (what huggingface_hub writes and reads offline):
                                      /snapshots/<revision>/<file> -> ../../blobs/<sha256>
                                      /refs/main                   (contains <revision>)
 A snapshot is assembled beside `snapshots/` and renamed into place; `refs/main` is written last, so a crash
-never leaves a revision that `from_pretrained` would pick up half-made.
+never leaves a revision that `from_pretrained` would pick up half-made. Blobs, `refs/main` and the renamed
+directories are fsynced before the old revision goes.
+
+The cache is untrusted input (untrusted.py): `refs/main` must hold a revision (40 hex digits), a snapshot read
+must lie inside its repo folder, and the repo folder, `blobs/`, `snapshots/` and `refs/` must be real
+directories, not links, before anything is written or deleted in them.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,6 +25,9 @@ from pathlib import Path
 
 from .errors import QuantkitError
 from .faults import kill_point
+from .untrusted import confined, fsync_dir, fsync_file, not_symlink, read_ref, real_directory, remove_tree
+
+log = logging.getLogger("quantkit")
 
 _REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_-])?")
 
@@ -31,11 +40,25 @@ def hub_cache_dir() -> Path:
     return Path(hf_home).expanduser() / "hub"
 
 
+def cache_id(cache: Path | None = None) -> str:
+    """A short name for a hub cache (default: this one): the start of the sha256 of its resolved path. Keys what
+    quantkit keeps outside the cache (the work directories) to the cache whose lock guards it."""
+    return hashlib.sha256(str(Path(cache or hub_cache_dir()).resolve()).encode()).hexdigest()[:12]
+
+
+def _is_repo_id(text: str) -> bool:
+    """NAMESPACE/NAME of safe characters, with no '..' (a path step) and no '--' (the cache folder joins the parts
+    with '--', so 'a/b--c' and 'a--b/c' would share one folder; huggingface_hub refuses both as well)."""
+    parts = text.split("/")
+    return len(parts) == 2 and all(_REPO_PART.fullmatch(p) and ".." not in p and "--" not in p for p in parts)
+
+
 def validate_repo_id(repo_id: str) -> str:
-    """Accept only 'namespace/name' made of safe characters, so a repo id can never escape the cache."""
-    parts = repo_id.split("/")
-    if len(parts) != 2 or not all(_REPO_PART.fullmatch(p) and ".." not in p for p in parts):
-        raise QuantkitError(f"invalid repo id {repo_id!r}: use NAMESPACE/NAME with letters, digits, '-', '_' and '.'")
+    """Accept only 'namespace/name' made of safe characters, so a repo id can never escape the cache or share
+    its folder with another repo id."""
+    if not _is_repo_id(repo_id):
+        raise QuantkitError(f"invalid repo id {repo_id!r}: use NAMESPACE/NAME with letters, digits, '-', '_' and '.' "
+                            "(no '--' or '..')")
     return repo_id
 
 
@@ -44,17 +67,30 @@ def repo_folder(repo_id: str) -> Path:
 
 
 def looks_like_repo_id(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(_REPO_PART.fullmatch(p) for p in parts)
+    return _is_repo_id(text)
+
+
+def main_revision(folder: Path) -> str | None:
+    """The revision `refs/main` of a repo folder names, or None when it has none; one line naming the file when
+    it is a link, not UTF-8 or not a revision."""
+    try:
+        return read_ref(folder / "refs" / "main")
+    except QuantkitError as e:
+        raise QuantkitError(f"{e}; `quantkit cache rm` removes the damaged entry") from None
+
+
+def snapshot_of(folder: Path, revision: str) -> Path:
+    """snapshots/<revision> of a repo folder, refused with one line when it (through any link) leads outside it."""
+    return confined(folder, f"snapshots/{revision}", f"refs/main of {folder}")
 
 
 def cached_snapshot(repo_id: str) -> Path | None:
     """The snapshot `refs/main` points to, or None when the repo is not (completely) in the cache."""
     folder = repo_folder(repo_id)
-    ref = folder / "refs" / "main"
-    if not ref.is_file():
+    revision = main_revision(folder)
+    if revision is None:
         return None
-    snapshot = folder / "snapshots" / ref.read_text().strip()
+    snapshot = snapshot_of(folder, revision)
     return snapshot if snapshot.is_dir() else None
 
 
@@ -85,55 +121,106 @@ def repo_lock(repo_id: str):
 
 
 def _move_into(src: Path, dst: Path) -> None:
-    """Rename src to dst; across filesystems, copy to a temporary name first so dst appears whole."""
+    """Rename src to dst (replacing the entry dst, never following it); across filesystems, copy to a temporary
+    name first so dst appears whole."""
     try:
         os.replace(src, dst)
     except OSError:
         tmp = dst.with_name(dst.name + ".incomplete")
+        tmp.unlink(missing_ok=True)  # copying onto a leftover link would write through it
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
         src.unlink()
+
+
+def _blob_intact(blob: Path, digest: str) -> bool:
+    """Whether blobs/<digest> is a regular file (not a link) that holds what its name says."""
+    return blob.is_file() and not blob.is_symlink() and sha256_file(blob) == digest
+
+
+def _blob_link(name: str, digest: str) -> str:
+    """The relative link target of snapshots/<revision>/<name>: up to the repo folder, then blobs/<digest>."""
+    return os.path.join(*([".."] * (len(Path(name).parts) + 1)), "blobs", digest)
+
+
+def _snapshot_intact(snapshot: Path, file_hashes: dict[str, str]) -> bool:
+    """Whether snapshots/<revision> is a real directory of exactly the links to blobs that publishing makes."""
+    if not snapshot.is_dir() or snapshot.is_symlink():
+        return False
+    found = {os.path.relpath(os.path.join(root, n), snapshot) for root, dirs, files in os.walk(snapshot)
+             for n in dirs + files if os.path.islink(os.path.join(root, n)) or n in files}
+    return found == set(file_hashes) and all(
+        os.path.islink(snapshot / name) and os.readlink(snapshot / name) == _blob_link(name, digest)
+        for name, digest in file_hashes.items())
+
+
+_REPO_DIRS = ("blobs", "snapshots", "refs")
+
+
+def check_repo_folder(repo_id: str) -> Path:
+    """The repo folder of repo_id, refused with one line when it or one of its blobs/, snapshots/ and refs/ is a
+    link or not a directory: publishing writes and deletes in them. What is missing is fine (created then)."""
+    folder = repo_folder(repo_id)
+    for path in (folder, *(folder / d for d in _REPO_DIRS)):
+        not_symlink(path, "hub cache folder")
+        if path.exists() and not path.is_dir():
+            raise QuantkitError(f"hub cache folder {path} is not a directory; `quantkit cache rm {repo_id}` removes "
+                                "the damaged entry")
+    return folder
 
 
 def publish_snapshot(staging: Path, repo_id: str, file_hashes: dict[str, str]) -> Path:
     """Move the files of `staging` into the cache as a new revision of repo_id; returns the snapshot path.
 
     file_hashes maps each relative file name to its sha256 (the blob name). The revision is derived from
-    them, so identical outputs publish to the same revision.
+    them, so identical outputs publish to the same revision. The caller holds repo_lock(repo_id).
     """
-    folder = repo_folder(repo_id)
-    blobs, snapshots, refs = folder / "blobs", folder / "snapshots", folder / "refs"
-    for d in (blobs, snapshots, refs):
-        d.mkdir(parents=True, exist_ok=True)
+    folder = real_directory(check_repo_folder(repo_id), "hub cache folder")
+    blobs, snapshots, refs = (real_directory(folder / d, "hub cache folder") for d in _REPO_DIRS)
+    fsync_dir(folder)
     revision = hashlib.sha1(json.dumps(sorted(file_hashes.items())).encode()).hexdigest()
-    old_ref = refs / "main"
-    old_revision = old_ref.read_text().strip() if old_ref.is_file() else None
+    old_revision = main_revision(folder)
 
     for name, digest in file_hashes.items():
         blob = blobs / digest
-        if blob.exists():
+        if _blob_intact(blob, digest):
             (staging / name).unlink()
-        else:
-            _move_into(staging / name, blob)
+            continue
+        if blob.is_dir() and not blob.is_symlink():
+            raise QuantkitError(f"{blob} is a directory, not a blob; `quantkit cache rm {repo_id}` removes the "
+                                "damaged entry")
+        _move_into(staging / name, blob)  # replaces a damaged blob or a link in its place
+        fsync_file(blob)
+    fsync_dir(blobs)
 
     kill_point("publish:blobs")
     snapshot = snapshots / revision
-    if not snapshot.is_dir():
+    if not _snapshot_intact(snapshot, file_hashes):
         # assembled one level below the repo folder, like snapshots/<rev>, so relative links resolve there too
-        tmp = folder / ".quantkit-incoming" / revision
-        shutil.rmtree(tmp, ignore_errors=True)
+        incoming = real_directory(folder / ".quantkit-incoming", "hub cache folder")
+        tmp = incoming / revision
+        remove_tree(tmp, incoming, "unfinished snapshot")
+        if snapshot.is_symlink() or not snapshot.is_dir():
+            snapshot.unlink(missing_ok=True)  # a link or file there goes itself, never what a link points to
+        else:
+            remove_tree(snapshot, snapshots, "damaged snapshot")
         for name, digest in file_hashes.items():
             link = tmp / name
             link.parent.mkdir(parents=True, exist_ok=True)
-            depth = len(Path(name).parts) + 1
-            os.symlink(os.path.join(*([".."] * depth), "blobs", digest), link)
+            os.symlink(_blob_link(name, digest), link)
+        for d in {(tmp / name).parent for name in file_hashes}:
+            fsync_dir(d)
         os.rename(tmp, snapshot)
-        shutil.rmtree(tmp.parent, ignore_errors=True)
+        fsync_dir(snapshots)
+        remove_tree(incoming, folder, "unfinished snapshots")
 
     kill_point("publish:ref")
-    ref_tmp = refs / ".main.incoming"
+    old_ref, ref_tmp = refs / "main", refs / ".main.incoming"
+    ref_tmp.unlink(missing_ok=True)  # a leftover goes first: writing would follow a link planted there
     ref_tmp.write_text(revision)
+    fsync_file(ref_tmp)
     os.replace(ref_tmp, old_ref)
+    fsync_dir(refs)
 
     if old_revision and old_revision != revision:
         _drop_revision(folder, old_revision)
@@ -141,9 +228,23 @@ def publish_snapshot(staging: Path, repo_id: str, file_hashes: dict[str, str]) -
 
 
 def _drop_revision(folder: Path, revision: str) -> None:
-    """Remove a superseded snapshot and the blobs no remaining snapshot links to."""
-    shutil.rmtree(folder / "snapshots" / revision, ignore_errors=True)
-    live = {os.path.basename(os.readlink(p)) for p in (folder / "snapshots").rglob("*") if p.is_symlink()}
-    for blob in (folder / "blobs").iterdir():
-        if blob.name not in live:
-            blob.unlink()
+    """Remove a superseded snapshot (a real directory inside snapshots/; anything else there is left alone) and
+    the regular files directly in blobs/ that no remaining snapshot links to. Nothing here follows a link."""
+    snapshots, blobs = folder / "snapshots", folder / "blobs"
+    old = snapshots / revision
+    if old.is_dir() and not old.is_symlink():
+        remove_tree(old, snapshots, "superseded snapshot")
+    elif old.exists() or old.is_symlink():
+        log.warning("left %s in place: a superseded snapshot should be a directory", old)
+    not_symlink(snapshots, "hub cache folder")
+    not_symlink(blobs, "hub cache folder")
+    live = set()
+    for root, dirs, files in os.walk(snapshots):  # links to directories are listed in dirs, never entered
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                live.add(os.path.basename(os.readlink(path)))
+    with os.scandir(blobs) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False) and entry.name not in live:
+                os.unlink(entry.path)

@@ -11,12 +11,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import INDEX_NAME, read_config_dict, resolve_model_dir
+from .checkpoint import INDEX_NAME, read_config_dict, read_index, resolve_model_dir
 from .compat import compatibility_notes
 from .errors import QuantkitError
+from .safetensors_header import read_header
 
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
-               "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
 _NOT_LINEAR = re.compile(r"(embed|wte|wpe|norm|ln_|layernorm)", re.IGNORECASE)
@@ -66,13 +65,9 @@ class InspectReport:
 
 def _weight_map(model_dir: Path) -> dict[str, list[str]] | None:
     """Safetensors file -> tensor names listed by the index (None when there is no index)."""
-    index = model_dir / INDEX_NAME
-    if not index.is_file():
+    weight_map = read_index(model_dir)
+    if weight_map is None:
         return None
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise QuantkitError(f"{index} is not a valid safetensors index: {e}") from None
     out: dict[str, list[str]] = {}
     for name, filename in weight_map.items():
         out.setdefault(filename, []).append(name)
@@ -80,9 +75,8 @@ def _weight_map(model_dir: Path) -> dict[str, list[str]] | None:
 
 
 def _headers(model_dir: Path, errors: list[str]) -> dict[str, dict]:
-    """name -> {dtype, shape, bytes, file} from every safetensors header; unreadable files become errors."""
-    from .integrity import read_header
-
+    """name -> {dtype, shape, bytes, file} from every safetensors header (safetensors_header.read_header, which
+    checks offsets, sizes and dtypes); unreadable or inconsistent files become errors."""
     by_index = _weight_map(model_dir)
     files = sorted(by_index) if by_index is not None else sorted(p.name for p in model_dir.glob("*.safetensors"))
     out: dict[str, dict] = {}
@@ -138,6 +132,9 @@ def _bnb_modules(headers: dict, bits: int, report: InspectReport, in_module: set
     """bitsandbytes Linears: 4-bit stores two values per uint8 byte, 8-bit one int8 per value, plus their scales."""
     marker = ".SCB" if bits == 8 else ".weight.absmax"
     for module in sorted(n[: -len(marker)] for n in headers if n.endswith(marker)):
+        if f"{module}.weight" not in headers:
+            report.errors.append(f"{module}: holds {module}{marker} but no {module}.weight")
+            continue
         parts = [f"{module}{sfx}" for sfx in _BNB_PARTS[bits] if f"{module}{sfx}" in headers]
         in_module.update(parts)
         stored = sum(headers[p]["bytes"] for p in parts)
@@ -174,7 +171,7 @@ def inspect(model: str | Path) -> InspectReport:
         path=str(model_dir), quantization_config=qc or None, quant_method=method, bits=bits,
         group_size=qc.get("group_size"), sym=qc.get("sym"), desc_act=qc.get("desc_act"),
         checkpoint_format=qc.get("checkpoint_format", "gptq" if method == "gptq" else None),
-        quantizer=[quantizer] if isinstance(quantizer, str) else list(quantizer),
+        quantizer=[quantizer] if isinstance(quantizer, str) else quantizer if isinstance(quantizer, list) else [],
         modules_in_block_to_quantize=qc.get("modules_in_block_to_quantize"),
         modules_not_converted=qc.get("modules_to_not_convert"))
 
@@ -267,7 +264,9 @@ def format_inspect(r: InspectReport) -> str:
     if r.modules_in_block_to_quantize:
         lines.append(f"quantized in each block: {json.dumps(r.modules_in_block_to_quantize)}")
     if r.modules_not_converted:
-        lines.append(f"not converted: {', '.join(map(str, r.modules_not_converted))}")
+        listed = r.modules_not_converted
+        named = ", ".join(map(str, listed)) if isinstance(listed, list) else json.dumps(listed)
+        lines.append(f"not converted: {named}")
     lines.append(f"size on disk  {human_size(r.size_on_disk)}  ({human_size(r.weight_file_bytes)} in {r.weight_files} "
                  f"safetensors file{'s' if r.weight_files != 1 else ''})")
     if r.linear_compression:

@@ -6,30 +6,27 @@ facts a user should know (e.g. a file the manifest does not list); notes are kno
 """
 from __future__ import annotations
 
-import json
 import math
-import struct
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .checkpoint import INDEX_NAME, SafetensorsCheckpoint, read_config_dict
+from .checkpoint import INDEX_NAME, SafetensorsCheckpoint, check_config_fits, read_config_dict
 from .compat import BNB_NOTE, LM_HEAD_NOTE
-from .errors import QuantkitError
+from .errors import QuantkitError, first_line
 from .hub import sha256_file
 from .packing import SUPPORTED_BITS
+from .safetensors_header import IntegrityError, read_header
+from .untrusted import field as json_field, read_json, relative_name
 
 MANIFEST_NAME = "quantkit.json"
 TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
                 "I32": torch.int32, "I64": torch.int64, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                 "BOOL": torch.bool}
 MAX_LISTED = 20  # problems of one kind listed individually before they are summarised
-
-
-class IntegrityError(QuantkitError):
-    """The checkpoint's files or tensors are damaged or inconsistent."""
 
 
 @dataclass
@@ -49,28 +46,6 @@ class IntegrityReport:
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "ok": self.ok}
-
-
-def read_header(path: Path) -> dict:
-    """The JSON header of one safetensors file; raises naming the file when it is malformed or truncated."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise IntegrityError(f"{path.name}: not a safetensors file ({size} bytes, truncated)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8:
-                raise IntegrityError(f"{path.name}: truncated or corrupted (header of {n} bytes, file of {size})")
-            header = json.loads(f.read(n))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IntegrityError(f"{path.name}: unreadable safetensors header ({e})") from None
-    header.pop("__metadata__", None)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + end != size:
-        raise IntegrityError(f"{path.name}: truncated or corrupted: its header describes {8 + n + end} bytes, the file "
-                             f"has {size}")
-    return header
 
 
 def read_headers(model_dir: Path, weight_map: dict[str, str]) -> dict[str, dict]:
@@ -95,6 +70,7 @@ def check_integrity(model_dir: Path, progress: Callable[[str, int, int], None] |
         config = read_config_dict(model_dir)
         checkpoint = SafetensorsCheckpoint(model_dir)
         headers = read_headers(model_dir, checkpoint.weight_map)
+        check_config_fits(config, checkpoint)
     except QuantkitError as e:
         report.errors.append(str(e))
         return report
@@ -114,8 +90,8 @@ def _check_manifest(model_dir: Path, report: IntegrityReport, progress) -> None:
         report.warnings.append(f"no {MANIFEST_NAME} manifest: file hashes not checked (not written by quantkit)")
         return
     try:
-        files = json.loads(path.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        files = _manifest_files(path)
+    except QuantkitError as e:
         report.errors.append(f"{MANIFEST_NAME}: not a valid quantkit manifest ({e})")
         return
     report.manifest = True
@@ -141,6 +117,22 @@ def _check_manifest(model_dir: Path, report: IntegrityReport, progress) -> None:
         report.warnings.append(f"files not in {MANIFEST_NAME}: {', '.join(extra)}")
 
 
+def _manifest_files(path: Path) -> dict[str, dict]:
+    """The manifest's `files`: plain names of files directly in the checkpoint, each with a sha256 and a size."""
+    files = json_field(read_json(path, "manifest"), "files", dict, MANIFEST_NAME)
+    for name, entry in files.items():
+        relative_name(name, MANIFEST_NAME)
+        if "/" in name:
+            raise QuantkitError(f"file name {name!r} is not a file at the checkpoint's top level")
+        if not isinstance(entry, dict):
+            raise QuantkitError(f"the entry of {name!r} is not an object")
+        if not (isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+            raise QuantkitError(f"the entry of {name!r} has no sha256 of 64 hex digits")
+        if "size" in entry:
+            json_field(entry, "size", int, f"{MANIFEST_NAME} entry {name!r}")
+    return files
+
+
 def _check_quantization(config: dict, model_dir: Path, checkpoint: SafetensorsCheckpoint, headers: dict,
                         report: IntegrityReport) -> None:
     qcfg = config.get("quantization_config")
@@ -161,9 +153,9 @@ def _check_quantization(config: dict, model_dir: Path, checkpoint: SafetensorsCh
     qc_file = model_dir / "quantize_config.json"
     if qc_file.is_file():
         try:
-            other = json.loads(qc_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            report.errors.append(f"quantize_config.json: not valid JSON ({e})")
+            other = read_json(qc_file, "quantize_config.json")
+        except QuantkitError as e:
+            report.errors.append(first_line(e))
         else:
             differ = [k for k in ("bits", "group_size", "desc_act", "sym", "checkpoint_format")
                       if k in other and other[k] != qcfg.get(k, other[k])]

@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import SafetensorsCheckpoint
+from .checkpoint import SafetensorsCheckpoint, check_config_fits
 from .errors import QuantkitError
 from .sizing import CPU_BATCH_TOKENS, MLP_BATCH_TOKENS
 
@@ -23,14 +24,18 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"
 
 
 def load_config(model_dir, config_dict: dict):
-    """transformers config for a supported, unquantized causal LM (never runs remote code)."""
+    """transformers config for a supported, unquantized causal LM (never runs remote code), once config.json is
+    known to describe the weights beside it (checkpoint.check_config_fits)."""
     model_type = config_dict.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise QuantkitError(f"unsupported architecture {model_type!r} ({', '.join(config_dict.get('architectures') or [])}); "
+        architectures = config_dict.get("architectures")
+        named = ", ".join(map(str, architectures)) if isinstance(architectures, list) else ""
+        raise QuantkitError(f"unsupported architecture {model_type!r} ({named}); "
                             f"quantkit supports {', '.join(SUPPORTED_MODEL_TYPES)}")
     if config_dict.get("quantization_config"):
         method = config_dict["quantization_config"].get("quant_method", "unknown")
         raise QuantkitError(f"{model_dir} is already quantized ({method}); quantize its unquantized base model instead")
+    check_config_fits(config_dict, SafetensorsCheckpoint(Path(model_dir)))
     from transformers import AutoConfig
 
     try:

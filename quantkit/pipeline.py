@@ -25,11 +25,12 @@ from .capture import (BlockMemo, Reference, capture_layer_inputs, collect_statis
 from .checkpoint import SafetensorsCheckpoint, read_config_dict, resolve_model_dir, torch_dtype_of
 from .config import CalibSpec, QuantSpec
 from .errors import NumericalError, QuantkitError
-from .faults import kill_point
+from .faults import kill_point, wait_point
 from .gptq import GPTQResult, gptq_quantize_shared, rtn_result
 from .gptq_format import checkpoint_format, module_tensors, quantization_config
 from .heap import release_large_frees_at_once, return_free_heap
-from .hub import cached_snapshot, hub_cache_dir, publish_snapshot, repo_lock, sha256_file, validate_repo_id
+from .hub import (cache_id, cached_snapshot, check_repo_folder, hub_cache_dir, publish_snapshot, repo_lock,
+                  sha256_file, validate_repo_id)
 from .lm_head import quantize_head
 from .model_card import render_model_card
 from .model_skeleton import (build_skeleton, calibration_batch_size, check_tensors, decoder_layers, in_features,
@@ -37,8 +38,9 @@ from .model_skeleton import (build_skeleton, calibration_batch_size, check_tenso
                              set_weight_matrix, weight_matrix)
 from .precision import compute_dtype as choose_compute_dtype
 from .precision import fast_float32_matmuls, float32_matmul_path
-from .resume import STATE, BackgroundSaves, RunState, model_fingerprint, run_fingerprint
+from .resume import STATE, BackgroundSaves, HashedReads, ResumeRefused, RunState, model_fingerprint, run_fingerprint
 from .spill import ActivationsOnDisk, ScratchFiles, batch_meta, disk_has_room
+from .untrusted import fsync_dir, inside, not_symlink, private_directory, refuse_destructive_output, remove_tree
 from .writer import ShardWriter, parse_size, write_json
 
 log = logging.getLogger("quantkit")
@@ -89,7 +91,8 @@ def resolve_device(device: str) -> torch.device:
 
 def default_repo_id(model: str, model_dir: Path, spec: QuantSpec) -> str:
     name = model.rstrip("/").split("/")[-1] if not Path(model).is_dir() else model_dir.resolve().name
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-") or "model"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+    name = re.sub(r"\.\.+", ".", re.sub(r"--+", "-", name)).strip(".-") or "model"  # no '--', '..' (validate_repo_id)
     if spec.is_bnb:
         return f"quantkit/{name}-{spec.method}"
     group = "row" if spec.group_size == -1 else str(spec.group_size)
@@ -103,41 +106,74 @@ def _storage_dtype(model_dtype: torch.dtype, compute_dtype: torch.dtype) -> torc
 
 
 class _Target:
-    """Where the result goes: a repo id in the hub cache, or a plain directory. Checked before any work."""
+    """Where the result goes: a repo id in the hub cache, or a plain directory. What can never be an output is
+    refused at once; whether the target is free is checked again under its lock (lock()), before any work."""
 
     def __init__(self, model: str, model_dir: Path, spec: QuantSpec, repo_id: str | None, out: Path | None,
                  overwrite: bool, work_dir: Path | None):
         self.out = Path(out).expanduser() if out is not None else None
+        self.overwrite = overwrite
         self.repo_id = None if self.out is not None else validate_repo_id(repo_id or default_repo_id(model, model_dir, spec))
         if self.out is not None:
-            if self.out.exists() and not self.out.is_dir():
-                raise QuantkitError(f"--out {self.out} exists and is not a directory")
-            if self.out.is_dir() and any(self.out.iterdir()) and not overwrite:
-                raise QuantkitError(f"{self.out} already exists and is not empty; pass --overwrite to replace it")
+            refuse_destructive_output(self.out, model_dir, "the base model's directory", f"--out {self.out}")
             base = self.out.resolve().parent
             label = self.out.name
         else:
-            existing = cached_snapshot(self.repo_id)
-            if existing is not None and not overwrite:
-                raise QuantkitError(f"{self.repo_id} already exists in the hub cache ({existing}); "
-                                    "pass --overwrite to replace it")
             base = hub_cache_dir().resolve().parent / "quantkit-work"
-            label = self.repo_id.replace("/", "--")
+            # keyed on the cache too: the repo lock lives in the cache, so it guards only that cache's work directory
+            label = f"{self.repo_id.replace('/', '--')}.{cache_id()}"
         self.owns_work_root = work_dir is None and self.out is None
         # one fixed work directory per target: a rerun of a killed run finds its checkpoints there (resume.py)
         self.work = (Path(work_dir) if work_dir else base) / f".{label}.quantkit-work"
         self.staging = self.work / "output"
 
+    def _refuse_taken(self) -> None:
+        """An existing output is replaced only with --overwrite, and a directory only when quantkit wrote it."""
+        if self.out is None:
+            check_repo_folder(self.repo_id)
+            existing = cached_snapshot(self.repo_id)
+            if existing is not None and not self.overwrite:
+                raise QuantkitError(f"{self.repo_id} already exists in the hub cache ({existing}); "
+                                    "pass --overwrite to replace it")
+            return
+        not_symlink(self.out, "--out")
+        if self.out.exists() and not self.out.is_dir():
+            raise QuantkitError(f"--out {self.out} exists and is not a directory")
+        if self.out.is_dir() and any(self.out.iterdir()):
+            manifest = self.out / MANIFEST_NAME
+            if not manifest.is_file() or manifest.is_symlink():
+                raise QuantkitError(f"--out {self.out} is a non-empty directory that quantkit did not write (no "
+                                    f"{MANIFEST_NAME} in it); choose a new or empty directory")
+            if not self.overwrite:
+                raise QuantkitError(f"{self.out} already exists and is not empty; pass --overwrite to replace it")
+
+    def _work_directories(self) -> None:
+        """The work directory (and quantkit's own work root above it), private to this user: created 0o700,
+        refused when a link, another user's, or writable by others (it sits at a predictable path)."""
+        if self.owns_work_root:
+            self.work.parent.parent.mkdir(parents=True, exist_ok=True)
+            private_directory(self.work.parent, "quantkit's work folder")
+        else:
+            self.work.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(self.work, "work directory")
+
     @contextlib.contextmanager
     def lock(self):
-        """Exclusive use of the target and its work directory; a second run is refused with a clear message."""
+        """Exclusive use of the target and its work directory; a second run is refused with a clear message.
+        The target is checked first, so a refused run creates nothing, and again under the lock, where no other
+        run can publish it between the check and the work."""
+        self._refuse_taken()
+        wait_point("target:locking")
         if self.repo_id is not None:
             with repo_lock(self.repo_id):
+                self._refuse_taken()
+                self._work_directories()
+                wait_point("target:locked")
                 yield
             return
         from filelock import FileLock, Timeout
 
-        self.work.mkdir(parents=True, exist_ok=True)
+        self._work_directories()
         lock = FileLock(str(self.work / ".lock"))
         try:
             lock.acquire(timeout=0)
@@ -145,21 +181,30 @@ class _Target:
             raise QuantkitError(f"another quantkit run is writing {self.out} (work directory {self.work}); "
                                 "wait for it to finish") from None
         try:
+            self._refuse_taken()
+            wait_point("target:locked")
             yield
         finally:
             lock.release()
 
     def publish(self, file_hashes: dict[str, str]) -> Path:
+        """Atomically: the old output renamed aside, staging renamed in (both made durable), then the old one
+        deleted; the old one is checked again first (still quantkit's, --overwrite given)."""
         if self.out is None:
             return publish_snapshot(self.staging, self.repo_id, file_hashes)
+        self._refuse_taken()
         old = None
         if self.out.exists():
             old = self.out.with_name(f".{self.out.name}.replaced-{uuid.uuid4().hex[:8]}")
             self.out.rename(old)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
         self.staging.rename(self.out)
+        fsync_dir(self.out)
+        fsync_dir(self.out.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                remove_tree(old, self.out.parent, "replaced output")
+            except OSError as e:
+                log.warning("could not delete the replaced output %s: %s", old, e.strerror or e)
         return self.out
 
 
@@ -187,6 +232,7 @@ def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = Calib
     config_dict = read_config_dict(model_dir)
     config = load_config(model_dir, config_dict)
     checkpoint = SafetensorsCheckpoint(model_dir)
+    _side_files(model_dir)
     dev = resolve_device(device)
     forward_dtype = choose_compute_dtype(compute_dtype, torch_dtype_of(config_dict), dev)
     gpu_peaks = _GpuPeaks(dev)
@@ -209,8 +255,10 @@ def quantize(model: str, spec: QuantSpec = QuantSpec(), calib: CalibSpec = Calib
                 if e.errno != errno.ENOSPC:
                     raise
                 raise QuantkitError(_no_space_message(e, model_dir, config.hidden_size, spec, calib, target)) from None
-        except BaseException:  # killed or failed: keep finished layers for a resume, else leave nothing behind
-            if (target.work / "state" / STATE).is_file():
+        except BaseException as e:  # killed or failed: keep finished layers for a resume, else leave nothing behind
+            if isinstance(e, ResumeRefused):
+                pass  # a state this run must not continue stays as it is; its message says what to do
+            elif (target.work / "state" / STATE).is_file():
                 log.error("work directory kept for resuming: %s (rerun the same command to continue)", target.work)
             else:
                 _remove_work(target)
@@ -249,7 +297,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as e:
         raise QuantkitError(f"cannot load the tokenizer from {model_dir}: {e}") from None
     skeleton = build_skeleton(config)
@@ -258,6 +306,9 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
     checkpoint.check_index()
     for i, layer in enumerate(layers):
         check_tensors(layer, f"{prefix}.{i}", checkpoint)
+    for name in checkpoint.names():  # copied into the output as they are: refused now, not after every layer ran
+        if not name.startswith(prefix + "."):
+            _output_tensor(checkpoint, name)
     checkpoint.close()
     _check_packable(spec, f"{prefix}.0", linear_modules(layers[0]))
     storage_dtype = _storage_dtype(torch_dtype_of(config_dict), compute_dtype)
@@ -273,9 +324,12 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         model=model_fingerprint(model_dir), spec=spec.to_dict(), calibration=input_ids, quantkit=__version__,
         torch=torch.__version__, device=dev.type, compute_dtype=str(compute_dtype),
         float32_matmuls=float32_matmul_path(dev)))
-    if state.layers_done:
-        log.info("resuming after layer %d/%d from %s", state.layers_done, len(layers), target.work)
     steps = len(layers) + spec.lm_head  # the head, when quantized, is one more step after the layers
+    checkpoint = HashedReads(checkpoint)  # each base tensor read is hashed: what each saved step came from
+    if state.layers_done:  # before any work: the finished steps' base tensors are the ones there now
+        state.check_base(checkpoint, [[f"{prefix}.{i}.{name}" for name, _ in layer.named_parameters()]
+                                      for i, layer in enumerate(layers)], steps)
+        log.info("resuming after layer %d/%d from %s", state.layers_done, len(layers), target.work)
     dtype_name = str(compute_dtype).removeprefix("torch.")
     saves = BackgroundSaves(enabled=dev.type == "cuda")  # a GPU's layers are short: their saves overlap the next
     batches = calls = ref_batches = None
@@ -321,6 +375,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
             report = {"index": len(layers), "module": name, "seconds": round(time.perf_counter() - t_head, 2),
                       "losses": {name: res.loss},
                       **({"damp_raised": {name: res.damp}} if res.damp != spec.damp else {})}
+            state.note_base(len(layers), checkpoint.digests)
             state.save_layer(len(layers), tensors, report, None)
             log.info("%s  loss=%.4g  (%.1fs)", name, res.loss, report["seconds"])
             checkpoint.close()
@@ -340,8 +395,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         quantized |= {f"{n[: -len('.qweight')]}.{p}" for n in tensors if n.endswith(".qweight") for p in ("weight", "bias")}
     for name in checkpoint.names():  # embeddings, norms, lm_head, skipped Linears: in float16
         if name not in quantized:
-            writer.add({name: checkpoint.get_as(name, OUTPUT_DTYPE) if checkpoint.is_floating(name)
-                        else checkpoint.get(name)})
+            writer.add({name: _output_tensor(checkpoint, name)})
     checkpoint.close()
     writer.finish()
     kill_point("assembled")
@@ -351,6 +405,39 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
                "float32_matmuls": float32_matmul_path(dev)} if spec.method == "gptq" else None
     return reports, _write_side_files(model, model_dir, config_dict, spec, calib, target, reports, writer.total_bytes,
                                       in_block, compute)
+
+
+def _output_tensor(checkpoint: SafetensorsCheckpoint, name: str) -> torch.Tensor:
+    """Base tensor `name` as the output holds it unquantized: floats in OUTPUT_DTYPE, refused (one line) when they
+    are not finite there, whether the base holds NaN/Inf or values beyond float16's range."""
+    if not checkpoint.is_floating(name):
+        return checkpoint.get(name)
+    tensor = checkpoint.get_as(name, OUTPUT_DTYPE)
+    if not torch.isfinite(tensor).all():
+        source = checkpoint.get(name)
+        if not torch.isfinite(source).all():
+            raise QuantkitError(f"tensor {name} holds NaN or Inf values ({checkpoint.model_dir})")
+        raise QuantkitError(f"tensor {name} holds values up to {float(source.abs().max()):.4g}, beyond "
+                            f"{str(OUTPUT_DTYPE).removeprefix('torch.')}'s range ({torch.finfo(OUTPUT_DTYPE).max:.0f}), "
+                            "which GPTQ checkpoints store it in; rescale or skip this model")
+    return tensor
+
+
+def _side_files(model_dir: Path) -> list[Path]:
+    """The tokenizer, chat template and generation files of the base that the output carries, each refused (one
+    line) when it is a link leading outside the model: the base's folder, or for a hub-cache snapshot its repo
+    folder (whose snapshot files are links to ../../blobs). A link to a file elsewhere would be published."""
+    in_cache = model_dir.parent.name == "snapshots" and model_dir.parent.parent.name.startswith("models--")
+    root = model_dir.parent.parent if in_cache else model_dir
+    found = []
+    for name in SIDE_FILES:
+        path = model_dir / name
+        if path.is_symlink() and not inside(path, root):
+            raise QuantkitError(f"{path} is a link to {path.resolve()}, outside the model; quantkit copies "
+                                "only files that belong to the model into its output")
+        if path.is_file():
+            found.append(path)
+    return found
 
 
 def _run_bnb(model, model_dir, config, config_dict, spec, dev, target):
@@ -402,6 +489,7 @@ def _quantize_layers(layers, prefix, checkpoint, spec, fmt, dev, compute_dtype, 
         # a list is copied (a background save reads its tensors while the next layer replaces them in it); batches
         # on disk are saved synchronously (_activation_store), so they are passed as they are
         streams = [list(s) if isinstance(s, list) else s for s in (batches, ref_batches) if s is not None]
+        state.note_base(i, checkpoint.digests)  # the base tensors this layer (and, first, the calibration) read
         saves.submit(functools.partial(_save_layer, state, i, tensors, report,
                                        streams if spec.method == "gptq" and not last else None))
         log.info("layer %d/%d  %s  (%.1fs: %s)%s", i + 1, len(layers),
@@ -621,9 +709,8 @@ def _write_side_files(model, model_dir, config_dict, spec, calib, target, report
             config["tie_word_embeddings"] = False  # the head is now its own packed tensor
         write_json(staging / "config.json", config)
         write_json(staging / "quantize_config.json", qcfg)
-    for name in SIDE_FILES:
-        if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, staging / name)
+    for path in _side_files(model_dir):
+        shutil.copyfile(path, staging / path.name)
     source = model if not Path(model).is_dir() else str(Path(model).resolve())
     (staging / "README.md").write_text(render_model_card(
         repo_id=target.repo_id, source=source, spec=spec, calib=calib, version=__version__,

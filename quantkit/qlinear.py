@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import SafetensorsCheckpoint, read_config_dict, resolve_model_dir
+from .checkpoint import SafetensorsCheckpoint, check_config_fits, read_config_dict, resolve_model_dir
 from .errors import QuantkitError
 from .integrity import TORCH_DTYPES, read_headers
 from .gptq_format import QUANT_SUFFIXES, dequantize_module, zero_offset
@@ -117,13 +117,14 @@ def build_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[nn
 
     config_dict = read_config_dict(model_dir)
     settings = gptq_settings(config_dict)
+    checkpoint = SafetensorsCheckpoint(model_dir)
+    check_config_fits(config_dict, checkpoint)
     try:
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as e:
         raise QuantkitError(f"cannot read {model_dir}/config.json: {e}") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    checkpoint = SafetensorsCheckpoint(model_dir)
     with init_empty_weights(include_buffers=False):
         try:
             model = causal_lm_from_config(config, dtype)

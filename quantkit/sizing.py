@@ -28,12 +28,12 @@ activations wait in host memory) overstates a CPU run by the activations term.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import QuantkitError
+from .untrusted import positive_int, read_json
 
 GIB = 2**30
 DEFAULT_BITS = (16, 8, 4, 3, 2)
@@ -72,6 +72,7 @@ BUILTIN_CONFIGS: dict[str, dict] = {
                      "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True},
 }
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+_OPTIONAL = ("num_key_value_heads", "head_dim")  # positive integers where set (null: the defaults below)
 
 
 @dataclass(frozen=True)
@@ -105,17 +106,25 @@ class ModelShape:
     qk_norm: bool = False
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "ModelShape":
+    def from_config(cls, cfg: dict, where: str = "config") -> "ModelShape":
+        """The shape of a Llama-family config; `where` (the config's file) names it in a one-line error when a
+        size is missing or is not a positive integer, or when the heads do not divide the hidden size that
+        head_dim is derived from."""
         if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict):
             cfg = {**cfg["text_config"], "tie_word_embeddings": cfg.get("tie_word_embeddings",
                                                                         cfg["text_config"].get("tie_word_embeddings"))}
-        missing = [k for k in _REQUIRED if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool)]
+        missing = [k for k in _REQUIRED if cfg.get(k) is None]
         if missing:
             raise QuantkitError(f"config lacks {', '.join(missing)} (model_type {cfg.get('model_type')!r}); estimate "
                                 "understands Llama-family configs (llama, mistral, qwen2, qwen3, ...)")
+        for key in (*_REQUIRED, *(k for k in _OPTIONAL if cfg.get(k) is not None)):
+            positive_int(cfg, key, where)
         model_type = str(cfg.get("model_type") or "llama")
         heads = cfg["num_attention_heads"]
         kv_heads = cfg.get("num_key_value_heads") or heads
+        if cfg.get("head_dim") is None and cfg["hidden_size"] % heads:
+            raise QuantkitError(f"{where}: 'num_attention_heads' ({heads}) does not divide 'hidden_size' "
+                                f"({cfg['hidden_size']}), and there is no 'head_dim'")
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         attention_bias = bool(cfg.get("attention_bias", False))
         tied = cfg.get("tie_word_embeddings")
@@ -237,10 +246,7 @@ def load_model_config(model_or_config) -> tuple[str, str, str | None, dict]:
     text = str(model_or_config)
     path = Path(text).expanduser()
     if path.is_file():
-        try:
-            return text, "config file", str(path), json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise QuantkitError(f"{path} is not a JSON config file: {e}") from None
+        return text, "config file", str(path), read_json(path, "config")
     from .checkpoint import read_config_dict, resolve_model_dir
 
     if path.is_dir():
@@ -337,7 +343,8 @@ def estimate(model_or_config, bits=DEFAULT_BITS, group_size: int = 128, context:
         if value <= 0:
             raise QuantkitError(f"{name} must be positive, got {value}")
     label, source, path, cfg = load_model_config(model_or_config)
-    shape = ModelShape.from_config(cfg)
+    where = path if source == "config file" else f"{path}/config.json" if path else label
+    shape = ModelShape.from_config(cfg, where)
     params = count_params(shape)
     kv = kv_cache_bytes(shape, context, batch)
     fp16_rest = 2 * (params["embeddings"] + params["lm_head"] + params["norms"])

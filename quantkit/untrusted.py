@@ -11,9 +11,10 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
-from .errors import QuantkitError
+from .errors import QuantkitError, first_line
 
 MAX_JSON_BYTES = 256 << 20  # a config, index, manifest or state file larger than this is not one
 _REVISION = re.compile(r"[0-9a-f]{40}")  # a git commit id: what huggingface_hub and quantkit write in refs/
@@ -29,15 +30,7 @@ def read_json(path: Path, what: str, expect: type = dict, max_bytes: int = MAX_J
         raise QuantkitError(f"cannot read {what} {path}: {e.strerror or e}") from None
     if len(raw) > max_bytes:
         raise QuantkitError(f"{what} {path} is larger than {max_bytes >> 20} MiB; it is not a {what}")
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise QuantkitError(f"{what} {path} is not UTF-8 text") from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise QuantkitError(f"{what} {path} is not valid JSON: {e}") from None
-    if not isinstance(value, expect):
-        raise QuantkitError(f"{what} {path} holds a JSON {_json_kind(value)}, expected a JSON {_json_kind(expect())}")
-    return value
+    return parse_json(raw, f"{what} {path}", expect)
 
 
 def _json_kind(value) -> str:
@@ -45,14 +38,18 @@ def _json_kind(value) -> str:
         type(value), "number")
 
 
+def _with_article(kind: str) -> str:
+    return kind if kind == "null" else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
 def field(mapping: dict, key: str, expect: type | tuple[type, ...], where: str):
     """mapping[key], which must be of type `expect` (bools are not ints); one line naming `where` otherwise."""
     value = mapping.get(key)
     kinds = expect if isinstance(expect, tuple) else (expect,)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        names = " or ".join(_json_kind(k()) if k is not type(None) else "null" for k in kinds)
+        names = " or ".join(_with_article(_json_kind(k()) if k is not type(None) else "null") for k in kinds)
         raise QuantkitError(f"{where}: {key!r} is {json.dumps(value)[:60] if value is not None else 'missing'}, "
-                            f"expected a {names}")
+                            f"expected {names}")
     return value
 
 
@@ -134,3 +131,78 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def real_directory(path: Path, what: str) -> Path:
+    """path as a real directory, created with its parents when missing; one line when it is a symbolic link or
+    not a directory (the caller is about to write or delete in it)."""
+    path = Path(path)
+    not_symlink(path, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise QuantkitError(f"{what} {path} is not a directory") from None
+    except OSError as e:
+        raise QuantkitError(f"cannot create {what} {path}: {e.strerror or e}") from None
+    return path
+
+
+def private_directory(path: Path, what: str) -> Path:
+    """path as a directory only this user can write: created 0o700 when missing (its parent must exist); one line
+    when it is a link, not a directory, owned by another user, or writable by group or others (someone else could
+    then plant or swap files in it)."""
+    path = Path(path)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise QuantkitError(f"cannot create {what} {path}: {e.strerror or e}") from None
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise QuantkitError(f"{what} {path} is a symbolic link; remove it (quantkit creates its own)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise QuantkitError(f"{what} {path} is not a directory; remove it")
+    if st.st_uid != os.getuid():
+        raise QuantkitError(f"{what} {path} belongs to another user (uid {st.st_uid}); remove it or use another "
+                            "location")
+    if st.st_mode & 0o022:
+        raise QuantkitError(f"{what} {path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); "
+                            f"`chmod go-w {path}` or remove it")
+    return path
+
+
+def parse_json(raw: bytes, what: str, expect: type = dict):
+    """The JSON value of the bytes `raw`, which must be of type `expect`; a one-line QuantkitError naming `what`
+    (e.g. "config /m/config.json") when they are not UTF-8, not JSON, or of another shape."""
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise QuantkitError(f"{what} is not UTF-8 text") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, and numbers beyond Python's digit limit
+        raise QuantkitError(f"{what} is not valid JSON: {first_line(e)}") from None
+    if not isinstance(value, expect):
+        raise QuantkitError(f"{what} holds a JSON {_json_kind(value)}, expected a JSON {_json_kind(expect())}")
+    return value
+
+
+def positive_int(mapping: dict, key: str, where: str) -> int:
+    """mapping[key], which must be an integer > 0 (a size or a count); one line naming `where` otherwise."""
+    value = mapping.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        shown = json.dumps(value)[:60] if value is not None else "missing"
+        raise QuantkitError(f"{where}: {key!r} is {shown}, expected a positive integer")
+    return value
+
+
+def refuse_destructive_output(out: Path, source: Path, source_what: str, label: str) -> None:
+    """An output directory that a command replaces whole is never the filesystem root, the directory its input
+    comes from (`source`, described as `source_what`) or one holding it, or the current directory or one holding
+    it; `label` names the output in the one-line refusal."""
+    real = Path(out).resolve()
+    if real == Path(real.anchor):
+        raise QuantkitError(f"{label} is the filesystem root; choose a new directory for the output")
+    if inside(source, real):
+        raise QuantkitError(f"{label} is {source_what} or holds it ({source}); choose a new directory for the output")
+    if inside(Path.cwd(), real):
+        raise QuantkitError(f"{label} is the current directory or holds it; choose a new directory for the output")

@@ -30,9 +30,11 @@ from . import __version__
 from .calibration import DEFAULT_EVAL, evaluation_windows
 from .checkpoint import read_config_dict, resolve_model_dir
 from .errors import QuantkitError, first_line
+from .hub import cached_snapshot, looks_like_repo_id
 from .integrity import MANIFEST_NAME, TORCH_BACKEND_NOTE, IntegrityReport, check_integrity
 from .precision import fast_float32_matmuls
 from .qlinear import available_memory, estimate_footprint, load_model
+from .untrusted import read_json
 
 # Defaults from measurements on SmolLM2-135M-Instruct 4-bit g64 sym (docs/VERIFY.md): the ratio limit is the 10%
 # a CI gate asks for, which quantkit's GPTAQ-calibrated checkpoint passes (1.057) and plain GPTQ only just misses
@@ -203,16 +205,17 @@ CLOSENESS_METRICS = ("ppl_ratio", "kl_mean", "top1_agreement")
 
 
 def _calibrated_without_gptaq(manifest: dict | None) -> bool:
-    quantization = (manifest or {}).get("quantization") or {}
-    return quantization.get("method") == "gptq" and not quantization.get("gptaq", False)
+    quantization = (manifest or {}).get("quantization")
+    return isinstance(quantization, dict) and quantization.get("method") == "gptq" and not quantization.get("gptaq")
 
 
 def _read_manifest(qdir: Path) -> dict | None:
     path = qdir / MANIFEST_NAME
     try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None  # integrity already reported it
+    return manifest if isinstance(manifest, dict) else None
 
 
 def _resolve_base(base: str | None, manifest: dict | None, report: VerifyReport) -> Path | None:
@@ -221,20 +224,36 @@ def _resolve_base(base: str | None, manifest: dict | None, report: VerifyReport)
         bdir = resolve_model_dir(base)
         report.base_path = str(bdir)
         return bdir
-    recorded = ((manifest or {}).get("source") or {}).get("model")
+    source = (manifest or {}).get("source")
+    recorded = source.get("model") if isinstance(source, dict) else None
     if not recorded:
         report.notes.append("no --base given and none recorded in the checkpoint: reporting integrity and the "
                             "quantized model's own perplexity only")
         return None
-    try:
-        bdir = resolve_model_dir(recorded)
-    except QuantkitError:
-        report.notes.append(f"the base recorded in {MANIFEST_NAME} ({recorded}) is not available here: reporting "
-                            "integrity and the quantized model's own perplexity only; pass --base to compare")
+    bdir = _recorded_base_dir(recorded)
+    if bdir is None:
+        report.notes.append(f"the base recorded in {MANIFEST_NAME} ({str(recorded)[:200]!r}) is not available here (a "
+                            "recorded base is used only as a repo id in the local hub cache or an existing absolute "
+                            "directory): reporting integrity and the quantized model's own perplexity only; pass "
+                            "--base to compare")
         return None
     report.base, report.base_origin, report.base_path = recorded, "manifest", str(bdir)
     report.notes.append(f"base model taken from {MANIFEST_NAME}: {recorded}")
     return bdir
+
+
+def _recorded_base_dir(recorded: object) -> Path | None:
+    """The base a checkpoint's own quantkit.json names, which whoever wrote that file chose: accepted only as a
+    repo id already in the local hub cache or an existing absolute directory (never a relative path, which would
+    be read from wherever verify runs), else None."""
+    if not isinstance(recorded, str) or "\x00" in recorded or len(recorded) > 4096:
+        return None
+    if looks_like_repo_id(recorded) and not recorded.startswith((".", "/", "~")):
+        return cached_snapshot(recorded)
+    path = Path(recorded)
+    if not path.is_absolute() or not path.is_dir():
+        return None
+    return path
 
 
 def _tokenizer(qdir: Path, bdir: Path | None):
@@ -242,7 +261,7 @@ def _tokenizer(qdir: Path, bdir: Path | None):
 
     def load(path: Path):
         try:
-            return AutoTokenizer.from_pretrained(str(path))
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         except Exception as e:
             raise QuantkitError(f"cannot load the tokenizer from {path}: {first_line(e)}") \
                 from None
@@ -309,7 +328,7 @@ def _load_transformers(path: Path, quantized: bool, budget: int | None, offload:
     """The deploy path: AutoModelForCausalLM.from_pretrained, with optimum + gptqmodel for GPTQ checkpoints."""
     from transformers import AutoModelForCausalLM, GPTQConfig
 
-    kwargs: dict = {"device_map": "cpu"}
+    kwargs: dict = {"device_map": "cpu", "trust_remote_code": False}
     if quantized:
         missing = [m for m in ("optimum", "gptqmodel") if importlib.util.find_spec(m) is None]
         if missing:
@@ -437,13 +456,20 @@ def layer_summary(manifest: dict | None) -> list[dict]:
     """Per decoder layer: summed GPTQ loss, the worst module, and whether the layer stands out (> 5x the median
     layer), from the manifest; empty for round-to-nearest runs or checkpoints without a manifest."""
     rows = []
-    for layer in (manifest or {}).get("layers") or []:
-        losses = layer.get("losses") or {}
+    layers = (manifest or {}).get("layers")
+    for layer in layers if isinstance(layers, list) else []:
+        losses = layer.get("losses") if isinstance(layer, dict) else None
+        if not isinstance(losses, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in losses.values()):
+            continue  # not a layer entry quantkit writes: the summary is informative, never trusted
         if not losses or not any(v for v in losses.values()):
             continue
         worst = max(losses, key=lambda k: losses[k])
-        rows.append({"index": layer.get("index"), "total_loss": float(sum(losses.values())), "worst_module": worst,
-                     "worst_loss": float(losses[worst]), "damp_raised": layer.get("damp_raised") or {}})
+        index = layer.get("index")
+        rows.append({"index": index if isinstance(index, int) and not isinstance(index, bool) else len(rows),
+                     "total_loss": float(sum(losses.values())), "worst_module": worst,
+                     "worst_loss": float(losses[worst]),
+                     "damp_raised": layer.get("damp_raised") if isinstance(layer.get("damp_raised"), dict) else {}})
     if rows:
         totals = sorted(r["total_loss"] for r in rows)
         median = totals[len(totals) // 2]
@@ -457,10 +483,10 @@ def _eos_ids(tokenizer, qdir: Path) -> list[int]:
     path = qdir / "generation_config.json"
     if path.is_file():
         try:
-            eos = json.loads(path.read_text()).get("eos_token_id")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            eos = None
-        ids += eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
+            eos = read_json(path, "generation config").get("eos_token_id")
+        except QuantkitError:
+            eos = None  # not the checkpoint's weights: generations stop at the tokenizer's own end token
+        ids += [i for i in eos if isinstance(i, int)] if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return sorted(set(ids))

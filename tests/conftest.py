@@ -107,3 +107,45 @@ def peak_rss_growth(fn) -> int:
     before = proc_status_kb("VmRSS")
     fn()
     return (proc_status_kb("VmHWM") - before) * 1024
+
+
+def cli_run(*args):
+    """The `quantkit` command in this process, through its one error path (click's CliRunner)."""
+    from click.testing import CliRunner
+
+    from quantkit.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def error_line(r) -> str:
+    """The one `Error:` line of a failed command, which must have shown no traceback."""
+    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert "Traceback" not in r.output and len(errors) == 1, r.output
+    return errors[0]
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The tiny Llama split into two shards with a model.safetensors.index.json."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp("sharded") / "model"
+    shutil.copytree(tiny_llama_dir, d)
+    state = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    names = sorted(state)
+    weight_map = {}
+    for k, part in enumerate((names[: len(names) // 2], names[len(names) // 2:]), start=1):
+        shard = f"model-0000{k}-of-00002.safetensors"
+        save_file({n: state[n] for n in part}, d / shard, metadata={"format": "pt"})
+        weight_map |= {n: shard for n in part}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return d

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import make_tiny_model
 
+from quantkit.hub import cache_id
+
 pytestmark = pytest.mark.slow
 REPO_ID = "test/tiny-resume"
 ARGS = ["--samples", "8", "--seq-len", "32", "--group-size", "32"]
@@ -63,7 +65,7 @@ def test_killed_run_resumes_to_identical_files(kill_at, tiny4, reference, tmp_pa
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert published(cache) is None  # nothing looks complete
 
-    work = tmp_path / "quantkit-work" / f".{REPO_ID.replace('/', '--')}.quantkit-work"
+    work = tmp_path / "quantkit-work" / f".{REPO_ID.replace('/', '--')}.{cache_id(cache)}.quantkit-work"
     done = json.loads((work / "state" / "state.json").read_text())["layers"] if (work / "state" / "state.json").exists() else []
     expected_done = {"layer:0:start": 0, "layer:1:solved": 1, "layer:2:saved": 3}.get(kill_at, 4)
     assert len(done) == expected_done

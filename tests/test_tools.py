@@ -251,11 +251,11 @@ def test_inspect_unquantized_and_missing(tiny_llama_dir, tmp_path):
 def test_cache_list_and_rm(quantized, hub_cache, tiny_llama_dir):
     cache, _ = quantized
     shutil.copytree(cache / "models--test--tiny-rtn", hub_cache / "models--test--tiny-rtn", symlinks=True)
-    base = hub_cache / "models--plain--base" / "snapshots" / "abc"   # an unquantized repo is not listed
+    base = hub_cache / "models--plain--base" / "snapshots" / ("ab" * 20)   # an unquantized repo is not listed
     base.mkdir(parents=True)
     shutil.copy(tiny_llama_dir / "config.json", base / "config.json")
     (hub_cache / "models--plain--base" / "refs").mkdir()
-    (hub_cache / "models--plain--base" / "refs" / "main").write_text("abc")
+    (hub_cache / "models--plain--base" / "refs" / "main").write_text("ab" * 20)
 
     r = run("cache", "list")
     assert r.exit_code == 0, r.output

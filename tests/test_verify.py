@@ -26,9 +26,9 @@ REQUIRED_KEYS = {"passed", "failures", "ppl_ratio", "kl_mean", "kl_p99", "top1_a
 
 
 def run(*args):
-    from quantkit.cli_verify import verify_command
+    from quantkit.cli import cli
 
-    return CliRunner().invoke(verify_command, [str(a) for a in args])
+    return CliRunner().invoke(cli, ["verify", *(str(a) for a in args)])
 
 
 def run_json(*args) -> tuple[int, dict]:
