@@ -1,7 +1,9 @@
 """Finding and reading a base checkpoint: config.json plus safetensors shards, one tensor at a time."""
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -155,12 +157,23 @@ class SafetensorsCheckpoint:
         if len(shape) < 2:
             return self.get(name).to(dtype)
         out = torch.empty(shape, dtype=dtype)
-        row_bytes = max(1, out[0].numel() * max(out.element_size(), 4))
+        for start, block in self.blocks_as(name, dtype, chunk_bytes):
+            out[start:start + len(block)] = block
+        return out
+
+    def blocks_as(self, name: str, dtype: torch.dtype, chunk_bytes: int = 8 << 20) -> Iterator[tuple[int, Tensor]]:
+        """(first row, those rows converted to `dtype`) of tensor `name`, about chunk_bytes at a time, the mapping
+        unmapped after each: a whole tensor looked at without it or its conversion ever held at once."""
+        shape = self.shape(name)
+        if len(shape) < 2:
+            yield 0, self.get(name).to(dtype)
+            return
+        row_bytes = max(1, math.prod(shape[1:]) * max(dtype.itemsize, 4))
         step = max(1, chunk_bytes // row_bytes)
         for start in range(0, shape[0], step):
-            out[start:start + step] = self._read(name, lambda handle: handle.get_slice(name)[start:start + step])
+            block = self._read(name, lambda handle: handle.get_slice(name)[start:start + step])
             self.close()
-        return out
+            yield start, block.to(dtype)
 
     def is_floating(self, name: str) -> bool:
         """Whether tensor `name` holds floating-point numbers (F16, BF16, F32, F8_...; the header alone)."""

@@ -308,7 +308,7 @@ def _run(model, model_dir, config, config_dict, checkpoint, spec, calib, dev, ta
         check_tensors(layer, f"{prefix}.{i}", checkpoint)
     for name in checkpoint.names():  # copied into the output as they are: refused now, not after every layer ran
         if not name.startswith(prefix + "."):
-            _output_tensor(checkpoint, name)
+            _check_output_tensor(checkpoint, name)
     checkpoint.close()
     _check_packable(spec, f"{prefix}.0", linear_modules(layers[0]))
     storage_dtype = _storage_dtype(torch_dtype_of(config_dict), compute_dtype)
@@ -413,14 +413,30 @@ def _output_tensor(checkpoint: SafetensorsCheckpoint, name: str) -> torch.Tensor
     if not checkpoint.is_floating(name):
         return checkpoint.get(name)
     tensor = checkpoint.get_as(name, OUTPUT_DTYPE)
-    if not torch.isfinite(tensor).all():
-        source = checkpoint.get(name)
-        if not torch.isfinite(source).all():
-            raise QuantkitError(f"tensor {name} holds NaN or Inf values ({checkpoint.model_dir})")
-        raise QuantkitError(f"tensor {name} holds values up to {float(source.abs().max()):.4g}, beyond "
-                            f"{str(OUTPUT_DTYPE).removeprefix('torch.')}'s range ({torch.finfo(OUTPUT_DTYPE).max:.0f}), "
-                            "which GPTQ checkpoints store it in; rescale or skip this model")
+    flat, step = tensor.reshape(-1), 4 << 20  # checked a block at a time: a small boolean temporary
+    if not all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step)):
+        raise _not_finite(checkpoint, name)
     return tensor
+
+
+def _check_output_tensor(checkpoint: SafetensorsCheckpoint, name: str) -> None:
+    """What _output_tensor would refuse, found a block of rows at a time: neither the tensor nor its conversion is
+    ever held whole (this runs before calibration, beside the tokenizer)."""
+    if checkpoint.is_floating(name) and not all(bool(torch.isfinite(block).all())
+                                                for _, block in checkpoint.blocks_as(name, OUTPUT_DTYPE)):
+        raise _not_finite(checkpoint, name)
+
+
+def _not_finite(checkpoint: SafetensorsCheckpoint, name: str) -> QuantkitError:
+    """Why tensor `name` is not finite in OUTPUT_DTYPE: NaN/Inf in the base, or values beyond the dtype's range."""
+    largest = 0.0
+    for _, block in checkpoint.blocks_as(name, torch.float32):
+        if not torch.isfinite(block).all():
+            return QuantkitError(f"tensor {name} holds NaN or Inf values ({checkpoint.model_dir})")
+        largest = max(largest, float(block.abs().max())) if block.numel() else largest
+    return QuantkitError(f"tensor {name} holds values up to {largest:.4g}, beyond "
+                         f"{str(OUTPUT_DTYPE).removeprefix('torch.')}'s range ({torch.finfo(OUTPUT_DTYPE).max:.0f}), "
+                         "which GPTQ checkpoints store it in; rescale or skip this model")
 
 
 def _side_files(model_dir: Path) -> list[Path]:
