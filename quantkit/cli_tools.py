@@ -87,7 +87,6 @@ def cache_list_command(as_json):
     left out; when there are any, one `Error:` line names the first and the exit status is 1."""
     from .cache import scan_cache
     from .hub import hub_cache_dir
-    from .inspect_cmd import human_size
 
     listing = scan_cache()
     models = listing.models
@@ -97,13 +96,15 @@ def cache_list_command(as_json):
     elif not models:
         click.echo(f"no quantized models in {hub_cache_dir()}")
     else:
-        _print_models(models, human_size)
+        _print_models(models)
     if listing.skipped:  # the intact ones are listed; the exit status says the cache needs a look
         more = len(listing.skipped) - 1
         raise click.ClickException(f"{listing.skipped[0]}{f' (+{more} more damaged entries; --json lists them)' if more else ''}")
 
 
-def _print_models(models: list, human_size) -> None:
+def _print_models(models: list) -> None:
+    from .inspect_cmd import human_size
+
     rows = [["repo id", "method", "bits", "group", "sym", "size", "path"]]
     for m in models:
         group = "row" if m.group_size == -1 else str(m.group_size)

@@ -7,7 +7,6 @@ facts a user should know (e.g. a file the manifest does not list); notes are kno
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,7 @@ from .errors import QuantkitError, first_line
 from .hub import sha256_file
 from .packing import SUPPORTED_BITS
 from .safetensors_header import IntegrityError, read_header
-from .untrusted import field as json_field, read_json, relative_name
+from .untrusted import field as json_field, file_record, read_json, relative_name
 
 MANIFEST_NAME = "quantkit.json"
 TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
@@ -48,11 +47,13 @@ class IntegrityReport:
         return {**self.__dict__, "ok": self.ok}
 
 
-def read_headers(model_dir: Path, weight_map: dict[str, str]) -> dict[str, dict]:
-    """name -> {"dtype", "shape", "file"} for every tensor of a (sharded) checkpoint, from the headers only."""
+def read_headers(checkpoint: SafetensorsCheckpoint) -> dict[str, dict]:
+    """name -> {"dtype", "shape", "file"} for every tensor of a (sharded) checkpoint, from the headers it has
+    read and checked (each file's once)."""
     out: dict[str, dict] = {}
+    weight_map = checkpoint.weight_map
     for filename in sorted(set(weight_map.values())):
-        for name, info in read_header(model_dir / filename).items():
+        for name, info in checkpoint.header(filename).items():
             out[name] = {"dtype": info["dtype"], "shape": list(info["shape"]), "file": filename}
     missing = [n for n, f in weight_map.items() if n not in out]
     if missing:
@@ -69,7 +70,7 @@ def check_integrity(model_dir: Path, progress: Callable[[str, int, int], None] |
     try:
         config = read_config_dict(model_dir)
         checkpoint = SafetensorsCheckpoint(model_dir)
-        headers = read_headers(model_dir, checkpoint.weight_map)
+        headers = read_headers(checkpoint)
         check_config_fits(config, checkpoint)
     except QuantkitError as e:
         report.errors.append(str(e))
@@ -124,12 +125,7 @@ def _manifest_files(path: Path) -> dict[str, dict]:
         relative_name(name, MANIFEST_NAME)
         if "/" in name:
             raise QuantkitError(f"file name {name!r} is not a file at the checkpoint's top level")
-        if not isinstance(entry, dict):
-            raise QuantkitError(f"the entry of {name!r} is not an object")
-        if not (isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
-            raise QuantkitError(f"the entry of {name!r} has no sha256 of 64 hex digits")
-        if "size" in entry:
-            json_field(entry, "size", int, f"{MANIFEST_NAME} entry {name!r}")
+        file_record(json_field(files, name, dict, "files"), f"the entry of {name!r}", size_required=False)
     return files
 
 

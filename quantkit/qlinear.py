@@ -133,7 +133,7 @@ def build_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[nn
     if _ties_embeddings(model):
         model.tie_weights()  # share the meta tensor now, so sizes count it once; retied after loading
     if settings is not None:
-        headers = read_headers(model_dir, checkpoint.weight_map)
+        headers = read_headers(checkpoint)
         for name in checkpoint.names():
             if name.endswith(".qweight"):
                 _swap_in(model, name[: -len(".qweight")], checkpoint, settings, headers)

@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import threading
 from typing import Callable, Sequence
 from pathlib import Path
@@ -35,12 +34,11 @@ from .hub import sha256_file
 from .integrity import TORCH_DTYPES
 from .safetensors_header import read_header
 from .spill import batch_meta, read_tensor_at, write_tensor_at
-from .untrusted import field, read_json
+from .untrusted import field, file_record, read_json, sha256_digest
 from .writer import header_bytes, safetensors_dtype
 
 STATE = "state.json"
 STATE_FORMAT = 2  # state.json's layout; any other (the first had no checksums) is refused, never trusted
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 # what a layer's report may hold (pipeline._quantize_layers and the head's step), and of which JSON type
 _REPORT_FIELDS = {"index": int, "module": str, "seconds": (int, float), "stage_seconds": dict,
                   "stage_peak_gpu_mb": dict, "losses": dict, "damp_raised": dict}
@@ -122,7 +120,7 @@ def _write_atomically(path: Path, write):
     return result
 
 
-def _file_record(path: Path) -> dict:
+def _record_of(path: Path) -> dict:
     """sha256 and size of a file just written (a layer's packed tensors: small, and still in the page cache)."""
     return {"sha256": sha256_file(path), "size": path.stat().st_size}
 
@@ -172,11 +170,11 @@ class RunState:
             for i, (report, step) in enumerate(zip(reports, steps)):
                 _check_report({f"layers[{i}]": report}, i, where)
                 step = field({f"steps[{i}]": step}, f"steps[{i}]", dict, where)
-                _check_record(step, f"{where}: steps[{i}]")
+                file_record(step, f"{where}: steps[{i}]")
                 for name, digest in field(step, "base", dict, f"{where}: steps[{i}]").items():
-                    _check_sha256(digest, f"{where}: steps[{i}]: base tensor {name}")
+                    sha256_digest(digest, f"{where}: steps[{i}]: base tensor {name}")
             if saved.get("activations") is not None:
-                _check_record(field(saved, "activations", dict, where), f"{where}: activations")
+                file_record(field(saved, "activations", dict, where), f"{where}: activations")
         except QuantkitError as e:
             raise self._damaged(str(e)) from None
         return saved
@@ -246,7 +244,7 @@ class RunState:
             raise QuantkitError(f"internal error: layer {index} saved after {self.layers_done} finished layers")
         _write_atomically(self.layer_file(index),
                           lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
-        step = _file_record(self.layer_file(index))
+        step = _record_of(self.layer_file(index))
         saved_inputs = None
         if activations is not None:
             saved_inputs = _write_atomically(self.activations_file(index + 1),
@@ -304,18 +302,6 @@ def _check_report(holder: dict, index: int, where: str) -> None:
                 field(value, entry, (int, float), f"{at}: {name}")
     if report["index"] != index:
         raise QuantkitError(f"{at}: 'index' is {report['index']}, expected {index}")
-
-
-def _check_record(record: dict, where: str) -> None:
-    """A file's record: its sha256 (64 hex digits) and size (bytes, not negative)."""
-    _check_sha256(field(record, "sha256", str, where), f"{where}: sha256")
-    if field(record, "size", int, where) < 0:
-        raise QuantkitError(f"{where}: 'size' is {record['size']}, expected a size in bytes")
-
-
-def _check_sha256(value: object, where: str) -> None:
-    if not isinstance(value, str) or not _SHA256.fullmatch(value):
-        raise QuantkitError(f"{where}: {json.dumps(value)[:70]} is not a sha256 (64 hex digits)")
 
 
 def _save_batches(path: Path, streams: Sequence[Sequence[Tensor]]) -> dict:

@@ -18,6 +18,7 @@ from .errors import QuantkitError, first_line
 
 MAX_JSON_BYTES = 256 << 20  # a config, index, manifest or state file larger than this is not one
 _REVISION = re.compile(r"[0-9a-f]{40}")  # a git commit id: what huggingface_hub and quantkit write in refs/
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def read_json(path: Path, what: str, expect: type = dict, max_bytes: int = MAX_JSON_BYTES):
@@ -66,9 +67,8 @@ def relative_name(name: object, what: str) -> str:
 def confined(root: Path, name: str, what: str) -> Path:
     """root/name, resolved through every symlink, which must still lie inside root (resolved); else one line."""
     path = Path(root) / relative_name(name, what)
-    real, real_root = path.resolve(), Path(root).resolve()
-    if real != real_root and real_root not in real.parents:
-        raise QuantkitError(f"{what}: {name!r} leads outside {root} (to {real})")
+    if not inside(path, root):
+        raise QuantkitError(f"{what}: {name!r} leads outside {root} (to {path.resolve()})")
     return path
 
 
@@ -76,6 +76,23 @@ def inside(path: Path, root: Path) -> bool:
     """Whether `path` (resolved) is root or lies under it (resolved)."""
     real, real_root = Path(path).resolve(), Path(root).resolve()
     return real == real_root or real_root in real.parents
+
+
+def sha256_digest(value: object, where: str) -> str:
+    """A sha256 as manifests and resume states record it: 64 lowercase hex digits."""
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise QuantkitError(f"{where}: {json.dumps(value)[:70]} is not a sha256 (64 hex digits)")
+    return value
+
+
+def file_record(record: dict, where: str, size_required: bool = True) -> dict:
+    """A file's record, {"sha256": ..., "size": bytes}, as quantkit.json and state.json keep it; the size may be
+    absent where size_required is False."""
+    sha256_digest(record.get("sha256"), f"{where}: sha256")
+    if size_required or "size" in record:
+        if field(record, "size", int, where) < 0:
+            raise QuantkitError(f"{where}: 'size' is {record['size']}, expected a size in bytes")
+    return record
 
 
 def revision(text: str, ref: Path) -> str:
