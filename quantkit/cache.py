@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import QuantkitError, first_line
-from .hub import hub_cache_dir, main_revision, repo_folder, repo_lock, snapshot_of, validate_repo_id
+from .hub import current_snapshot, hub_cache_dir, repo_folder, repo_lock, validate_repo_id
 from .untrusted import confined, not_symlink, read_json, remove_tree
 from .untrusted import field as json_field
 
@@ -53,21 +53,11 @@ def _repo_id(folder_name: str) -> str:
     return folder_name[len("models--"):].replace("--", "/", 1)
 
 
-def _snapshot(folder: Path) -> tuple[Path, str] | None:
-    """The snapshot refs/main names and its revision, or None when there is none; one line when refs/main is
-    damaged or its snapshot leads outside the repo folder."""
-    revision = main_revision(folder)
-    if revision is None:
-        return None
-    snapshot = snapshot_of(folder, revision)
-    return (snapshot, revision) if snapshot.is_dir() else None
-
-
 def _cached_model(folder: Path) -> CachedModel | None:
     """The quantized model in a models--ns--name folder; None when it holds none (no refs/main, no config.json,
     no quantization_config); QuantkitError or OSError when it is damaged."""
     not_symlink(folder, "hub cache folder")
-    found = _snapshot(folder)
+    found = current_snapshot(folder)
     if found is None:
         return None
     snapshot, revision = found

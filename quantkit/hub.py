@@ -84,14 +84,20 @@ def snapshot_of(folder: Path, revision: str) -> Path:
     return confined(folder, f"snapshots/{revision}", f"refs/main of {folder}")
 
 
-def cached_snapshot(repo_id: str) -> Path | None:
-    """The snapshot `refs/main` points to, or None when the repo is not (completely) in the cache."""
-    folder = repo_folder(repo_id)
+def current_snapshot(folder: Path) -> tuple[Path, str] | None:
+    """The snapshot `refs/main` of a repo folder names, and its revision; None when there is none (no refs/main,
+    or no such snapshot); one line when refs/main is damaged or the snapshot leads outside the folder."""
     revision = main_revision(folder)
     if revision is None:
         return None
     snapshot = snapshot_of(folder, revision)
-    return snapshot if snapshot.is_dir() else None
+    return (snapshot, revision) if snapshot.is_dir() else None
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The snapshot `refs/main` points to, or None when the repo is not (completely) in the cache."""
+    found = current_snapshot(repo_folder(repo_id))
+    return found[0] if found else None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
