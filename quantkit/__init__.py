@@ -11,12 +11,12 @@
 """
 __version__ = "0.1.0"
 
-from .config import CalibSpec, QuantSpec  # noqa: E402  (light: no torch model code)
+from quantkit.config import CalibSpec, QuantSpec  # noqa: E402  (light: no torch model code)
 
 
 def quantize(model, spec=None, calib=None, **kwargs):
-    """Quantize MODEL and publish it; see quantkit.pipeline.quantize for the parameters."""
-    from .pipeline import quantize as _quantize
+    """Quantize MODEL and publish it; see quantkit.run.pipeline.quantize for the parameters."""
+    from quantkit.run.pipeline import quantize as _quantize
 
     return _quantize(model, spec or QuantSpec(), calib or CalibSpec(), **kwargs)
 
@@ -24,19 +24,19 @@ def quantize(model, spec=None, calib=None, **kwargs):
 def verify(quantized, base=None, **kwargs):
     """Integrity, perplexity, KL, top-1 agreement and generations of QUANTIZED against BASE; a VerifyReport.
 
-    See quantkit.verification.verify for the options (eval_source, seq_len, max_tokens, loader, thresholds, ...).
+    See quantkit.verification.api.verify for the options (eval_source, seq_len, max_tokens, loader, thresholds, ...).
 
     >>> r = quantkit.verify("quantkit/SmolLM2-135M-Instruct-gptq-4bit-g64")        # doctest: +SKIP
     >>> r.passed, round(r.ppl_ratio, 3), r.failures                                 # doctest: +SKIP
     (True, 1.057, [])
     """
-    from .verification import verify as _verify
+    from quantkit.verification.api import verify as _verify
 
     return _verify(quantized, base, **kwargs)
 
 
 def estimate(model_or_config, bits=(16, 8, 4, 3, 2), group_size=128, context=4096, batch=1, **kwargs):
-    """Memory to run and to quantize a model, from its config alone; see quantkit/sizing.py.
+    """Memory to run and to quantize a model, from its config alone; see quantkit/tools/estimate.py.
 
     >>> e = quantkit.estimate("llama-2-70b", bits=[16, 4])
     >>> round(e.total_params / 1e9, 2), round(e.weight(16).total_bytes / 2**30, 1)
@@ -44,7 +44,7 @@ def estimate(model_or_config, bits=(16, 8, 4, 3, 2), group_size=128, context=409
     >>> [g["run"][4] for g in e.gpus if g["gpu_gb"] == 80], e.to_dict()["kv_cache_gib"]
     ([True], 1.25)
     """
-    from .sizing import estimate as _estimate
+    from quantkit.tools.estimate import estimate as _estimate
 
     return _estimate(model_or_config, bits=bits, group_size=group_size, context=context, batch=batch,
                                      **kwargs)
@@ -56,9 +56,9 @@ def inspect(model):
     >>> r = quantkit.inspect("quantkit/SmolLM2-135M-Instruct-gptq-4bit-g64")      # doctest: +SKIP
     >>> r.bits, r.group_size, r.manifest["status"], len(r.quantized_modules)         # doctest: +SKIP
     (4, 64, 'ok', 210)
-    >>> r.notes   # known loader limits, from quantkit.compat.compatibility_notes        # doctest: +SKIP
+    >>> r.notes   # known loader limits, from quantkit.verification.compat.compatibility_notes        # doctest: +SKIP
     """
-    from .inspect_cmd import inspect as _inspect
+    from quantkit.tools.inspect import inspect as _inspect
 
     return _inspect(model)
 
@@ -69,7 +69,7 @@ def cache_list():
     >>> [(m.repo_id, m.bits, m.group_size) for m in quantkit.cache_list()]    # doctest: +SKIP
     [('quantkit/SmolLM2-135M-Instruct-gptq-4bit-g64', 4, 64)]
     """
-    from .cache import cache_list as _cache_list
+    from quantkit.tools.cache import cache_list as _cache_list
 
     return _cache_list()
 

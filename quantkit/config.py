@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 # dtypes of the calibration forwards (--compute-dtype; precision.compute_dtype decides "auto")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-SUPPORTED_BITS = (2, 3, 4, 8)  # what the GPTQ packing holds (quantkit.packing); here so settings need no torch
+SUPPORTED_BITS = (2, 3, 4, 8)  # what the GPTQ packing holds (quantkit.write.packing); here so settings need no torch
 METHODS = ("gptq", "rtn", "bnb-nf4", "bnb-int8")
 BNB_BITS = {"bnb-nf4": 4, "bnb-int8": 8}  # bitsandbytes methods and the bits they store
 
@@ -105,7 +105,7 @@ class QuantSpec:
 
     def check_skip_patterns(self, module_names) -> None:
         """Every --skip pattern matches one of a decoder layer's Linears, and something is left to quantize."""
-        from .errors import QuantkitError
+        from quantkit.errors import QuantkitError
 
         names = list(module_names)
         for pattern in self.skip:

@@ -7,6 +7,7 @@ path from disk without going through these.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from .errors import QuantkitError, first_line
+from quantkit.errors import QuantkitError, first_line
 
 MAX_JSON_BYTES = 256 << 20  # a config, index, manifest or state file larger than this is not one
 _REVISION = re.compile(r"[0-9a-f]{40}")  # a git commit id: what huggingface_hub and quantkit write in refs/
@@ -223,3 +224,11 @@ def refuse_destructive_output(out: Path, source: Path, source_what: str, label: 
         raise QuantkitError(f"{label} is {source_what} or holds it ({source}); choose a new directory for the output")
     if inside(Path.cwd(), real):
         raise QuantkitError(f"{label} is the current directory or holds it; choose a new directory for the output")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 QUANTKIT_RUN = """
 import json, logging, sys
 from quantkit.config import CalibSpec, QuantSpec
-from quantkit.pipeline import quantize
+from quantkit.run.pipeline import quantize
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 model, out, device, samples, seq_len, bits, group = sys.argv[1:]
 r = quantize(model, QuantSpec(bits=int(bits), group_size=int(group)), CalibSpec(samples=int(samples), seq_len=int(seq_len)),
@@ -121,10 +121,10 @@ def main() -> int:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from quantkit.calibration import calibration_batch
+    from quantkit.calibrate.batch import calibration_batch_size
     from quantkit.config import CalibSpec
-    from quantkit.model_skeleton import calibration_batch_size
-    from quantkit.synthetic import shape_config, write_synthetic_checkpoint
+    from quantkit.source.calibration import calibration_batch
+    from quantkit.tools.synthetic import shape_config, write_synthetic_checkpoint
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)

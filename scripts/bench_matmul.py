@@ -14,8 +14,12 @@ import time
 
 import torch
 
-from quantkit.precision import (_onednn_float32_matmuls, cpu_has_native_bf16, matmul_errors,
-                                onednn_float32_matmuls_are_accurate)
+from quantkit.calibrate.precision import (
+    cpu_has_native_bf16,
+    matmul_errors,
+    onednn_float32_matmuls,
+    onednn_float32_matmuls_are_accurate,
+)
 
 
 def _rate(a, b, repeats=10) -> float:
@@ -41,7 +45,7 @@ def main() -> None:
     print("| shape | mode | GFLOPS | error median | error max |\n|---|---|---:|---:|---:|")
     for name, (a, b) in shapes.items():
         modes = [("float32", contextlib.nullcontext, a, b),
-                 ("float32 through oneDNN", _onednn_float32_matmuls, a, b),
+                 ("float32 through oneDNN", onednn_float32_matmuls, a, b),
                  ("bfloat16 inputs", contextlib.nullcontext, a.bfloat16(), b.bfloat16())]
         for mode, setting, left, right in modes:
             with setting():

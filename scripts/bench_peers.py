@@ -69,8 +69,8 @@ def main() -> None:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from quantkit.calibration import calibration_batch, evaluation_windows
     from quantkit.config import CalibSpec
+    from quantkit.source.calibration import calibration_batch, evaluation_windows
 
     work = (args.work or Path(tempfile.mkdtemp(prefix="quantkit-bench-peers-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -48,9 +48,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantkit.calibration import DEFAULT_EVAL, evaluation_windows
-    from quantkit.dequantized import load_dequantized
-    from quantkit.evaluate import perplexity
+    from quantkit.source.calibration import DEFAULT_EVAL, evaluation_windows
+    from quantkit.verification.dequantized import load_dequantized
+    from quantkit.verification.metrics import perplexity
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     windows = evaluation_windows(tokenizer, DEFAULT_EVAL, 512, args.eval_tokens)

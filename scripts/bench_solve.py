@@ -19,13 +19,13 @@ import resource
 import sys
 import time
 
-os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")  # as `quantkit quantize` runs (quantkit.heap)
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")  # as `quantkit quantize` runs (quantkit.memory.heap)
 
 import torch  # noqa: E402
 
 from quantkit.config import QuantSpec  # noqa: E402
-from quantkit.gptq import gptq_quantize_shared  # noqa: E402
-from quantkit.sizing import ModelShape, load_model_config  # noqa: E402
+from quantkit.solve.gptq import gptq_quantize_shared  # noqa: E402
+from quantkit.tools.estimate import ModelShape, load_model_config  # noqa: E402
 
 
 def main() -> int:

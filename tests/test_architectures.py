@@ -2,13 +2,18 @@
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import make_tiny_model
-from quantkit.checkpoint import SafetensorsCheckpoint
-from quantkit.cli import cli
-from quantkit.dequantized import load_dequantized
-from quantkit.model_skeleton import SUPPORTED_MODEL_TYPES, decoder_layers, linear_modules, weight_matrix
-from quantkit.qlinear import load_model
+
+from quantkit.cli.app import cli
+from quantkit.source.checkpoint import SafetensorsCheckpoint
+from quantkit.source.skeleton import (
+    SUPPORTED_MODEL_TYPES,
+    decoder_layers,
+    linear_modules,
+    weight_matrix,
+)
+from quantkit.verification.dequantized import load_dequantized
+from quantkit.verification.qlinear import load_model
 
 # what each config needs beyond make_tiny_model's common sizes (hidden 64, intermediate 128, 4 heads, 2 layers)
 ARCHITECTURES = {

@@ -4,8 +4,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from conftest import cli_run as run, error_line, listing
+from conftest import cli_run as run
+from conftest import error_line, listing
 
 FAST = ["--samples", "8", "--seq-len", "32", "--group-size", "32"]
 VICTIM = "model.layers.1.mlp.up_proj.weight"
@@ -97,7 +97,7 @@ def test_a_gguf_that_is_missing(tmp_path):
 
 
 def test_calibration_jsonl_with_a_huge_line(tiny_llama_dir, tmp_path):
-    from quantkit.calibration import MAX_LINE_BYTES
+    from quantkit.source.calibration import MAX_LINE_BYTES
 
     calib = tmp_path / "calib.jsonl"
     with open(calib, "w") as f:
@@ -117,8 +117,8 @@ def test_calibration_jsonl_with_invalid_utf8_names_the_line(tiny_llama_dir, tmp_
 
 def test_a_huge_calibration_text_is_read_only_as_far_as_needed(tiny_tokenizer, tmp_path, monkeypatch):
     """A 40 MB single-line .txt: the calibration reads its first text_budget() characters, not the whole file."""
-    from quantkit import calibration
     from quantkit.config import CalibSpec
+    from quantkit.source import calibration
 
     big = tmp_path / "big.txt"
     with open(big, "w") as f:

@@ -2,9 +2,15 @@ import json
 
 import pytest
 
-from quantkit.calibration import BUILTIN_SETS, builtin_dir, calibration_batch, evaluation_windows, load_documents
 from quantkit.config import CalibSpec
 from quantkit.errors import CalibrationError
+from quantkit.source.calibration import (
+    BUILTIN_SETS,
+    builtin_dir,
+    calibration_batch,
+    evaluation_windows,
+    load_documents,
+)
 
 
 def test_builtin_sets_exist_and_are_disjoint():

@@ -5,11 +5,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import quantkit.pipeline as pipeline
+import quantkit.run.pipeline as pipeline
 from quantkit import CalibSpec, QuantSpec, quantize
-from quantkit import capture
-from quantkit.capture import BlockMemo, collect_hessians, foldable_blocks, propagate
-from quantkit.model_skeleton import linear_modules
+from quantkit.calibrate import capture
+from quantkit.calibrate.capture import (
+    BlockMemo,
+    collect_hessians,
+    foldable_blocks,
+    propagate,
+)
+from quantkit.source.skeleton import linear_modules
 
 
 def _shard_hashes(path: Path) -> dict[str, str]:
@@ -53,7 +58,10 @@ def test_replaying_finished_blocks_changes_no_output_byte(model_type, act_order,
 
 def _llama_layer_and_batches():
     from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+    from transformers.models.llama.modeling_llama import (
+        LlamaDecoderLayer,
+        LlamaRotaryEmbedding,
+    )
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
@@ -102,7 +110,7 @@ def test_attention_output_comes_from_the_kept_o_proj_inputs(extra_after_exit, on
     """o_proj's inputs, kept while o_proj is calibrated (in memory, or in a scratch file), give the attention's
     output in the next stage: the real attention runs for the first batch only (to check that). A block doing
     more after o_proj runs for real."""
-    from quantkit.spill import KeptInMemory, KeptOnDisk
+    from quantkit.memory.spill import KeptInMemory, KeptOnDisk
 
     layer, batches, call = _llama_layer_and_batches()
     cpu, qkv = torch.device("cpu"), set(GROUPS[0])
@@ -183,9 +191,9 @@ def test_head_hessian_equals_the_one_of_a_real_forward(tiny_llama_dir, tiny_toke
     the head inputs of an ordinary forward."""
     from transformers import AutoModelForCausalLM
 
-    from quantkit.calibration import evaluation_windows
-    from quantkit.capture import collect_head_hessian
-    from quantkit.gptq import accumulate_hessian
+    from quantkit.calibrate.capture import collect_head_hessian
+    from quantkit.solve.gptq import accumulate_hessian
+    from quantkit.source.calibration import evaluation_windows
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     ids = evaluation_windows(tiny_tokenizer, "pydocs-eval", 32, 32 * 6)
@@ -211,7 +219,7 @@ def test_mlp_output_comes_from_down_projs_inputs_kept_on_disk(stored, tmp_path):
     the propagation: gate/up run for the first batch only (the check), and the outputs are those of the same memo
     without the scratch file (which reruns gate/up) with down_proj's new (quantized) weights, bit for bit; in
     float32 also those of the plain layer. No file is left in the directory."""
-    from quantkit.spill import KeptOnDisk
+    from quantkit.memory.spill import KeptOnDisk
 
     layer, batches, call = _llama_layer_and_batches()
     batches = [b.to(stored) for b in batches]
@@ -256,7 +264,7 @@ def test_kept_inputs_need_every_earlier_linear_quantized(done, tmp_path):
 @pytest.mark.parametrize("failing", ["create", "append", "take"])
 def test_a_failing_scratch_file_reruns_the_block(failing, tmp_path, monkeypatch, caplog):
     """A full or broken disk costs time (the MLP runs for real), never the run or its result."""
-    from quantkit import spill
+    from quantkit.memory import spill
 
     layer, batches, call = _llama_layer_and_batches()
     cpu, before_down = torch.device("cpu"), set(GROUPS[0]) | set(GROUPS[1]) | set(GROUPS[2])

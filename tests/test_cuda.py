@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from quantkit.capture import _move, wait_for_copies
+from quantkit.calibrate.capture import _move, wait_for_copies
 from quantkit.config import CalibSpec, QuantSpec
-from quantkit.dequantized import load_dequantized
-from quantkit.gptq import accumulate_hessian, gptq_quantize
-from quantkit.pipeline import quantize
-from quantkit.quant import _clip_search_sequential, group_qparams
+from quantkit.run.pipeline import quantize
+from quantkit.solve.gptq import accumulate_hessian, gptq_quantize
+from quantkit.solve.grid import _clip_search_sequential, group_qparams
+from quantkit.verification.dequantized import load_dequantized
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPU = torch.device("cuda")

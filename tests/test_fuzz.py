@@ -17,7 +17,7 @@ from typing import Callable
 import pytest
 from click.testing import CliRunner
 
-from quantkit.cli import cli
+from quantkit.cli.app import cli
 
 REPO_ID = "fuzz/tiny"
 CACHE_FOLDER = "models--fuzz--tiny"

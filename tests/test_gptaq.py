@@ -5,15 +5,26 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import quantkit.pipeline as pipeline
-from quantkit import CalibSpec, QuantSpec, quantize
-from quantkit.capture import BlockMemo, Reference, collect_statistics, derivable_blocks, propagate
-from quantkit.errors import NumericalError
-from quantkit.gptq import (_reversed_inverse_factor, _shift_to_asymmetric_target_, accumulate_cross,
-                            accumulate_hessian, gptq_quantize)
-from quantkit.model_skeleton import linear_modules
 from test_capture import _llama_layer_and_batches
+
+import quantkit.run.pipeline as pipeline
+from quantkit import CalibSpec, QuantSpec, quantize
+from quantkit.calibrate.capture import (
+    BlockMemo,
+    Reference,
+    collect_statistics,
+    derivable_blocks,
+    propagate,
+)
+from quantkit.errors import NumericalError
+from quantkit.solve.gptq import (
+    _reversed_inverse_factor,
+    _shift_to_asymmetric_target_,
+    accumulate_cross,
+    accumulate_hessian,
+    gptq_quantize,
+)
+from quantkit.source.skeleton import linear_modules
 
 
 def _drifted(n_out=48, n_in=96, tokens=2048, drift=0.3, seed=0):

@@ -7,9 +7,14 @@ from safetensors.torch import save_file
 
 from quantkit.config import QuantSpec
 from quantkit.errors import NumericalError
-from quantkit.gptq import accumulate_hessian, gptq_quantize, gptq_quantize_shared
-from quantkit.gptq_format import dequantize_module, module_tensors
-from quantkit.quant import _clip_search_batched, dequantize_grouped, group_qparams, rtn_quantize
+from quantkit.solve.gptq import accumulate_hessian, gptq_quantize, gptq_quantize_shared
+from quantkit.solve.grid import (
+    _clip_search_batched,
+    dequantize_grouped,
+    group_qparams,
+    rtn_quantize,
+)
+from quantkit.write.gptq_format import dequantize_module, module_tensors
 
 
 def _correlated(n_out=64, n_in=128, tokens=1024, seed=0):
@@ -160,7 +165,13 @@ def test_a_consumed_hessian_gives_the_same_result(act_order, indefinite):
 def test_the_searchs_rounding_error_is_the_formats_dequantization_error(bits, sym):
     """The search rounds in one reused buffer (clamping round(w / scale) instead of forming codes): its error
     must be the one the files' dequantization gives, bit for bit, clipped weights included."""
-    from quantkit.quant import CLIP_NORM, _range_qparams, _rounding_error, dequantize_codes, quantize_codes
+    from quantkit.solve.grid import (
+        CLIP_NORM,
+        _range_qparams,
+        _rounding_error,
+        dequantize_codes,
+        quantize_codes,
+    )
 
     g = torch.Generator().manual_seed(bits)
     w = torch.randn(300, 64, generator=g)
@@ -176,7 +187,12 @@ def test_the_searchs_rounding_error_is_the_formats_dequantization_error(bits, sy
 
 @pytest.mark.parametrize("sym", [True, False])
 def test_clip_search_never_rounds_worse_and_clips_outliers(sym):
-    from quantkit.quant import CLIP_NORM, dequantize_codes, group_qparams, quantize_codes
+    from quantkit.solve.grid import (
+        CLIP_NORM,
+        dequantize_codes,
+        group_qparams,
+        quantize_codes,
+    )
 
     torch.manual_seed(0)
     w = torch.randn(64, 128)
@@ -214,7 +230,7 @@ class _FakeGraph:
 
 
 def _real_sweep(*args):
-    from quantkit import gptq
+    from quantkit.solve import gptq
 
     return gptq._sweep_columns.__wrapped__(*args)
 
@@ -227,7 +243,7 @@ def test_graphed_column_sweeps_give_the_eager_bits(monkeypatch, group_size, n_in
     import contextlib
     import functools
 
-    from quantkit import gptq
+    from quantkit.solve import gptq
 
     W, _, H = _correlated(48, n_in, 4 * n_in, seed=3)
     spec = QuantSpec(bits=4, group_size=group_size, act_order=True)
@@ -310,7 +326,7 @@ def test_the_factorization_makes_no_hidden_copy_of_the_hessian():
     """The Cholesky factor and its inverse are made in the Hessian's own memory: beyond it, a CPU holds the copy
     kept for a retry and one block's temporaries. Written into a row-major H, torch would factor a column-major
     copy; a triangular solve on a trailing block copies that block (the whole Hessian for the first)."""
-    from quantkit.gptq import _reversed_inverse_factor
+    from quantkit.solve.gptq import _reversed_inverse_factor
 
     _, x, H = _correlated(1, 4096, 2 * 4096)
     del x

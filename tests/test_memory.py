@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import peak_rss_growth, proc_status_kb
 
-from quantkit import heap
-from quantkit.synthetic import shape_config, write_synthetic_checkpoint
+from quantkit.memory import heap
+from quantkit.tools.synthetic import shape_config, write_synthetic_checkpoint
 
 # a Llama shape whose layers are big enough (50 MB each in float32) that holding several would show
 SHAPE = dict(hidden_size=1024, intermediate_size=2752, num_attention_heads=8, num_key_value_heads=8, vocab_size=4096)
@@ -69,10 +69,10 @@ def test_the_spent_hessian_and_float32_results_are_freed_before_packing(monkeypa
     packing now sees neither; the modules hold the dequantized weights the packed tensors describe."""
     import weakref
 
-    from quantkit import pipeline
-    from quantkit.capture import Statistics
+    from quantkit.calibrate.capture import Statistics
     from quantkit.config import QuantSpec
-    from quantkit.gptq_format import dequantize_module
+    from quantkit.run import pipeline
+    from quantkit.write.gptq_format import dequantize_module
 
     torch.manual_seed(0)
     modules = {"a": torch.nn.Linear(128, 64, bias=False), "b": torch.nn.Linear(128, 32, bias=False)}
@@ -102,7 +102,7 @@ def test_a_tensor_converted_for_the_output_is_read_a_block_of_rows_at_a_time(tmp
     beside the copy (SmolLM2's 113 MB float32 embedding set a whole quantize run's peak as it was written out)."""
     from safetensors.torch import save_file
 
-    from quantkit.checkpoint import SafetensorsCheckpoint
+    from quantkit.source.checkpoint import SafetensorsCheckpoint
 
     emb = torch.randn(16384, 1024)  # 64 MB in float32
     save_file({"embed.weight": emb, "norm.weight": torch.ones(1024), "ids": torch.arange(7)},

@@ -1,8 +1,14 @@
 import pytest
 import torch
 
-from quantkit.packing import (pack_last_dim, pack_qweight, pack_qzeros, unpack_last_dim, unpack_qweight,
-                              unpack_qzeros)
+from quantkit.write.packing import (
+    pack_last_dim,
+    pack_qweight,
+    pack_qzeros,
+    unpack_last_dim,
+    unpack_qweight,
+    unpack_qzeros,
+)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -75,7 +81,7 @@ def test_pack_rejects_bad_lengths_and_bits():
 def test_packing_in_chunks_gives_the_same_words(bits, chunk, monkeypatch):
     """Rows are packed a bounded number of values at a time (the int64 working copies stay small on a GPU);
     the words do not depend on where the chunks fall."""
-    import quantkit.packing as packing
+    import quantkit.write.packing as packing
 
     values = torch.randint(0, 2**bits, (37, 192), dtype=torch.int32)
     monkeypatch.setattr(packing, "PACK_VALUES", 2**30)

@@ -2,10 +2,14 @@
 import pytest
 import torch
 
-from quantkit import precision
+from quantkit.calibrate import precision
+from quantkit.calibrate.precision import (
+    compute_dtype,
+    fast_float32_matmuls,
+    lists_bf16_instructions,
+)
 from quantkit.errors import QuantkitError
-from quantkit.gptq import accumulate_hessian
-from quantkit.precision import compute_dtype, fast_float32_matmuls, lists_bf16_instructions
+from quantkit.solve.gptq import accumulate_hessian
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 ZEN4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\nbugs\t\t: sysret_ss_attrs\n"
@@ -133,10 +137,9 @@ def test_a_bfloat16_model_on_a_cpu_with_bf16_instructions_calibrates_in_bfloat16
 
     from click.testing import CliRunner
     from conftest import make_tiny_model
-
-    from quantkit.cli import cli
-
     from transformers import AutoModelForCausalLM
+
+    from quantkit.cli.app import cli
 
     model_dir = make_tiny_model(tmp_path / "bf16", tiny_tokenizer)
     AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).save_pretrained(model_dir)

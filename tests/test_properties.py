@@ -10,8 +10,16 @@ from hypothesis import strategies as st
 
 from quantkit.config import CalibSpec, InvalidSetting, QuantSpec
 from quantkit.errors import QuantkitError
-from quantkit.packing import (SUPPORTED_BITS, pack_last_dim, pack_qweight, pack_qzeros, packed_length, unpack_last_dim,
-                              unpack_qweight, unpack_qzeros)
+from quantkit.write.packing import (
+    SUPPORTED_BITS,
+    pack_last_dim,
+    pack_qweight,
+    pack_qzeros,
+    packed_length,
+    unpack_last_dim,
+    unpack_qweight,
+    unpack_qzeros,
+)
 
 PROFILE = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -120,8 +128,8 @@ def recorded(monkeypatch):
     calls = []
 
     def fake_quantize(model, spec, calib, **kwargs):
-        from quantkit.hub import validate_repo_id
-        from quantkit.writer import parse_size
+        from quantkit.source.hub import validate_repo_id
+        from quantkit.write.shards import parse_size
 
         if kwargs.get("repo_id"):
             validate_repo_id(kwargs["repo_id"])
@@ -132,7 +140,7 @@ def recorded(monkeypatch):
         calls.append((spec, calib, kwargs))
         raise QuantkitError("stopped after parsing")
 
-    monkeypatch.setattr("quantkit.pipeline.quantize", fake_quantize)
+    monkeypatch.setattr("quantkit.run.pipeline.quantize", fake_quantize)
     return calls
 
 
@@ -146,7 +154,7 @@ def test_any_option_spelling_parses_or_fails_in_one_line(recorded, tmp_path, val
         args += [flag, value]
     args += list(flags)
     before = len(recorded)
-    r = CliRunner().invoke(__import__("quantkit.cli", fromlist=["cli"]).cli, args)
+    r = CliRunner().invoke(__import__("quantkit.cli.app", fromlist=["cli"]).cli, args)
     assert not isinstance(r.exception, Exception) or isinstance(r.exception, SystemExit), repr(r.exception)
     errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
     assert r.exit_code in (1, 2) and len(errors) == 1 and "Traceback" not in r.output, r.output
@@ -166,7 +174,7 @@ repo_like = st.builds(lambda a, b, tail: f"{a}/{b}{tail}", st.text(REPO_CHARS, m
 @PROFILE
 @given(text=st.one_of(repo_like, st.text(REPO_CHARS, max_size=12), st.text(max_size=20)))
 def test_a_repo_id_can_never_leave_the_cache(text, tmp_path_factory, monkeypatch):
-    from quantkit.hub import repo_folder
+    from quantkit.source.hub import repo_folder
 
     cache = tmp_path_factory.getbasetemp() / "hub-props"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -183,7 +191,7 @@ def test_a_repo_id_can_never_leave_the_cache(text, tmp_path_factory, monkeypatch
 @given(number=st.integers(1, 10**6), unit=st.sampled_from(["", "B", "KB", "kb", "MB", "mb", "GB", "G", "M", "K"]),
        space=st.sampled_from(["", " "]))
 def test_shard_sizes_parse_to_bytes(number, unit, space):
-    from quantkit.writer import parse_size
+    from quantkit.write.shards import parse_size
 
     scale = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9}[unit.upper()[:1] if unit.upper() != "B" else "B"]
     assert parse_size(f"{number}{space}{unit}") == number * scale
@@ -192,7 +200,7 @@ def test_shard_sizes_parse_to_bytes(number, unit, space):
 @PROFILE
 @given(text=st.text(max_size=10))
 def test_shard_size_garbage_is_a_value_error(text):
-    from quantkit.writer import parse_size
+    from quantkit.write.shards import parse_size
 
     try:
         n = parse_size(text)

@@ -7,9 +7,9 @@ import torch
 from click.testing import CliRunner
 from conftest import hub_cache_env
 
-from quantkit.cli import cli
-from quantkit.dequantized import load_dequantized
-from quantkit.hub import sha256_file
+from quantkit.cli.app import cli
+from quantkit.untrusted import sha256_file
+from quantkit.verification.dequantized import load_dequantized
 
 FAST = ["--samples", "8", "--seq-len", "32", "--group-size", "32"]
 
@@ -111,7 +111,9 @@ def test_dequantized_weights_stay_close_to_the_originals(quantized, tiny_llama_d
 
 def test_only_one_decoder_layer_is_materialised_at_a_time(tiny_tokenizer, tmp_path, hub_cache, monkeypatch):
     from conftest import make_tiny_model
-    from quantkit import model_skeleton, pipeline
+
+    from quantkit.run import pipeline
+    from quantkit.source import skeleton as model_skeleton
 
     model_dir = make_tiny_model(tmp_path / "deep", tiny_tokenizer, layers=6)
     seen = []
@@ -227,7 +229,7 @@ def test_quantize_by_cached_repo_id(tiny_llama_dir, hub_cache):
 def test_skip_keeps_matching_linears_in_float16(tiny_llama_dir, tmp_path):
     import json as _json
 
-    from quantkit.checkpoint import SafetensorsCheckpoint
+    from quantkit.source.checkpoint import SafetensorsCheckpoint
 
     r = run("quantize", tiny_llama_dir, "--out", tmp_path / "q", "--skip", "mlp.down_proj", "--skip", "self_attn.[kv]_proj",
             *FAST)
@@ -272,7 +274,7 @@ def test_gpu_peaks_per_stage_and_over_the_run(monkeypatch):
     counters stood in for, as CI has no GPU."""
     import torch
 
-    from quantkit.pipeline import _GpuPeaks, _StageClock
+    from quantkit.run.pipeline import _GpuPeaks, _StageClock
 
     counter = {"peak": 0}
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
@@ -296,8 +298,8 @@ def test_gpu_peaks_per_stage_and_over_the_run(monkeypatch):
 def test_a_layers_attention_leaves_memory_once_it_is_only_replayed(tiny_llama_dir, tmp_path, monkeypatch):
     """True-sequential GPTQ replays the quantized attention from records in the MLP stages and the propagation,
     so its weights are dropped (to the meta device, where any use would fail loudly) before the MLP is solved."""
-    from quantkit import pipeline
     from quantkit.config import CalibSpec, QuantSpec
+    from quantkit.run import pipeline
 
     released = []
     release = pipeline.release

@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import make_tiny_model
 
-from quantkit.hub import cache_id
+from quantkit.source.hub import cache_id
 
 pytestmark = pytest.mark.slow
 REPO_ID = "test/tiny-resume"
@@ -116,8 +115,8 @@ def test_out_of_space_stops_cleanly_keeps_work_and_resumes(tiny4, tmp_path, monk
 
     from click.testing import CliRunner
 
-    import quantkit.resume as resume
-    from quantkit.cli import cli
+    import quantkit.run.resume as resume
+    from quantkit.cli.app import cli
 
     real_save = resume.RunState.save_layer
 
@@ -143,7 +142,7 @@ def test_out_of_space_stops_cleanly_keeps_work_and_resumes(tiny4, tmp_path, monk
 def test_second_run_on_the_same_target_is_refused(tiny4, tmp_path, monkeypatch):
     from filelock import FileLock
 
-    from quantkit.hub import repo_lock
+    from quantkit.write.publish import repo_lock
 
     cache = tmp_path / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -163,7 +162,7 @@ class _AlwaysInBackground:
     """pipeline.BackgroundSaves as a GPU run has it (saves on a worker thread, batches folded into new tensors)."""
 
     def __new__(cls, enabled):
-        from quantkit.resume import BackgroundSaves
+        from quantkit.run.resume import BackgroundSaves
 
         return BackgroundSaves(enabled=True)
 
@@ -174,9 +173,9 @@ def test_background_saves_write_the_same_bytes(tiny4, tmp_path, monkeypatch):
     next layer is computing (and folding records into its inputs) while the save reads them."""
     import time
 
-    from quantkit import pipeline
     from quantkit.config import CalibSpec, QuantSpec
-    from quantkit.resume import RunState
+    from quantkit.run import pipeline
+    from quantkit.run.resume import RunState
 
     save_layer = RunState.save_layer
 
@@ -202,9 +201,9 @@ def test_background_saves_write_the_same_bytes(tiny4, tmp_path, monkeypatch):
 
 
 def test_a_failed_background_save_fails_the_run_and_keeps_its_work(tiny4, tmp_path, monkeypatch):
-    from quantkit import pipeline
     from quantkit.config import CalibSpec, QuantSpec
-    from quantkit.resume import RunState
+    from quantkit.run import pipeline
+    from quantkit.run.resume import RunState
 
     save_layer = RunState.save_layer
 
@@ -232,8 +231,8 @@ def test_saved_activations_are_a_safetensors_file_and_load_back_exactly(kept, tm
     from safetensors.torch import load_file
 
     from quantkit.errors import QuantkitError
-    from quantkit.resume import RunState
-    from quantkit.spill import ActivationsOnDisk
+    from quantkit.memory.spill import ActivationsOnDisk
+    from quantkit.run.resume import RunState
 
     torch.manual_seed(0)
     quantized = [torch.randn(2, 8, 4), torch.randn(1, 8, 4)]

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import has_ecosystem
+
 from quantkit.config import CalibSpec, QuantSpec
-from quantkit.dequantized import load_dequantized
-from quantkit.pipeline import quantize
+from quantkit.run.pipeline import quantize
+from quantkit.verification.dequantized import load_dequantized
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def rtn_g128(smollm2_dir, demo_cache):
 def eval_windows(smollm2_dir):
     from transformers import AutoTokenizer
 
-    from quantkit.calibration import evaluation_windows
+    from quantkit.source.calibration import evaluation_windows
 
     return evaluation_windows(AutoTokenizer.from_pretrained(smollm2_dir), "pydocs-eval", 256, max_tokens=256 * 8)
 
@@ -64,7 +64,7 @@ def eval_windows(smollm2_dir):
 def test_gptq_beats_round_to_nearest(smollm2_dir, gptq_g64, tmp_path, eval_windows):
     from transformers import AutoModelForCausalLM
 
-    from quantkit.evaluate import perplexity
+    from quantkit.verification.metrics import perplexity
 
     rtn = quantize(str(smollm2_dir), QuantSpec(bits=4, group_size=64, method="rtn"), out=tmp_path / "rtn")
     base_ppl = perplexity(AutoModelForCausalLM.from_pretrained(smollm2_dir).eval(), eval_windows)
@@ -76,7 +76,7 @@ def test_gptq_beats_round_to_nearest(smollm2_dir, gptq_g64, tmp_path, eval_windo
 
 
 def test_ragged_last_group_is_written(rtn_g128):
-    from quantkit.checkpoint import SafetensorsCheckpoint
+    from quantkit.source.checkpoint import SafetensorsCheckpoint
 
     ckpt = SafetensorsCheckpoint(Path(rtn_g128.path))
     assert ckpt.shape("model.layers.0.self_attn.q_proj.scales") == (5, 576)  # 576 = 4 x 128 + 64

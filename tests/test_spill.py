@@ -5,7 +5,14 @@ import sys
 import pytest
 import torch
 
-from quantkit.spill import ActivationsOnDisk, KeptInMemory, KeptOnDisk, ScratchFiles, batch_meta, disk_has_room
+from quantkit.memory.spill import (
+    ActivationsOnDisk,
+    KeptInMemory,
+    KeptOnDisk,
+    ScratchFiles,
+    batch_meta,
+    disk_has_room,
+)
 
 
 @pytest.mark.parametrize("store", ["memory", "disk"])

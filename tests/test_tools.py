@@ -8,8 +8,8 @@ from click.testing import CliRunner
 from conftest import hub_cache_env
 
 import quantkit
-from quantkit.cli import cli
-from quantkit.compat import compatibility_notes
+from quantkit.cli.app import cli
+from quantkit.verification.compat import compatibility_notes
 
 GIB = 2**30
 
@@ -126,7 +126,7 @@ def test_estimate_other_builtins_are_real_configs():
 
 
 def _tensor_shapes(model_dir: Path) -> dict[str, list[int]]:
-    from quantkit.integrity import read_header
+    from quantkit.verification.integrity import read_header
 
     out = {}
     for f in model_dir.glob("*.safetensors"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from quantkit.cli import cli
+from quantkit.cli.app import cli
 
 FAST = ["--samples", "8", "--seq-len", "32", "--group-size", "32"]
 
@@ -168,11 +168,11 @@ def test_a_side_file_linking_inside_the_model_is_copied(model_copy, tmp_path):
 
 
 def test_an_unexpected_error_is_one_line_and_debug_shows_its_traceback(monkeypatch):
-    import quantkit.sizing
+    import quantkit.tools.estimate
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom\nsecond line")
-    monkeypatch.setattr(quantkit.sizing, "estimate", broken)
+    monkeypatch.setattr(quantkit.tools.estimate, "estimate", broken)
     r = run("estimate", "llama-2-7b")
     line = one_error_line(r)
     assert line == "Error: internal error (RuntimeError: boom); rerun with --debug for the traceback", line

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cli_run as run
+from conftest import error_line, listing
 
 import quantkit
-from conftest import cli_run as run, error_line, listing
 
 gguf = pytest.importorskip("gguf")
 
@@ -78,7 +79,10 @@ def tiny_gguf(folder: Path, arch: str = "llama", name: str = "tiny", **hparams) 
     """A random model of `arch` as GGUF: its tensors are named and shaped by what transformers builds from the
     file's own metadata (a first, tensor-less GGUF), so transformers' loader takes every one of them."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+    from transformers.modeling_gguf_pytorch_utils import (
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     path = write_gguf(folder / "model.gguf", arch, {}, name, **hparams)
@@ -131,7 +135,7 @@ def gguf_copy(tiny_llama_gguf, tmp_path) -> Path:
 # --- 1. tensor by tensor, the same values as transformers' loader, one tensor in memory -----------------------------
 
 def _supported() -> list:
-    from quantkit import gguf_import
+    from quantkit.source import gguf_import
 
     return [*getattr(gguf_import, "SUPPORTED", ["llama"]), pytest.param("llama", "Mistral-tiny", id="mistral")]
 
@@ -165,7 +169,7 @@ def test_the_demo_gguf_converts_to_what_transformers_loads(smollm2_dir):
 PEAK_CHILD = """
 import sys
 from pathlib import Path
-from quantkit.cli import cli
+from quantkit.cli.app import cli
 try:
     cli.main(args=sys.argv[1:], prog_name="quantkit", standalone_mode=False)
 finally:
@@ -197,7 +201,7 @@ def test_peak_memory_does_not_grow_with_the_model(tmp_path):
 
 
 def test_an_architecture_not_converted_tensor_by_tensor_is_refused(tmp_path):
-    from quantkit.gguf_import import SUPPORTED
+    from quantkit.tools.gguf_import import SUPPORTED
 
     assert "gpt2" not in SUPPORTED  # its output head is renamed outside the per-tensor path
     gguf_file = write_gguf(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": np.zeros((259, 64), np.float32)})
@@ -251,7 +255,7 @@ def test_every_transformers_load_passes_trust_remote_code_false(tiny_llama_gguf,
 
 def test_out_that_is_a_file_is_refused_before_any_work(tiny_llama_gguf, tmp_path):
     from quantkit.errors import QuantkitError
-    from quantkit.gguf_import import import_gguf
+    from quantkit.tools.gguf_import import import_gguf
 
     victim = tmp_path / "notes.txt"
     victim.write_text("mine")
@@ -293,7 +297,7 @@ def test_overwrite_refuses_the_current_directory(tiny_llama_gguf, tmp_path, monk
 
 
 def test_overwrite_renames_the_old_output_aside_until_the_new_one_is_in(tiny_llama_gguf, tmp_path, monkeypatch):
-    import quantkit.gguf_import as gguf_import
+    import quantkit.tools.gguf_import as gguf_import
 
     out = tmp_path / "out"
     assert run("import-gguf", tiny_llama_gguf, out).exit_code == 0

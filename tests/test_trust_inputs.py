@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import cli_run as run
 
 FAST = ["--samples", "8", "--seq-len", "32", "--group-size", "32"]
@@ -222,8 +221,13 @@ def test_the_check_accepts_every_supported_layout(tmp_path, tiny_tokenizer):
     """GPT-2 spells its sizes n_layer/n_embd and names its embedding wte; OPT's embedding is word_embed_proj_dim
     wide; GPT-NeoX calls it embed_in: each passes the check exactly when its config is true."""
     from conftest import make_tiny_model
-    from quantkit.checkpoint import SafetensorsCheckpoint, check_config_fits, read_config_dict
+
     from quantkit.errors import QuantkitError
+    from quantkit.source.checkpoint import (
+        SafetensorsCheckpoint,
+        check_config_fits,
+        read_config_dict,
+    )
 
     for model_type, extra in (("gpt2", {}), ("opt", {"word_embed_proj_dim": 32}), ("gpt_neox", {})):
         d = make_tiny_model(tmp_path / model_type, tiny_tokenizer, model_type, **extra)
@@ -269,7 +273,7 @@ def test_inspect_refuses_inconsistent_offsets_naming_file_and_tensor(case, tiny_
 
 
 def test_inspect_of_a_good_checkpoint_is_unchanged(tiny_llama_dir, sharded_dir):
-    from quantkit.integrity import read_header
+    from quantkit.verification.integrity import read_header
 
     for d in (tiny_llama_dir, sharded_dir):
         r = run("inspect", d, "--json")
@@ -299,8 +303,8 @@ def _parquet_with_unreadable_tail(path: Path, rows: list[str], rows_per_group: i
 
 
 def test_a_large_parquet_set_is_read_only_as_far_as_the_budget(tmp_path):
-    from quantkit.calibration import load_documents
     from quantkit.errors import CalibrationError
+    from quantkit.source.calibration import load_documents
 
     rows = [f"document {i:04d}: " + "text " * 200 for i in range(4000)]
     path = tmp_path / "big.parquet"
@@ -315,7 +319,7 @@ def test_a_small_parquet_set_reads_as_before(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from quantkit.calibration import load_documents
+    from quantkit.source.calibration import load_documents
 
     rows = ["alpha " * 10, None, "beta", "", "gamma " * 50]
     pq.write_table(pa.table({"text": rows}), tmp_path / "small.parquet", row_group_size=2)
@@ -346,7 +350,7 @@ def test_an_hf_set_is_read_only_as_far_as_the_budget(monkeypatch):
     import sys
     import types
 
-    from quantkit.calibration import load_documents
+    from quantkit.source.calibration import load_documents
 
     rows = [f"row {i} " + "word " * 100 for i in range(100_000)]
     dataset = _RowCountingDataset(rows)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import make_tiny_model
-from quantkit.cli import cli
+
+from quantkit.cli.app import cli
 
 ARGS = ["--samples", "8", "--seq-len", "32", "--group-size", "32"]
 DAMAGED = "is damaged; remove that directory to start over"
@@ -143,7 +143,7 @@ def test_resume_reads_each_finished_layer_once_and_a_fresh_run_reads_nothing_twi
     it, so it reads what a fresh run reads (the norms twice: once more when they are copied into the output)."""
     from collections import Counter
 
-    from quantkit.checkpoint import SafetensorsCheckpoint
+    from quantkit.source.checkpoint import SafetensorsCheckpoint
 
     reads: list[str] = []
     get = SafetensorsCheckpoint.get
@@ -203,7 +203,7 @@ def test_a_damaged_resume_file_is_refused_before_any_work(name, damage, tiny4, t
 def test_a_layer_file_damaged_after_the_check_is_refused_when_assembled(tmp_path):
     """The layer files are checked again as they are read for the output."""
     from quantkit.errors import QuantkitError
-    from quantkit.resume import RunState
+    from quantkit.run.resume import RunState
 
     state = RunState(tmp_path / "work", "fingerprint")
     state.save_layer(0, {"w": torch.arange(64, dtype=torch.float32)}, {"index": 0, "seconds": 0.0, "losses": {}},
@@ -280,7 +280,7 @@ def test_every_damage_of_state_json_is_refused_as_it_is_read(case, two_layers_do
     """Each value of state.json that a later step uses is checked when the state is read (the base tensors'
     sha256s when the base is checked, before any work too)."""
     from quantkit.errors import QuantkitError
-    from quantkit.resume import RunState
+    from quantkit.run.resume import RunState
 
     _, state = copy_of(two_layers_done, tmp_path)
     fingerprint = json.loads((state / "state.json").read_text())["fingerprint"]

@@ -10,10 +10,14 @@ import torch
 from click.testing import CliRunner
 from conftest import has_ecosystem, make_tiny_model
 
-from quantkit.cli import cli
+from quantkit.cli.app import cli
 from quantkit.config import QuantSpec
-from quantkit.gptq import gptq_quantize
-from quantkit.gptq_format import checkpoint_format, dequantize_module, module_tensors
+from quantkit.solve.gptq import gptq_quantize
+from quantkit.write.gptq_format import (
+    checkpoint_format,
+    dequantize_module,
+    module_tensors,
+)
 
 ORDERS = {"plain": dict(act_order=False), "act-order": dict(act_order=True),
           "static": dict(act_order=True, static_groups=True)}
@@ -82,7 +86,7 @@ def _logits(model, ids):
 def test_variant_loads_in_transformers_and_matches_quantkit(bits, group, sym, order, tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM, GPTQConfig
 
-    from quantkit.dequantized import load_dequantized
+    from quantkit.verification.dequantized import load_dequantized
 
     out = tmp_path / "q"
     flags = {"plain": ["--no-act-order"], "act-order": ["--act-order"], "static": ["--act-order", "--static-groups"]}
@@ -146,8 +150,8 @@ def test_lm_head_is_quantized_calibrated_and_loads(tied, tiny_tokenizer, tmp_pat
     transformers + optimum loader is refused with the reason."""
     from transformers import AutoModelForCausalLM
 
-    from quantkit.checkpoint import SafetensorsCheckpoint
-    from quantkit.dequantized import load_dequantized
+    from quantkit.source.checkpoint import SafetensorsCheckpoint
+    from quantkit.verification.dequantized import load_dequantized
 
     base_dir = make_tiny_model(tmp_path / "base", tiny_tokenizer, tie_word_embeddings=tied)
     out = tmp_path / "q"
@@ -179,7 +183,7 @@ def test_lm_head_is_quantized_calibrated_and_loads(tied, tiny_tokenizer, tmp_pat
 def test_lm_head_loads_in_gptqmodel(tiny_llama_dir, tmp_path):
     from gptqmodel import GPTQModel
 
-    from quantkit.dequantized import load_dequantized
+    from quantkit.verification.dequantized import load_dequantized
 
     out = tmp_path / "q"
     assert run("quantize", tiny_llama_dir, "--out", out, "--lm-head", "--group-size", "32", *FAST).exit_code == 0

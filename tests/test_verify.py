@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import has_ecosystem, make_tiny_model
+
 from quantkit.config import CalibSpec, QuantSpec
-from quantkit.gptq_format import dequantize_module, module_tensors
-from quantkit.hub import sha256_file
-from quantkit.pipeline import quantize
+from quantkit.run.pipeline import quantize
+from quantkit.untrusted import sha256_file
+from quantkit.write.gptq_format import dequantize_module, module_tensors
 
 FAST = ["--seq-len", "64", "--max-tokens", "512"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -26,7 +26,7 @@ REQUIRED_KEYS = {"passed", "failures", "ppl_ratio", "kl_mean", "kl_p99", "top1_a
 
 
 def run(*args):
-    from quantkit.cli import cli
+    from quantkit.cli.app import cli
 
     return CliRunner().invoke(cli, ["verify", *(str(a) for a in args)])
 
@@ -90,9 +90,9 @@ def tiny_gptq(tiny_base, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_gptq_linear_is_exact_to_the_format(bits):
-    from quantkit.gptq import GPTQResult
-    from quantkit.qlinear import GPTQLinear
-    from quantkit.quant import rtn_quantize
+    from quantkit.solve.gptq import GPTQResult
+    from quantkit.solve.grid import rtn_quantize
+    from quantkit.verification.qlinear import GPTQLinear
 
     g = torch.Generator().manual_seed(bits)
     W = torch.randn(64, 96, generator=g)
@@ -109,8 +109,8 @@ def test_gptq_linear_is_exact_to_the_format(bits):
 
 
 def test_loader_swaps_linears_and_matches_checkpoint(tiny_gptq):
-    from quantkit.checkpoint import SafetensorsCheckpoint
-    from quantkit.qlinear import GPTQLinear, load_model
+    from quantkit.source.checkpoint import SafetensorsCheckpoint
+    from quantkit.verification.qlinear import GPTQLinear, load_model
 
     model, info = load_model(tiny_gptq)
     q = model.model.layers[1].mlp.down_proj
@@ -124,8 +124,8 @@ def test_loader_swaps_linears_and_matches_checkpoint(tiny_gptq):
 
 
 def test_max_memory_offloads_layers_to_disk_with_identical_results(tiny_gptq, tmp_path):
-    from quantkit.qlinear import load_model
-    from quantkit.verification import _logits
+    from quantkit.verification.api import _logits
+    from quantkit.verification.qlinear import load_model
 
     ids = torch.randint(0, 500, (48,), generator=torch.Generator().manual_seed(0))
     ref_model, ref_info = load_model(tiny_gptq)
@@ -176,7 +176,7 @@ def test_chat_prompts_use_the_template_with_a_system_message(tiny_gptq):
 
 
 def test_chat_rendering_and_templates_without_system_role(tiny_tokenizer):
-    from quantkit.verification import SYSTEM_PROMPT, _chat_ids
+    from quantkit.verification.api import SYSTEM_PROMPT, _chat_ids
 
     tok = copy.deepcopy(tiny_tokenizer)
     notes = []
@@ -191,8 +191,8 @@ def test_chat_rendering_and_templates_without_system_role(tiny_tokenizer):
 def test_stop_tokens_end_generation(tiny_gptq):
     from transformers import AutoTokenizer
 
-    from quantkit.qlinear import load_model
-    from quantkit.verification import _greedy
+    from quantkit.verification.api import _greedy
+    from quantkit.verification.qlinear import load_model
 
     model, _ = load_model(tiny_gptq)
     tok = AutoTokenizer.from_pretrained(tiny_gptq)
@@ -376,7 +376,7 @@ def _float_model_from_checkpoint(base_dir: Path, quantized_dir: Path):
 def test_smollm2_g64_passes_and_matches_an_independent_perplexity(smollm2_verified, smollm2_g64, smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantkit.calibration import evaluation_windows
+    from quantkit.source.calibration import evaluation_windows
 
     code, d = smollm2_verified
     assert code == 0 and d["passed"], d["failures"]
@@ -434,6 +434,6 @@ def test_transformers_loader_agrees_on_a_tiny_model_and_keeps_stdout_clean(tiny_
 
 def test_report_numbers_keep_their_significant_digits():
     """A perplexity of exactly 7 reads 7.000 in the table, as 6.656 beside it does, not a bare 7."""
-    from quantkit.report import fmt
+    from quantkit.verification.render import fmt
     assert [fmt(7.0), fmt(6.656), fmt(0.059), fmt(1234.0), fmt(12345.6), fmt(0.0), fmt(2e-5), fmt(None)] == \
         ["7.000", "6.656", "0.05900", "1234", "1.235e+04", "0.000", "2.00e-05", "–"]

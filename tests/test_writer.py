@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from quantkit.errors import QuantkitError
-from quantkit.writer import ShardWriter, parse_size
+from quantkit.write.shards import ShardWriter, parse_size
 
 
 def _tensors():

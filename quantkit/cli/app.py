@@ -1,0 +1,179 @@
+"""The `quantkit` command: click parsing only; the work happens in the library."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from quantkit import __version__
+from quantkit.config import COMPUTE_DTYPES
+from quantkit.errors import QuantkitError, first_line
+
+
+class _OneLineErrors(click.Group):
+    """The one error path of every command: a QuantkitError is one `Error:` line and exit 1; any other exception
+    is one line naming it as an internal error (exit 1), with its traceback only under --debug."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit,
+                KeyboardInterrupt):
+            raise
+        except QuantkitError as e:
+            if _debug(ctx):
+                raise
+            raise click.ClickException(first_line(e)) from None
+        except Exception as e:
+            if _debug(ctx):
+                raise
+            raise click.ClickException(f"internal error ({type(e).__name__}: {first_line(e)}); rerun with --debug "
+                                       "for the traceback") from None
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool((ctx.find_root().params or {}).get("debug"))
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines printed above a running progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("quantkit")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+    # torchao (pulled in by transformers when gptqmodel is installed) warns about its CUDA-only .so files and
+    # enum registrations at import; none of it concerns the user
+    for noisy in ("transformers", "accelerate", "huggingface_hub", "datasets", "torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="quantkit")
+@click.option("--debug", is_flag=True, help="show the full traceback of any error")
+def cli(debug: bool) -> None:
+    """Quantize Hugging Face causal LMs to GPTQ checkpoints and prove they are good."""
+
+
+@cli.command("import-gguf")
+@click.argument("gguf_file", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="dtype of the written weights (float32 keeps the GGUF values exactly)")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="largest safetensors shard")
+@click.option("--overwrite", is_flag=True, help="replace OUT_DIR if it exists")
+def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
+    """Convert GGUF_FILE into a safetensors checkpoint in OUT_DIR (config, tokenizer, chat template)."""
+    from quantkit.tools.gguf_import import import_gguf
+    from quantkit.write.shards import parse_size
+
+    _setup_logging(quiet=False)
+    try:
+        shard = parse_size(max_shard_size)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-shard-size") from None
+    out = import_gguf(gguf_file, out_dir, dtype=dtype, max_shard_bytes=shard, overwrite=overwrite)
+    click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
+@click.option("--group-size", type=int, default=128, show_default=True, help="input channels per scale; -1 = per row")
+@click.option("--sym/--asym", default=True, show_default=True, help="symmetric grid (v1 format) or asymmetric (v2)")
+@click.option("--damp", type=float, default=0.01, show_default=True, help="Hessian damping, fraction of mean diagonal")
+@click.option("--act-order/--no-act-order", default=True, show_default=True,
+              help="quantize columns by decreasing Hessian diagonal (desc_act; g_idx is permuted unless --static-groups)")
+@click.option("--static-groups", is_flag=True, help="with --act-order: fix group parameters first, so g_idx stays in order")
+@click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
+              help="quantize a layer's Linears in order, each seeing the already-quantized ones")
+@click.option("--clip-search/--no-clip-search", default=True, show_default=True,
+              help="shrink each group's range where that lowers its rounding error (costs ~5% more time)")
+@click.option("--skip", "skip", multiple=True, metavar="PATTERN",
+              help="keep Linears matching this glob (name within a layer, e.g. mlp.down_proj) in float16; repeatable")
+@click.option("--lm-head", "lm_head", is_flag=True,
+              help="quantize the output head too (loads in gptqmodel and vLLM, not transformers + optimum)")
+@click.option("--gptaq", is_flag=True,
+              help="asymmetric calibration: solve each Linear against the unquantized model's outputs, so it also "
+                   "corrects the error of earlier layers (more time: unquantized forwards beside the quantized ones)")
+@click.option("--method", type=click.Choice(["gptq", "rtn", "bnb-nf4", "bnb-int8"]), default="gptq", show_default=True,
+              help="gptq (calibrated), rtn (round-to-nearest baseline, no calibration), or bitsandbytes nf4/int8 "
+                   "(needs bitsandbytes; --bits and the GPTQ options do not apply)")
+@click.option("--calib", default="pydocs-calib", show_default=True,
+              help="built-in set, a .txt/.jsonl/.parquet file, or hf:<dataset>[:config][:split]")
+@click.option("--samples", type=int, default=128, show_default=True, help="calibration samples")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="tokens per calibration sample")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES), default="auto",
+              show_default=True, help="dtype of the calibration forwards; auto: the model's 16-bit dtype on a GPU and "
+                                      "a bfloat16 model's on a CPU with AVX512-BF16/AMX, else float32")
+@click.option("--repo-id", default=None, help="hub-cache repo id to publish as, NAMESPACE/NAME")
+@click.option("--out", type=click.Path(path_type=str), default=None, help="write to this directory instead of the hub cache")
+@click.option("--overwrite", is_flag=True, help="replace an existing output")
+@click.option("--max-shard-size", default="2GB", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object; no progress or log lines")
+def quantize(model, bits, group_size, sym, damp, act_order, static_groups, true_sequential, clip_search, skip, lm_head,
+             gptaq, method, calib, samples, seq_len, seed, device, compute_dtype, repo_id, out, overwrite, max_shard_size,
+             as_json):
+    """Quantize MODEL (a directory or a repo id in the local hub cache) to a GPTQ checkpoint."""
+    from quantkit.config import BNB_BITS, CalibSpec, InvalidSetting, QuantSpec
+
+    if repo_id and out:
+        raise click.UsageError("--repo-id and --out are mutually exclusive")
+    if method in BNB_BITS and click.get_current_context().get_parameter_source("bits").name == "DEFAULT":
+        bits = BNB_BITS[method]
+    try:
+        spec = QuantSpec(bits=int(bits), group_size=group_size, sym=sym, damp=damp, act_order=act_order,
+                         static_groups=static_groups, true_sequential=true_sequential, method=method,
+                         clip_search=clip_search, skip=tuple(skip), lm_head=lm_head, gptaq=gptaq)
+    except InvalidSetting as e:
+        raise click.BadParameter(str(e), param_hint=e.flag) from None
+    try:
+        calib_spec = CalibSpec(source=calib, samples=samples, seq_len=seq_len, seed=seed)
+    except InvalidSetting as e:
+        raise click.BadParameter(str(e), param_hint=e.flag) from None
+    _setup_logging(quiet=as_json)
+    from quantkit.run.pipeline import quantize as run_quantize
+
+    result = run_quantize(model, spec, calib_spec, repo_id=repo_id, out=out, overwrite=overwrite, device=device,
+                          max_shard_size=max_shard_size, progress=not as_json, compute_dtype=compute_dtype)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    gpu = f", peak GPU {result.peak_gpu_mb:.0f} MB" if result.peak_gpu_mb is not None else ""
+    click.echo(f"wrote {result.path}  ({result.seconds:.0f}s, peak RSS {result.peak_rss_mb:.0f} MB{gpu})")
+    if result.repo_id:
+        click.echo(f"load it with: AutoModelForCausalLM.from_pretrained(\"{result.repo_id}\")")
+
+
+def _register_commands() -> None:
+    from quantkit.cli.tools import cache_group, estimate_command, inspect_command
+    from quantkit.cli.verify import verify_command
+
+    cli.add_command(verify_command)
+    cli.add_command(estimate_command)
+    cli.add_command(inspect_command)
+    cli.add_command(cache_group)
+
+
+_register_commands()
+
+
+def main() -> None:
+    cli(prog_name="quantkit")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""`quantkit estimate`, `quantkit inspect` and `quantkit cache list|rm`: click parsing and output only.
+
+Exit codes: 0 done; 1 the work could not be done (one `Error:` line), or `inspect` found a damaged checkpoint
+(manifest mismatch or unreadable headers); 2 usage errors, from click.
+"""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def _bits(ctx, param, value: str) -> tuple[int, ...]:
+    from quantkit.tools.estimate import ESTIMATE_BITS
+
+    try:
+        bits = tuple(dict.fromkeys(int(b) for b in value.split(",") if b.strip()))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 16,8,4, got {value!r}") from None
+    bad = [b for b in bits if b not in ESTIMATE_BITS]
+    if bad or not bits:
+        raise click.BadParameter(f"each must be one of {', '.join(map(str, ESTIMATE_BITS))}, got {value!r}")
+    return bits
+
+
+def _group_size(ctx, param, value: int) -> int:
+    if value != -1 and value <= 0:
+        raise click.BadParameter(f"must be -1 (per row) or positive, got {value}")
+    return value
+
+
+@click.command("estimate")
+@click.argument("model_or_config")
+@click.option("--bits", default="16,8,4,3,2", show_default=True, callback=_bits,
+              help="comma-separated bit widths to size (16 = unquantized fp16)")
+@click.option("--group-size", type=int, default=128, show_default=True, callback=_group_size,
+              help="input channels per scale/zero; -1 = per row")
+@click.option("--context", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="tokens of KV cache per sequence")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="concurrent sequences")
+@click.option("--samples", type=click.IntRange(min=1), default=128, show_default=True,
+              help="calibration samples (quantize peak)")
+@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True,
+              help="tokens per calibration sample (quantize peak)")
+@click.option("--gptaq", is_flag=True, help="size the quantize peak of quantize --gptaq")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def estimate_command(model_or_config, bits, group_size, context, batch, samples, seq_len, gptaq, as_json):
+    """Memory needed to run and to quantize MODEL_OR_CONFIG, from its config alone: a directory, a config.json,
+    a repo id in the local hub cache, or a built-in name (llama-2-7b, llama-2-13b, llama-2-70b, mistral-7b,
+    llama-3-8b, llama-3-70b, qwen2.5-7b, smollm2-135m). Sizes in GiB (2**30 bytes)."""
+    from quantkit.tools.estimate import estimate, format_estimate
+
+    result = estimate(model_or_config, bits=bits, group_size=group_size, context=context, batch=batch,
+                      samples=samples, seq_len=seq_len, gptaq=gptaq)
+    click.echo(json.dumps(result.to_dict()) if as_json else format_estimate(result))
+
+
+@click.command("inspect")
+@click.argument("path_or_repo")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def inspect_command(path_or_repo, as_json):
+    """Show what PATH_OR_REPO holds (a directory or a repo id in the local hub cache): quantization settings,
+    quantized and float Linears, size and compression vs fp16, manifest status and loader compatibility notes.
+    Reads safetensors headers only. Exit 1 when the manifest does not match or a header is unreadable."""
+    from quantkit.tools.inspect import format_inspect, inspect
+
+    report = inspect(path_or_repo)
+    click.echo(json.dumps(report.to_dict()) if as_json else format_inspect(report))
+    damaged = report.errors or report.manifest.get("status") in ("mismatch", "invalid")
+    if damaged:
+        if not as_json:
+            first = (report.manifest.get("problems") or report.errors or ["manifest invalid"])[0]
+            click.echo(f"Error: checkpoint damaged: {first}", err=True)
+        raise SystemExit(1)
+
+
+@click.group("cache")
+def cache_group():
+    """Quantized models in the local Hugging Face hub cache (HF_HUB_CACHE)."""
+
+
+@cache_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def cache_list_command(as_json):
+    """List quantized models (refs/main snapshot with a quantization_config) in the hub cache. Damaged entries are
+    left out; when there are any, one `Error:` line names the first and the exit status is 1."""
+    from quantkit.source.hub import hub_cache_dir
+    from quantkit.tools.cache import scan_cache
+
+    listing = scan_cache()
+    models = listing.models
+    if as_json:
+        click.echo(json.dumps({"cache": str(hub_cache_dir()), "models": [m.to_dict() for m in models],
+                               "skipped": listing.skipped}))
+    elif not models:
+        click.echo(f"no quantized models in {hub_cache_dir()}")
+    else:
+        _print_models(models)
+    if listing.skipped:  # the intact ones are listed; the exit status says the cache needs a look
+        more = len(listing.skipped) - 1
+        raise click.ClickException(f"{listing.skipped[0]}{f' (+{more} more damaged entries; --json lists them)' if more else ''}")
+
+
+def _print_models(models: list) -> None:
+    from quantkit.tools.inspect import human_size
+
+    rows = [["repo id", "method", "bits", "group", "sym", "size", "path"]]
+    for m in models:
+        group = "row" if m.group_size == -1 else str(m.group_size)
+        rows.append([m.repo_id, m.method, str(m.bits), group, {True: "sym", False: "asym"}.get(m.sym, "?"),
+                     human_size(m.size_bytes), m.path])
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.rjust(w) if c in (2, 3, 5) else cell.ljust(w)
+                             for c, (cell, w) in enumerate(zip(row, widths))).rstrip())
+
+
+@cache_group.command("rm")
+@click.argument("repo_id")
+@click.option("--yes", "-y", is_flag=True, help="do not ask for confirmation")
+def cache_rm_command(repo_id, yes):
+    """Remove REPO_ID (its whole models--NS--NAME folder) from the hub cache."""
+    from quantkit.tools.cache import cache_remove, cached_repo_folder, folder_size
+    from quantkit.tools.inspect import human_size
+
+    folder = cached_repo_folder(repo_id)
+    if not yes:
+        click.confirm(f"remove {repo_id} ({human_size(folder_size(folder))}, {folder})?", abort=True)
+    freed = cache_remove(repo_id)
+    click.echo(f"removed {repo_id} ({human_size(freed)} freed)")

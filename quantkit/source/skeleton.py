@@ -1,0 +1,188 @@
+"""The transformers side: an empty (meta) model built from config.json, filled one module at a time.
+
+All coupling to transformers' model classes lives here. Decoder layers and their Linear modules are
+discovered from the module tree, so Llama-family models need no per-architecture tables.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.source.checkpoint import SafetensorsCheckpoint, check_config_fits
+
+# decoder-only causal LMs whose layers and Linear modules quantkit discovers from the module tree; each has an
+# end-to-end test on a tiny random model (tests/test_architectures.py)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "opt",
+                         "gpt2", "gpt_neox")
+
+
+def load_config(model_dir, config_dict: dict):
+    """transformers config for a supported, unquantized causal LM (never runs remote code), once config.json is
+    known to describe the weights beside it (checkpoint.check_config_fits)."""
+    model_type = config_dict.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        architectures = config_dict.get("architectures")
+        named = ", ".join(map(str, architectures)) if isinstance(architectures, list) else ""
+        raise QuantkitError(f"unsupported architecture {model_type!r} ({named}); "
+                            f"quantkit supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if config_dict.get("quantization_config"):
+        method = config_dict["quantization_config"].get("quant_method", "unknown")
+        raise QuantkitError(f"{model_dir} is already quantized ({method}); quantize its unquantized base model instead")
+    check_config_fits(config_dict, SafetensorsCheckpoint(Path(model_dir)))
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as e:
+        raise QuantkitError(f"cannot read {model_dir}/config.json: {e}") from None
+
+
+def causal_lm_from_config(config, dtype: torch.dtype | None = None) -> nn.Module:
+    """AutoModelForCausalLM.from_config with SDPA attention, or eager where the model has no SDPA path (Gemma2)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", **kwargs)
+        except ValueError as e:
+            if "attention implementation" not in str(e):
+                raise
+            return AutoModelForCausalLM.from_config(config, attn_implementation="eager", **kwargs)
+
+
+def checkpoint_key_renamer(model: nn.Module):
+    """name -> name: the renames transformers applies to legacy checkpoint keys on load (GPT-NeoX's embed_out ->
+    lm_head), so loaders that set tensors by name find the module."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        rules = get_checkpoint_conversion_mapping(type(model).__name__) or \
+            get_checkpoint_conversion_mapping(model.config.model_type) or []
+    except (ImportError, AttributeError):
+        rules = []
+    pairs = [(src, dst) for r in rules if type(r).__name__ == "WeightRenaming"
+             for src, dst in zip(r.source_patterns, r.target_patterns)]
+
+    def rename(name: str) -> str:
+        for src, dst in pairs:
+            name = re.sub(src, dst, name)
+        return name
+    return rename
+
+
+def build_skeleton(config) -> nn.Module:
+    """The causal LM with every parameter on the meta device (no memory); buffers such as rotary tables are real."""
+    from accelerate import init_empty_weights
+
+    config.use_cache = False
+    with init_empty_weights(include_buffers=False):
+        model = causal_lm_from_config(config)
+    return model.eval()
+
+
+def decoder_layers(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the decoder layers, and its qualified name (e.g. 'model.layers')."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and n_layers > 0:
+            return name, module
+    raise QuantkitError(f"cannot find the {n_layers} decoder layers in {type(model).__name__}")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a Linear whose weight is stored transposed, [in, out]."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def linear_modules(layer: nn.Module) -> dict[str, nn.Module]:
+    """The layer's Linear-like modules (nn.Linear and transformers' Conv1D), by qualified name, in module order."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {name: m for name, m in layer.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and name}
+
+
+def in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if is_conv1d(module) else module.in_features
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as [out_features, in_features], the orientation GPTQ and the file format use."""
+    return module.weight.data.t() if is_conv1d(module) else module.weight.data
+
+
+def set_weight_matrix(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write an [out_features, in_features] weight back in the module's own orientation and dtype."""
+    target = module.weight.data
+    target.copy_((weight.t() if is_conv1d(module) else weight).to(target.dtype))
+
+
+def check_tensors(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint) -> None:
+    """Every parameter of `module` is in the checkpoint with the shape config.json implies (headers only)."""
+    for pname, param in module.named_parameters():
+        full = f"{prefix}.{pname}" if prefix else pname
+        _check_shape(full, checkpoint.shape(full), param.shape)
+
+
+def _check_shape(name: str, found, expected) -> None:
+    if tuple(found) != tuple(expected):
+        raise QuantkitError(f"tensor {name} has shape {list(found)} in the checkpoint, but config.json implies "
+                            f"{list(expected)}")
+
+
+def materialize(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint, device: torch.device,
+                dtype: torch.dtype) -> None:
+    """Load `module`'s parameters from the checkpoint (names prefix + '.' + param) onto device in place, then unmap
+    the shards (the checkpoint reopens them on its next read)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for pname, param in module.named_parameters():
+        full = f"{prefix}.{pname}" if prefix else pname
+        tensor = checkpoint.get(full)
+        _check_shape(full, tensor.shape, param.shape)
+        if tensor.is_floating_point():
+            if not torch.isfinite(tensor).all():
+                raise QuantkitError(f"tensor {full} holds NaN or Inf values")
+            # without dtype=, accelerate would cast back to the skeleton's (config's) dtype
+            set_module_tensor_to_device(module, pname, device, value=tensor, dtype=dtype)
+        else:
+            set_module_tensor_to_device(module, pname, device, value=tensor)
+    checkpoint.close()  # unmap the shards: pages read through the mapping would otherwise stay resident
+
+
+@contextlib.contextmanager
+def outer_modules_materialized(model: nn.Module, layers_prefix: str, checkpoint: SafetensorsCheckpoint,
+                               device: torch.device, dtype: torch.dtype):
+    """Within the block, the modules outside the decoder layers (embeddings, final norm, rotary tables; not the
+    output head) hold their checkpoint weights; afterwards they are back on the meta device."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    out_emb = model.get_output_embeddings()
+    outer = [(name, m) for name, m in model.named_modules()
+             if m is not out_emb and not name.startswith(layers_prefix + ".") and any(True for _ in m.parameters(recurse=False))]
+    try:
+        for name, module in outer:
+            for pname in list(module._parameters):
+                tensor = checkpoint.get(f"{name}.{pname}")
+                set_module_tensor_to_device(module, pname, device, value=tensor,
+                                            dtype=dtype if tensor.is_floating_point() else None)
+        yield
+    finally:
+        for _, module in outer:
+            for pname, p in list(module._parameters.items()):
+                if p is not None:
+                    module._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        checkpoint.close()  # the embedding's pages, read through the mapping, would otherwise stay resident
+
+
+def release(module: nn.Module) -> None:
+    """Drop a module's weights back to the meta device."""
+    module.to("meta")

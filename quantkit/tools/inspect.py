@@ -1,0 +1,324 @@
+"""`quantkit inspect`: what a (quantized) checkpoint holds, read from config.json and safetensors headers only.
+
+Never loads a tensor: shapes and dtypes come from the headers, sizes from the file system, and the manifest
+check hashes files (integrity.py). Named inspect_cmd so that it never shadows the standard library's inspect.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quantkit.errors import QuantkitError
+from quantkit.source.checkpoint import (
+    INDEX_NAME,
+    read_config_dict,
+    read_index,
+    resolve_model_dir,
+)
+from quantkit.source.safetensors_header import read_header
+from quantkit.verification.compat import compatibility_notes
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
+_NOT_LINEAR = re.compile(r"(embed|wte|wpe|norm|ln_|layernorm)", re.IGNORECASE)
+
+
+@dataclass
+class InspectReport:
+    """What `quantkit inspect` reports; sizes in bytes."""
+
+    path: str
+    quantization_config: dict | None
+    quant_method: str | None
+    bits: int | None
+    group_size: int | None
+    sym: bool | None
+    desc_act: bool | None
+    checkpoint_format: str | None
+    quantizer: list[str]
+    modules_in_block_to_quantize: list | None
+    modules_not_converted: list | None
+    quantized_modules: list[dict] = field(default_factory=list)   # name, in_features, out_features, bytes, fp16_bytes
+    float_linears: list[dict] = field(default_factory=list)       # name, shape, dtype, bytes
+    size_on_disk: int = 0
+    weight_files: int = 0
+    weight_file_bytes: int = 0
+    tensor_bytes: int = 0
+    fp16_equivalent_bytes: int = 0
+    quantized_bytes: int = 0
+    quantized_fp16_bytes: int = 0
+    manifest: dict = field(default_factory=dict)  # status (ok/mismatch/no manifest/invalid), files_checked, problems
+    notes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def compression(self) -> float | None:
+        """fp16 size of every tensor / size as stored."""
+        return self.fp16_equivalent_bytes / self.tensor_bytes if self.tensor_bytes else None
+
+    @property
+    def linear_compression(self) -> float | None:
+        """fp16 size of the quantized Linears (K*N*2 + bias) / their GPTQ tensors."""
+        return self.quantized_fp16_bytes / self.quantized_bytes if self.quantized_bytes else None
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "compression": self.compression, "linear_compression": self.linear_compression}
+
+
+def _weight_map(model_dir: Path) -> dict[str, list[str]] | None:
+    """Safetensors file -> tensor names listed by the index (None when there is no index)."""
+    weight_map = read_index(model_dir)
+    if weight_map is None:
+        return None
+    out: dict[str, list[str]] = {}
+    for name, filename in weight_map.items():
+        out.setdefault(filename, []).append(name)
+    return out
+
+
+def _headers(model_dir: Path, errors: list[str]) -> dict[str, dict]:
+    """name -> {dtype, shape, bytes, file} from every safetensors header (safetensors_header.read_header, which
+    checks offsets, sizes and dtypes); unreadable or inconsistent files become errors."""
+    by_index = _weight_map(model_dir)
+    files = sorted(by_index) if by_index is not None else sorted(p.name for p in model_dir.glob("*.safetensors"))
+    out: dict[str, dict] = {}
+    for filename in files:
+        if not (model_dir / filename).is_file():
+            errors.append(f"{INDEX_NAME} names {filename}, which is missing")
+            continue
+        try:
+            header = read_header(model_dir / filename)
+        except QuantkitError as e:
+            errors.append(str(e))
+            continue
+        for name, info in header.items():
+            start, end = info["data_offsets"]
+            out[name] = {"dtype": info["dtype"], "shape": list(info["shape"]), "bytes": end - start, "file": filename}
+    return out
+
+
+def _manifest(model_dir: Path) -> dict:
+    from quantkit.verification.integrity import (
+        MANIFEST_NAME,
+        IntegrityReport,
+        check_manifest,
+    )
+
+    if not (model_dir / MANIFEST_NAME).is_file():
+        return {"status": "no manifest", "files_checked": 0, "problems": [], "warnings": []}
+    report = IntegrityReport(path=str(model_dir))
+    check_manifest(model_dir, report, None)
+    if not report.manifest:
+        status = "invalid"
+    else:
+        status = "mismatch" if report.errors else "ok"
+    return {"status": status, "files_checked": report.files_checked, "problems": list(report.errors),
+            "warnings": list(report.warnings)}
+
+
+def _module_shape(method: str, bits: int | None, tensors: dict[str, dict]) -> tuple[int, int] | None:
+    """(in_features K, out_features N) of a packed Linear, from its header shapes."""
+    qweight = tensors.get("qweight")
+    if qweight is None or len(qweight["shape"]) != 2 or not bits:
+        return None
+    rows, cols = qweight["shape"]
+    if method == "awq":          # AWQ packs along the output dim: [K, N*b/32]
+        return rows, cols * 32 // bits
+    g_idx = tensors.get("g_idx")
+    k = g_idx["shape"][0] if g_idx and len(g_idx["shape"]) == 1 else rows * 32 // bits
+    return k, cols
+
+
+_BNB_PARTS = {4: (".weight", ".weight.absmax", ".weight.quant_map", ".weight.nested_absmax", ".weight.nested_quant_map",
+                 ".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4"),
+              8: (".weight", ".SCB", ".weight_format")}
+
+
+def _bnb_modules(headers: dict, bits: int, report: InspectReport, in_module: set) -> None:
+    """bitsandbytes Linears: 4-bit stores two values per uint8 byte, 8-bit one int8 per value, plus their scales."""
+    marker = ".SCB" if bits == 8 else ".weight.absmax"
+    for module in sorted(n[: -len(marker)] for n in headers if n.endswith(marker)):
+        if f"{module}.weight" not in headers:
+            report.errors.append(f"{module}: holds {module}{marker} but no {module}.weight")
+            continue
+        parts = [f"{module}{sfx}" for sfx in _BNB_PARTS[bits] if f"{module}{sfx}" in headers]
+        in_module.update(parts)
+        stored = sum(headers[p]["bytes"] for p in parts)
+        weight = headers[f"{module}.weight"]
+        values = math.prod(weight["shape"]) * (2 if bits == 4 else 1)
+        shape = weight["shape"] if bits == 8 else [None, None]
+        report.quantized_modules.append({"name": module, "in_features": shape[1], "out_features": shape[0],
+                                         "bytes": stored, "fp16_bytes": 2 * values})
+        report.quantized_bytes += stored
+        report.quantized_fp16_bytes += 2 * values
+
+
+def inspect(model: str | Path) -> InspectReport:
+    """Describe a checkpoint directory or cached repo id: quantization settings, quantized and float Linears,
+    size and compression, manifest status, and compatibility notes.
+
+    >>> report = inspect("quantkit/SmolLM2-135M-Instruct-gptq-4bit-g64")   # doctest: +SKIP
+    >>> report.bits, report.group_size, report.manifest["status"]           # doctest: +SKIP
+    (4, 64, 'ok')
+    """
+    model_dir = resolve_model_dir(str(model))
+    config = read_config_dict(model_dir)
+    qc = config.get("quantization_config") or None
+    if qc is not None and not isinstance(qc, dict):
+        raise QuantkitError(f"{model_dir}/config.json: quantization_config is not an object")
+    qc = qc or {}
+    method = str(qc.get("quant_method")).lower() if qc.get("quant_method") else None
+    bits = qc.get("bits") if isinstance(qc.get("bits"), int) else None
+    if method == "bitsandbytes":
+        bits = 4 if (qc.get("load_in_4bit") or qc.get("_load_in_4bit")) else 8
+    meta = qc.get("meta") if isinstance(qc.get("meta"), dict) else {}
+    quantizer = meta.get("quantizer") or []
+    report = InspectReport(
+        path=str(model_dir), quantization_config=qc or None, quant_method=method, bits=bits,
+        group_size=qc.get("group_size"), sym=qc.get("sym"), desc_act=qc.get("desc_act"),
+        checkpoint_format=qc.get("checkpoint_format", "gptq" if method == "gptq" else None),
+        quantizer=[quantizer] if isinstance(quantizer, str) else quantizer if isinstance(quantizer, list) else [],
+        modules_in_block_to_quantize=qc.get("modules_in_block_to_quantize"),
+        modules_not_converted=qc.get("modules_to_not_convert"))
+
+    files = [p for p in model_dir.rglob("*") if p.is_file()]
+    report.size_on_disk = sum(p.stat().st_size for p in files)   # stat follows hub-cache symlinks to the blobs
+    weight_files = [p for p in files if p.suffix == ".safetensors"]
+    report.weight_files = len(weight_files)
+    report.weight_file_bytes = sum(p.stat().st_size for p in weight_files)
+
+    headers = _headers(model_dir, report.errors)
+    modules = sorted(n[: -len(".qweight")] for n in headers if n.endswith(".qweight"))
+    in_module = set()
+    shapes: dict[str, tuple[int, int]] = {}
+    if method == "bitsandbytes":
+        _bnb_modules(headers, bits, report, in_module)
+    for module in modules:
+        parts = {sfx: headers[f"{module}.{sfx}"] for sfx in QUANT_SUFFIXES if f"{module}.{sfx}" in headers}
+        in_module.update(f"{module}.{sfx}" for sfx in parts)
+        stored = sum(t["bytes"] for t in parts.values())
+        kn = _module_shape(method or "gptq", bits, parts)
+        entry = {"name": module, "in_features": kn[0] if kn else None, "out_features": kn[1] if kn else None,
+                 "bytes": stored, "fp16_bytes": None}
+        if kn:
+            bias = parts.get("bias")
+            entry["fp16_bytes"] = kn[0] * kn[1] * 2 + (math.prod(bias["shape"]) * 2 if bias else 0)
+            shapes[module] = (kn[1], kn[0])
+            report.quantized_bytes += stored
+            report.quantized_fp16_bytes += entry["fp16_bytes"]
+        else:
+            report.errors.append(f"{module}: cannot tell its shape from {module}.qweight (bits {bits!r})")
+            report.fp16_equivalent_bytes += stored   # counted as stored: no fp16 size to compare with
+        report.quantized_modules.append(entry)
+    for name, info in sorted(headers.items()):
+        report.tensor_bytes += info["bytes"]
+        if name in in_module:
+            continue
+        numel = math.prod(info["shape"])
+        report.fp16_equivalent_bytes += 2 * numel if info["dtype"] in FLOAT_DTYPES else info["bytes"]
+        if (name.endswith(".weight") and len(info["shape"]) == 2 and info["dtype"] in FLOAT_DTYPES
+                and not _NOT_LINEAR.search(name)):
+            report.float_linears.append({"name": name[: -len(".weight")], "shape": info["shape"],
+                                         "dtype": info["dtype"], "bytes": info["bytes"]})
+    report.fp16_equivalent_bytes += report.quantized_fp16_bytes
+    report.manifest = _manifest(model_dir)
+    if qc:
+        report.notes = compatibility_notes(qc, shapes or None)
+        if modules and method == "gptq" and bits is None:
+            report.errors.append(f"quantization_config.bits = {qc.get('bits')!r}: expected an integer")
+    elif modules:
+        report.errors.append(f"config.json has no quantization_config, but the checkpoint holds {modules[0]}.qweight")
+    return report
+
+
+def _pattern(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+def human_size(n: int | None) -> str:
+    """Bytes with a binary unit: 512 B, 41.0 KiB, 1.23 MiB, 2.10 GiB."""
+    if n is None:
+        return "?"
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}" if unit != "KiB" else f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def _table(rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return ["  " + "  ".join(cell.rjust(w) if c in right else cell.ljust(w)
+                             for c, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+
+
+def format_inspect(r: InspectReport) -> str:
+    """The human-readable report of `quantkit inspect`: key facts, then one row per module pattern."""
+    if r.quant_method == "bitsandbytes":
+        qc = r.quantization_config or {}
+        desc = f"bitsandbytes {qc.get('bnb_4bit_quant_type', 'nf4') if r.bits == 4 else 'LLM.int8'} ({r.bits}-bit)"
+    elif r.quant_method:
+        group = "per row" if r.group_size == -1 else f"group {r.group_size}"
+        desc = f"{r.quant_method} {r.bits}-bit, {group}, {'sym' if r.sym else 'asym'}"
+        desc += f", desc_act {'on' if r.desc_act else 'off'}"
+        if r.checkpoint_format:
+            desc += f", checkpoint_format {r.checkpoint_format}"
+        if r.quantizer:
+            desc += f"  (by {', '.join(map(str, r.quantizer))})"
+    else:
+        desc = "none (no quantization_config in config.json)"
+    lines = [f"path          {r.path}", f"quantization  {desc}"]
+    if r.modules_in_block_to_quantize:
+        lines.append(f"quantized in each block: {json.dumps(r.modules_in_block_to_quantize)}")
+    if r.modules_not_converted:
+        listed = r.modules_not_converted
+        named = ", ".join(map(str, listed)) if isinstance(listed, list) else json.dumps(listed)
+        lines.append(f"not converted: {named}")
+    lines.append(f"size on disk  {human_size(r.size_on_disk)}  ({human_size(r.weight_file_bytes)} in {r.weight_files} "
+                 f"safetensors file{'s' if r.weight_files != 1 else ''})")
+    if r.linear_compression:
+        lines.append(f"compression   quantized Linears {r.linear_compression:.2f}x smaller than fp16 "
+                     f"({human_size(r.quantized_bytes)} vs {human_size(r.quantized_fp16_bytes)}); whole checkpoint "
+                     f"{r.compression:.2f}x ({human_size(r.tensor_bytes)} vs {human_size(r.fp16_equivalent_bytes)})")
+    m = r.manifest
+    if m["status"] == "ok":
+        manifest = f"ok: {m['files_checked']} files match quantkit.json (sha256 and size)"
+    elif m["status"] == "no manifest":
+        manifest = "no manifest (no quantkit.json: file hashes not checked)"
+    else:
+        manifest = f"{m['status'].upper()}: {len(m['problems'])} problem{'s' if len(m['problems']) != 1 else ''}"
+    lines.append(f"manifest      {manifest}")
+    lines += [f"  - {p}" for p in m["problems"][:10]]
+    lines += [f"  ({w})" for w in m.get("warnings", [])]
+
+    groups: dict[str, list[dict]] = {}
+    for q in r.quantized_modules:
+        groups.setdefault(_pattern(q["name"]), []).append(q)
+    if groups:
+        rows = [["quantized modules", "count", "in x out", "size", "as fp16"]]
+        for pattern, items in groups.items():
+            dims = sorted({f"{q['in_features']} x {q['out_features']}" if q["in_features"] else "packed flat"
+                           for q in items})  # bitsandbytes 4-bit keeps the shape only inside its quant_state
+            rows.append([pattern, str(len(items)), dims[0] if len(dims) == 1 else "mixed",
+                         human_size(sum(q["bytes"] for q in items)),
+                         human_size(sum(q["fp16_bytes"] or 0 for q in items))])
+        rows.append(["total", str(len(r.quantized_modules)), "", human_size(r.quantized_bytes),
+                     human_size(r.quantized_fp16_bytes)])
+        lines += [""] + _table(rows, right={1, 3, 4})
+    floats: dict[str, list[dict]] = {}
+    for f in r.float_linears:
+        floats.setdefault(_pattern(f["name"]), []).append(f)
+    if floats:
+        rows = [["left in float", "count", "in x out", "dtype", "size"]]
+        for pattern, items in floats.items():
+            out_f, in_f = items[0]["shape"]
+            rows.append([pattern, str(len(items)), f"{in_f} x {out_f}", items[0]["dtype"],
+                         human_size(sum(f["bytes"] for f in items))])
+        lines += [""] + _table(rows, right={1, 4})
+    if r.notes or r.errors:
+        lines.append("")
+    lines += [f"error: {e}" for e in r.errors]
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)

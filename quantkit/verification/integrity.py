@@ -1,0 +1,325 @@
+"""Is a checkpoint intact and self-consistent? Manifest hashes, safetensors headers, GPTQ config vs tensors.
+
+Reads only headers, hashes and the small per-module tensors (g_idx, scales); never builds a model. Every
+problem names the file or tensor it concerns. Errors mean the checkpoint must not be trusted; warnings are
+facts a user should know (e.g. a file the manifest does not list); notes are known loader limits.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from quantkit.errors import QuantkitError, first_line
+from quantkit.source.checkpoint import (
+    INDEX_NAME,
+    SafetensorsCheckpoint,
+    check_config_fits,
+    read_config_dict,
+)
+from quantkit.source.safetensors_header import IntegrityError, read_header
+from quantkit.untrusted import field as json_field
+from quantkit.untrusted import file_record, read_json, relative_name, sha256_file
+from quantkit.verification.compat import BNB_NOTE, LM_HEAD_NOTE
+from quantkit.write.manifest import MANIFEST_NAME
+from quantkit.write.packing import SUPPORTED_BITS
+
+MAX_LISTED = 20  # problems of one kind listed individually before they are summarised
+
+
+@dataclass
+class IntegrityReport:
+    path: str
+    manifest: bool = False
+    files_checked: int = 0
+    quantization: dict | None = None   # bits, group_size, sym, desc_act, checkpoint_format
+    quantized_modules: int = 0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "ok": self.ok}
+
+
+def read_headers(checkpoint: SafetensorsCheckpoint) -> dict[str, dict]:
+    """name -> {"dtype", "shape", "file"} for every tensor of a (sharded) checkpoint, from the headers it has
+    read and checked (each file's once)."""
+    out: dict[str, dict] = {}
+    weight_map = checkpoint.weight_map
+    for filename in sorted(set(weight_map.values())):
+        for name, info in checkpoint.header(filename).items():
+            out[name] = {"dtype": info["dtype"], "shape": list(info["shape"]), "file": filename}
+    missing = [n for n, f in weight_map.items() if n not in out]
+    if missing:
+        raise IntegrityError(f"{weight_map[missing[0]]}: the index lists tensor {missing[0]}, which the file lacks")
+    return out
+
+
+def check_integrity(model_dir: Path, progress: Callable[[str, int, int], None] | None = None) -> IntegrityReport:
+    """Every check that needs no model: manifest hashes, shard headers, quantization_config vs tensors."""
+    report = IntegrityReport(path=str(model_dir))
+    check_manifest(model_dir, report, progress)
+    if not report.ok:
+        return report  # damaged files: reading them further would only add noise
+    try:
+        config = read_config_dict(model_dir)
+        checkpoint = SafetensorsCheckpoint(model_dir)
+        headers = read_headers(checkpoint)
+        check_config_fits(config, checkpoint)
+    except QuantkitError as e:
+        report.errors.append(str(e))
+        return report
+    try:
+        _check_quantization(config, model_dir, checkpoint, headers, report)
+        _check_float_tensors(checkpoint, headers, report)
+    except QuantkitError as e:
+        report.errors.append(str(e))
+    finally:
+        checkpoint.close()
+    return report
+
+
+def check_manifest(model_dir: Path, report: IntegrityReport, progress) -> None:
+    path = model_dir / MANIFEST_NAME
+    if not path.is_file():
+        report.warnings.append(f"no {MANIFEST_NAME} manifest: file hashes not checked (not written by quantkit)")
+        return
+    try:
+        files = _manifest_files(path)
+    except QuantkitError as e:
+        report.errors.append(f"{MANIFEST_NAME}: not a valid quantkit manifest ({e})")
+        return
+    report.manifest = True
+    for i, (name, entry) in enumerate(sorted(files.items())):
+        if progress:
+            progress("hashing files", i, len(files))
+        file = model_dir / name
+        if not file.is_file():
+            report.errors.append(f"{name}: listed in {MANIFEST_NAME} but missing")
+            continue
+        size = file.stat().st_size
+        if "size" in entry and size != entry["size"]:
+            report.errors.append(f"{name}: {size} bytes, {MANIFEST_NAME} says {entry['size']} (truncated or replaced)")
+            continue
+        if sha256_file(file) != entry["sha256"]:
+            report.errors.append(f"{name}: sha256 differs from {MANIFEST_NAME} (file corrupted or modified)")
+        report.files_checked += 1
+    if progress:
+        progress("hashing files", len(files), len(files))
+    listed = set(files) | {MANIFEST_NAME}
+    extra = sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.name not in listed)
+    if extra:
+        report.warnings.append(f"files not in {MANIFEST_NAME}: {', '.join(extra)}")
+
+
+def _manifest_files(path: Path) -> dict[str, dict]:
+    """The manifest's `files`: plain names of files directly in the checkpoint, each with a sha256 and a size."""
+    files = json_field(read_json(path, "manifest"), "files", dict, MANIFEST_NAME)
+    for name, entry in files.items():
+        relative_name(name, MANIFEST_NAME)
+        if "/" in name:
+            raise QuantkitError(f"file name {name!r} is not a file at the checkpoint's top level")
+        file_record(json_field(files, name, dict, "files"), f"the entry of {name!r}", size_required=False)
+    return files
+
+
+def _check_quantization(config: dict, model_dir: Path, checkpoint: SafetensorsCheckpoint, headers: dict,
+                        report: IntegrityReport) -> None:
+    qcfg = config.get("quantization_config")
+    if not qcfg:
+        stray = [n for n in headers if n.endswith(".qweight")]
+        if stray:
+            report.errors.append(f"config.json has no quantization_config, but the checkpoint holds {stray[0]}")
+        else:
+            report.notes.append("unquantized checkpoint (no quantization_config): only file checks apply")
+        return
+    if qcfg.get("quant_method") == "bitsandbytes":
+        _check_bnb(qcfg, headers, report)
+        return
+    settings = _settings(qcfg, report)
+    if settings is None:
+        return
+    report.quantization = settings
+    qc_file = model_dir / "quantize_config.json"
+    if qc_file.is_file():
+        try:
+            other = read_json(qc_file, "quantize_config.json")
+        except QuantkitError as e:
+            report.errors.append(first_line(e))
+        else:
+            differ = [k for k in ("bits", "group_size", "desc_act", "sym", "checkpoint_format")
+                      if k in other and other[k] != qcfg.get(k, other[k])]
+            if differ:
+                report.errors.append(f"quantize_config.json disagrees with config.json on {', '.join(differ)}")
+    modules = sorted(n[: -len(".qweight")] for n in headers if n.endswith(".qweight"))
+    if not modules:
+        report.errors.append("quantization_config says GPTQ, but no tensor ends in .qweight")
+        return
+    report.quantized_modules = len(modules)
+    problems: list[str] = []
+    ragged = []
+    for module in modules:
+        k = _check_module(module, settings, checkpoint, headers, problems)
+        if k and settings["group_size"] > 0 and k % settings["group_size"]:
+            ragged.append(module)
+    report.errors.extend(problems[:MAX_LISTED])
+    if len(problems) > MAX_LISTED:
+        report.errors.append(f"... and {len(problems) - MAX_LISTED} more tensor problems")
+    _loader_notes(settings, ragged, report)
+
+
+def _check_bnb(qcfg: dict, headers: dict, report: IntegrityReport) -> None:
+    """bitsandbytes: 4-bit modules carry a packed uint8 weight and a quant_state; 8-bit ones int8 weights and SCB."""
+    four = bool(qcfg.get("load_in_4bit") or qcfg.get("_load_in_4bit"))
+    eight = bool(qcfg.get("load_in_8bit") or qcfg.get("_load_in_8bit"))
+    if four == eight:
+        report.errors.append("config.json quantization_config (bitsandbytes): exactly one of load_in_4bit and "
+                             "load_in_8bit must be true")
+        return
+    kind = qcfg.get("bnb_4bit_quant_type", "fp4") if four else "int8"
+    report.quantization = {"quant_method": "bitsandbytes", "bits": 4 if four else 8, "type": kind}
+    marker = f".weight.quant_state.bitsandbytes__{kind}" if four else ".SCB"
+    modules = sorted(n[: -len(marker)] for n in headers if n.endswith(marker))
+    if not modules:
+        report.errors.append(f"quantization_config says bitsandbytes {kind}, but no tensor ends in {marker}")
+        return
+    report.quantized_modules = len(modules)
+    want = "U8" if four else "I8"
+    bad = [m for m in modules if headers.get(f"{m}.weight", {}).get("dtype") != want]
+    if bad:
+        report.errors.append(f"{bad[0]}.weight: expected {want} bitsandbytes storage, found "
+                             f"{headers.get(f'{bad[0]}.weight', {}).get('dtype', 'nothing')}")
+    report.notes.append(BNB_NOTE)
+
+
+def _settings(qcfg: dict, report: IntegrityReport) -> dict | None:
+    bad = lambda key, value, want: report.errors.append(  # noqa: E731
+        f"config.json quantization_config.{key} = {value!r}: {want}")
+    if qcfg.get("quant_method") != "gptq":
+        bad("quant_method", qcfg.get("quant_method"), "quantkit verifies GPTQ checkpoints only")
+        return None
+    bits, group, fmt = qcfg.get("bits"), qcfg.get("group_size", -1), qcfg.get("checkpoint_format", "gptq")
+    n_errors = len(report.errors)
+    if bits not in SUPPORTED_BITS:
+        bad("bits", bits, f"expected one of {SUPPORTED_BITS}")
+    if not isinstance(group, int) or isinstance(group, bool) or (group != -1 and group <= 0):
+        bad("group_size", group, "expected -1 or a positive integer")
+    if fmt not in ("gptq", "gptq_v2"):
+        bad("checkpoint_format", fmt, "expected 'gptq' or 'gptq_v2'")
+    for key in ("desc_act", "sym"):
+        if not isinstance(qcfg.get(key, False), bool):
+            bad(key, qcfg.get(key), "expected true or false")
+    if len(report.errors) > n_errors:
+        return None
+    return {"bits": bits, "group_size": group, "sym": qcfg.get("sym", True), "desc_act": qcfg.get("desc_act", False),
+            "checkpoint_format": fmt, "lm_head": bool(qcfg.get("lm_head", False))}
+
+
+def _check_module(module: str, s: dict, checkpoint: SafetensorsCheckpoint, headers: dict, problems: list[str]) -> int:
+    """Shapes, dtypes and g_idx of one quantized Linear; returns its in_features K (0 when unusable)."""
+    info = {suffix: headers.get(f"{module}.{suffix}") for suffix in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+    missing = [sfx for sfx in ("qzeros", "scales", "g_idx") if info[sfx] is None]
+    if missing:
+        problems.append(f"{module}: tensor {module}.{missing[0]} is missing")
+        return 0
+    bits, group = s["bits"], s["group_size"]
+    want_dtypes = {"qweight": ("I32",), "qzeros": ("I32",), "g_idx": ("I32",), "scales": ("F16", "BF16", "F32")}
+    for sfx, allowed in want_dtypes.items():
+        if info[sfx]["dtype"] not in allowed:
+            problems.append(f"{module}.{sfx}: dtype {info[sfx]['dtype']}, expected {' or '.join(allowed)}")
+            return 0
+    kp, n = (info["qweight"]["shape"] + [0, 0])[:2]
+    k = kp * 32 // bits
+    n_groups = 1 if group == -1 else math.ceil(k / group)
+    expect = {"qweight": [kp, n], "g_idx": [k], "scales": [n_groups, n], "qzeros": [n_groups, n * bits // 32]}
+    if (n * bits) % 32 or len(info["qweight"]["shape"]) != 2:
+        problems.append(f"{module}.qweight: shape {info['qweight']['shape']} cannot hold {bits}-bit codes")
+        return 0
+    if info["bias"] is not None:
+        expect["bias"] = [n]
+    for sfx, shape in expect.items():
+        if info[sfx]["shape"] != shape:
+            problems.append(f"{module}.{sfx}: shape {info[sfx]['shape']}, expected {shape} for a [{n}, {k}] weight at "
+                            f"{bits} bits, group size {group} (from {module}.qweight {info['qweight']['shape']})")
+            return 0
+    g_idx = checkpoint.get(f"{module}.g_idx").long()
+    if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
+        problems.append(f"{module}.g_idx: values in [{int(g_idx.min())}, {int(g_idx.max())}], outside [0, {n_groups})")
+        return 0
+    effective = k if group == -1 else group
+    if not s["desc_act"] and not torch.equal(g_idx, torch.arange(k) // effective):
+        problems.append(f"{module}.g_idx: not channel // group_size although desc_act is false; kernels that ignore "
+                        "g_idx would dequantize it differently")
+    elif s["desc_act"] and int(torch.bincount(g_idx, minlength=n_groups).max()) > effective:
+        problems.append(f"{module}.g_idx: a group holds more than group_size={effective} channels")
+    scales = checkpoint.get(f"{module}.scales")
+    if not torch.isfinite(scales).all():
+        problems.append(f"{module}.scales: holds NaN or Inf")
+    elif s["sym"] and bool((scales <= 0).any()):
+        problems.append(f"{module}.scales: holds zero or negative scales")
+    return k
+
+
+def _check_float_tensors(checkpoint: SafetensorsCheckpoint, headers: dict, report: IntegrityReport) -> None:
+    """NaN/Inf in unquantized tensors (embeddings, norms, head, biases), read one at a time."""
+    bad = []
+    for name, info in headers.items():
+        if info["dtype"] in ("F16", "BF16", "F32", "F64") and not name.endswith(".scales"):
+            if not torch.isfinite(checkpoint.get(name)).all():
+                bad.append(name)
+    report.errors.extend(f"{name} ({headers[name]['file']}): holds NaN or Inf" for name in bad[:MAX_LISTED])
+
+
+# gptqmodel 7.6 picks TorchFusedLinear for 4-bit on CPU; for asymmetric per-row checkpoints its outputs are wrong
+TORCH_BACKEND_NOTE = "gptqmodel 7.6's default CPU kernel (TorchFusedLinear) computes wrong outputs"
+
+
+def _loader_notes(s: dict, ragged: list[str], report: IntegrityReport) -> None:
+    """Known limits of the usual GPTQ loaders for these settings (DESIGN.md), as notes, not failures."""
+    if ragged:
+        report.notes.append(f"{len(ragged)} modules have a partial last group (in_features not divisible by group size "
+                            f"{s['group_size']}, e.g. {ragged[0]}): gptqmodel's default CPU kernel cannot run them; load "
+                            "with GPTQConfig(..., backend=\"torch\") (verify --loader transformers does this); vLLM's "
+                            "Marlin path needs in_features divisible by the group size")
+    if s.get("lm_head"):
+        report.notes.append(LM_HEAD_NOTE)
+    if (s["bits"], s["sym"], s["group_size"]) == (4, False, -1):
+        report.notes.append(f"4-bit asymmetric with group size -1: {TORCH_BACKEND_NOTE} (measured: logits off by 0.5 "
+                            "on a tiny Llama); load with GPTQConfig(..., backend=\"torch\"), which is exact (verify "
+                            "--loader transformers does this)")
+    if (s["bits"], s["sym"]) not in ((4, True), (8, True)):
+        report.notes.append("vLLM's fast Marlin kernels take only 4-bit and 8-bit symmetric GPTQ")
+    if s["checkpoint_format"] == "gptq" and (not s["sym"] or s["bits"] in (2, 3)):
+        report.notes.append("asymmetric or 2/3-bit checkpoints in the v1 'gptq' format have been mis-loaded by vLLM")
+    if s["desc_act"] and s["group_size"] == -1:
+        report.notes.append("desc_act with group_size -1 breaks TGI's exllama path")
+
+
+def describe_quantization(q: dict, long: bool = False) -> str:
+    """One phrase for a report's `quantization` settings (GPTQ or bitsandbytes)."""
+    if q.get("quant_method") == "bitsandbytes":
+        return f"bitsandbytes {q['type']} ({q['bits']}-bit)"
+    if not long:
+        return f"{q['bits']}-bit g{q['group_size']} {'sym' if q['sym'] else 'asym'} {q['checkpoint_format']}"
+    group = "per row" if q["group_size"] == -1 else q["group_size"]
+    return (f"{q['bits']}-bit, group size {group}, {'symmetric' if q['sym'] else 'asymmetric'}, desc_act {q['desc_act']}, "
+            f"format {q['checkpoint_format']}")
+
+
+def raise_for(report: IntegrityReport) -> None:
+    """One line naming the first problem (and how many more)."""
+    if report.errors:
+        more = f" (+{len(report.errors) - 1} more problems)" if len(report.errors) > 1 else ""
+        raise IntegrityError(f"integrity check failed: {report.errors[0]}{more}")
+
+
+__all__ = ["IntegrityError", "IntegrityReport", "check_integrity", "read_header", "read_headers", "raise_for",
+           "MANIFEST_NAME", "INDEX_NAME"]
