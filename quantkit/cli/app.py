@@ -8,6 +8,7 @@ import sys
 import click
 
 from quantkit import __version__
+from quantkit.cli.output import silence_libraries
 from quantkit.config import COMPUTE_DTYPES
 from quantkit.errors import QuantkitError, first_line
 
@@ -53,10 +54,7 @@ def _setup_logging(quiet: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
-    # torchao (pulled in by transformers when gptqmodel is installed) warns about its CUDA-only .so files and
-    # enum registrations at import; none of it concerns the user
-    for noisy in ("transformers", "accelerate", "huggingface_hub", "datasets", "torchao", "torch.utils._pytree"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    silence_libraries()
 
 
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})

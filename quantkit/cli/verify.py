@@ -6,11 +6,11 @@ complete (one `Error:` line); 2 usage errors (bad options), from click.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
 import click
 
+from quantkit.cli.output import silence_libraries
 from quantkit.verification.api import (
     DEFAULT_MAX_KL,
     DEFAULT_MAX_PPL_RATIO,
@@ -21,8 +21,7 @@ from quantkit.verification.integrity import describe_quantization
 
 
 def _quiet_libraries() -> None:
-    for noisy in ("transformers", "accelerate", "huggingface_hub", "datasets", "gptqmodel", "optimum", "tokenicer"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    silence_libraries()
     try:
         from transformers.utils import logging as hf_logging
 
