@@ -117,10 +117,27 @@ class KeptOnDisk(_ScratchFile):
         return self._read(_pop(self._items, i))
 
 
+class ActivationsInMemory(list):
+    """The calibration mini-batches as a list of tensors in memory (a GPU run's pinned batches, which background
+    saves read while the next layer computes): `store[i]` is the tensor itself. The same interface as
+    ActivationsOnDisk, so callers never ask which one they hold."""
+
+    reads_are_copies = False  # changing store[i] in place changes the stored batch
+
+    def meta(self, i: int) -> tuple[torch.Size, torch.dtype]:
+        """Item i's shape and dtype."""
+        return self[i].shape, self[i].dtype
+
+    def close(self) -> None:
+        """Nothing to release: the tensors go when the last reference to them does."""
+
+
 class ActivationsOnDisk(_ScratchFile):
     """A list of CPU tensors (the calibration mini-batches) that lives in a scratch file: `store[i]` reads item i
     into a new tensor (changing that tensor changes nothing on disk), `store[i] = t` rewrites it in place (same
     shape and dtype). Only the batch being worked on is in memory."""
+
+    reads_are_copies = True  # a change to store[i] is kept only by writing it back (`store[i] = t`)
 
     def __getitem__(self, i: int) -> Tensor:
         return self._read(self._items[i])
@@ -146,6 +163,9 @@ def batch_meta(batches, i: int) -> tuple[torch.Size, torch.dtype]:
     if isinstance(batches, ActivationsOnDisk):
         return batches.meta(i)
     return batches[i].shape, batches[i].dtype
+
+
+Activations = ActivationsInMemory | ActivationsOnDisk  # where a layer's calibration inputs are kept
 
 
 def write_tensor_at(file, offset: int, data: Tensor) -> None:
