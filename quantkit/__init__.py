@@ -9,34 +9,49 @@
     quantkit.inspect(result.path).manifest["status"]                 # "ok"
     [m.repo_id for m in quantkit.cache_list()]
 """
+from __future__ import annotations
+
 __version__ = "0.1.0"
+
+from collections.abc import Iterable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 from quantkit.config import CalibSpec, QuantSpec  # noqa: E402  (light: no torch model code)
 
+if TYPE_CHECKING:
+    from quantkit.run.pipeline import QuantizeResult
+    from quantkit.tools.cache import CachedModel
+    from quantkit.tools.estimate import Estimate
+    from quantkit.tools.inspect import InspectReport
+    from quantkit.verification.api import VerifyReport
 
-def quantize(model, spec=None, calib=None, **kwargs):
+
+def quantize(model: str, spec: QuantSpec | None = None, calib: CalibSpec | None = None,
+             **kwargs: Any) -> QuantizeResult:
     """Quantize MODEL and publish it; see quantkit.run.pipeline.quantize for the parameters."""
     from quantkit.run.pipeline import quantize as _quantize
 
     return _quantize(model, spec or QuantSpec(), calib or CalibSpec(), **kwargs)
 
 
-def verify(quantized, base=None, **kwargs):
+def verify(quantized: str, base: str | None = None, **kwargs: Any) -> VerifyReport:
     """Integrity, perplexity, KL, top-1 agreement and generations of QUANTIZED against BASE; a VerifyReport.
 
     See quantkit.verification.api.verify for the options (eval_source, seq_len, max_tokens, loader, thresholds, ...).
 
     >>> r = quantkit.verify("quantkit/SmolLM2-135M-Instruct-gptq-4bit-g64")        # doctest: +SKIP
-    >>> r.passed, round(r.ppl_ratio, 3), r.failures                                 # doctest: +SKIP
-    (True, 1.057, [])
+    >>> r.passed, r.failures                                                        # doctest: +SKIP
+    (True, [])
     """
     from quantkit.verification.api import verify as _verify
 
     return _verify(quantized, base, **kwargs)
 
 
-def estimate(model_or_config, bits=(16, 8, 4, 3, 2), group_size=128, context=4096, batch=1, **kwargs):
-    """Memory to run and to quantize a model, from its config alone; see quantkit/tools/estimate.py.
+def estimate(model_or_config: str | Path | dict, bits: Iterable[int] = (16, 8, 4, 3, 2), group_size: int = 128,
+             context: int = 4096, batch: int = 1, **kwargs: Any) -> Estimate:
+    """Memory to run and to quantize a model, from its config alone; see quantkit.tools.estimate.estimate.
 
     >>> e = quantkit.estimate("llama-2-70b", bits=[16, 4])
     >>> round(e.total_params / 1e9, 2), round(e.weight(16).total_bytes / 2**30, 1)
@@ -50,7 +65,7 @@ def estimate(model_or_config, bits=(16, 8, 4, 3, 2), group_size=128, context=409
                                      **kwargs)
 
 
-def inspect(model):
+def inspect(model: str | Path) -> InspectReport:
     """Describe a checkpoint directory or cached repo id (headers only); returns an InspectReport dataclass.
 
     >>> r = quantkit.inspect("quantkit/SmolLM2-135M-Instruct-gptq-4bit-g64")      # doctest: +SKIP
@@ -63,7 +78,7 @@ def inspect(model):
     return _inspect(model)
 
 
-def cache_list():
+def cache_list() -> list[CachedModel]:
     """Quantized models in the local hub cache, as CachedModel dataclasses (repo_id, method, bits, ...).
 
     >>> [(m.repo_id, m.bits, m.group_size) for m in quantkit.cache_list()]    # doctest: +SKIP

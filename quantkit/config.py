@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 # dtypes of the calibration forwards (--compute-dtype; precision.compute_dtype decides "auto")
@@ -15,7 +16,7 @@ BNB_BITS = {"bnb-nf4": 4, "bnb-int8": 8}  # bitsandbytes methods and the bits th
 class InvalidSetting(ValueError):
     """A setting out of range; `option` names the field (and, with dashes, the CLI flag) at fault."""
 
-    def __init__(self, option: str, message: str):
+    def __init__(self, option: str, message: str) -> None:
         super().__init__(message)
         self.option = option
 
@@ -37,7 +38,7 @@ class QuantSpec:
     :param true_sequential: quantize a layer's Linears stage by stage, each seeing the quantized earlier ones.
     :param method: "gptq" (calibrated), "rtn" (round-to-nearest, no calibration), or bitsandbytes "bnb-nf4" /
         "bnb-int8" (quantized by transformers at load, saved serialized; group and GPTQ settings do not apply).
-    :param clip_search: shrink each group's range where that lowers its rounding error (quant.group_qparams).
+    :param clip_search: shrink each group's range where that lowers its rounding error (solve.grid.group_qparams).
     :param skip: glob patterns of Linear names within a decoder layer (e.g. "mlp.down_proj", "self_attn.*")
         kept unquantized in float16, in every layer.
     :param lm_head: quantize the output head too (GPTQ-calibrated on the final hidden states; a tied head is
@@ -103,14 +104,15 @@ class QuantSpec:
         """Whether a Linear (named within its decoder layer) stays unquantized."""
         return any(fnmatch.fnmatchcase(module_name, p) for p in self.skip)
 
-    def check_skip_patterns(self, module_names) -> None:
+    def check_skip_patterns(self, module_names: Iterable[str]) -> None:
         """Every --skip pattern matches one of a decoder layer's Linears, and something is left to quantize."""
         from quantkit.errors import QuantkitError
 
         names = list(module_names)
         for pattern in self.skip:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-                raise QuantkitError(f"--skip {pattern!r} matches none of the decoder layer's Linears ({', '.join(names)})")
+                raise QuantkitError(f"--skip {pattern!r} matches none of the decoder layer's Linears "
+                                    f"({', '.join(names)})")
         if names and all(self.skips(name) for name in names):
             raise QuantkitError(f"--skip {' '.join(self.skip)} leaves no Linear to quantize")
 

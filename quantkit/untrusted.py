@@ -14,6 +14,7 @@ import re
 import shutil
 import stat
 from pathlib import Path
+from typing import Any
 
 from quantkit.errors import QuantkitError, first_line
 
@@ -22,7 +23,7 @@ _REVISION = re.compile(r"[0-9a-f]{40}")  # a git commit id: what huggingface_hub
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def read_json(path: Path, what: str, expect: type = dict, max_bytes: int = MAX_JSON_BYTES):
+def read_json(path: Path, what: str, expect: type = dict, max_bytes: int = MAX_JSON_BYTES) -> Any:
     """The JSON value of `path`, which must be of type `expect`; a one-line QuantkitError naming the file (as
     `what`) when it is missing, too large, not UTF-8, not JSON, or of another shape."""
     try:
@@ -35,7 +36,7 @@ def read_json(path: Path, what: str, expect: type = dict, max_bytes: int = MAX_J
     return parse_json(raw, f"{what} {path}", expect)
 
 
-def _json_kind(value) -> str:
+def _json_kind(value: object) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
         type(value), "number")
 
@@ -44,7 +45,7 @@ def _with_article(kind: str) -> str:
     return kind if kind == "null" else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
-def field(mapping: dict, key: str, expect: type | tuple[type, ...], where: str):
+def field(mapping: dict, key: str, expect: type | tuple[type, ...], where: str) -> Any:
     """mapping[key], which must be of type `expect` (bools are not ints); one line naming `where` otherwise."""
     value = mapping.get(key)
     kinds = expect if isinstance(expect, tuple) else (expect,)
@@ -190,7 +191,7 @@ def private_directory(path: Path, what: str) -> Path:
     return path
 
 
-def parse_json(raw: bytes, what: str, expect: type = dict):
+def parse_json(raw: bytes, what: str, expect: type = dict) -> Any:
     """The JSON value of the bytes `raw`, which must be of type `expect`; a one-line QuantkitError naming `what`
     (e.g. "config /m/config.json") when they are not UTF-8, not JSON, or of another shape."""
     try:

@@ -93,7 +93,7 @@ def has_ecosystem() -> bool:
 
 def proc_status_kb(field: str) -> int:
     """A kB figure of this process from /proc/self/status (Linux): VmRSS, VmHWM, ..."""
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    line = next(s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith(field + ":"))
     return int(line.split()[1])
 
 

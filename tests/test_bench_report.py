@@ -1,9 +1,9 @@
-"""scripts/bench_peers.py's verdict on the Performance issue's bar: each measure against the best peer on it."""
+"""scripts/bench/peers.py's verdict on the Performance issue's bar: each measure against the best peer on it."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from bench_peers import targets  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "bench"))
+from peers import targets  # noqa: E402
 
 PEERS = [{"tool": "llmcompressor", "wall_s": 315.0, "peak_rss_mb": 1900.0, "ppl": 8.19},
          {"tool": "gptqmodel", "wall_s": 266.0, "peak_rss_mb": 1183.0, "ppl": 7.596}]
@@ -11,7 +11,8 @@ PEERS = [{"tool": "llmcompressor", "wall_s": 315.0, "peak_rss_mb": 1900.0, "ppl"
 
 def test_each_measure_is_judged_against_the_best_peer_on_it():
     lines = targets({"wall_s": 144.0, "peak_rss_mb": 825.0, "ppl": 7.386}, PEERS)
-    wall, rss, ppl = (next(l for l in lines if l.startswith(f"- {m}:")) for m in ("wall time", "peak RSS", "perplexity"))
+    wall, rss, ppl = (next(line for line in lines if line.startswith(f"- {m}:"))
+                      for m in ("wall time", "peak RSS", "perplexity"))
     assert "gptqmodel's 266 s, 0.54x" in wall and wall.endswith("**not met**")
     assert "gptqmodel's 1183 MB, 0.70x" in rss and rss.endswith("**not met**")
     assert "gptqmodel's 7.596, 0.97x" in ppl and ppl.endswith(": met")
@@ -19,7 +20,7 @@ def test_each_measure_is_judged_against_the_best_peer_on_it():
 
 def test_the_bound_itself_is_met():
     lines = targets({"wall_s": 133.0, "peak_rss_mb": 591.5, "ppl": 7.596}, PEERS)
-    assert all(l.endswith(": met") for l in lines if l.startswith("- ")), lines
+    assert all(line.endswith(": met") for line in lines if line.startswith("- ")), lines
 
 
 def test_no_peers_no_verdict():

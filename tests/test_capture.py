@@ -5,15 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import quantkit.run.pipeline as pipeline
+import quantkit.run.layer as run_layer
 from quantkit import CalibSpec, QuantSpec, quantize
-from quantkit.calibrate import capture
-from quantkit.calibrate.capture import (
-    BlockMemo,
-    collect_hessians,
-    foldable_blocks,
-    propagate,
-)
+from quantkit.calibrate import block_outputs, kept_inputs, probes
+from quantkit.calibrate.memo import BlockMemo
+from quantkit.calibrate.probes import foldable_blocks
+from quantkit.calibrate.statistics import collect_hessians, propagate
+from quantkit.memory.spill import ActivationsInMemory
 from quantkit.source.skeleton import linear_modules
 
 
@@ -39,20 +37,20 @@ def test_replaying_finished_blocks_changes_no_output_byte(model_type, act_order,
     spec = QuantSpec(bits=4, group_size=32, act_order=act_order)
     calib = CalibSpec(samples=8, seq_len=32)
     found, spilled = [], []
-    monkeypatch.setattr(pipeline, "foldable_blocks", lambda *a: found.append(capture.foldable_blocks(*a)) or found[-1])
+    monkeypatch.setattr(run_layer, "foldable_blocks", lambda *a: found.append(probes.foldable_blocks(*a)) or found[-1])
 
-    class Spill(capture.KeptOnDisk):
+    class Spill(kept_inputs.KeptOnDisk):
         def take(self, i):
             spilled.append(i)
             return super().take(i)
-    monkeypatch.setattr(capture, "KeptOnDisk", Spill)
+    monkeypatch.setattr(kept_inputs, "KeptOnDisk", Spill)
     assert quantize(str(model_dir), spec, calib, out=tmp_path / "memo", compute_dtype=compute).compute_dtype == compute
     assert found == [folds]  # checked once: every layer is of one class
     assert spilled == reads
     replays = []
-    monkeypatch.setattr(pipeline, "BlockMemo", lambda layer, **kw: replays.append(layer) or BlockMemo(layer, enabled=False, **kw))
+    monkeypatch.setattr(run_layer, "BlockMemo", lambda layer, **kw: replays.append(layer) or BlockMemo(layer, enabled=False, **kw))
     quantize(str(model_dir), spec, calib, out=tmp_path / "plain", compute_dtype=compute)
-    assert replays, "the pipeline no longer builds its BlockMemo through pipeline.BlockMemo"
+    assert replays, "the pipeline no longer builds its BlockMemo through run.layer.BlockMemo"
     assert _shard_hashes(tmp_path / "memo") == _shard_hashes(tmp_path / "plain")
 
 
@@ -67,7 +65,7 @@ def _llama_layer_and_batches():
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
     config._attn_implementation = "sdpa"  # as quantkit builds models: the attention returns no weights
     layer = LlamaDecoderLayer(config, 0).eval()
-    batches = [torch.randn(2, 8, 32) for _ in range(3)]
+    batches = ActivationsInMemory(torch.randn(2, 8, 32) for _ in range(3))
     pos = torch.arange(8)[None]
     call = type("Call", (), {})()
     call.args, call.kwargs = (), {"position_embeddings": LlamaRotaryEmbedding(config)(batches[0], pos),
@@ -89,10 +87,10 @@ def test_attention_is_replayed_once_its_linears_are_done():
                                torch.float32)
     torch.testing.assert_close(h_memo[0], h_plain[0], rtol=0, atol=0)
 
-    expected = [b.clone() for b in batches]
+    expected = ActivationsInMemory(b.clone() for b in batches)
     propagate(layer, expected, call, torch.device("cpu"), torch.float32)
     layer.self_attn.o_proj.weight.data.zero_()  # a recomputed attention would now differ: only a replay matches
-    replayed = [b.clone() for b in batches]
+    replayed = ActivationsInMemory(b.clone() for b in batches)
     propagate(layer, replayed, call, torch.device("cpu"), torch.float32, memo)
     for a, b in zip(replayed, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -141,11 +139,11 @@ def test_a_folded_attention_gives_the_same_hessians_and_outputs():
     cpu, attention, up = torch.device("cpu"), set(GROUPS[0]) | set(GROUPS[1]), set(GROUPS[2])
     assert foldable_blocks(layer, GROUPS, batches[0][:1], call, cpu, torch.float32) == {"self_attn"}
     expected_h = collect_hessians(layer, [GROUPS[3]], batches, call, cpu, torch.float32, done=attention | up)[0]
-    expected = [b.clone() for b in batches]
+    expected = ActivationsInMemory(b.clone() for b in batches)
     propagate(layer, expected, call, cpu, torch.float32)
 
     memo = BlockMemo(layer, groups=GROUPS, hidden_size=32, fold={"self_attn"})
-    folded = [b.clone() for b in batches]
+    folded = ActivationsInMemory(b.clone() for b in batches)
     collect_hessians(layer, [GROUPS[2]], folded, call, cpu, torch.float32, memo, done=attention)
     assert memo.outputs["self_attn"] == [None] * 3 and len(memo.folded["self_attn"]) == 3
     assert not torch.equal(folded[0], batches[0])  # now x + attention
@@ -191,7 +189,7 @@ def test_head_hessian_equals_the_one_of_a_real_forward(tiny_llama_dir, tiny_toke
     the head inputs of an ordinary forward."""
     from transformers import AutoModelForCausalLM
 
-    from quantkit.calibrate.capture import collect_head_hessian
+    from quantkit.calibrate.head import collect_head_hessian
     from quantkit.solve.gptq import accumulate_hessian
     from quantkit.source.calibration import evaluation_windows
 
@@ -222,14 +220,14 @@ def test_mlp_output_comes_from_down_projs_inputs_kept_on_disk(stored, tmp_path):
     from quantkit.memory.spill import KeptOnDisk
 
     layer, batches, call = _llama_layer_and_batches()
-    batches = [b.to(stored) for b in batches]
+    batches = ActivationsInMemory(b.to(stored) for b in batches)
     cpu, attention = torch.device("cpu"), set(GROUPS[0]) | set(GROUPS[1])
-    plain = [b.clone() for b in batches]
+    plain = ActivationsInMemory(b.clone() for b in batches)
     results, gate_runs = {}, []
     for spill_dir in (None, tmp_path):
         memo = BlockMemo(layer, storage_dtype=stored, groups=GROUPS, hidden_size=32, spill_dir=spill_dir)
         assert set(memo.exits) == ({"self_attn", "mlp"} if spill_dir else {"self_attn"})
-        got = [b.clone() for b in batches]
+        got = ActivationsInMemory(b.clone() for b in batches)
         collect_hessians(layer, [GROUPS[2]], got, call, cpu, torch.float32, memo, done=attention)
         collect_hessians(layer, [GROUPS[3]], got, call, cpu, torch.float32, memo, done=attention | set(GROUPS[2]))
         if spill_dir:
@@ -237,7 +235,7 @@ def test_mlp_output_comes_from_down_projs_inputs_kept_on_disk(stored, tmp_path):
             assert list(tmp_path.iterdir()) == []
         down = layer.mlp.down_proj.weight
         down.data = (down.data * 16).round() / 16  # as its solve writes the dequantized weights back
-        hook = layer.mlp.gate_proj.register_forward_hook(lambda *a: gate_runs.append(spill_dir))
+        hook = layer.mlp.gate_proj.register_forward_hook(lambda *a, where=spill_dir: gate_runs.append(where))
         propagate(layer, got, call, cpu, torch.float32, memo)
         hook.remove()
         assert memo.seeds == {}
@@ -268,7 +266,7 @@ def test_a_failing_scratch_file_reruns_the_block(failing, tmp_path, monkeypatch,
 
     layer, batches, call = _llama_layer_and_batches()
     cpu, before_down = torch.device("cpu"), set(GROUPS[0]) | set(GROUPS[1]) | set(GROUPS[2])
-    expected = [b.clone() for b in batches]
+    expected = ActivationsInMemory(b.clone() for b in batches)
     propagate(layer, expected, call, cpu, torch.float32)
     calls = []
     original = getattr(spill.KeptOnDisk, "__init__" if failing == "create" else failing)
@@ -281,7 +279,7 @@ def test_a_failing_scratch_file_reruns_the_block(failing, tmp_path, monkeypatch,
     monkeypatch.setattr(spill.KeptOnDisk, "__init__" if failing == "create" else failing, fail_on_second)
     memo = BlockMemo(layer, groups=GROUPS, hidden_size=32, spill_dir=tmp_path)
     collect_hessians(layer, [GROUPS[3]], batches, call, cpu, torch.float32, memo, done=before_down)
-    got = [b.clone() for b in batches]
+    got = ActivationsInMemory(b.clone() for b in batches)
     propagate(layer, got, call, cpu, torch.float32, memo)
     assert "No space left on device" in caplog.text and memo.seeds == {}
     for a, b in zip(got, expected):
@@ -297,11 +295,11 @@ def test_the_exit_check_tolerates_sum_order_only():
     derived = kept @ weight.t()
     reordered = (kept[:, :2048] @ weight[:, :2048].t()) + (kept[:, 2048:] @ weight[:, 2048:].t())
     assert not torch.equal(reordered, derived)
-    assert capture._is_exit_output(reordered, derived, kept)
-    assert capture._is_exit_output((derived, None), derived, kept)
-    assert not capture._is_exit_output(derived * 1.001, derived, kept)
-    assert not capture._is_exit_output((derived, torch.ones(1)), derived, kept)  # returns more than its output
-    assert capture._is_exit_output(derived * 1.001, derived, kept.to(torch.bfloat16))
+    assert block_outputs.is_exit_output(reordered, derived, kept)
+    assert block_outputs.is_exit_output((derived, None), derived, kept)
+    assert not block_outputs.is_exit_output(derived * 1.001, derived, kept)
+    assert not block_outputs.is_exit_output((derived, torch.ones(1)), derived, kept)  # returns more than its output
+    assert block_outputs.is_exit_output(derived * 1.001, derived, kept.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("extra_after_exit", [False, True])
@@ -314,14 +312,14 @@ def test_blocks_checked_derivable_once_never_run_again(extra_after_exit, tmp_pat
     cpu, attention = torch.device("cpu"), set(GROUPS[0]) | set(GROUPS[1])
     if extra_after_exit:  # a hook, not a patched forward: the memo swaps the forward in and out
         layer.self_attn.register_forward_hook(lambda mod, inp, out: (out[0] * 2, None))
-    derivable = capture.derivable_blocks(layer, GROUPS, batches[0][:1], call, cpu, torch.float32)
+    derivable = probes.derivable_blocks(layer, GROUPS, batches[0][:1], call, cpu, torch.float32)
     assert derivable == ({"mlp": None} if extra_after_exit else {"self_attn": (None,), "mlp": None})
     results, runs = {}, []
     for checked in (None, derivable):
         memo = BlockMemo(layer, groups=GROUPS, hidden_size=32, spill_dir=tmp_path, derivable=checked)
         hooks = [layer.self_attn.q_proj.register_forward_hook(lambda *a, c=checked: runs.append((c is None, "attn"))),
                  layer.mlp.gate_proj.register_forward_hook(lambda *a, c=checked: runs.append((c is None, "mlp")))]
-        got = [b.clone() for b in batches]
+        got = ActivationsInMemory(b.clone() for b in batches)
         collect_hessians(layer, [GROUPS[1]], got, call, cpu, torch.float32, memo, done=set(GROUPS[0]))
         runs.clear()
         collect_hessians(layer, [GROUPS[2]], got, call, cpu, torch.float32, memo, done=attention)

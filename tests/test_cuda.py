@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from quantkit.calibrate.capture import _move, wait_for_copies
+from quantkit.calibrate.transfer import move as _move
+from quantkit.calibrate.transfer import wait_for_copies
 from quantkit.config import CalibSpec, QuantSpec
 from quantkit.run.pipeline import quantize
 from quantkit.solve.gptq import accumulate_hessian, gptq_quantize

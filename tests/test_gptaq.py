@@ -7,23 +7,20 @@ import pytest
 import torch
 from test_capture import _llama_layer_and_batches
 
-import quantkit.run.pipeline as pipeline
+import quantkit.run.layer as run_layer
 from quantkit import CalibSpec, QuantSpec, quantize
-from quantkit.calibrate.capture import (
-    BlockMemo,
-    Reference,
-    collect_statistics,
-    derivable_blocks,
-    propagate,
-)
+from quantkit.calibrate.memo import BlockMemo
+from quantkit.calibrate.probes import derivable_blocks
+from quantkit.calibrate.statistics import Reference, collect_statistics, propagate
 from quantkit.errors import NumericalError
+from quantkit.memory.spill import ActivationsInMemory
 from quantkit.solve.gptq import (
-    _reversed_inverse_factor,
     _shift_to_asymmetric_target_,
     accumulate_cross,
     accumulate_hessian,
     gptq_quantize,
 )
+from quantkit.solve.inverse_factor import reversed_inverse_factor as _reversed_inverse_factor
 from quantkit.source.skeleton import linear_modules
 
 
@@ -102,14 +99,15 @@ def test_the_cross_term_pairs_each_linears_unquantized_and_quantized_inputs():
     with torch.no_grad():
         for module in linear_modules(layer).values():  # "quantized": other weights, so other inputs downstream
             module.weight.add_(0.05 * torch.randn_like(module.weight))
-    ref_batches = [b + 0.1 * torch.randn_like(b) for b in batches]
+    ref_batches = ActivationsInMemory(b + 0.1 * torch.randn_like(b) for b in batches)
     groups = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
               ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     seen = {id(layer): {}, id(reference): {}}
     for model in (layer, reference):
+        sink = seen[id(model)]
         for g in groups:
             linear_modules(model)[g[0]].register_forward_pre_hook(
-                lambda mod, inp, name=g[0], sink=seen[id(model)]: sink.setdefault(name, []).append(inp[0].reshape(-1, inp[0].shape[-1])))
+                lambda mod, inp, name=g[0], sink=sink: sink.setdefault(name, []).append(inp[0].reshape(-1, inp[0].shape[-1])))
     stats = collect_statistics(layer, groups, batches, call, torch.device("cpu"), torch.float32,
                                reference=Reference(reference, ref_batches))
     for g, s in zip(groups, stats):
@@ -132,13 +130,13 @@ def test_the_reference_memo_gives_the_statistics_and_outputs_of_plain_forwards()
     def run(memo_on: bool):
         ref_layer = copy.deepcopy(layer)
         ref_layer.self_attn.q_proj.register_forward_hook(lambda *a: attention_runs.append(memo_on))
-        ref_batches = [b.clone() * 1.1 for b in batches]
+        ref_batches = ActivationsInMemory(b.clone() * 1.1 for b in batches)
         quant = copy.deepcopy(layer)
         options = dict(enabled=memo_on, storage_dtype=torch.float32, groups=groups, hidden_size=32,
                        fold={"self_attn"} if memo_on else set(), derivable=derivable)
         memo = BlockMemo(quant, **options)
         reference = Reference(ref_layer, ref_batches, BlockMemo(ref_layer, **options))
-        q_batches = [b.clone() for b in batches]
+        q_batches = ActivationsInMemory(b.clone() for b in batches)
         done, out = set(), []
         for stage in stages:
             out += collect_statistics(quant, stage, q_batches, call, cpu, torch.float32, memo, done, reference)
@@ -173,13 +171,13 @@ def test_a_gptaq_run_replays_to_the_bytes_of_plain_forwards(model_type, tiny_tok
     spec = QuantSpec(bits=4, group_size=32, gptaq=True)
     calib = CalibSpec(samples=8, seq_len=32)
     memos = []
-    real = pipeline.BlockMemo
+    real = run_layer.BlockMemo
     quantize(str(model_dir), spec, calib, out=tmp_path / "memo")
-    monkeypatch.setattr(pipeline, "BlockMemo", lambda layer, **kw: memos.append(layer) or real(layer, enabled=False, **kw))
+    monkeypatch.setattr(run_layer, "BlockMemo", lambda layer, **kw: memos.append(layer) or real(layer, enabled=False, **kw))
     quantize(str(model_dir), spec, calib, out=tmp_path / "plain")
     assert len(memos) == 4  # two layers, each with its quantized and its unquantized memo
     assert _hashes(tmp_path / "memo") == _hashes(tmp_path / "plain")
-    monkeypatch.setattr(pipeline, "BlockMemo", real)
+    monkeypatch.setattr(run_layer, "BlockMemo", real)
     plain = quantize(str(model_dir), QuantSpec(bits=4, group_size=32), calib, out=tmp_path / "gptq")
     assert _hashes(tmp_path / "memo") != _hashes(Path(plain.path))
 

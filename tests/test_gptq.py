@@ -326,7 +326,7 @@ def test_the_factorization_makes_no_hidden_copy_of_the_hessian():
     """The Cholesky factor and its inverse are made in the Hessian's own memory: beyond it, a CPU holds the copy
     kept for a retry and one block's temporaries. Written into a row-major H, torch would factor a column-major
     copy; a triangular solve on a trailing block copies that block (the whole Hessian for the first)."""
-    from quantkit.solve.gptq import _reversed_inverse_factor
+    from quantkit.solve.inverse_factor import reversed_inverse_factor as _reversed_inverse_factor
 
     _, x, H = _correlated(1, 4096, 2 * 4096)
     del x

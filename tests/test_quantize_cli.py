@@ -112,7 +112,8 @@ def test_dequantized_weights_stay_close_to_the_originals(quantized, tiny_llama_d
 def test_only_one_decoder_layer_is_materialised_at_a_time(tiny_tokenizer, tmp_path, hub_cache, monkeypatch):
     from conftest import make_tiny_model
 
-    from quantkit.run import pipeline
+    from quantkit.run import layer as run_layer
+    from quantkit.run import model as run_model
     from quantkit.source import skeleton as model_skeleton
 
     model_dir = make_tiny_model(tmp_path / "deep", tiny_tokenizer, layers=6)
@@ -125,15 +126,15 @@ def test_only_one_decoder_layer_is_materialised_at_a_time(tiny_tokenizer, tmp_pa
         return real(module, prefix, *a, **kw)
 
     module_parent = []
-    real_decoder_layers = pipeline.decoder_layers
+    real_decoder_layers = run_model.decoder_layers
 
     def capture_layers(model, n):
         prefix, layers = real_decoder_layers(model, n)
         module_parent.append(layers)
         return prefix, layers
 
-    monkeypatch.setattr(pipeline, "materialize", spy)
-    monkeypatch.setattr(pipeline, "decoder_layers", capture_layers)
+    monkeypatch.setattr(run_layer, "materialize", spy)
+    monkeypatch.setattr(run_model, "decoder_layers", capture_layers)
     r = run("quantize", model_dir, "--json", *FAST)
     assert r.exit_code == 0, r.output
     assert seen == [0] * 6  # when a layer is loaded, every other layer is empty
@@ -274,7 +275,8 @@ def test_gpu_peaks_per_stage_and_over_the_run(monkeypatch):
     counters stood in for, as CI has no GPU."""
     import torch
 
-    from quantkit.run.pipeline import _GpuPeaks, _StageClock
+    from quantkit.run.telemetry import GpuPeaks as _GpuPeaks
+    from quantkit.run.telemetry import StageClock as _StageClock
 
     counter = {"peak": 0}
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
@@ -299,11 +301,11 @@ def test_a_layers_attention_leaves_memory_once_it_is_only_replayed(tiny_llama_di
     """True-sequential GPTQ replays the quantized attention from records in the MLP stages and the propagation,
     so its weights are dropped (to the meta device, where any use would fail loudly) before the MLP is solved."""
     from quantkit.config import CalibSpec, QuantSpec
-    from quantkit.run import pipeline
+    from quantkit.run import layer, pipeline
 
     released = []
-    release = pipeline.release
-    monkeypatch.setattr(pipeline, "release", lambda module: (released.append(type(module).__name__), release(module)))
+    release = layer.release
+    monkeypatch.setattr(layer, "release", lambda module: (released.append(type(module).__name__), release(module)))
     pipeline.quantize(str(tiny_llama_dir), QuantSpec(bits=4, group_size=32), CalibSpec(samples=8, seq_len=32),
                       out=tmp_path / "q")
     assert released == ["LlamaAttention", "LlamaDecoderLayer"] * 2  # per layer: the attention, then the layer

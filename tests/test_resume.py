@@ -231,7 +231,7 @@ def test_saved_activations_are_a_safetensors_file_and_load_back_exactly(kept, tm
     from safetensors.torch import load_file
 
     from quantkit.errors import QuantkitError
-    from quantkit.memory.spill import ActivationsOnDisk
+    from quantkit.memory.spill import ActivationsInMemory, ActivationsOnDisk
     from quantkit.run.resume import RunState
 
     torch.manual_seed(0)
@@ -240,7 +240,7 @@ def test_saved_activations_are_a_safetensors_file_and_load_back_exactly(kept, tm
 
     def stream(batches):
         if kept == "memory":
-            return list(batches)
+            return ActivationsInMemory(batches)
         store = ActivationsOnDisk(tmp_path)
         for b in batches:
             store.append(b)

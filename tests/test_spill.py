@@ -10,7 +10,6 @@ from quantkit.memory.spill import (
     KeptInMemory,
     KeptOnDisk,
     ScratchFiles,
-    batch_meta,
     disk_has_room,
 )
 
@@ -49,7 +48,7 @@ def test_activations_on_disk_behave_like_a_list_of_batches(tmp_path):
         store.append(b)
     assert len(store) == 3 and list(tmp_path.iterdir()) == []
     assert all(torch.equal(got, want) for got, want in zip(store, batches))
-    assert [batch_meta(store, i) for i in range(3)] == [(b.shape, b.dtype) for b in batches]
+    assert [store.meta(i) for i in range(3)] == [(b.shape, b.dtype) for b in batches]
 
     read = store[1]
     read.add_(1.0)  # a read is a copy: changing it changes nothing on disk

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from quantkit.cli.app import cli
 from quantkit.source import hub
-from quantkit.write import publish
+from quantkit.write import publish as publishing
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 FAST = ["--method", "rtn", "--group-size", "32"]
@@ -120,7 +120,7 @@ def test_the_sweep_deletes_only_unused_regular_files_directly_in_blobs(hub_cache
         staging = tmp_path / f"staging-{name}"
         staging.mkdir()
         (staging / name).write_bytes(data)
-        return publish.publish_snapshot(staging, "test/t", {name: hashlib.sha256(data).hexdigest()})
+        return publishing.publish_snapshot(staging, "test/t", {name: hashlib.sha256(data).hexdigest()})
 
     first = publish("a.txt", b"first")
     blobs = hub_cache / "models--test--t" / "blobs"
@@ -141,7 +141,7 @@ def test_a_republished_revision_is_rebuilt_when_its_snapshot_was_altered(hub_cac
         staging = tmp_path / "staging"
         staging.mkdir(exist_ok=True)
         (staging / "config.json").write_text("{}")
-        return publish.publish_snapshot(staging, "test/t", {"config.json": hashlib.sha256(b"{}").hexdigest()})
+        return publishing.publish_snapshot(staging, "test/t", {"config.json": hashlib.sha256(b"{}").hexdigest()})
 
     snapshot = publish()
     (snapshot / "config.json").unlink()
@@ -295,7 +295,7 @@ def _snapshot(cache: Path, repo_id: str) -> Path:
 
 def test_work_directories_are_keyed_on_the_cache(tiny_llama_dir, tmp_path, monkeypatch):
     from quantkit.config import QuantSpec
-    from quantkit.run.pipeline import _Target
+    from quantkit.run.target import Target as _Target
 
     works = []
     for name in ("hub", "hub2"):
@@ -376,14 +376,14 @@ def test_out_that_would_destroy_something_else_is_refused_before_any_work(where,
 
 
 def test_out_written_by_quantkit_is_replaced_atomically_with_overwrite(tiny_llama_dir, tmp_path, monkeypatch):
-    import quantkit.run.pipeline as pipeline
+    import quantkit.run.target as target
 
     out = tmp_path / "q"
     assert run("quantize", tiny_llama_dir, "--out", out, *FAST).exit_code == 0
     r = run("quantize", tiny_llama_dir, "--out", out, *FAST)
     assert r.exit_code == 1 and "already exists and is not empty; pass --overwrite" in error_lines(r)[0]
     synced = []
-    monkeypatch.setattr(pipeline, "fsync_dir", lambda p: synced.append(Path(p)))
+    monkeypatch.setattr(target, "fsync_dir", lambda p: synced.append(Path(p)))
     r = run("quantize", tiny_llama_dir, "--out", out, "--overwrite", "--bits", "8", *FAST)
     assert r.exit_code == 0, r.output
     assert json.loads((out / "quantkit.json").read_text())["quantization"]["bits"] == 8
@@ -394,14 +394,14 @@ def test_out_written_by_quantkit_is_replaced_atomically_with_overwrite(tiny_llam
 # ---------------------------------------------------------------- 8. durability of a publish
 def test_publish_fsyncs_blobs_ref_and_renamed_directories(hub_cache, tmp_path, monkeypatch):
     files, synced = [], []
-    monkeypatch.setattr(publish, "fsync_file", lambda p: files.append(Path(p)))
-    monkeypatch.setattr(publish, "fsync_dir", lambda p: synced.append(Path(p)))
+    monkeypatch.setattr(publishing, "fsync_file", lambda p: files.append(Path(p)))
+    monkeypatch.setattr(publishing, "fsync_dir", lambda p: synced.append(Path(p)))
     staging = tmp_path / "staging"
     (staging / "sub").mkdir(parents=True)
     (staging / "a.txt").write_text("a")
     (staging / "sub" / "b.txt").write_text("b")
     hashes = {name: hashlib.sha256((staging / name).read_bytes()).hexdigest() for name in ("a.txt", "sub/b.txt")}
-    publish.publish_snapshot(staging, "test/t", hashes)
+    publishing.publish_snapshot(staging, "test/t", hashes)
     folder = hub_cache / "models--test--t"
     assert {folder / "blobs" / d for d in hashes.values()} <= set(files)
     assert folder / "refs" / ".main.incoming" in files  # written, synced, then renamed to refs/main

@@ -135,7 +135,7 @@ def gguf_copy(tiny_llama_gguf, tmp_path) -> Path:
 # --- 1. tensor by tensor, the same values as transformers' loader, one tensor in memory -----------------------------
 
 def _supported() -> list:
-    from quantkit.source import gguf_import
+    from quantkit.tools import gguf_import
 
     return [*getattr(gguf_import, "SUPPORTED", ["llama"]), pytest.param("llama", "Mistral-tiny", id="mistral")]
 

@@ -124,7 +124,7 @@ def test_loader_swaps_linears_and_matches_checkpoint(tiny_gptq):
 
 
 def test_max_memory_offloads_layers_to_disk_with_identical_results(tiny_gptq, tmp_path):
-    from quantkit.verification.api import _logits
+    from quantkit.verification.metrics import logits as _logits
     from quantkit.verification.qlinear import load_model
 
     ids = torch.randint(0, 500, (48,), generator=torch.Generator().manual_seed(0))
@@ -176,7 +176,8 @@ def test_chat_prompts_use_the_template_with_a_system_message(tiny_gptq):
 
 
 def test_chat_rendering_and_templates_without_system_role(tiny_tokenizer):
-    from quantkit.verification.api import SYSTEM_PROMPT, _chat_ids
+    from quantkit.verification.generations import SYSTEM_PROMPT
+    from quantkit.verification.generations import chat_ids as _chat_ids
 
     tok = copy.deepcopy(tiny_tokenizer)
     notes = []
@@ -191,7 +192,7 @@ def test_chat_rendering_and_templates_without_system_role(tiny_tokenizer):
 def test_stop_tokens_end_generation(tiny_gptq):
     from transformers import AutoTokenizer
 
-    from quantkit.verification.api import _greedy
+    from quantkit.verification.generations import greedy as _greedy
     from quantkit.verification.qlinear import load_model
 
     model, _ = load_model(tiny_gptq)

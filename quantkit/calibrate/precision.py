@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -18,9 +19,9 @@ _HALF = (torch.float16, torch.bfloat16)
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """x86 CPUs with AVX512-BF16 or AMX-BF16 instructions, which oneDNN uses for bfloat16 matmuls: about 5x the
-    float32 rate on 2 AMD EPYC (Zen 4) cores, 960 against 190 GFLOPS. Without them bfloat16 is emulated and slower
-    than float32 (10 against 70 GFLOPS on an AVX2 EPYC). Read from /proc/cpuinfo; False where that is missing."""
+    """x86 CPUs with AVX512-BF16 or AMX-BF16 instructions, which oneDNN uses for bfloat16 matmuls, several times
+    faster than float32 ones. Without them bfloat16 is emulated and slower than float32. Read from /proc/cpuinfo;
+    False where that is missing."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -47,20 +48,19 @@ def compute_dtype(choice: str, model_dtype: torch.dtype, device: torch.device) -
     return torch.bfloat16 if model_dtype == torch.bfloat16 and cpu_has_native_bf16() else torch.float32
 
 
-# a float32 matmul's error, relative to the sum of its products' magnitudes, is about 1e-8 (median) and 3e-7 (max)
-# for K in the hundreds; rounding the inputs to bfloat16 would make it about 1e-3
+# the largest error (relative to the sum of the products' magnitudes, `matmul_errors`) a float32 matmul may have:
+# well above float32's own rounding, far below that of inputs rounded to bfloat16
 FLOAT32_ACCURACY = 1e-5
 
 
 @functools.cache
 def onednn_float32_matmuls_are_accurate() -> bool:
     """Whether float32 matmuls may go through oneDNN here. torch sends them there only when allowed to use bfloat16
-    (`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`, CPUs with AVX-512 or AMX). On 2 AMD EPYC (Zen 4) cores
-    oneDNN then runs its float32 AVX-512 kernel (ONEDNN_VERBOSE: brg_matmul:avx512_core), at 2x the rate of torch's
-    default BLAS (about 420 against 210 GFLOPS) with float32's accuracy, only summed in another order. A CPU with
-    AMX would round the inputs to bfloat16 instead, so a probe the size of a calibration matmul decides, once per
-    process, and anything less accurate than float32 is not used. Tried only on CPUs that list bfloat16
-    instructions: those are where it was measured."""
+    (`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`, CPUs with AVX-512 or AMX). On an AVX-512 CPU oneDNN
+    then runs its float32 AVX-512 kernel (ONEDNN_VERBOSE: brg_matmul:avx512_core), faster than torch's default
+    BLAS and with float32's accuracy, only summed in another order. A CPU with AMX would round the inputs to
+    bfloat16 instead, so a probe the size of a calibration matmul decides, once per process, and anything less
+    accurate than float32 is not used. Tried only on CPUs that list bfloat16 instructions."""
     if not cpu_has_native_bf16() or not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"):
         return False  # the setting is torch 2.9's; an older torch keeps its default
     g = torch.Generator().manual_seed(0)
@@ -84,7 +84,7 @@ def float32_matmul_path(device: torch.device) -> str:
 
 
 @contextlib.contextmanager
-def fast_float32_matmuls(device: torch.device):
+def fast_float32_matmuls(device: torch.device) -> Iterator[None]:
     """Within: float32 matmuls on a CPU go through oneDNN where that keeps float32's accuracy (see
     onednn_float32_matmuls_are_accurate); elsewhere nothing changes. The setting is process-wide while any such
     block runs: other threads' float32 CPU matmuls take the same path, and torch.get_float32_matmul_precision()
@@ -107,10 +107,10 @@ _setting_before: str | None = None
 
 
 @contextlib.contextmanager
-def onednn_float32_matmuls():
+def onednn_float32_matmuls() -> Iterator[None]:
     """Counted, so overlapping blocks (threads, nesting) restore the original setting when the last one ends."""
     global _setting_users, _setting_before
-    settings = torch.backends.mkldnn.matmul
+    settings = torch.backends.mkldnn.matmul  # type: ignore[attr-defined]  # torch's stubs lack this 2.9 setting
     with _setting_lock:
         if _setting_users == 0:
             _setting_before = settings.fp32_precision

@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from quantkit import __version__
 from quantkit.cli.output import silence_libraries
-from quantkit.config import COMPUTE_DTYPES
+from quantkit.config import BNB_BITS, COMPUTE_DTYPES, METHODS, SUPPORTED_BITS
 from quantkit.errors import QuantkitError, first_line
 
 
@@ -17,7 +19,7 @@ class _OneLineErrors(click.Group):
     """The one error path of every command: a QuantkitError is one `Error:` line and exit 1; any other exception
     is one line naming it as an internal error (exit 1), with its traceback only under --debug."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit,
@@ -71,7 +73,7 @@ def cli(debug: bool) -> None:
               help="dtype of the written weights (float32 keeps the GGUF values exactly)")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="largest safetensors shard")
 @click.option("--overwrite", is_flag=True, help="replace OUT_DIR if it exists")
-def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
+def import_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, max_shard_size: str, overwrite: bool) -> None:
     """Convert GGUF_FILE into a safetensors checkpoint in OUT_DIR (config, tokenizer, chat template)."""
     from quantkit.tools.gguf_import import import_gguf
     from quantkit.write.shards import parse_size
@@ -87,13 +89,15 @@ def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
 
 @cli.command()
 @click.argument("model")
-@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
+@click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="4", show_default=True)
 @click.option("--group-size", type=int, default=128, show_default=True, help="input channels per scale; -1 = per row")
 @click.option("--sym/--asym", default=True, show_default=True, help="symmetric grid (v1 format) or asymmetric (v2)")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Hessian damping, fraction of mean diagonal")
 @click.option("--act-order/--no-act-order", default=True, show_default=True,
-              help="quantize columns by decreasing Hessian diagonal (desc_act; g_idx is permuted unless --static-groups)")
-@click.option("--static-groups", is_flag=True, help="with --act-order: fix group parameters first, so g_idx stays in order")
+              help="quantize columns by decreasing Hessian diagonal (desc_act; g_idx is permuted unless "
+                   "--static-groups)")
+@click.option("--static-groups", is_flag=True,
+              help="with --act-order: fix group parameters first, so g_idx stays in order")
 @click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
               help="quantize a layer's Linears in order, each seeing the already-quantized ones")
 @click.option("--clip-search/--no-clip-search", default=True, show_default=True,
@@ -105,7 +109,7 @@ def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
 @click.option("--gptaq", is_flag=True,
               help="asymmetric calibration: solve each Linear against the unquantized model's outputs, so it also "
                    "corrects the error of earlier layers (more time: unquantized forwards beside the quantized ones)")
-@click.option("--method", type=click.Choice(["gptq", "rtn", "bnb-nf4", "bnb-int8"]), default="gptq", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default="gptq", show_default=True,
               help="gptq (calibrated), rtn (round-to-nearest baseline, no calibration), or bitsandbytes nf4/int8 "
                    "(needs bitsandbytes; --bits and the GPTQ options do not apply)")
 @click.option("--calib", default="pydocs-calib", show_default=True,
@@ -118,20 +122,22 @@ def import_gguf_cmd(gguf_file, out_dir, dtype, max_shard_size, overwrite):
               show_default=True, help="dtype of the calibration forwards; auto: the model's 16-bit dtype on a GPU and "
                                       "a bfloat16 model's on a CPU with AVX512-BF16/AMX, else float32")
 @click.option("--repo-id", default=None, help="hub-cache repo id to publish as, NAMESPACE/NAME")
-@click.option("--out", type=click.Path(path_type=str), default=None, help="write to this directory instead of the hub cache")
+@click.option("--out", type=click.Path(path_type=str), default=None,
+              help="write to this directory instead of the hub cache")
 @click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object; no progress or log lines")
-def quantize(model, bits, group_size, sym, damp, act_order, static_groups, true_sequential, clip_search, skip, lm_head,
-             gptaq, method, calib, samples, seq_len, seed, device, compute_dtype, repo_id, out, overwrite, max_shard_size,
-             as_json):
+def quantize(model: str, bits: str, group_size: int, sym: bool, damp: float, act_order: bool, static_groups: bool,
+             true_sequential: bool, clip_search: bool, skip: tuple[str, ...], lm_head: bool, gptaq: bool, method: str,
+             calib: str, samples: int, seq_len: int, seed: int, device: str, compute_dtype: str, repo_id: str | None,
+             out: str | None, overwrite: bool, max_shard_size: str, as_json: bool) -> None:
     """Quantize MODEL (a directory or a repo id in the local hub cache) to a GPTQ checkpoint."""
-    from quantkit.config import BNB_BITS, CalibSpec, InvalidSetting, QuantSpec
+    from quantkit.config import CalibSpec, InvalidSetting, QuantSpec
 
     if repo_id and out:
         raise click.UsageError("--repo-id and --out are mutually exclusive")
-    if method in BNB_BITS and click.get_current_context().get_parameter_source("bits").name == "DEFAULT":
-        bits = BNB_BITS[method]
+    if method in BNB_BITS and click.get_current_context().get_parameter_source("bits") is ParameterSource.DEFAULT:
+        bits = str(BNB_BITS[method])
     try:
         spec = QuantSpec(bits=int(bits), group_size=group_size, sym=sym, damp=damp, act_order=act_order,
                          static_groups=static_groups, true_sequential=true_sequential, method=method,

@@ -6,11 +6,15 @@ Exit codes: 0 done; 1 the work could not be done (one `Error:` line), or `inspec
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 
+if TYPE_CHECKING:
+    from quantkit.tools.cache import CachedModel
 
-def _bits(ctx, param, value: str) -> tuple[int, ...]:
+
+def _bits(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
     from quantkit.tools.estimate import ESTIMATE_BITS
 
     try:
@@ -23,7 +27,7 @@ def _bits(ctx, param, value: str) -> tuple[int, ...]:
     return bits
 
 
-def _group_size(ctx, param, value: int) -> int:
+def _group_size(ctx: click.Context, param: click.Parameter, value: int) -> int:
     if value != -1 and value <= 0:
         raise click.BadParameter(f"must be -1 (per row) or positive, got {value}")
     return value
@@ -44,11 +48,13 @@ def _group_size(ctx, param, value: int) -> int:
               help="tokens per calibration sample (quantize peak)")
 @click.option("--gptaq", is_flag=True, help="size the quantize peak of quantize --gptaq")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def estimate_command(model_or_config, bits, group_size, context, batch, samples, seq_len, gptaq, as_json):
+def estimate_command(model_or_config: str, bits: tuple[int, ...], group_size: int, context: int, batch: int,
+                     samples: int, seq_len: int, gptaq: bool, as_json: bool) -> None:
     """Memory needed to run and to quantize MODEL_OR_CONFIG, from its config alone: a directory, a config.json,
     a repo id in the local hub cache, or a built-in name (llama-2-7b, llama-2-13b, llama-2-70b, mistral-7b,
     llama-3-8b, llama-3-70b, qwen2.5-7b, smollm2-135m). Sizes in GiB (2**30 bytes)."""
-    from quantkit.tools.estimate import estimate, format_estimate
+    from quantkit.tools.estimate import estimate
+    from quantkit.tools.estimate_text import format_estimate
 
     result = estimate(model_or_config, bits=bits, group_size=group_size, context=context, batch=batch,
                       samples=samples, seq_len=seq_len, gptaq=gptaq)
@@ -58,7 +64,7 @@ def estimate_command(model_or_config, bits, group_size, context, batch, samples,
 @click.command("inspect")
 @click.argument("path_or_repo")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def inspect_command(path_or_repo, as_json):
+def inspect_command(path_or_repo: str, as_json: bool) -> None:
     """Show what PATH_OR_REPO holds (a directory or a repo id in the local hub cache): quantization settings,
     quantized and float Linears, size and compression vs fp16, manifest status and loader compatibility notes.
     Reads safetensors headers only. Exit 1 when the manifest does not match or a header is unreadable."""
@@ -75,13 +81,13 @@ def inspect_command(path_or_repo, as_json):
 
 
 @click.group("cache")
-def cache_group():
+def cache_group() -> None:
     """Quantized models in the local Hugging Face hub cache (HF_HUB_CACHE)."""
 
 
 @cache_group.command("list")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def cache_list_command(as_json):
+def cache_list_command(as_json: bool) -> None:
     """List quantized models (refs/main snapshot with a quantization_config) in the hub cache. Damaged entries are
     left out; when there are any, one `Error:` line names the first and the exit status is 1."""
     from quantkit.source.hub import hub_cache_dir
@@ -98,17 +104,18 @@ def cache_list_command(as_json):
         _print_models(models)
     if listing.skipped:  # the intact ones are listed; the exit status says the cache needs a look
         more = len(listing.skipped) - 1
-        raise click.ClickException(f"{listing.skipped[0]}{f' (+{more} more damaged entries; --json lists them)' if more else ''}")
+        also = f" (+{more} more damaged entries; --json lists them)" if more else ""
+        raise click.ClickException(f"{listing.skipped[0]}{also}")
 
 
-def _print_models(models: list) -> None:
+def _print_models(models: list[CachedModel]) -> None:
     from quantkit.tools.inspect import human_size
 
     rows = [["repo id", "method", "bits", "group", "sym", "size", "path"]]
     for m in models:
         group = "row" if m.group_size == -1 else str(m.group_size)
-        rows.append([m.repo_id, m.method, str(m.bits), group, {True: "sym", False: "asym"}.get(m.sym, "?"),
-                     human_size(m.size_bytes), m.path])
+        sym = "?" if m.sym is None else "sym" if m.sym else "asym"
+        rows.append([m.repo_id, m.method, str(m.bits), group, sym, human_size(m.size_bytes), m.path])
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.rjust(w) if c in (2, 3, 5) else cell.ljust(w)
@@ -118,7 +125,7 @@ def _print_models(models: list) -> None:
 @cache_group.command("rm")
 @click.argument("repo_id")
 @click.option("--yes", "-y", is_flag=True, help="do not ask for confirmation")
-def cache_rm_command(repo_id, yes):
+def cache_rm_command(repo_id: str, yes: bool) -> None:
     """Remove REPO_ID (its whole models--NS--NAME folder) from the hub cache."""
     from quantkit.tools.cache import cache_remove, cached_repo_folder, folder_size
     from quantkit.tools.inspect import human_size

@@ -7,17 +7,24 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from quantkit.cli.output import silence_libraries
-from quantkit.verification.api import (
+from quantkit.verification.integrity import describe_quantization
+from quantkit.verification.loading import LOADERS
+from quantkit.verification.report import (
     DEFAULT_MAX_KL,
     DEFAULT_MAX_PPL_RATIO,
     DEFAULT_MIN_TOP1,
-    LOADERS,
+    Thresholds,
+    VerifyReport,
 )
-from quantkit.verification.integrity import describe_quantization
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 def _quiet_libraries() -> None:
@@ -34,10 +41,10 @@ def _quiet_libraries() -> None:
 class _Progress:
     """Stage lines on stderr, plus a tqdm bar for counted stages when stderr is a terminal."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.stage: str | None = None
-        self.bar = None
+        self.bar: tqdm | None = None
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
@@ -61,7 +68,7 @@ class _Progress:
             self.bar = None
 
 
-def _size(ctx, param, value):
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     if value is None:
         return None
     from quantkit.write.shards import parse_size
@@ -78,7 +85,8 @@ def _size(ctx, param, value):
               "in the checkpoint's quantkit.json, when available")
 @click.option("--eval", "eval_source", default="pydocs-eval", show_default=True,
               help="evaluation text: built-in set, a .txt/.jsonl/.parquet file, or hf:<dataset>[:config][:split]")
-@click.option("--seq-len", type=click.IntRange(min=8), default=512, show_default=True, help="tokens per evaluation window")
+@click.option("--seq-len", type=click.IntRange(min=8), default=512, show_default=True,
+              help="tokens per evaluation window")
 @click.option("--max-tokens", type=click.IntRange(min=8), default=16384, show_default=True,
               help="evaluate at most this many tokens (whole windows)")
 @click.option("--loader", type=click.Choice(LOADERS), default="quantkit", show_default=True,
@@ -98,15 +106,16 @@ def _size(ctx, param, value):
 @click.option("--no-generate", is_flag=True, help="skip the side-by-side greedy generations")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="tokens generated per prompt")
-def verify_command(quantized, base, eval_source, seq_len, max_tokens, loader, max_memory, max_ppl_ratio, max_kl,
-                   min_top1, as_json, report_dir, no_generate, max_new_tokens):
+def verify_command(quantized: str, base: str | None, eval_source: str, seq_len: int, max_tokens: int, loader: str,
+                   max_memory: int | None, max_ppl_ratio: float, max_kl: float, min_top1: float, as_json: bool,
+                   report_dir: str | None, no_generate: bool, max_new_tokens: int) -> None:
     """Check QUANTIZED (a directory or a repo id in the local hub cache): integrity, perplexity, KL and top-1
     agreement against its base model, and greedy generations side by side. Exit 0 when every check passes,
     1 when one fails."""
     if max_tokens < seq_len:
         raise click.BadParameter(f"must be at least --seq-len ({seq_len}), got {max_tokens}", param_hint="--max-tokens")
     _quiet_libraries()
-    from quantkit.verification.api import Thresholds, verify
+    from quantkit.verification.api import verify
 
     progress = _Progress(enabled=not as_json)
     try:
@@ -133,7 +142,7 @@ def verify_command(quantized, base, eval_source, seq_len, max_tokens, loader, ma
     sys.exit(0 if report.passed else 1)
 
 
-def _print_human(report, written) -> None:
+def _print_human(report: VerifyReport, written: dict[str, Path] | None) -> None:
     from quantkit.verification.render import metric_rows
 
     r = report
@@ -159,7 +168,7 @@ def _print_human(report, written) -> None:
         compared = [g for g in r.generations if g.match is not None]
         lines.append("")
         if compared:
-            lines.append(f"generations {sum(g.match for g in compared)}/{len(compared)} identical (greedy)")
+            lines.append(f"generations {sum(1 for g in compared if g.match)}/{len(compared)} identical (greedy)")
         for g in r.generations:
             mark = "" if g.match is None else ("same " if g.match else "DIFF ")
             lines.append(f"  {mark}{g.kind:4}  {_short(g.prompt, 30):32} -> {_short(g.quantized, 50)}")

@@ -1,23 +1,18 @@
 """Where freed tensor memory goes (glibc only; elsewhere a no-op): back to the system at once, or kept for reuse.
 
 glibc serves allocations above its mmap threshold with mmap and returns them to the system on free, but after each
-such free it raises the threshold (up to 32 MB on 64-bit), so the next layer's tensors come from the heap instead.
-Freed heap blocks stay resident and fragment, and peak RSS then creeps up layer after layer: on an 8-layer model it
-was 5-30 % above the 2-layer peak, differing run to run. Fixing the threshold (mallopt turns off the adjustment)
-keeps every tensor of 1 MiB or more in its own mapping, released the moment it is freed.
+such free it raises the threshold (up to 32 MiB on 64-bit), so later tensors come from the heap instead. Freed heap
+blocks stay resident and fragment, and peak memory then creeps up layer after layer. `release_large_frees_at_once`
+fixes the threshold (mallopt turns off the adjustment), so every tensor of 1 MiB or more has its own mapping,
+released the moment it is freed.
 
 Fresh mappings are paid for in page faults, and a CPU run's calibration forwards allocate and free the same
-temporaries mini-batch after mini-batch: a SmolLM2 run faulted 19 million pages and spent 70 of its 281 CPU
-seconds in the kernel. `reusing_freed_memory` therefore lets the heap serve a pass's forward temporaries and keep
-them between mini-batches (no trimming of the heap's top), then hands everything back when the pass ends. Two
-things keep that flat: the window covers only the forwards, so the layer's weights, Hessians and solves stay in
-their own mappings and do not pin the heap's top; and torch's huge pages stay off (off is torch's default; the
-command used to turn them on), because torch then aligns every tensor of 2 MiB or more to 2 MiB, which glibc serves
-only from a free block 2 MiB larger than the tensor: the heap grew by one temporary every mini-batch.
-
-Measured on SmolLM2-135M (4-bit g64, 128 x 512 calibration tokens, 2 cores), the whole command: 149-155 s, 602 MB,
-18-19 million page faults before; 115 s, 554 MB, 3.3 million with the window and 1024-token mini-batches
-(docs/BENCHMARKS.md).
+temporaries mini-batch after mini-batch. `reusing_freed_memory` therefore lets the heap serve a pass's forward
+temporaries and keep them between mini-batches (no trimming of the heap's top), then hands everything back when the
+pass ends. Two things keep that flat: the window covers only the forwards, so the layer's weights, Hessians and
+solves stay in their own mappings and do not pin the heap's top; and torch's huge pages stay off (torch's default),
+because torch then aligns every tensor of 2 MiB or more to 2 MiB, which glibc serves only from a free block 2 MiB
+larger than the tensor: the heap would grow by one temporary every mini-batch.
 """
 from __future__ import annotations
 
@@ -26,6 +21,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +33,7 @@ KEEP_HEAP_TOP = 1 << 30  # within a reuse window: never trimmed while it lasts
 
 
 @functools.cache
-def _glibc_call(name: str, *argtypes):
+def _glibc_call(name: str, *argtypes: type) -> Callable[..., int] | None:
     """The C library's function `name` with its argument types set, or None where there is none (macOS,
     Windows, musl without mallopt or malloc_trim)."""
     try:
@@ -62,9 +58,8 @@ def release_large_frees_at_once() -> bool:
 def return_free_heap() -> bool:
     """Hand the heap's free pages back to the system (glibc's malloc_trim); False where there is no such call.
 
-    Memory below the mmap threshold that is freed stays resident in the heap: tokenizing the calibration text
-    leaves about 50 MB behind on SmolLM2, and each layer's small frees add a creep of about 2 MB a layer. Both
-    count in every later peak unless returned."""
+    Memory below the mmap threshold that is freed stays resident in the heap: what tokenizing the calibration
+    text leaves behind, and each layer's small frees. Both count in every later peak unless returned."""
     malloc_trim = _glibc_call("malloc_trim", ctypes.c_size_t)
     if malloc_trim is None:
         return False
@@ -73,7 +68,7 @@ def return_free_heap() -> bool:
 
 
 @contextlib.contextmanager
-def reusing_freed_memory(largest_temporary_bytes: int):
+def reusing_freed_memory(largest_temporary_bytes: int) -> Iterator[None]:
     """Within: allocations up to `largest_temporary_bytes` (a mini-batch's widest activation; at most 32 MiB) come
     from glibc's heap, and what is freed stays there for the next mini-batch's temporaries instead of being paid
     for again in page faults. On exit the threshold is 1 MiB again and the heap's free pages go back to the

@@ -1,18 +1,21 @@
 """Tensors kept on disk instead of in the process's memory, in unlinked scratch files.
 
-Two uses. `KeptOnDisk`: inputs kept for a later pass of the same layer and read back once (a 7B down_proj's are
-2.7x the hidden states). `ActivationsOnDisk`: a CPU run's calibration activations themselves, read and rewritten
-batch by batch in every pass (SmolLM2 at 128 x 512 tokens: 151 MB in float32, a fifth of the run's peak). The
-kernel's page cache holds the file while memory is free and writes it back to disk when it is not, so neither
-adds to the process's resident memory; reading a batch back is a copy from the page cache (milliseconds). The
-files have no name (O_TMPFILE, or removed once opened), so nothing is left behind by a crash.
+Two uses. `KeptOnDisk`: inputs kept for a later pass of the same layer and read back once (down_proj's are wider
+than the hidden states). `ActivationsOnDisk`: a CPU run's calibration activations themselves, read and rewritten
+batch by batch in every pass. The kernel's page cache holds the file while memory is free and writes it back to
+disk when it is not, so neither adds to the process's resident memory; reading a batch back is a copy from the page
+cache. The files have no name (O_TMPFILE, or removed once opened), so nothing is left behind by a crash.
+`ActivationsInMemory` is ActivationsOnDisk's in-memory twin: callers use either through one interface.
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 import torch
 from torch import Tensor
@@ -21,7 +24,7 @@ from torch import Tensor
 class KeptInMemory:
     """Tensors on the CPU, one per batch (the caller copies what it may still change)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._items: list[Tensor | None] = []
 
     def append(self, t: Tensor) -> None:
@@ -38,7 +41,7 @@ class KeptInMemory:
         self._items.clear()
 
 
-def _new_scratch_file(directory: Path):
+def _new_scratch_file(directory: Path) -> io.FileIO:
     """An unlinked file in `directory`; unbuffered, so a full disk shows in the write itself, not at a later seek."""
     return tempfile.TemporaryFile(dir=directory, buffering=0)
 
@@ -46,26 +49,26 @@ def _new_scratch_file(directory: Path):
 class ScratchFiles:
     """Unlinked scratch files in `directory` that are handed back after use and rewritten from the start by the
     next user (each decoder layer's kept inputs: the same sizes, layer after layer). Overwriting pages that the
-    page cache holds already is a copy (about 15 GB/s on this project's CI machine); writing a new file makes the
-    file system allocate every page (about 1 GB/s there): a SmolLM2 layer's kept inputs took 0.20 s written to a
-    new file and read back, 0.10-0.12 s reused (docs/BENCHMARKS.md)."""
+    page cache holds already is a copy; writing a new file makes the file system allocate every page, which is
+    several times slower."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
-        self._idle: list = []
-        self._all: list = []
+        self._idle: list[io.FileIO] = []
+        self._all: list[io.FileIO] = []
 
     def __str__(self) -> str:  # where, in messages
         return str(self.directory)
 
-    def take(self):
+    def take(self) -> io.FileIO:
+        """A file to write from its start: an idle one, or a new one."""
         if self._idle:
             return self._idle.pop()
         f = _new_scratch_file(self.directory)
         self._all.append(f)
         return f
 
-    def give_back(self, f) -> None:
+    def give_back(self, f: io.FileIO) -> None:
         self._idle.append(f)
 
     def held_bytes(self) -> int:
@@ -83,9 +86,10 @@ class _ScratchFile:
     """Raw tensor bytes at offsets of an unlinked file in `directory` (or one taken from a ScratchFiles pool, given
     back on close); (offset, shape, dtype) per item."""
 
-    def __init__(self, directory: Path | ScratchFiles):
+    def __init__(self, directory: Path | ScratchFiles) -> None:
         self._pool = directory if isinstance(directory, ScratchFiles) else None
-        self._file = self._pool.take() if self._pool else _new_scratch_file(directory)
+        self._file: io.FileIO | None = directory.take() if isinstance(directory, ScratchFiles) else \
+            _new_scratch_file(directory)
         self._items: list[tuple[int, torch.Size, torch.dtype] | None] = []
         self._end = 0
 
@@ -94,12 +98,24 @@ class _ScratchFile:
 
     def append(self, t: Tensor) -> None:
         data = t.detach().to("cpu").contiguous()
-        write_tensor_at(self._file, self._end, data)
+        write_tensor_at(self._open_file(), self._end, data)
         self._items.append((self._end, data.shape, data.dtype))
         self._end += data.numel() * data.element_size()
 
+    def _open_file(self) -> io.FileIO:
+        if self._file is None:
+            raise RuntimeError("internal error: scratch file used after close")
+        return self._file
+
+    def _item(self, i: int) -> tuple[int, torch.Size, torch.dtype]:
+        """Item i's (offset, shape, dtype); it must not have been taken."""
+        item = self._items[i]
+        if item is None:
+            raise RuntimeError(f"internal error: kept tensor {i} was already taken")
+        return item
+
     def _read(self, item: tuple[int, torch.Size, torch.dtype]) -> Tensor:
-        return read_tensor_at(self._file, *item)
+        return read_tensor_at(self._open_file(), *item)
 
     def close(self) -> None:
         if self._pool is not None and self._file is not None:
@@ -140,35 +156,29 @@ class ActivationsOnDisk(_ScratchFile):
     reads_are_copies = True  # a change to store[i] is kept only by writing it back (`store[i] = t`)
 
     def __getitem__(self, i: int) -> Tensor:
-        return self._read(self._items[i])
+        return self._read(self._item(i))
 
     def __setitem__(self, i: int, t: Tensor) -> None:
-        offset, shape, dtype = self._items[i]
+        offset, shape, dtype = self._item(i)
         data = t.detach().to("cpu").contiguous()
         if data.shape != shape or data.dtype != dtype:
             raise ValueError(f"batch {i} is {tuple(shape)} {dtype} on disk; cannot replace it by "
                              f"{tuple(data.shape)} {data.dtype}")
-        write_tensor_at(self._file, offset, data)
+        write_tensor_at(self._open_file(), offset, data)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Tensor]:
         return (self[i] for i in range(len(self)))
 
     def meta(self, i: int) -> tuple[torch.Size, torch.dtype]:
         """Item i's shape and dtype, without reading it."""
-        return self._items[i][1:]
-
-
-def batch_meta(batches, i: int) -> tuple[torch.Size, torch.dtype]:
-    """Shape and dtype of batches[i], read from disk only where it must be."""
-    if isinstance(batches, ActivationsOnDisk):
-        return batches.meta(i)
-    return batches[i].shape, batches[i].dtype
+        _, shape, dtype = self._item(i)
+        return shape, dtype
 
 
 Activations = ActivationsInMemory | ActivationsOnDisk  # where a layer's calibration inputs are kept
 
 
-def write_tensor_at(file, offset: int, data: Tensor) -> None:
+def write_tensor_at(file: BinaryIO, offset: int, data: Tensor) -> None:
     """data's bytes (a contiguous CPU tensor) at `offset` of a binary file, however many writes that takes."""
     raw = _bytes_of(data)
     file.seek(offset)
@@ -177,7 +187,8 @@ def write_tensor_at(file, offset: int, data: Tensor) -> None:
         written += file.write(raw[written:])
 
 
-def read_tensor_at(file, offset: int, shape, dtype: torch.dtype) -> Tensor:
+def read_tensor_at(file: io.RawIOBase | io.BufferedIOBase, offset: int, shape: Sequence[int],
+                   dtype: torch.dtype) -> Tensor:
     """A new CPU tensor read from `offset` of a binary file; OSError if the file ends first."""
     out = torch.empty(shape, dtype=dtype)
     raw = _bytes_of(out)
@@ -194,10 +205,14 @@ def read_tensor_at(file, offset: int, shape, dtype: torch.dtype) -> Tensor:
 
 def _bytes_of(t: Tensor) -> memoryview:
     """A writable view of a contiguous CPU tensor's bytes (bfloat16 has no numpy dtype; its bytes do)."""
-    return memoryview(t.view(-1).view(torch.uint8).numpy())
+    # numpy's stubs declare ndarray's buffer protocol only for Python 3.12 and later
+    return memoryview(t.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
-def _pop(items: list, i: int):
+_Item = TypeVar("_Item")
+
+
+def _pop(items: list[_Item | None], i: int) -> _Item:
     """items[i], leaving None in its place: each kept tensor is read once."""
     item, items[i] = items[i], None
     if item is None:

@@ -11,11 +11,15 @@ import importlib.util
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from quantkit.config import QuantSpec
 from quantkit.errors import QuantkitError, first_line
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig, PretrainedConfig
 
 # LLM.int8 on CPU casts float32 inputs to float16 in every matmul and warns each time; the cast is by design
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
@@ -27,7 +31,7 @@ def require_bitsandbytes() -> None:
                             "(bitsandbytes>=0.50 runs on CPU)")
 
 
-def bnb_config(spec: QuantSpec, skip_modules: list[str]):
+def bnb_config(spec: QuantSpec, skip_modules: list[str]) -> BitsAndBytesConfig:
     from transformers import BitsAndBytesConfig
 
     keep = ["lm_head", *skip_modules]
@@ -38,7 +42,7 @@ def bnb_config(spec: QuantSpec, skip_modules: list[str]):
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
 
 
-def skipped_module_names(model_dir: Path, config, spec: QuantSpec) -> list[str]:
+def skipped_module_names(model_dir: Path, config: PretrainedConfig, spec: QuantSpec) -> list[str]:
     """Full names of the Linears that --skip patterns keep unquantized (patterns are names within a layer)."""
     if not spec.skip:
         return []
@@ -50,7 +54,8 @@ def skipped_module_names(model_dir: Path, config, spec: QuantSpec) -> list[str]:
     return [f"{prefix}.{i}.{n}" for i in range(len(layers)) for n in modules if spec.skips(n)]
 
 
-def quantize_bnb(model_dir: Path, config, spec: QuantSpec, staging: Path, device: torch.device) -> int:
+def quantize_bnb(model_dir: Path, config: PretrainedConfig, spec: QuantSpec, staging: Path,
+                 device: torch.device) -> int:
     """Quantize the checkpoint in `model_dir` with bitsandbytes and save it into `staging`; returns weight bytes."""
     require_bitsandbytes()
     from transformers import AutoModelForCausalLM
@@ -90,5 +95,6 @@ def load_bnb(path: Path, dtype: torch.dtype = torch.float32, **kwargs) -> torch.
     if next(model.parameters()).device.type == "cpu":
         for module in model.modules():
             if hasattr(module, "compute_dtype") and type(module).__name__ == "Linear4bit":
-                module.compute_dtype = dtype
+                # torch's stubs type every Module attribute as Tensor | Module
+                module.compute_dtype = dtype  # type: ignore[assignment]
     return model.eval()

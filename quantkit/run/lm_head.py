@@ -7,19 +7,30 @@ AutoModelForCausalLM + optimum (verify and inspect say so).
 """
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+import logging
+import time
+from typing import TYPE_CHECKING
 
-from quantkit.calibrate.capture import collect_head_hessian
-from quantkit.config import QuantSpec
-from quantkit.errors import NumericalError
-from quantkit.solve.gptq import GPTQResult, gptq_quantize, rtn_result
+import torch
+
+from quantkit.calibrate.head import collect_head_hessian
+from quantkit.errors import QuantkitError
+from quantkit.faults import kill_point
+from quantkit.run.layer import LayerJob, Solved, Streams, packed, solve
+from quantkit.run.model import Skeleton, Source
+from quantkit.run.report import step_report
+from quantkit.solve.gptq import rtn_result
 from quantkit.source.checkpoint import SafetensorsCheckpoint
 from quantkit.source.skeleton import outer_modules_materialized
-from quantkit.write.gptq_format import module_tensors
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+    from transformers import PreTrainedModel
+
+log = logging.getLogger("quantkit")
 
 
-def head_names(model: nn.Module, checkpoint: SafetensorsCheckpoint) -> tuple[str, str]:
+def head_names(model: PreTrainedModel, checkpoint: SafetensorsCheckpoint) -> tuple[str, str]:
     """(the head's module name, the checkpoint tensor holding its weight: its own, or the tied embedding's)."""
     names = {id(m): n for n, m in model.named_modules()}
     head = names[id(model.get_output_embeddings())]
@@ -28,22 +39,35 @@ def head_names(model: nn.Module, checkpoint: SafetensorsCheckpoint) -> tuple[str
     return head, f"{names[id(model.get_input_embeddings())]}.weight"
 
 
-def quantize_head(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, checkpoint: SafetensorsCheckpoint,
-                  spec: QuantSpec, fmt: str, device: torch.device, dtype: torch.dtype, input_ids: Tensor | None,
-                  final_hidden: list[Tensor] | None) -> tuple[str, dict[str, Tensor], GPTQResult]:
-    """Quantize the output head; returns (module name, packed tensors, result)."""
+def quantize_head(job: LayerJob, source: Source, skeleton: Skeleton, streams: Streams) -> tuple[str, Solved]:
+    """Quantize the output head (GPTQ on the Hessian of the final hidden states, streams.batches, or RTN);
+    returns (its module name, its packed tensors and result)."""
+    spec, checkpoint, model = job.spec, source.checkpoint, skeleton.model
     head_name, weight_name = head_names(model, checkpoint)
-    weight = checkpoint.get(weight_name).to(device, torch.float32)
+    weight = checkpoint.get(weight_name).to(job.device, torch.float32)
     if spec.method == "gptq":
-        with outer_modules_materialized(model, layers_prefix, checkpoint, device, dtype):
-            H = collect_head_hessian(model, layers, model.get_output_embeddings(), input_ids, final_hidden, device,
-                                     dtype)
-        try:
-            res = gptq_quantize(weight, H, spec, consume_hessian=True)
-        except NumericalError as e:
-            raise NumericalError(f"{head_name}: {e}") from None
-        res = res.cpu()
+        if streams.input_ids is None or streams.batches is None:
+            raise QuantkitError(f"internal error: GPTQ of {head_name} without the final hidden states")
+        with outer_modules_materialized(model, skeleton.prefix, checkpoint, job.device, job.compute_dtype):
+            H = collect_head_hessian(model, skeleton.layers, model.get_output_embeddings(), streams.input_ids,
+                                     streams.batches, job.device, job.compute_dtype)
+        # packed on the CPU: a large vocabulary's codes and packing temporaries would add to the GPU's peak
+        res = solve(head_name, [weight], H, spec)[0].cpu()
     else:
         res = rtn_result(weight, spec)
     bias = checkpoint.get(f"{head_name}.bias") if f"{head_name}.bias" in checkpoint else None
-    return head_name, module_tensors(head_name, res, spec.bits, fmt, bias), res
+    return head_name, packed(head_name, res, spec, job.fmt, bias)
+
+
+def head_step(job: LayerJob, source: Source, skeleton: Skeleton, streams: Streams, bar: tqdm) -> None:
+    """The head as the run's last step: quantized, reported, saved like a layer (index: the number of layers)."""
+    index = len(skeleton.layers)
+    t_head = time.perf_counter()
+    kill_point("head:start")
+    name, solved = quantize_head(job, source, skeleton, streams)
+    report = step_report(index, round(time.perf_counter() - t_head, 2), {name: solved}, job.spec, module=name)
+    job.state.note_base(index, source.reads.digests)
+    job.state.save_layer(index, solved.tensors, report, None)
+    log.info("%s  loss=%.4g  (%.1fs)", name, solved.loss, report["seconds"])
+    source.unmap()  # the head's weight, read through the mapping
+    bar.update(1)

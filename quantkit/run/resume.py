@@ -23,24 +23,24 @@ import json
 import math
 import os
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from quantkit.errors import QuantkitError, first_line
-from quantkit.memory.spill import batch_meta, read_tensor_at, write_tensor_at
+from quantkit.memory.spill import Activations, read_tensor_at, write_tensor_at
+from quantkit.run.report import REPORT_FIELDS, REPORT_REQUIRED
+from quantkit.source.checkpoint import SafetensorsCheckpoint
 from quantkit.source.safetensors_header import TORCH_DTYPES, read_header
 from quantkit.untrusted import field, file_record, read_json, sha256_digest, sha256_file
 from quantkit.write.shards import header_bytes, safetensors_dtype
 
 STATE = "state.json"
+T = TypeVar("T")
 STATE_FORMAT = 2  # state.json's layout; any other (the first had no checksums) is refused, never trusted
-# what a layer's report may hold (pipeline._quantize_layers and the head's step), and of which JSON type
-_REPORT_FIELDS = {"index": int, "module": str, "seconds": (int, float), "stage_seconds": dict,
-                  "stage_peak_gpu_mb": dict, "losses": dict, "damp_raised": dict}
-_REPORT_REQUIRED = ("index", "seconds", "losses")
 
 
 def run_fingerprint(**parts) -> str:
@@ -84,7 +84,7 @@ def tensor_sha256(name: str, tensor: Tensor) -> str:
 
 def _raw_bytes(t: Tensor) -> memoryview:
     """The bytes of a CPU tensor, as they lie in memory once contiguous (bfloat16 has no numpy dtype; its bytes do)."""
-    return memoryview(t.detach().contiguous().view(-1).view(torch.uint8).numpy())
+    return t.detach().contiguous().view(-1).view(torch.uint8).numpy().data
 
 
 class HashedReads:
@@ -92,7 +92,7 @@ class HashedReads:
     name, in `digests`), so the run records which base data its saved steps came from without a second read.
     Everything else is the wrapped checkpoint's own."""
 
-    def __init__(self, checkpoint):
+    def __init__(self, checkpoint: SafetensorsCheckpoint) -> None:
         self.checkpoint = checkpoint
         self.digests: dict[str, str] = {}
 
@@ -104,11 +104,11 @@ class HashedReads:
     def __contains__(self, name: str) -> bool:
         return name in self.checkpoint
 
-    def __getattr__(self, attr: str):
+    def __getattr__(self, attr: str) -> Any:
         return getattr(self.checkpoint, attr)
 
 
-def _write_atomically(path: Path, write):
+def _write_atomically(path: Path, write: Callable[[Path], T]) -> T:
     """write(temporary path), then the rename to `path`; returns what `write` returned."""
     tmp = path.with_name(f".{path.name}.tmp")
     result = write(tmp)
@@ -127,7 +127,7 @@ class RunState:
     """The resumable state of one quantize run in `work` (created if missing). A state found there is validated,
     and every file it names checked, before anything uses it; `check_base` checks the base model against it."""
 
-    def __init__(self, work: Path, fingerprint: str):
+    def __init__(self, work: Path, fingerprint: str) -> None:
         self.work, self.fingerprint = Path(work), fingerprint
         self.reports: list[dict] = []
         self.steps: list[dict] = []  # per finished step: its file's sha256 and size, and its base tensors' sha256s
@@ -228,10 +228,10 @@ class RunState:
         self._base_read[index] = dict(digests)
 
     def save_layer(self, index: int, tensors: dict[str, Tensor], report: dict,
-                   activations: Sequence[Sequence[Tensor]] | None) -> None:
+                   activations: Sequence[Activations] | None) -> None:
         """Record layer `index` as finished: its tensors and the next layer's inputs first, state.json last, with
         the sha256 and size of both files and the base tensors the layer came from (note_base).
-        activations: the next layer's input streams (lists or spill.ActivationsOnDisk), saved one after another.
+        activations: the next layer's input streams (spill.Activations), saved one after another.
 
         A kill between any two steps leaves either the old state (redo this layer from its kept inputs) or
         the new one (continue with the next layer's inputs): each layer's inputs live in their own file.
@@ -260,9 +260,9 @@ class RunState:
     def activations_file(self, index: int) -> Path:
         return self.work / f"activations-{index:05d}.safetensors"
 
-    def load_activations(self, streams: list) -> None:
+    def load_activations(self, streams: Sequence[Activations]) -> None:
         """The saved inputs of layer `layers_done`, as the mini-batches they were, appended to `streams` (empty
-        lists or spill.ActivationsOnDisk) in the order they were saved, an equal share each."""
+        spill.Activations) in the order they were saved, an equal share each."""
         path = self.activations_file(self.layers_done)
         if self.activations is None:
             raise self._damaged(f"{self.work / STATE} records no saved inputs of layer {self.layers_done}")
@@ -289,12 +289,12 @@ def _check_report(holder: dict, index: int, where: str) -> None:
     key = next(iter(holder))
     report = field(holder, key, dict, where)
     at = f"{where}: {key}"
-    for name in _REPORT_REQUIRED:
-        field(report, name, _REPORT_FIELDS[name], at)
+    for name in REPORT_REQUIRED:
+        field(report, name, REPORT_FIELDS[name], at)
     for name, value in report.items():
-        if name not in _REPORT_FIELDS:
+        if name not in REPORT_FIELDS:
             raise QuantkitError(f"{at}: {name!r} is not a field of a layer's report")
-        field(report, name, _REPORT_FIELDS[name], at)
+        field(report, name, REPORT_FIELDS[name], at)
         if isinstance(value, dict):
             for entry in value:
                 field(value, entry, (int, float), f"{at}: {name}")
@@ -302,14 +302,15 @@ def _check_report(holder: dict, index: int, where: str) -> None:
         raise QuantkitError(f"{at}: 'index' is {report['index']}, expected {index}")
 
 
-def _save_batches(path: Path, streams: Sequence[Sequence[Tensor]]) -> dict:
+def _save_batches(path: Path, streams: Sequence[Activations]) -> dict:
     """The mini-batches of each stream, one after another, as a safetensors file (batch.00000, ...), written
     one batch at a time: batches kept on disk are read back one by one, never all into memory at once. Returns
     the file's sha256 and size, hashed as it was written."""
-    header, offset = {}, 0
+    header: dict[str, dict] = {}
+    offset = 0
     for stream in streams:
         for i in range(len(stream)):
-            shape, dtype = batch_meta(stream, i)
+            shape, dtype = stream.meta(i)
             size = math.prod(shape) * dtype.itemsize
             header[f"batch.{len(header):05d}"] = {"dtype": safetensors_dtype(dtype), "shape": list(shape),
                                                   "data_offsets": [offset, offset + size]}
@@ -328,7 +329,7 @@ def _save_batches(path: Path, streams: Sequence[Sequence[Tensor]]) -> dict:
     return {"sha256": digest.hexdigest(), "size": at}
 
 
-def _load_batches(path: Path, streams: list) -> None:
+def _load_batches(path: Path, streams: Sequence[Activations]) -> None:
     """Read what _save_batches wrote (a safetensors file) batch by batch into `streams`, an equal share each."""
     header = read_header(path)  # checked against the format: every entry's offsets lie within the file
     with open(path, "rb", buffering=0) as f:
@@ -344,13 +345,13 @@ def _load_batches(path: Path, streams: list) -> None:
 
 
 class BackgroundSaves:
-    """Layer saves run one at a time on a worker thread while the next layer computes (on a GPU a 7B layer's
-    2.1 GB of activations took about 2 s to write and fsync, a quarter of the layer). Saves keep their order:
+    """Layer saves run one at a time on a worker thread while the next layer computes (on a GPU, writing and
+    syncing a layer's activations is a large share of the layer's time). Saves keep their order:
     each waits for the one before. Disabled, `submit` saves at once (the CPU's way: there the write is a small
     share of a layer, and a second copy of the activations would count against the run's memory).
-    The caller must not change the saved tensors in place until `wait` (see capture.BlockMemo.fold_into)."""
+    The caller must not change the saved tensors in place until `wait` (see calibrate.memo.BlockMemo.fold_into)."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -361,7 +362,7 @@ class BackgroundSaves:
             save()
             return
 
-        def run():
+        def run() -> None:
             try:
                 save()
             except BaseException as e:  # raised in the caller's thread by the next wait

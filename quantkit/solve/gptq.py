@@ -14,6 +14,7 @@ from torch import Tensor
 from quantkit.config import QuantSpec
 from quantkit.errors import NumericalError
 from quantkit.solve.grid import dequantize_codes, group_qparams, rtn_quantize
+from quantkit.solve.inverse_factor import reversed_inverse_factor, upper_rows
 
 SHIFT_ROWS = 1024  # weight rows per step of GPTAQ's shift: its temporaries are [SHIFT_ROWS, K]
 
@@ -24,11 +25,11 @@ class GPTQResult:
     scales: Tensor      # float32 [N, G], float16-representable
     zeros: Tensor       # int32 [N, G]
     g_idx: Tensor       # int32 [K], group of each input channel
-    weight: Tensor      # float32 [N, K], the dequantized result (what the files reproduce)
+    weight: Tensor | None  # float32 [N, K], the dequantized result (what the files reproduce); None once kept
     loss: float         # sum over rows of (w - q)^2 / [H^-1]_jj^2 / 2, GPTQ's objective
     damp: float         # damping actually used (more than requested after a retry)
 
-    def cpu(self) -> "GPTQResult":
+    def cpu(self) -> GPTQResult:
         """What is kept after solving: the packed parts on CPU, without the dequantized weight."""
         return GPTQResult(codes=self.codes.cpu(), scales=self.scales.cpu(), zeros=self.zeros.cpu(),
                           g_idx=self.g_idx.cpu(), weight=None, loss=self.loss, damp=self.damp)
@@ -56,8 +57,8 @@ def accumulate_hessian(H: Tensor, n_seen: int, x: Tensor) -> tuple[Tensor, int]:
     H.mul_(n_seen / n_new)
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _has_16bit_gram(x.device, x.dtype):
         # products of 16-bit numbers are exact in float32, and cuBLAS sums them in float32: the float32 product's
-        # result at the 16-bit tensor cores' speed (about 10x the float32 rate). A block of rows at a time: the
-        # product's temporary is [GRAM_ROWS, K], not a second [K, K] beside H (462 MB for a 7B down_proj)
+        # result at the 16-bit tensor cores' speed, well above the float32 rate. A block of rows at a time: the
+        # product's temporary is [GRAM_ROWS, K], not a second [K, K] beside H
         for start in range(0, H.shape[0], GRAM_ROWS):
             rows = slice(start, start + GRAM_ROWS)
             H[rows].add_(torch.mm(x[:, rows].t(), x, out_dtype=torch.float32), alpha=2.0 / n_new)
@@ -85,8 +86,7 @@ def accumulate_cross(C: Tensor, n_seen: int, x_ref: Tensor, x: Tensor) -> Tensor
 
 def _add_gram_lower(H: Tensor, x: Tensor, alpha: float) -> None:
     """H += alpha·xᵀx computing only the lower triangle's row blocks, then mirroring it: (k+1)/2k of the FLOPs for
-    k blocks (1536 wide: 0.55 s -> 0.33 s per 8192 tokens on 2 CPU cores; the same bits as one addmm there).
-    The Hessian products are the largest matmuls of a layer after its forward; torch exposes no syrk."""
+    k blocks. The Hessian products are the largest matmuls of a layer after its forward; torch exposes no syrk."""
     n, b = H.shape[0], SYMMETRIC_BLOCK
     starts = range(0, n, b)
     for start in starts:
@@ -95,75 +95,6 @@ def _add_gram_lower(H: Tensor, x: Tensor, alpha: float) -> None:
     for start in starts:  # mirror block by block: no index tensors or temporaries of H's size
         end = min(start + b, n)
         H[start:end, end:].copy_(H[end:, start:end].t())
-
-
-INVERSE_BLOCK = 1024  # rows per step of the triangular inverse below
-
-
-def _reversed_inverse_factor(H: Tensor, damp: float, tries: int = 5) -> tuple[Tensor, float]:
-    """X = inv(chol(H + damp·mean(diag H)·I)), lower triangular, for H given in reversed column order, raising damp
-    tenfold when H is not PD. X read in reverse is GPTQ's upper Cholesky factor of the inverse Hessian (`_upper_rows`).
-
-    Why: for J the order reversal, JHJ = L·Lᵀ gives H⁻¹ = Uᵀ·U with U = J·L⁻¹·J upper triangular, the factor GPTQ
-    needs. One Cholesky and one triangular inverse cost 2K³/3 flops, against 4K³/3 for the reference's Cholesky,
-    inverse from it and second Cholesky: 37 -> 19 s for an 11008-wide Hessian on 2 CPU cores.
-
-    Both run in H's own memory, with no [K, K] temporary (462 MB for a 7B down_proj): X is returned as a view of
-    it. The factor is written through H's transpose, a column-major view that LAPACK and cuSOLVER take as it is
-    (H is symmetric, so the view holds the same matrix); written into H itself, torch would factor a column-major
-    copy and copy it back. A copy of H for a retry with more damping waits in host memory (pinned and copied
-    asynchronously from a GPU)."""
-    diagonal = H.diagonal().clone()
-    mean_diag = diagonal.mean()
-    info = torch.empty((), dtype=torch.int32, device=H.device)
-    if H.is_cuda:
-        backup = torch.empty(H.shape, dtype=H.dtype, pin_memory=True).copy_(H, non_blocking=True)
-    else:
-        backup = H.clone()
-    factor = H.mT
-    for attempt in range(tries):
-        if attempt:
-            H.copy_(backup, non_blocking=True)
-        H.diagonal().copy_(diagonal + damp * mean_diag)
-        torch.linalg.cholesky_ex(factor, out=(factor, info))  # in place; the upper triangle comes back zero
-        if info.item() == 0:
-            _invert_lower_in_place(factor)
-            return factor, damp
-        damp *= 10
-    raise NumericalError(f"Hessian is not positive definite even with damp={damp / 10:g}; "
-                         "use more calibration samples or a larger --damp")
-
-
-def _invert_lower_in_place(L: Tensor) -> None:
-    """L ← L⁻¹ for a lower-triangular L (zero above its diagonal), a block of rows at a time, top to bottom (the
-    blocked form of LAPACK's trtri, which torch does not expose): with D the row block's diagonal block,
-    X[r, :r] = -D⁻¹·L[r, :r]·X[:r, :r] and X[r, r] = D⁻¹. A row block reads only its own row of L and the rows of
-    X above it, so X overwrites L as it goes. The products skip X's zeros above the diagonal (K³/3 flops in
-    all) and are plain matrix products on strided slices: no copies of trailing blocks, as triangular solves on
-    submatrices would make (a [K, K] one for the first block)."""
-    k = L.shape[0]
-    for r in range(0, k, INVERSE_BLOCK):
-        r2 = min(r + INVERSE_BLOCK, k)
-        diagonal_block = L[r:r2, r:r2].contiguous()
-        if r:
-            rows = torch.empty(r2 - r, r, dtype=L.dtype, device=L.device)
-            for c in range(0, r, INVERSE_BLOCK):  # X[:r, c:c2] is zero above row c
-                c2 = min(c + INVERSE_BLOCK, r)
-                torch.mm(L[r:r2, c:r], L[c:r, c:c2], out=rows[:, c:c2])
-            torch.linalg.solve_triangular(diagonal_block, rows, upper=False, out=rows)
-            L[r:r2, :r] = rows.neg_()
-            del rows
-        inverse = torch.zeros(r2 - r, r2 - r, dtype=L.dtype, device=L.device)
-        inverse.diagonal().fill_(1)
-        torch.linalg.solve_triangular(diagonal_block, inverse, upper=False, out=inverse)
-        L[r:r2, r:r2] = inverse
-        del inverse, diagonal_block  # before the next block's: temporaries of one block at a time
-
-
-def _upper_rows(X: Tensor, i1: int, i2: int) -> Tensor:
-    """Rows i1..i2-1, columns i1.. of U = J·X·J (the upper Cholesky factor of H⁻¹; X from _reversed_inverse_factor)."""
-    k = X.shape[0]
-    return X[k - i2:k - i1, :k - i1].flip(0, 1)
 
 
 def _sweep_columns(W1: Tensor, Q1: Tensor, Err1: Tensor, Hinv1: Tensor, scale: Tensor, zero: Tensor,
@@ -187,14 +118,13 @@ def _graph_sweeps(W: Tensor) -> bool:
 
 
 class _GraphedSweeps:
-    """`_sweep_columns` on a GPU as CUDA graphs, one per run of columns within a full block: a group of 64
-    columns is 512 kernels, which the GPU would otherwise run at the speed Python launches them (about 10 µs
-    each; a 7B layer's sweeps are about 190 thousand kernels). The graphs read and write fixed buffers (a
-    block's W1, Q1, Err1, its inverse-Hessian rows, the grid), which `load` and `sweep` fill. The first run of
-    each kind runs eagerly, then is captured (capturing runs nothing), and replays after that: the same kernels
-    on the same data, so the same bits as the eager sweep."""
+    """`_sweep_columns` on a GPU as CUDA graphs, one per run of columns within a full block: a column is eight
+    small kernels, which the GPU would otherwise run at the speed Python launches them. The graphs read and write
+    fixed buffers (a block's W1, Q1, Err1, its inverse-Hessian rows, the grid), which `load` and `sweep` fill. The
+    first run of each kind runs eagerly, then is captured (capturing runs nothing), and replays after that: the
+    same kernels on the same data, so the same bits as the eager sweep."""
 
-    def __init__(self, n_out: int, block: int, device: torch.device):
+    def __init__(self, n_out: int, block: int, device: torch.device) -> None:
         self.W1, self.Q1, self.Err1 = (torch.empty(block, n_out, device=device) for _ in range(3))
         self.Hinv1 = torch.empty(block, block, device=device)
         self.scale, self.zero, self.offset = (torch.empty(n_out, device=device) for _ in range(3))
@@ -207,6 +137,7 @@ class _GraphedSweeps:
         return self.W1, self.Q1, self.Err1
 
     def sweep(self, start: int, end: int, scale: Tensor, zero: Tensor, maxq: int) -> None:
+        """`_sweep_columns` over the loaded block's columns start..end-1 on the grid (scale, zero)."""
         self.scale.copy_(scale)
         self.zero.copy_(zero)
         key = (start, end, maxq)
@@ -232,13 +163,13 @@ class _GraphedSweeps:
         self.graphs[key] = graph
 
 
-PERMUTE_ROWS = 256  # rows per step of an in-place column permutation (a [256, K] temporary)
+PERMUTE_ROWS = 256  # rows per step of an in-place column permutation (a [PERMUTE_ROWS, K] temporary)
 
 
 def _permute_columns_(W: Tensor, order: Tensor) -> None:
     """W[:, j] ← W[:, order[j]] in place, a block of rows at a time: each row's permutation is its own, so the
-    temporary is [PERMUTE_ROWS, K] rather than a second W (a 7B gate/up stack is 344 MB in float32, its
-    down_proj's Hessian 462 MB). W may be a transposed view (then its rows are the memory's columns)."""
+    temporary is [PERMUTE_ROWS, K] rather than a second W (or a second Hessian). W may be a transposed view (then
+    its rows are the memory's columns)."""
     for start in range(0, W.shape[0], PERMUTE_ROWS):
         rows = W[start:start + PERMUTE_ROWS]
         rows.copy_(rows.index_select(1, order))
@@ -246,7 +177,7 @@ def _permute_columns_(W: Tensor, order: Tensor) -> None:
 
 def _shift_to_asymmetric_target_(W: Tensor, cross: Tensor, Xinv: Tensor, order: Tensor) -> None:
     """W += W·C·H⁻¹ in place, a block of rows at a time. Xinv is the solve's factor of H permuted by `order`
-    (H[order][:, order] = (XinvᵀXinv)⁻¹, _reversed_inverse_factor), so for B = W·C,
+    (H[order][:, order] = (XinvᵀXinv)⁻¹, reversed_inverse_factor), so for B = W·C,
     B·H⁻¹ = (B[:, order]·Xinvᵀ·Xinv)[:, order⁻¹]. Xinv is lower triangular with zeros above: plain matmuls."""
     C = cross.float()
     for start in range(0, W.shape[0], SHIFT_ROWS):
@@ -293,69 +224,103 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
     H = hessian.float()  # [K, K]
     if H is hessian and not consume_hessian:
         H = H.clone()
-    n_in = H.shape[0]
-    ends = list(itertools.accumulate(w.shape[0] for w in weights))
-    rows_of = [slice(end - w.shape[0], end) for w, end in zip(weights, ends)]  # each Linear's rows of the stack
-    n_out = ends[-1]
-    group = spec.effective_group_size(n_in)
-    n_groups = math.ceil(n_in / group)
+    _check_finite(H, cross)
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0  # an input that is always zero: its column is zero, any positive curvature will do
+    perm = torch.argsort(H.diagonal(), descending=True) if spec.act_order else None
+    # H in the reverse of the order the columns are solved in (see reversed_inverse_factor), with the act-order
+    # permutation: H[i, j] <- H[order[i], order[j]], in place
+    order = (perm if perm is not None else torch.arange(H.shape[0], device=H.device)).flip(0)
+    _permute_columns_(H, order)
+    _permute_columns_(H.mT, order)  # the rows: a row of H.mT is a column of H
+    Xinv, damp = reversed_inverse_factor(H, spec.damp)
+    del H
 
-    # the largest magnitude is NaN or inf exactly when an entry is; one reduction, where isfinite(H).all() made
-    # temporaries of 1.75x H's size (abs, three boolean masks): the peak of a whole 7B run on a GPU
+    W = _stacked(weights)
+    if cross is not None:
+        _shift_to_asymmetric_target_(W, cross, Xinv, order)
+    W[:, dead] = 0.0
+    group = spec.effective_group_size(W.shape[1])
+    static_grids = _static_grids(W, group, spec) if spec.static_groups else None
+    if perm is not None:
+        _permute_columns_(W, perm)
+    solve = _ColumnSolve(W, Xinv, spec, group, perm, static_grids)
+    solve.run()
+    return _results(solve, [w.shape[0] for w in weights], damp)
+
+
+def _check_finite(H: Tensor, cross: Tensor | None) -> None:
+    """Refuse a Hessian or cross term that holds NaN or inf. The largest magnitude is NaN or inf exactly when an
+    entry is: one reduction, where isfinite(H).all() would make temporaries larger than H (abs, boolean masks)."""
     if not torch.isfinite(torch.linalg.vector_norm(H, float("inf"))):
         raise NumericalError("the Hessian holds NaN/Inf: this layer's calibration inputs are not finite "
                              "(activations overflowing float16?)")
     if cross is not None and not torch.isfinite(torch.linalg.vector_norm(cross, float("inf"))):
         raise NumericalError("GPTAQ's cross term holds NaN/Inf: the unquantized model's calibration inputs to this "
                              "layer are not finite (activations overflowing float16?)")
-    dead = H.diagonal() == 0
-    H.diagonal()[dead] = 1.0  # an input that is always zero: its column is zero, any positive curvature will do
-    perm = torch.argsort(H.diagonal(), descending=True) if spec.act_order else None
-    # H in the reverse of the order the columns are solved in (see _reversed_inverse_factor), with the act-order
-    # permutation: H[i, j] <- H[order[i], order[j]], in place
-    order = (perm if perm is not None else torch.arange(n_in, device=H.device)).flip(0)
-    _permute_columns_(H, order)
-    _permute_columns_(H.mT, order)  # the rows: a row of H.mT is a column of H
-    Xinv, damp = _reversed_inverse_factor(H, spec.damp)
-    del H
 
-    # the weights stacked, in float32, copied straight into place (a 7B gate/up stack is 344 MB)
-    W = torch.empty(n_out, n_in, device=weights[0].device)
-    for w, rows in zip(weights, rows_of):
+
+def _stacked(weights: list[Tensor]) -> Tensor:
+    """The weights' rows stacked in one float32 [N, K], each copied straight into place."""
+    W = torch.empty(sum(w.shape[0] for w in weights), weights[0].shape[1], device=weights[0].device)
+    for w, rows in zip(weights, _row_slices([w.shape[0] for w in weights])):
         W[rows].copy_(w)
-    if cross is not None:
-        _shift_to_asymmetric_target_(W, cross, Xinv, order)
-    W[:, dead] = 0.0
-    static_params = None
-    if spec.static_groups:  # fixed per group in original order, before any column is updated
-        static_params = [group_qparams(W[:, g * group:(g + 1) * group], spec.bits, spec.sym, spec.clip_search) for g in range(n_groups)]
-    if perm is not None:
-        _permute_columns_(W, perm)
+    return W
 
-    codes = torch.zeros(n_out, n_in, dtype=torch.uint8, device=W.device)  # up to 8 bits: a quarter of int32's memory
-    losses = torch.zeros(n_out, device=W.device)
-    scales = torch.zeros(n_out, n_groups, device=W.device)
-    zeros = torch.zeros(n_out, n_groups, device=W.device)
-    # group of each (permuted) column: static groups follow original positions, otherwise permuted order
-    col_group = torch.arange(n_in, device=W.device) // group
-    if perm is not None and static_params is not None:
-        col_group = perm // group
-    scale = zero = None
-    block = _block_size(group, n_in)
-    static_cols = col_group.tolist() if static_params is not None else None  # no GPU sync per column
-    # a finished block's columns of W are read no more: the dequantized weight (what the files reproduce) takes
-    # their place, so the solve holds no [N, K] tensors beyond W and the codes
-    offset = torch.empty(n_out, device=W.device)  # q - zero of the current column
-    # a GPU runs the column sweeps of full blocks as CUDA graphs; static groups change the grid every column
-    graphed = _GraphedSweeps(n_out, block, W.device) if _graph_sweeps(W) and static_params is None else None
-    for i1 in range(0, n_in, block):
-        i2 = min(i1 + block, n_in)
-        Hrows = _upper_rows(Xinv, i1, i2)  # [block, K - i1]: this block's rows of the inverse Hessian's factor
+
+def _row_slices(counts: list[int]) -> list[slice]:
+    """Each Linear's rows of the stack, for Linears of `counts` rows."""
+    ends = list(itertools.accumulate(counts))
+    return [slice(end - count, end) for count, end in zip(counts, ends)]
+
+
+def _static_grids(W: Tensor, group: int, spec: QuantSpec) -> list[tuple[Tensor, Tensor]]:
+    """Static groups: each group's grid, fixed in original column order before any column is updated."""
+    n_groups = math.ceil(W.shape[1] / group)
+    return [group_qparams(W[:, g * group:(g + 1) * group], spec.bits, spec.sym, spec.clip_search)
+            for g in range(n_groups)]
+
+
+class _ColumnSolve:
+    """GPTQ's sweep over W's columns (in solve order), a lazy-update block at a time, filling in the codes (in
+    original column order), each group's grid and each row's loss. A finished block's columns of W are read no
+    more: the dequantized weight (what the files reproduce) takes their place, so the solve holds no [N, K]
+    tensors beyond W and the codes."""
+
+    def __init__(self, W: Tensor, Xinv: Tensor, spec: QuantSpec, group: int, perm: Tensor | None,
+                 static_grids: list[tuple[Tensor, Tensor]] | None) -> None:
+        n_out, n_in = W.shape
+        n_groups = math.ceil(n_in / group)
+        self.W, self.Xinv, self.spec, self.group, self.perm = W, Xinv, spec, group, perm
+        self.static_grids = static_grids
+        self.codes = torch.zeros(n_out, n_in, dtype=torch.uint8, device=W.device)  # up to 8 bits: int32's memory / 4
+        self.losses = torch.zeros(n_out, device=W.device)
+        self.scales = torch.zeros(n_out, n_groups, device=W.device)
+        self.zeros = torch.zeros(n_out, n_groups, device=W.device)
+        # group of each (permuted) column: static groups follow original positions, otherwise permuted order
+        self.col_group = torch.arange(n_in, device=W.device) // group
+        if perm is not None and static_grids is not None:
+            self.col_group = perm // group
+        self.block = _block_size(group, n_in)
+        self.static_cols = self.col_group.tolist() if static_grids is not None else None  # no GPU sync per column
+        self.offset = torch.empty(n_out, device=W.device)  # q - zero of the current column
+        self.grid: tuple[Tensor, Tensor] | None = None  # (scale, zero) of the current group
+        # a GPU runs the column sweeps of full blocks as CUDA graphs; static groups change the grid every column
+        use_graphs = _graph_sweeps(W) and static_grids is None
+        self.graphed = _GraphedSweeps(n_out, self.block, W.device) if use_graphs else None
+
+    def run(self) -> None:
+        for i1 in range(0, self.W.shape[1], self.block):
+            self._solve_block(i1, min(i1 + self.block, self.W.shape[1]))
+
+    def _solve_block(self, i1: int, i2: int) -> None:
+        W = self.W
+        Hrows = upper_rows(self.Xinv, i1, i2)  # [block, K - i1]: this block's rows of the inverse Hessian's factor
         # The block is held transposed, [columns, N]: each column's steps then read and write contiguous memory
-        # (a column of an [N, block] tensor touches one cache line per row: 3x slower on a CPU).
-        sweeps = graphed if graphed is not None and i2 - i1 == block else None  # graphs are of full blocks
+        # (a column of an [N, block] tensor touches one cache line per row, which is slow on a CPU).
+        sweeps = self.graphed if self.graphed is not None and i2 - i1 == self.block else None  # of full blocks
         if sweeps is not None:
-            W1, Q1, Err1 = sweeps.load(W[:, i1:i2], Hrows[:, :block])
+            W1, Q1, Err1 = sweeps.load(W[:, i1:i2], Hrows[:, :self.block])
         else:
             W1 = W[:, i1:i2].t().contiguous()
             Q1 = torch.empty_like(W1)    # the block's codes
@@ -363,45 +328,54 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
         Hinv1 = Hrows[:, :i2 - i1]
         i = 0
         while i < i2 - i1:  # runs of columns that share their grid (scale, zero)
-            col = i1 + i
-            if static_cols is not None:
-                g = static_cols[col]
-                scale, zero = static_params[g]
-                scales[:, g], zeros[:, g] = scale, zero
-                run = 1
-            else:
-                if col % group == 0:  # first column of a group: block starts align with groups, W1 is current
-                    cols = W[:, col:col + group] if i == 0 else W1[i:i + group].t()
-                    scale, zero = group_qparams(cols, spec.bits, spec.sym, spec.clip_search)
-                    scales[:, col // group], zeros[:, col // group] = scale, zero
-                run = min(group - col % group, i2 - i1 - i)
+            scale, zero, run = self._grid(i1, i, i2, W1)
             if sweeps is not None:
-                sweeps.sweep(i, i + run, scale, zero, spec.maxq)
+                sweeps.sweep(i, i + run, scale, zero, self.spec.maxq)
             else:
-                _sweep_columns(W1, Q1, Err1, Hinv1, scale, zero, offset, i, i + run, spec.maxq)
+                _sweep_columns(W1, Q1, Err1, Hinv1, scale, zero, self.offset, i, i + run, self.spec.maxq)
             i += run
-        losses += Err1.pow(2).sum(dim=0) / 2  # (w - q)^2 / d^2 / 2 summed over the block's columns
+        self.losses += Err1.pow(2).sum(dim=0) / 2  # (w - q)^2 / d^2 / 2 summed over the block's columns
         W[:, i2:].addmm_(Err1.t(), Hrows[:, i2 - i1:], alpha=-1)  # in place: no [N, K] temporary per block
-        original = slice(i1, i2) if perm is None else perm[i1:i2]
-        codes[:, original] = Q1.t().to(torch.uint8)  # exact: small whole numbers
-        in_block = col_group[i1:i2]
-        W[:, i1:i2] = dequantize_codes(Q1.t(), scales[:, in_block], zeros[:, in_block])
-    dequantized = W
-    if perm is not None:
-        inverse = torch.argsort(perm)
+        original = slice(i1, i2) if self.perm is None else self.perm[i1:i2]
+        self.codes[:, original] = Q1.t().to(torch.uint8)  # exact: small whole numbers
+        in_block = self.col_group[i1:i2]
+        W[:, i1:i2] = dequantize_codes(Q1.t(), self.scales[:, in_block], self.zeros[:, in_block])
+
+    def _grid(self, i1: int, i: int, i2: int, W1: Tensor) -> tuple[Tensor, Tensor, int]:
+        """(scale, zero, columns) of the run of columns from the block's column i on that share one grid; a run
+        that starts a group computes the group's grid (block starts align with groups, so W1 is current)."""
+        col = i1 + i
+        if self.static_cols is not None and self.static_grids is not None:
+            g = self.static_cols[col]
+            self.grid = self.static_grids[g]
+            self.scales[:, g], self.zeros[:, g] = self.grid
+            return *self.grid, 1
+        if col % self.group == 0:
+            cols = self.W[:, col:col + self.group] if i == 0 else W1[i:i + self.group].t()
+            self.grid = group_qparams(cols, self.spec.bits, self.spec.sym, self.spec.clip_search)
+            self.scales[:, col // self.group], self.zeros[:, col // self.group] = self.grid
+        if self.grid is None:
+            raise AssertionError("a run of columns starts inside a group before the group's first column")
+        return *self.grid, min(self.group - col % self.group, i2 - i1 - i)
+
+
+def _results(solve: _ColumnSolve, counts: list[int], damp: float) -> list[GPTQResult]:
+    """The solve's outputs in original column order, split into each Linear's rows of the stack (views; g_idx its
+    own, as each is written alone)."""
+    dequantized, col_group = solve.W, solve.col_group
+    if solve.perm is not None:
+        inverse = torch.argsort(solve.perm)
         _permute_columns_(dequantized, inverse)
         col_group = col_group[inverse]
     g_idx = col_group.to(torch.int32)
-    total = float(losses.sum())
+    total = float(solve.losses.sum())
     if not math.isfinite(total):
         raise NumericalError(f"GPTQ loss is not finite ({total}); the layer's inputs or weights hold NaN/Inf")
-    zeros = zeros.to(torch.int32)
-    results = []
-    for rows in rows_of:  # each Linear's rows of the stacked solve (views; g_idx its own, as each is written alone)
-        results.append(GPTQResult(codes=codes[rows], scales=scales[rows], zeros=zeros[rows],
-                                  g_idx=g_idx if len(weights) == 1 else g_idx.clone(), weight=dequantized[rows],
-                                  loss=float(losses[rows].sum()), damp=damp))
-    return results
+    zeros = solve.zeros.to(torch.int32)
+    return [GPTQResult(codes=solve.codes[rows], scales=solve.scales[rows], zeros=zeros[rows],
+                       g_idx=g_idx if len(counts) == 1 else g_idx.clone(), weight=dequantized[rows],
+                       loss=float(solve.losses[rows].sum()), damp=damp)
+            for rows in _row_slices(counts)]
 
 
 def rtn_result(weight: Tensor, spec: QuantSpec) -> GPTQResult:

@@ -40,14 +40,13 @@ def _shrink_factors() -> list[float]:
 def _clip_search_sequential(w: Tensor, xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
     """One shrink factor at a time into one reused buffer: small temporaries and no allocation per factor
     (a fresh [rows, cols] tensor per step is a page-faulted mmap on a CPU), which is what a CPU wants."""
-    best = scale = zero = None
     buffer = torch.empty_like(w)
-    for shrink in _shrink_factors():
+    first, *rest = _shrink_factors()
+    scale, zero = _range_qparams(xmin * first, xmax * first, bits, sym)
+    best = _rounding_error(w, scale, zero, bits, sym, buffer)
+    for shrink in rest:
         s, z = _range_qparams(xmin * shrink, xmax * shrink, bits, sym)
         err = _rounding_error(w, s, z, bits, sym, buffer)
-        if best is None:
-            best, scale, zero = err, s, z
-            continue
         better = err < best  # strictly: the first smallest wins, so 1.0 wins ties
         best = torch.where(better, err, best)
         scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
@@ -78,7 +77,7 @@ def _rounding_error(w: Tensor, scale: Tensor, zero: Tensor, bits: int, sym: bool
         buffer = torch.empty(torch.broadcast_shapes(w.shape, s.shape), dtype=torch.float32, device=w.device)
     maxq = 2**bits - 1
     torch.div(w, s, out=buffer).round_()
-    if sym:  # one zero point for every row: scalar bounds, about 10x cheaper than per-row ones on a CPU
+    if sym:  # one zero point for every row: scalar bounds, cheaper than per-row ones on a CPU
         mid = _symmetric_zero(maxq)
         buffer.clamp_(-mid, maxq - mid)
     else:

@@ -4,12 +4,16 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from quantkit.config import CalibSpec
 from quantkit.errors import CalibrationError, first_line
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 BUILTIN_SETS = {
     "pydocs-calib": "pydocs-calib.jsonl",  # CPython 3.11 stdlib docstrings, calibration half
@@ -89,7 +93,8 @@ def _read_text(path: Path, max_chars: int | None) -> str:
             try:
                 text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as e:
-                raise CalibrationError(f"{path} is not valid UTF-8 (byte {offset + e.start}); re-encode it as UTF-8") from None
+                raise CalibrationError(f"{path} is not valid UTF-8 (byte {offset + e.start}); "
+                                       "re-encode it as UTF-8") from None
             pieces.append(text)
             chars += len(text)
             offset += len(raw)
@@ -173,7 +178,7 @@ def _read_hf_dataset(spec: str) -> Iterator[str]:
     return (row["text"] for row in ds.select_columns(["text"]) if isinstance(row["text"], str))
 
 
-def token_stream(tokenizer, documents: list[str]) -> Tensor:
+def token_stream(tokenizer: PreTrainedTokenizerBase, documents: list[str]) -> Tensor:
     """All documents joined by blank lines, tokenized without special tokens: LongTensor [T]."""
     text = "\n\n".join(d for d in documents if d.strip())
     if not text:
@@ -182,7 +187,7 @@ def token_stream(tokenizer, documents: list[str]) -> Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_batch(tokenizer, spec: CalibSpec) -> Tensor:
+def calibration_batch(tokenizer: PreTrainedTokenizerBase, spec: CalibSpec) -> Tensor:
     """`spec.samples` non-overlapping windows of `spec.seq_len` tokens, chosen with `spec.seed`: [samples, seq_len]."""
     stream = token_stream(tokenizer, load_documents(spec.source, text_budget(spec.tokens_needed)))
     n_windows = stream.numel() // spec.seq_len
@@ -195,7 +200,8 @@ def calibration_batch(tokenizer, spec: CalibSpec) -> Tensor:
     return windows[chosen].clone()
 
 
-def evaluation_windows(tokenizer, source: str, seq_len: int, max_tokens: int | None = None) -> Tensor:
+def evaluation_windows(tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int,
+                       max_tokens: int | None = None) -> Tensor:
     """Consecutive non-overlapping windows from the start of an evaluation set: [n, seq_len]."""
     stream = token_stream(tokenizer, load_documents(source, text_budget(max_tokens)))
     n = stream.numel() // seq_len

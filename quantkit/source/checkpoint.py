@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -16,6 +17,20 @@ from quantkit.untrusted import field, positive_int, read_json, relative_name
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class TensorSlice(Protocol):
+    """safetensors' lazy view of one tensor: rows read from the mapping when indexed."""
+
+    def __getitem__(self, rows: slice) -> Tensor: ...
+
+
+class ShardHandle(Protocol):
+    """An open safetensors shard (safetensors.safe_open), as this module reads it."""
+
+    def get_tensor(self, name: str) -> Tensor: ...
+
+    def get_slice(self, name: str) -> TensorSlice: ...
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -65,11 +80,11 @@ def read_index(model_dir: Path) -> dict[str, str] | None:
 class SafetensorsCheckpoint:
     """Name -> tensor access over a (possibly sharded) safetensors checkpoint; loads only what is asked for."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path) -> None:
         self.model_dir = model_dir
         self._headers: dict[str, dict] = {}
         self.weight_map = self._weight_map(model_dir)
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, ShardHandle] = {}
 
     def _weight_map(self, model_dir: Path) -> dict[str, str]:
         weight_map = read_index(model_dir)
@@ -121,13 +136,14 @@ class SafetensorsCheckpoint:
             raise self._misplaced(name, filename, 1)
         return header[name]
 
-    def _handle(self, filename: str):
+    def _handle(self, filename: str) -> ShardHandle:
         if filename not in self._handles:
             self._handles[filename] = _open(self.model_dir / filename)
         return self._handles[filename]
 
     def _missing(self, name: str) -> QuantkitError:
-        where = f"{INDEX_NAME} does not list it" if (self.model_dir / INDEX_NAME).is_file() else "no weight file holds it"
+        indexed = (self.model_dir / INDEX_NAME).is_file()
+        where = f"{INDEX_NAME} does not list it" if indexed else "no weight file holds it"
         return QuantkitError(f"tensor {name} is missing from the checkpoint in {self.model_dir} ({where})")
 
     def __contains__(self, name: str) -> bool:
@@ -139,7 +155,7 @@ class SafetensorsCheckpoint:
     def get(self, name: str) -> Tensor:
         return self._read(name, lambda handle: handle.get_tensor(name))
 
-    def _read(self, name: str, read):
+    def _read(self, name: str, read: Callable[[ShardHandle], Tensor]) -> Tensor:
         """read(handle of the shard holding `name`), its errors named after the tensor and the file."""
         if name not in self.weight_map:
             raise self._missing(name)
@@ -152,7 +168,7 @@ class SafetensorsCheckpoint:
     def get_as(self, name: str, dtype: torch.dtype, chunk_bytes: int = 8 << 20) -> Tensor:
         """Tensor `name` converted to `dtype`, read through the mapping a block of rows at a time and unmapped after
         each block. get(name).to(dtype) keeps every page read through the mapping resident beside the converted
-        copy: SmolLM2's float32 embedding (113 MB) set the peak of a whole quantize run while it was written out."""
+        copy, which for a large embedding would set the peak of a whole quantize run while it is written out."""
         shape = self.shape(name)
         if len(shape) < 2:
             return self.get(name).to(dtype)
@@ -171,9 +187,12 @@ class SafetensorsCheckpoint:
         row_bytes = max(1, math.prod(shape[1:]) * max(dtype.itemsize, 4))
         step = max(1, chunk_bytes // row_bytes)
         for start in range(0, shape[0], step):
-            block = self._read(name, lambda handle: handle.get_slice(name)[start:start + step])
+            block = self._read_rows(name, start, start + step)
             self.close()
             yield start, block.to(dtype)
+
+    def _read_rows(self, name: str, start: int, stop: int) -> Tensor:
+        return self._read(name, lambda handle: handle.get_slice(name)[start:stop])
 
     def is_floating(self, name: str) -> bool:
         """Whether tensor `name` holds floating-point numbers (F16, BF16, F32, F8_...; the header alone)."""
@@ -186,7 +205,7 @@ class SafetensorsCheckpoint:
         self._handles.clear()
 
 
-def _open(path: Path):
+def _open(path: Path) -> ShardHandle:
     from safetensors import safe_open
 
     try:

@@ -43,7 +43,7 @@ class GGUFHeader(NamedTuple):
 class _Walk:
     """A cursor over the mapped file that refuses to read past its end."""
 
-    def __init__(self, data: mmap.mmap, path: Path):
+    def __init__(self, data: mmap.mmap, path: Path) -> None:
         self.data, self.path, self.pos = data, path, 0
 
     def fail(self, what: str) -> QuantkitError:

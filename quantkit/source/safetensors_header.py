@@ -12,14 +12,22 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.untrusted import field, parse_json
 
-# bits per element of every safetensors dtype (the format's own table); a tensor takes prod(shape) * bits / 8 bytes
-DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
-              "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64,
-              "F64": 64, "I64": 64, "U64": 64}
+# Every safetensors dtype (the format's own table): its code, bits per element (a tensor takes prod(shape) * bits / 8
+# bytes), the torch dtype quantkit writes it from (None: never), and whether quantkit reads it into torch to compute
+DTYPES: tuple[tuple[str, int, torch.dtype | None, bool], ...] = (
+    ("BOOL", 8, torch.bool, True), ("F4", 4, None, False), ("F6_E2M3", 6, None, False), ("F6_E3M2", 6, None, False),
+    ("U8", 8, torch.uint8, True), ("I8", 8, torch.int8, True), ("F8_E5M2", 8, torch.float8_e5m2, False),
+    ("F8_E4M3", 8, torch.float8_e4m3fn, False), ("F8_E8M0", 8, None, False), ("I16", 16, torch.int16, True),
+    ("U16", 16, None, False), ("F16", 16, torch.float16, True), ("BF16", 16, torch.bfloat16, True),
+    ("I32", 32, torch.int32, True), ("U32", 32, None, False), ("F32", 32, torch.float32, True),
+    ("C64", 64, None, False), ("F64", 64, torch.float64, True), ("I64", 64, torch.int64, True),
+    ("U64", 64, None, False),
+)
+DTYPE_BITS = {code: bits for code, bits, _, _ in DTYPES}
 # the safetensors dtypes quantkit computes with, as torch dtypes
-TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-                "I32": torch.int32, "I64": torch.int64, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                "BOOL": torch.bool}
+TORCH_DTYPES = {code: dtype for code, _, dtype, computes in DTYPES if computes and dtype is not None}
+# the safetensors code of each torch dtype quantkit writes
+SAFETENSORS_CODES = {dtype: code for code, _, dtype, _ in DTYPES if dtype is not None}
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses longer headers too
 
 

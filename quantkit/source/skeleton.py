@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,13 +18,16 @@ from torch import nn
 from quantkit.errors import QuantkitError
 from quantkit.source.checkpoint import SafetensorsCheckpoint, check_config_fits
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
 # decoder-only causal LMs whose layers and Linear modules quantkit discovers from the module tree; each has an
 # end-to-end test on a tiny random model (tests/test_architectures.py)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "opt",
                          "gpt2", "gpt_neox")
 
 
-def load_config(model_dir, config_dict: dict):
+def load_config(model_dir: str | Path, config_dict: dict) -> PretrainedConfig:
     """transformers config for a supported, unquantized causal LM (never runs remote code), once config.json is
     known to describe the weights beside it (checkpoint.check_config_fits)."""
     model_type = config_dict.get("model_type")
@@ -43,22 +48,21 @@ def load_config(model_dir, config_dict: dict):
         raise QuantkitError(f"cannot read {model_dir}/config.json: {e}") from None
 
 
-def causal_lm_from_config(config, dtype: torch.dtype | None = None) -> nn.Module:
-    """AutoModelForCausalLM.from_config with SDPA attention, or eager where the model has no SDPA path (Gemma2)."""
-    from transformers import AutoModelForCausalLM
+def causal_lm_from_config(config: PretrainedConfig, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """AutoModelForCausalLM.from_config with SDPA attention, or eager where the model class has no SDPA path
+    (Gemma2: its class says `_supports_sdpa = False`, and transformers refuses SDPA for it)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
 
+    known = type(config) in MODEL_FOR_CAUSAL_LM_MAPPING  # an unknown config: from_config says so itself
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)] if known else None
+    sdpa = not isinstance(model_class, type) or bool(model_class._supports_sdpa)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", **kwargs)
-        except ValueError as e:
-            if "attention implementation" not in str(e):
-                raise
-            return AutoModelForCausalLM.from_config(config, attn_implementation="eager", **kwargs)
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa" if sdpa else "eager", **kwargs)
 
 
-def checkpoint_key_renamer(model: nn.Module):
+def checkpoint_key_renamer(model: PreTrainedModel) -> Callable[[str], str]:
     """name -> name: the renames transformers applies to legacy checkpoint keys on load (GPT-NeoX's embed_out ->
     lm_head), so loaders that set tensors by name find the module."""
     try:
@@ -78,7 +82,7 @@ def checkpoint_key_renamer(model: nn.Module):
     return rename
 
 
-def build_skeleton(config) -> nn.Module:
+def build_skeleton(config: PretrainedConfig) -> PreTrainedModel:
     """The causal LM with every parameter on the meta device (no memory); buffers such as rotary tables are real."""
     from accelerate import init_empty_weights
 
@@ -110,18 +114,26 @@ def linear_modules(layer: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and name}
 
 
+def _stored_weight(module: nn.Module) -> torch.Tensor:
+    """The Linear-like module's weight tensor, in its stored orientation."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is not a tensor")
+    return weight.data
+
+
 def in_features(module: nn.Module) -> int:
-    return module.weight.shape[0] if is_conv1d(module) else module.in_features
+    return _stored_weight(module).shape[0] if is_conv1d(module) else _stored_weight(module).shape[1]
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The weight as [out_features, in_features], the orientation GPTQ and the file format use."""
-    return module.weight.data.t() if is_conv1d(module) else module.weight.data
+    return _stored_weight(module).t() if is_conv1d(module) else _stored_weight(module)
 
 
 def set_weight_matrix(module: nn.Module, weight: torch.Tensor) -> None:
     """Write an [out_features, in_features] weight back in the module's own orientation and dtype."""
-    target = module.weight.data
+    target = _stored_weight(module)
     target.copy_((weight.t() if is_conv1d(module) else weight).to(target.dtype))
 
 
@@ -132,7 +144,7 @@ def check_tensors(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpo
         _check_shape(full, checkpoint.shape(full), param.shape)
 
 
-def _check_shape(name: str, found, expected) -> None:
+def _check_shape(name: str, found: Sequence[int], expected: Sequence[int]) -> None:
     if tuple(found) != tuple(expected):
         raise QuantkitError(f"tensor {name} has shape {list(found)} in the checkpoint, but config.json implies "
                             f"{list(expected)}")
@@ -159,15 +171,16 @@ def materialize(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoin
 
 
 @contextlib.contextmanager
-def outer_modules_materialized(model: nn.Module, layers_prefix: str, checkpoint: SafetensorsCheckpoint,
-                               device: torch.device, dtype: torch.dtype):
+def outer_modules_materialized(model: PreTrainedModel, layers_prefix: str, checkpoint: SafetensorsCheckpoint,
+                               device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     """Within the block, the modules outside the decoder layers (embeddings, final norm, rotary tables; not the
     output head) hold their checkpoint weights; afterwards they are back on the meta device."""
     from accelerate.utils import set_module_tensor_to_device
 
     out_emb = model.get_output_embeddings()
     outer = [(name, m) for name, m in model.named_modules()
-             if m is not out_emb and not name.startswith(layers_prefix + ".") and any(True for _ in m.parameters(recurse=False))]
+             if m is not out_emb and not name.startswith(layers_prefix + ".")
+             and any(True for _ in m.parameters(recurse=False))]
     try:
         for name, module in outer:
             for pname in list(module._parameters):

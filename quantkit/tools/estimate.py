@@ -1,7 +1,7 @@
 """Memory arithmetic from config.json alone: parameters, weights at each bit width, KV cache, quantize peak.
 
-Nothing here reads weights or imports torch. Every figure is bytes; the *_gib helpers divide by 2**30 (GiB).
-A "16 GB" GPU is counted as 16 GiB: that is what such cards report (an 80 GB A100 has 81920 MiB).
+Nothing here reads weights: config.json decides every size. Every figure is bytes; the *_gib helpers divide by
+2**30 (GiB). A "16 GB" GPU is counted as 16 GiB: that is what such cards report (an 80 GB A100 has 81920 MiB).
 
 Weights at b bits, group size G (G = K when -1), per quantized Linear W [out=N, in=K] of a decoder layer:
     K*N*b/8 (qweight) + ceil(K/G)*N*2 (fp16 scales) + ceil(K/G)*N*b/8 (packed zeros) + K*4 (int32 g_idx)
@@ -21,14 +21,15 @@ runs only, not counted below).
 Quantize scratch (CPU runs only, on disk in the work directory, not in memory): the calibration activations
 themselves (spill.ActivationsOnDisk: only the mini-batch being worked on is in memory), and the widest Linear's
 inputs (down_proj's, samples * seq_len * intermediate, in the compute dtype: float32, or bfloat16 for a bfloat16
-model on a CPU with AVX512-BF16/AMX, where this overstates by 2x) from its Hessian to the propagation.
-pipeline._kept_inputs_bytes takes the widest Linear the model has, which for a dense model is this. o_proj's
+model on a CPU with AVX512-BF16/AMX, where this overstates by 2x) from its Hessian to the propagation. The
+pipeline sizes these by the widest Linear the model has, which for a dense model is this. o_proj's
 inputs go there too on a CPU, so the peak above (one formula for every device, sized for a GPU run, whose
 activations wait in host memory) overstates a CPU run by the activations term.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,7 +106,7 @@ class ModelShape:
     qk_norm: bool = False
 
     @classmethod
-    def from_config(cls, cfg: dict, where: str = "config") -> "ModelShape":
+    def from_config(cls, cfg: dict, where: str = "config") -> ModelShape:
         """The shape of a Llama-family config; `where` (the config's file) names it in a one-line error when a
         size is missing or is not a positive integer, or when the heads do not divide the hidden size that
         head_dim is derived from."""
@@ -237,7 +238,7 @@ class Estimate:
         }
 
 
-def load_model_config(model_or_config) -> tuple[str, str, str | None, dict]:
+def load_model_config(model_or_config: str | Path | dict) -> tuple[str, str, str | None, dict]:
     """(label, source, path, config dict) for a dict, a directory, a config.json path, a cached repo id or a
     built-in name (see BUILTIN_CONFIGS); local paths win over built-in names."""
     if isinstance(model_or_config, dict):
@@ -254,11 +255,11 @@ def load_model_config(model_or_config) -> tuple[str, str, str | None, dict]:
     key = text.lower()
     by_repo = {cfg["_repo"].lower(): name for name, cfg in BUILTIN_CONFIGS.items()}
     try:
-        model_dir = resolve_model_dir(text)
+        cached = resolve_model_dir(text)
     except QuantkitError:
-        model_dir = None
-    if model_dir is not None:
-        return text, "hub cache", str(model_dir), read_config_dict(model_dir)
+        cached = None
+    if cached is not None:
+        return text, "hub cache", str(cached), read_config_dict(cached)
     name = key if key in BUILTIN_CONFIGS else by_repo.get(key)
     if name is not None:
         cfg = {k: v for k, v in BUILTIN_CONFIGS[name].items() if not k.startswith("_")}
@@ -271,8 +272,8 @@ def load_model_config(model_or_config) -> tuple[str, str, str | None, dict]:
 
 def count_params(shape: ModelShape) -> dict[str, int]:
     lins = shape.layer_linears()
-    attention = shape.layers * sum(l.params for l in lins if l.name.startswith("self_attn."))
-    mlp = shape.layers * sum(l.params for l in lins if l.name.startswith("mlp."))
+    attention = shape.layers * sum(lin.params for lin in lins if lin.name.startswith("self_attn."))
+    mlp = shape.layers * sum(lin.params for lin in lins if lin.name.startswith("mlp."))
     norms = shape.layers * shape.layer_norm_params() + shape.hidden   # + the final norm
     embeddings = shape.vocab * shape.hidden
     lm_head = 0 if shape.tied else shape.vocab * shape.hidden
@@ -296,7 +297,7 @@ def quantize_peak_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes
     layer (its unquantized copy) and the activations (the unquantized model's), and sums a cross term of the
     Hessian's size beside it, which a solve holds throughout (gptq.gptq_quantize_shared's `cross`)."""
     streams = 2 if gptaq else 1
-    layer_params = sum(l.params for l in shape.layer_linears()) + shape.layer_norm_params()
+    layer_params = sum(lin.params for lin in shape.layer_linears()) + shape.layer_norm_params()
     solves = shape.solves()
     widest = max(k for _, k in solves)
     peak = {"layer_fp32": streams * layer_params * 4,
@@ -315,7 +316,7 @@ def quantize_peak_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes
 def quantize_scratch_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes: int = 2,
                            gptaq: bool = False) -> int:
     """Disk a CPU run borrows: the calibration activations, and per layer the widest Linear's inputs (float32,
-    pipeline._kept_inputs_bytes); GPTAQ keeps the unquantized model's of both too."""
+    as the pipeline keeps them); GPTAQ keeps the unquantized model's of both too."""
     per_token = max(shape.intermediate, shape.hidden) * 4 + shape.hidden * act_bytes
     return (2 if gptaq else 1) * samples * seq_len * per_token
 
@@ -324,8 +325,9 @@ def _fits(need: int, gpu_gb: int) -> bool:
     return need <= gpu_gb * GIB
 
 
-def estimate(model_or_config, bits=DEFAULT_BITS, group_size: int = 128, context: int = 4096, batch: int = 1,
-             samples: int = 128, seq_len: int = 512, gptaq: bool = False) -> Estimate:
+def estimate(model_or_config: str | Path | dict, bits: Iterable[int] = DEFAULT_BITS, group_size: int = 128,
+             context: int = 4096, batch: int = 1, samples: int = 128, seq_len: int = 512,
+             gptaq: bool = False) -> Estimate:
     """Parameter count, weight memory per bit width, KV cache, quantize peak and GPU fit, from config.json alone.
 
     :param model_or_config: a directory with config.json, a config.json path, a repo id in the local hub cache,
@@ -342,14 +344,17 @@ def estimate(model_or_config, bits=DEFAULT_BITS, group_size: int = 128, context:
         if value <= 0:
             raise QuantkitError(f"{name} must be positive, got {value}")
     label, source, path, cfg = load_model_config(model_or_config)
-    where = path if source == "config file" else f"{path}/config.json" if path else label
+    if path is None:
+        where = label
+    else:
+        where = path if source == "config file" else f"{path}/config.json"
     shape = ModelShape.from_config(cfg, where)
     params = count_params(shape)
     kv = kv_cache_bytes(shape, context, batch)
     fp16_rest = 2 * (params["embeddings"] + params["lm_head"] + params["norms"])
     weights = []
     for b in bits:
-        linears = shape.layers * sum(linear_bytes(l, b, group_size) for l in shape.layer_linears())
+        linears = shape.layers * sum(linear_bytes(lin, b, group_size) for lin in shape.layer_linears())
         total = linears + fp16_rest
         weights.append(WeightEstimate(bits=b, group_size=None if b == 16 else group_size, linear_bytes=linears,
                                       fp16_bytes=fp16_rest, total_bytes=total, kv_cache_bytes=kv,
@@ -363,56 +368,3 @@ def estimate(model_or_config, bits=DEFAULT_BITS, group_size: int = 128, context:
                     seq_len=seq_len, quantize_peak=peak, gpus=gpus,
                     quantize_scratch_bytes=quantize_scratch_bytes(shape, samples, seq_len, activation_bytes(cfg),
                                                                           gptaq), gptaq=gptaq)
-
-
-def _count(n: int) -> str:
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return str(n)
-
-
-def _table(rows: list[list[str]], indent: str = "  ", right: set[int] = frozenset()) -> list[str]:
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return [indent + "  ".join(cell.rjust(w) if c in right else cell.ljust(w)
-                               for c, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
-
-
-def format_estimate(e: Estimate) -> str:
-    """The human-readable report of `quantkit estimate`."""
-    s = e.shape
-    gib = lambda n: f"{n / GIB:.2f}" if n >= GIB else f"{n / GIB:.3f}"  # noqa: E731
-    where = f"{e.source}: {e.path}" if e.path else e.source
-    lines = [f"{e.model}  ({where})",
-             f"  {s.model_type}: {s.layers} layers, hidden {s.hidden}, intermediate {s.intermediate}, "
-             f"{s.heads} heads / {s.kv_heads} KV heads x head_dim {s.head_dim}, vocab {s.vocab}, "
-             f"lm_head {'tied to the embeddings' if s.tied else 'untied'}", ""]
-    p = e.params
-    rows = [["parameters", "count"], ["embeddings", _count(p["embeddings"])],
-            ["lm_head", _count(p["lm_head"]) if p["lm_head"] else "tied"],
-            ["attention q/k/v/o", _count(p["attention"])], ["MLP gate/up/down", _count(p["mlp"])],
-            ["norms", _count(p["norms"])], ["total", _count(p["total"])]]
-    lines += _table(rows, indent="", right={1}) + [""]
-    rows = [["weights (GiB)", "layer linears", "fp16 rest", "total", "run: +KV +10%"]]
-    for w in e.weights:
-        label = "16-bit fp16" if w.bits == 16 else f"{w.bits}-bit g{'row' if w.group_size == -1 else w.group_size}"
-        rows.append([label, gib(w.linear_bytes), gib(w.fp16_bytes), gib(w.total_bytes), gib(w.run_bytes)])
-    lines += _table(rows, indent="", right={1, 2, 3, 4}) + [""]
-    q = e.quantize_peak
-    lines += [f"KV cache        {gib(e.kv_cache_bytes)} GiB  (context {e.context} x batch {e.batch}, fp16)",
-              f"quantize peak   {gib(q['total'])} GiB = decoder layer fp32 {gib(q['layer_fp32'])} + calibration "
-              f"activations {gib(q['activations'])} + the larger of the largest GPTQ solve {gib(q['solve'])} and "
-              f"a forward's Hessian + MLP activation {gib(q['hessian'] + q['mlp_activation'])}  "
-              f"({e.samples} x {e.seq_len} calibration tokens{', GPTAQ' if e.gptaq else ''}; a CPU run keeps the "
-              "activations on disk instead)",
-              f"quantize disk   {gib(e.quantize_scratch_bytes)} GiB of scratch in the work directory on a CPU (the "
-              "calibration activations, and down_proj's inputs kept for the propagation; without twice that free, "
-              "the activations stay in memory and down_proj's inputs are not kept)",
-              ""]
-    header = ["fits one GPU?"] + [("fp16" if w.bits == 16 else f"{w.bits}-bit") for w in e.weights] + ["quantize"]
-    rows = [header] + [[f"{g['gpu_gb']} GB"] + ["yes" if g["run"][w.bits] else "no" for w in e.weights]
-                       + ["yes" if g["quantize"] else "no"] for g in e.gpus]
-    lines += _table(rows, indent="")
-    lines.append(f"run = (weights + KV cache) x {1 + e.overhead:.2f}; quantize = peak x {1 + e.overhead:.2f}; "
-                 "a 'N GB' card counted as N GiB")
-    return "\n".join(lines)

@@ -15,16 +15,18 @@ loads through its newer packed path) are refused with one line rather than conve
 """
 from __future__ import annotations
 
+import io
 import logging
 import uuid
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError, first_line
+from quantkit.source.checkpoint import INDEX_NAME
 from quantkit.source.gguf_header import GGUFHeader, read_header
 from quantkit.untrusted import (
     fsync_dir,
@@ -47,7 +49,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 SUPPORTED = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "starcoder2", "stablelm", "nemotron", "falcon",
              "bloom")
 # what import-gguf writes: --overwrite replaces a directory that holds these files and nothing else
-OWN_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
+OWN_FILES = frozenset({"config.json", "generation_config.json", INDEX_NAME, "tokenizer.json",
                        "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
                        "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json"})
 OWN_SUFFIX = ".safetensors"
@@ -154,7 +156,8 @@ class _Plan:
     """Which GGUF tensor becomes which model tensor, of what shape, in the order the checkpoint lists them; every
     parameter of the model must come from exactly one GGUF tensor, which is checked before anything is read."""
 
-    def __init__(self, src: Path, header: GGUFHeader, config: PreTrainedConfig, parsed: dict, dtype: torch.dtype):
+    def __init__(self, src: Path, header: GGUFHeader, config: PreTrainedConfig, parsed: dict,
+                 dtype: torch.dtype) -> None:
         from transformers import AutoModelForCausalLM
         from transformers.modeling_gguf_pytorch_utils import (
             TENSOR_PROCESSORS,
@@ -208,7 +211,8 @@ class _Plan:
                 self._convert(f, tensors[gguf_name], name, shape, writer)
         writer.finish()
 
-    def _convert(self, f: BinaryIO, t: ReaderTensor, name: str, shape: tuple[int, ...], writer: ShardWriter) -> None:
+    def _convert(self, f: io.BufferedReader, t: ReaderTensor, name: str, shape: tuple[int, ...],
+                 writer: ShardWriter) -> None:
         gguf_name = t.name
         data = _read(f, t, self.src)
         try:
@@ -236,12 +240,12 @@ def _check_shape(src: Path, gguf_name: str, shape: tuple[int, ...], name: str, e
                             f"{list(expected)}; import-gguf cannot convert it")
 
 
-def _read(f: BinaryIO, t: ReaderTensor, src: Path) -> np.ndarray:
+def _read(f: io.BufferedReader, t: ReaderTensor, src: Path) -> np.ndarray:
     """The bytes of tensor `t` (a ReaderTensor), read into memory in the dtype and shape of the reader's view of
     them. Read, not taken from the mapping: pages of a mapped file stay in the process's memory once touched."""
     data = np.empty(t.data.shape, dtype=t.data.dtype)
     f.seek(t.data_offset)
-    if f.readinto(data.reshape(-1).view(np.uint8)) != data.nbytes:
+    if f.readinto(data.reshape(-1).view(np.uint8).data) != data.nbytes:
         raise QuantkitError(f"{src} is truncated: tensor {t.name!r} ends past the end of the file; download or "
                             "convert it again")
     return data

@@ -1,7 +1,7 @@
 """`quantkit inspect`: what a (quantized) checkpoint holds, read from config.json and safetensors headers only.
 
 Never loads a tensor: shapes and dtypes come from the headers, sizes from the file system, and the manifest
-check hashes files (integrity.py). Named inspect_cmd so that it never shadows the standard library's inspect.
+check hashes files (integrity.py).
 """
 from __future__ import annotations
 
@@ -20,9 +20,14 @@ from quantkit.source.checkpoint import (
 )
 from quantkit.source.safetensors_header import read_header
 from quantkit.verification.compat import compatibility_notes
+from quantkit.verification.integrity import (
+    FLOAT_DTYPES,
+    MANIFEST_NAME,
+    MODULE_SUFFIXES,
+    IntegrityReport,
+    check_manifest,
+)
 
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
 _NOT_LINEAR = re.compile(r"(embed|wte|wpe|norm|ln_|layernorm)", re.IGNORECASE)
 
 
@@ -101,12 +106,6 @@ def _headers(model_dir: Path, errors: list[str]) -> dict[str, dict]:
 
 
 def _manifest(model_dir: Path) -> dict:
-    from quantkit.verification.integrity import (
-        MANIFEST_NAME,
-        IntegrityReport,
-        check_manifest,
-    )
-
     if not (model_dir / MANIFEST_NAME).is_file():
         return {"status": "no manifest", "files_checked": 0, "problems": [], "warnings": []}
     report = IntegrityReport(path=str(model_dir))
@@ -137,7 +136,7 @@ _BNB_PARTS = {4: (".weight", ".weight.absmax", ".weight.quant_map", ".weight.nes
               8: (".weight", ".SCB", ".weight_format")}
 
 
-def _bnb_modules(headers: dict, bits: int, report: InspectReport, in_module: set) -> None:
+def _bnb_modules(headers: dict, bits: int, report: InspectReport, in_module: set[str]) -> None:
     """bitsandbytes Linears: 4-bit stores two values per uint8 byte, 8-bit one int8 per value, plus their scales."""
     marker = ".SCB" if bits == 8 else ".weight.absmax"
     for module in sorted(n[: -len(marker)] for n in headers if n.endswith(marker)):
@@ -156,6 +155,43 @@ def _bnb_modules(headers: dict, bits: int, report: InspectReport, in_module: set
         report.quantized_fp16_bytes += 2 * values
 
 
+def _gptq_module(module: str, headers: dict, method: str, bits: int | None, report: InspectReport,
+                 in_module: set[str]) -> tuple[int, int] | None:
+    """Count one packed Linear (GPTQ or AWQ) into the report; returns its (out_features, in_features) when the
+    headers tell them."""
+    parts = {sfx: headers[f"{module}.{sfx}"] for sfx in MODULE_SUFFIXES if f"{module}.{sfx}" in headers}
+    in_module.update(f"{module}.{sfx}" for sfx in parts)
+    stored = sum(t["bytes"] for t in parts.values())
+    kn = _module_shape(method, bits, parts)
+    entry = {"name": module, "in_features": kn[0] if kn else None, "out_features": kn[1] if kn else None,
+             "bytes": stored, "fp16_bytes": None}
+    report.quantized_modules.append(entry)
+    if not kn:
+        report.errors.append(f"{module}: cannot tell its shape from {module}.qweight (bits {bits!r})")
+        report.fp16_equivalent_bytes += stored   # counted as stored: no fp16 size to compare with
+        return None
+    bias = parts.get("bias")
+    fp16_bytes = kn[0] * kn[1] * 2 + (math.prod(bias["shape"]) * 2 if bias else 0)
+    entry["fp16_bytes"] = fp16_bytes
+    report.quantized_bytes += stored
+    report.quantized_fp16_bytes += fp16_bytes
+    return kn[1], kn[0]
+
+
+def _other_tensors(headers: dict, in_module: set[str], report: InspectReport) -> None:
+    """Count every tensor's bytes, and the float Linears left unquantized, into the report."""
+    for name, info in sorted(headers.items()):
+        report.tensor_bytes += info["bytes"]
+        if name in in_module:
+            continue
+        numel = math.prod(info["shape"])
+        report.fp16_equivalent_bytes += 2 * numel if info["dtype"] in FLOAT_DTYPES else info["bytes"]
+        if (name.endswith(".weight") and len(info["shape"]) == 2 and info["dtype"] in FLOAT_DTYPES
+                and not _NOT_LINEAR.search(name)):
+            report.float_linears.append({"name": name[: -len(".weight")], "shape": info["shape"],
+                                         "dtype": info["dtype"], "bytes": info["bytes"]})
+
+
 def inspect(model: str | Path) -> InspectReport:
     """Describe a checkpoint directory or cached repo id: quantization settings, quantized and float Linears,
     size and compression, manifest status, and compatibility notes.
@@ -166,16 +202,15 @@ def inspect(model: str | Path) -> InspectReport:
     """
     model_dir = resolve_model_dir(str(model))
     config = read_config_dict(model_dir)
-    qc = config.get("quantization_config") or None
-    if qc is not None and not isinstance(qc, dict):
+    raw = config.get("quantization_config") or None
+    if raw is not None and not isinstance(raw, dict):
         raise QuantkitError(f"{model_dir}/config.json: quantization_config is not an object")
-    qc = qc or {}
+    qc: dict = raw or {}
     method = str(qc.get("quant_method")).lower() if qc.get("quant_method") else None
-    bits = qc.get("bits") if isinstance(qc.get("bits"), int) else None
-    if method == "bitsandbytes":
-        bits = 4 if (qc.get("load_in_4bit") or qc.get("_load_in_4bit")) else 8
-    meta = qc.get("meta") if isinstance(qc.get("meta"), dict) else {}
-    quantizer = meta.get("quantizer") or []
+    bnb_bits = 4 if (qc.get("load_in_4bit") or qc.get("_load_in_4bit")) else 8
+    bits = bnb_bits if method == "bitsandbytes" else qc.get("bits") if isinstance(qc.get("bits"), int) else None
+    meta = qc.get("meta")
+    quantizer = (meta.get("quantizer") if isinstance(meta, dict) else None) or []
     report = InspectReport(
         path=str(model_dir), quantization_config=qc or None, quant_method=method, bits=bits,
         group_size=qc.get("group_size"), sym=qc.get("sym"), desc_act=qc.get("desc_act"),
@@ -192,37 +227,15 @@ def inspect(model: str | Path) -> InspectReport:
 
     headers = _headers(model_dir, report.errors)
     modules = sorted(n[: -len(".qweight")] for n in headers if n.endswith(".qweight"))
-    in_module = set()
+    in_module: set[str] = set()
     shapes: dict[str, tuple[int, int]] = {}
     if method == "bitsandbytes":
-        _bnb_modules(headers, bits, report, in_module)
+        _bnb_modules(headers, bnb_bits, report, in_module)
     for module in modules:
-        parts = {sfx: headers[f"{module}.{sfx}"] for sfx in QUANT_SUFFIXES if f"{module}.{sfx}" in headers}
-        in_module.update(f"{module}.{sfx}" for sfx in parts)
-        stored = sum(t["bytes"] for t in parts.values())
-        kn = _module_shape(method or "gptq", bits, parts)
-        entry = {"name": module, "in_features": kn[0] if kn else None, "out_features": kn[1] if kn else None,
-                 "bytes": stored, "fp16_bytes": None}
-        if kn:
-            bias = parts.get("bias")
-            entry["fp16_bytes"] = kn[0] * kn[1] * 2 + (math.prod(bias["shape"]) * 2 if bias else 0)
-            shapes[module] = (kn[1], kn[0])
-            report.quantized_bytes += stored
-            report.quantized_fp16_bytes += entry["fp16_bytes"]
-        else:
-            report.errors.append(f"{module}: cannot tell its shape from {module}.qweight (bits {bits!r})")
-            report.fp16_equivalent_bytes += stored   # counted as stored: no fp16 size to compare with
-        report.quantized_modules.append(entry)
-    for name, info in sorted(headers.items()):
-        report.tensor_bytes += info["bytes"]
-        if name in in_module:
-            continue
-        numel = math.prod(info["shape"])
-        report.fp16_equivalent_bytes += 2 * numel if info["dtype"] in FLOAT_DTYPES else info["bytes"]
-        if (name.endswith(".weight") and len(info["shape"]) == 2 and info["dtype"] in FLOAT_DTYPES
-                and not _NOT_LINEAR.search(name)):
-            report.float_linears.append({"name": name[: -len(".weight")], "shape": info["shape"],
-                                         "dtype": info["dtype"], "bytes": info["bytes"]})
+        shape = _gptq_module(module, headers, method or "gptq", bits, report, in_module)
+        if shape is not None:
+            shapes[module] = shape
+    _other_tensors(headers, in_module, report)
     report.fp16_equivalent_bytes += report.quantized_fp16_bytes
     report.manifest = _manifest(model_dir)
     if qc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,11 +16,14 @@ from quantkit.errors import QuantkitError
 from quantkit.source.calibration import load_documents
 from quantkit.write.shards import ShardWriter
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
 INIT_STD = 0.02  # transformers' initializer_range: activations stay finite through many random layers
 
 
-def train_tokenizer(vocab_size: int, n_docs: int = 400):
-    """A byte-level BPE tokenizer trained on the first n_docs calibration documents (a few seconds)."""
+def train_tokenizer(vocab_size: int, n_docs: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the first n_docs calibration documents."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,8 +57,8 @@ def write_synthetic_checkpoint(out: Path, config: dict, dtype: torch.dtype = tor
     """Write config.json, a tokenizer and random safetensors shards to `out`; returns the bytes of weights.
 
     Parameters come from the meta-device model of the config, so any architecture transformers knows works,
-    and only one tensor is ever in memory. device "cuda" draws the numbers there (a 7B shape in seconds rather
-    than minutes; other numbers than the CPU's for the same seed).
+    and only one tensor is ever in memory. device "cuda" draws the numbers there, faster
+    (other numbers than the CPU's for the same seed).
     """
     from transformers import AutoConfig
 

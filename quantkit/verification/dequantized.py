@@ -5,8 +5,9 @@ no GPU and no gptqmodel exist.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.source.checkpoint import (
@@ -20,10 +21,14 @@ from quantkit.source.skeleton import (
     checkpoint_key_renamer,
     is_conv1d,
 )
+from quantkit.verification.qlinear import as_causal_lm
 from quantkit.write.gptq_format import dequantize_module
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def load_dequantized(model: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+
+def load_dequantized(model: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a GPTQ checkpoint (directory or cached repo id) as an ordinary causal LM with float weights."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
@@ -39,14 +44,15 @@ def load_dequantized(model: str, dtype: torch.dtype = torch.float32) -> nn.Modul
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     del config.quantization_config
     with init_empty_weights(include_buffers=False):
-        lm = causal_lm_from_config(config, dtype)
+        lm = as_causal_lm(causal_lm_from_config(config, dtype))
     rename = checkpoint_key_renamer(lm)
     bits, fmt = int(qcfg["bits"]), qcfg.get("checkpoint_format", "gptq")
     names = set(checkpoint.names())
     for name in sorted(names):
         if name.endswith(".qweight"):
             module = name[: -len(".qweight")]
-            weight = dequantize_module(*(checkpoint.get(f"{module}.{s}") for s in ("qweight", "qzeros", "scales", "g_idx")),
+            weight = dequantize_module(checkpoint.get(f"{module}.qweight"), checkpoint.get(f"{module}.qzeros"),
+                                       checkpoint.get(f"{module}.scales"), checkpoint.get(f"{module}.g_idx"),
                                        bits=bits, fmt=fmt)
             if is_conv1d(lm.get_submodule(module)):
                 weight = weight.t().contiguous()  # Conv1D keeps [in, out]

@@ -7,9 +7,9 @@ facts a user should know (e.g. a file the manifest does not list); notes are kno
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -20,14 +20,18 @@ from quantkit.source.checkpoint import (
     check_config_fits,
     read_config_dict,
 )
-from quantkit.source.safetensors_header import IntegrityError, read_header
+from quantkit.source.safetensors_header import TORCH_DTYPES, IntegrityError, read_header
 from quantkit.untrusted import field as json_field
 from quantkit.untrusted import file_record, read_json, relative_name, sha256_file
-from quantkit.verification.compat import BNB_NOTE, LM_HEAD_NOTE
+from quantkit.verification.compat import Limit, LoaderLimit, loader_limits
+from quantkit.write.gptq_format import QUANT_SUFFIXES
 from quantkit.write.manifest import MANIFEST_NAME
 from quantkit.write.packing import SUPPORTED_BITS
 
 MAX_LISTED = 20  # problems of one kind listed individually before they are summarised
+FLOAT_DTYPES = frozenset(name for name, dtype in TORCH_DTYPES.items() if dtype.is_floating_point)
+MODULE_SUFFIXES = (*QUANT_SUFFIXES, "bias")  # the tensors of one quantized Linear
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -40,13 +44,24 @@ class IntegrityReport:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    limits: list[LoaderLimit] = field(default_factory=list)  # known loader limits; their notes are in `notes`
 
     @property
     def ok(self) -> bool:
         return not self.errors
 
+    def has_limit(self, kind: Limit) -> bool:
+        return any(limit.kind is kind for limit in self.limits)
+
+    def add_limits(self, limits: list[LoaderLimit]) -> None:
+        """Record known loader limits and add their notes."""
+        self.limits += limits
+        self.notes += [limit.note for limit in limits]
+
     def to_dict(self) -> dict:
-        return {**self.__dict__, "ok": self.ok}
+        return {"path": self.path, "manifest": self.manifest, "files_checked": self.files_checked,
+                "quantization": self.quantization, "quantized_modules": self.quantized_modules,
+                "errors": self.errors, "warnings": self.warnings, "notes": self.notes, "ok": self.ok}
 
 
 def read_headers(checkpoint: SafetensorsCheckpoint) -> dict[str, dict]:
@@ -63,7 +78,7 @@ def read_headers(checkpoint: SafetensorsCheckpoint) -> dict[str, dict]:
     return out
 
 
-def check_integrity(model_dir: Path, progress: Callable[[str, int, int], None] | None = None) -> IntegrityReport:
+def check_integrity(model_dir: Path, progress: Progress | None = None) -> IntegrityReport:
     """Every check that needs no model: manifest hashes, shard headers, quantization_config vs tensors."""
     report = IntegrityReport(path=str(model_dir))
     check_manifest(model_dir, report, progress)
@@ -87,7 +102,7 @@ def check_integrity(model_dir: Path, progress: Callable[[str, int, int], None] |
     return report
 
 
-def check_manifest(model_dir: Path, report: IntegrityReport, progress) -> None:
+def check_manifest(model_dir: Path, report: IntegrityReport, progress: Progress | None) -> None:
     path = model_dir / MANIFEST_NAME
     if not path.is_file():
         report.warnings.append(f"no {MANIFEST_NAME} manifest: file hashes not checked (not written by quantkit)")
@@ -123,7 +138,7 @@ def check_manifest(model_dir: Path, report: IntegrityReport, progress) -> None:
 def _manifest_files(path: Path) -> dict[str, dict]:
     """The manifest's `files`: plain names of files directly in the checkpoint, each with a sha256 and a size."""
     files = json_field(read_json(path, "manifest"), "files", dict, MANIFEST_NAME)
-    for name, entry in files.items():
+    for name in files:
         relative_name(name, MANIFEST_NAME)
         if "/" in name:
             raise QuantkitError(f"file name {name!r} is not a file at the checkpoint's top level")
@@ -165,15 +180,15 @@ def _check_quantization(config: dict, model_dir: Path, checkpoint: SafetensorsCh
         return
     report.quantized_modules = len(modules)
     problems: list[str] = []
-    ragged = []
+    shapes: dict[str, tuple[int, int]] = {}
     for module in modules:
-        k = _check_module(module, settings, checkpoint, headers, problems)
-        if k and settings["group_size"] > 0 and k % settings["group_size"]:
-            ragged.append(module)
+        shape = _check_module(module, settings, checkpoint, headers, problems)
+        if shape is not None:
+            shapes[module] = shape
     report.errors.extend(problems[:MAX_LISTED])
     if len(problems) > MAX_LISTED:
         report.errors.append(f"... and {len(problems) - MAX_LISTED} more tensor problems")
-    _loader_notes(settings, ragged, report)
+    report.add_limits(loader_limits(qcfg, shapes or None))
 
 
 def _check_bnb(qcfg: dict, headers: dict, report: IntegrityReport) -> None:
@@ -197,7 +212,7 @@ def _check_bnb(qcfg: dict, headers: dict, report: IntegrityReport) -> None:
     if bad:
         report.errors.append(f"{bad[0]}.weight: expected {want} bitsandbytes storage, found "
                              f"{headers.get(f'{bad[0]}.weight', {}).get('dtype', 'nothing')}")
-    report.notes.append(BNB_NOTE)
+    report.add_limits(loader_limits(qcfg))
 
 
 def _settings(qcfg: dict, report: IntegrityReport) -> dict | None:
@@ -223,37 +238,39 @@ def _settings(qcfg: dict, report: IntegrityReport) -> dict | None:
             "checkpoint_format": fmt, "lm_head": bool(qcfg.get("lm_head", False))}
 
 
-def _check_module(module: str, s: dict, checkpoint: SafetensorsCheckpoint, headers: dict, problems: list[str]) -> int:
-    """Shapes, dtypes and g_idx of one quantized Linear; returns its in_features K (0 when unusable)."""
-    info = {suffix: headers.get(f"{module}.{suffix}") for suffix in ("qweight", "qzeros", "scales", "g_idx", "bias")}
-    missing = [sfx for sfx in ("qzeros", "scales", "g_idx") if info[sfx] is None]
+def _check_module(module: str, s: dict, checkpoint: SafetensorsCheckpoint, headers: dict,
+                  problems: list[str]) -> tuple[int, int] | None:
+    """Shapes, dtypes and g_idx of one quantized Linear; returns its weight's (out_features N, in_features K), or
+    None when they cannot be told or K is 0."""
+    missing = [sfx for sfx in ("qzeros", "scales", "g_idx") if f"{module}.{sfx}" not in headers]
     if missing:
         problems.append(f"{module}: tensor {module}.{missing[0]} is missing")
-        return 0
+        return None
+    info: dict[str, dict] = {sfx: headers[f"{module}.{sfx}"] for sfx in MODULE_SUFFIXES if f"{module}.{sfx}" in headers}
     bits, group = s["bits"], s["group_size"]
     want_dtypes = {"qweight": ("I32",), "qzeros": ("I32",), "g_idx": ("I32",), "scales": ("F16", "BF16", "F32")}
     for sfx, allowed in want_dtypes.items():
         if info[sfx]["dtype"] not in allowed:
             problems.append(f"{module}.{sfx}: dtype {info[sfx]['dtype']}, expected {' or '.join(allowed)}")
-            return 0
+            return None
     kp, n = (info["qweight"]["shape"] + [0, 0])[:2]
     k = kp * 32 // bits
     n_groups = 1 if group == -1 else math.ceil(k / group)
     expect = {"qweight": [kp, n], "g_idx": [k], "scales": [n_groups, n], "qzeros": [n_groups, n * bits // 32]}
     if (n * bits) % 32 or len(info["qweight"]["shape"]) != 2:
         problems.append(f"{module}.qweight: shape {info['qweight']['shape']} cannot hold {bits}-bit codes")
-        return 0
-    if info["bias"] is not None:
+        return None
+    if "bias" in info:
         expect["bias"] = [n]
     for sfx, shape in expect.items():
         if info[sfx]["shape"] != shape:
             problems.append(f"{module}.{sfx}: shape {info[sfx]['shape']}, expected {shape} for a [{n}, {k}] weight at "
                             f"{bits} bits, group size {group} (from {module}.qweight {info['qweight']['shape']})")
-            return 0
+            return None
     g_idx = checkpoint.get(f"{module}.g_idx").long()
     if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
         problems.append(f"{module}.g_idx: values in [{int(g_idx.min())}, {int(g_idx.max())}], outside [0, {n_groups})")
-        return 0
+        return None
     effective = k if group == -1 else group
     if not s["desc_act"] and not torch.equal(g_idx, torch.arange(k) // effective):
         problems.append(f"{module}.g_idx: not channel // group_size although desc_act is false; kernels that ignore "
@@ -265,42 +282,17 @@ def _check_module(module: str, s: dict, checkpoint: SafetensorsCheckpoint, heade
         problems.append(f"{module}.scales: holds NaN or Inf")
     elif s["sym"] and bool((scales <= 0).any()):
         problems.append(f"{module}.scales: holds zero or negative scales")
-    return k
+    return (n, k) if k else None
 
 
 def _check_float_tensors(checkpoint: SafetensorsCheckpoint, headers: dict, report: IntegrityReport) -> None:
     """NaN/Inf in unquantized tensors (embeddings, norms, head, biases), read one at a time."""
     bad = []
     for name, info in headers.items():
-        if info["dtype"] in ("F16", "BF16", "F32", "F64") and not name.endswith(".scales"):
+        if info["dtype"] in FLOAT_DTYPES and not name.endswith(".scales"):
             if not torch.isfinite(checkpoint.get(name)).all():
                 bad.append(name)
     report.errors.extend(f"{name} ({headers[name]['file']}): holds NaN or Inf" for name in bad[:MAX_LISTED])
-
-
-# gptqmodel 7.6 picks TorchFusedLinear for 4-bit on CPU; for asymmetric per-row checkpoints its outputs are wrong
-TORCH_BACKEND_NOTE = "gptqmodel 7.6's default CPU kernel (TorchFusedLinear) computes wrong outputs"
-
-
-def _loader_notes(s: dict, ragged: list[str], report: IntegrityReport) -> None:
-    """Known limits of the usual GPTQ loaders for these settings (DESIGN.md), as notes, not failures."""
-    if ragged:
-        report.notes.append(f"{len(ragged)} modules have a partial last group (in_features not divisible by group size "
-                            f"{s['group_size']}, e.g. {ragged[0]}): gptqmodel's default CPU kernel cannot run them; load "
-                            "with GPTQConfig(..., backend=\"torch\") (verify --loader transformers does this); vLLM's "
-                            "Marlin path needs in_features divisible by the group size")
-    if s.get("lm_head"):
-        report.notes.append(LM_HEAD_NOTE)
-    if (s["bits"], s["sym"], s["group_size"]) == (4, False, -1):
-        report.notes.append(f"4-bit asymmetric with group size -1: {TORCH_BACKEND_NOTE} (measured: logits off by 0.5 "
-                            "on a tiny Llama); load with GPTQConfig(..., backend=\"torch\"), which is exact (verify "
-                            "--loader transformers does this)")
-    if (s["bits"], s["sym"]) not in ((4, True), (8, True)):
-        report.notes.append("vLLM's fast Marlin kernels take only 4-bit and 8-bit symmetric GPTQ")
-    if s["checkpoint_format"] == "gptq" and (not s["sym"] or s["bits"] in (2, 3)):
-        report.notes.append("asymmetric or 2/3-bit checkpoints in the v1 'gptq' format have been mis-loaded by vLLM")
-    if s["desc_act"] and s["group_size"] == -1:
-        report.notes.append("desc_act with group_size -1 breaks TGI's exllama path")
 
 
 def describe_quantization(q: dict, long: bool = False) -> str:
@@ -310,8 +302,8 @@ def describe_quantization(q: dict, long: bool = False) -> str:
     if not long:
         return f"{q['bits']}-bit g{q['group_size']} {'sym' if q['sym'] else 'asym'} {q['checkpoint_format']}"
     group = "per row" if q["group_size"] == -1 else q["group_size"]
-    return (f"{q['bits']}-bit, group size {group}, {'symmetric' if q['sym'] else 'asymmetric'}, desc_act {q['desc_act']}, "
-            f"format {q['checkpoint_format']}")
+    return (f"{q['bits']}-bit, group size {group}, {'symmetric' if q['sym'] else 'asymmetric'}, "
+            f"desc_act {q['desc_act']}, format {q['checkpoint_format']}")
 
 
 def raise_for(report: IntegrityReport) -> None:
@@ -322,4 +314,4 @@ def raise_for(report: IntegrityReport) -> None:
 
 
 __all__ = ["IntegrityError", "IntegrityReport", "check_integrity", "read_header", "read_headers", "raise_for",
-           "MANIFEST_NAME", "INDEX_NAME"]
+           "MANIFEST_NAME", "INDEX_NAME", "FLOAT_DTYPES", "MODULE_SUFFIXES"]

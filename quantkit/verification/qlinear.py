@@ -1,8 +1,4 @@
-"""quantkit's own GPTQ runtime: a pure-torch dequantizing Linear and a memory-lean loader built on it.
-
-No CUDA kernel and no gptqmodel: `GPTQLinear` keeps the checkpoint's packed tensors as buffers and
-dequantizes them with `gptq_format.dequantize_module`, so its outputs equal those of a plain Linear holding
-the dequantized weight bit for bit (see tests/test_verify.py).
+"""quantkit's own GPTQ runtime: a memory-lean loader built on the pure-torch GPTQLinear (gptq_linear.py).
 
 `load_model` builds the transformers model on the meta device, swaps the Linears that the checkpoint
 quantized for `GPTQLinear`, and fills every tensor from the safetensors shards one at a time. It also loads
@@ -11,12 +7,14 @@ unquantized checkpoints (the base model of a comparison). Memory, given a budget
   2. else the packed model fits -> each Linear dequantizes in every forward, nothing cached;
   3. else the embeddings, norms and head stay in RAM, decoder layers fill the rest of the budget in order,
      and the remaining layers are offloaded to disk (accelerate `dispatch_model`), read back per forward.
-Without a budget, tier 1 is used.
+Without a budget, tier 1 is used (memory_plan.py).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -35,62 +33,13 @@ from quantkit.source.skeleton import (
     is_conv1d,
     weight_matrix,
 )
+from quantkit.verification.gptq_linear import GPTQLinear
 from quantkit.verification.integrity import read_headers
-from quantkit.write.gptq_format import QUANT_SUFFIXES, dequantize_module, zero_offset
-from quantkit.write.packing import packed_length
+from quantkit.verification.memory_plan import available_memory, model_footprint, module_bytes, plan_memory
+from quantkit.write.gptq_format import QUANT_SUFFIXES
 
-
-class GPTQLinear(nn.Module):
-    """y = x @ W.T + b with W dequantized from GPTQ tensors (buffers, as stored on disk) in each forward.
-
-    qweight int32 [K*bits/32, N], qzeros int32 [G, N*bits/32], scales float16 [G, N], g_idx int32 [K],
-    bias [N] or None. With cache_weight, the first forward keeps the dequantized weight for later calls.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bits: int, n_groups: int, fmt: str = "gptq",
-                 bias: bool = False, scales_dtype: torch.dtype = torch.float16, bias_dtype: torch.dtype = torch.float16,
-                 device: torch.device | str = "meta", cache_weight: bool = False):
-        super().__init__()
-        zero_offset(fmt)  # validates the format name
-        self.in_features, self.out_features, self.bits, self.fmt = in_features, out_features, bits, fmt
-        self.cache_weight = cache_weight
-        self._cached: Tensor | None = None
-        self.register_buffer("qweight", torch.empty(packed_length(in_features, bits), out_features, dtype=torch.int32,
-                                                     device=device))
-        self.register_buffer("qzeros", torch.empty(n_groups, packed_length(out_features, bits), dtype=torch.int32,
-                                                    device=device))
-        self.register_buffer("scales", torch.empty(n_groups, out_features, dtype=scales_dtype, device=device))
-        self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
-        if bias:
-            self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device))
-        else:
-            self.bias = None
-
-    @classmethod
-    def from_tensors(cls, qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int, fmt: str,
-                     bias: Tensor | None = None, cache_weight: bool = False) -> "GPTQLinear":
-        layer = cls(g_idx.shape[0], scales.shape[1], bits, scales.shape[0], fmt, bias is not None, scales.dtype,
-                    bias.dtype if bias is not None else torch.float16, device="cpu", cache_weight=cache_weight)
-        for name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales), ("g_idx", g_idx), ("bias", bias)):
-            if t is not None:
-                layer._buffers[name] = t
-        return layer
-
-    def dequantized_weight(self) -> Tensor:
-        """Float32 weight [N, K], exactly as the format defines it."""
-        return dequantize_module(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.fmt)
-
-    def forward(self, x: Tensor) -> Tensor:
-        weight = self._cached
-        if weight is None or weight.dtype != x.dtype or weight.device != x.device:
-            weight = self.dequantized_weight().to(device=x.device, dtype=x.dtype)
-            self._cached = weight if self.cache_weight else None
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return nn.functional.linear(x, weight, bias)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"groups={self.scales.shape[0]}, format={self.fmt}, bias={self.bias is not None}")
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -121,7 +70,17 @@ def gptq_settings(config_dict: dict) -> dict | None:
             "fmt": qcfg.get("checkpoint_format", "gptq")}
 
 
-def build_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, SafetensorsCheckpoint, dict | None]:
+def as_causal_lm(model: nn.Module) -> PreTrainedModel:
+    """model, which transformers built, as the PreTrainedModel it is."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise QuantkitError(f"{type(model).__name__} is not a transformers model")
+    return model
+
+
+def build_model(model_dir: Path,
+                dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, SafetensorsCheckpoint, dict | None]:
     """The causal LM on the meta device with GPTQLinear in place of every quantized Linear (buffers on meta)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
@@ -138,7 +97,7 @@ def build_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[nn
         del config.quantization_config
     with init_empty_weights(include_buffers=False):
         try:
-            model = causal_lm_from_config(config, dtype)
+            model = as_causal_lm(causal_lm_from_config(config, dtype))
         except (ValueError, KeyError) as e:
             raise QuantkitError(f"{model_dir}: transformers cannot build this model: {e}") from None
     if _ties_embeddings(model):
@@ -151,9 +110,10 @@ def build_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[nn
     return model.eval(), checkpoint, settings
 
 
-def _ties_embeddings(model: nn.Module) -> bool:
+def _ties_embeddings(model: PreTrainedModel) -> bool:
     text_config = model.config.get_text_config()
-    return bool(getattr(text_config, "tie_word_embeddings", False) or getattr(model.config, "tie_word_embeddings", False))
+    return bool(getattr(text_config, "tie_word_embeddings", False)
+                or getattr(model.config, "tie_word_embeddings", False))
 
 
 def _swap_in(model: nn.Module, module_name: str, checkpoint: SafetensorsCheckpoint, settings: dict,
@@ -161,7 +121,8 @@ def _swap_in(model: nn.Module, module_name: str, checkpoint: SafetensorsCheckpoi
     try:
         linear = model.get_submodule(module_name)
     except AttributeError:
-        raise QuantkitError(f"checkpoint quantizes {module_name}, which this model architecture does not have") from None
+        raise QuantkitError(f"checkpoint quantizes {module_name}, which this model architecture does not "
+                            "have") from None
     if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
         raise QuantkitError(f"checkpoint quantizes {module_name}, which is a {type(linear).__name__}, not a Linear")
     linear_out, linear_in = weight_matrix(linear).shape
@@ -184,78 +145,8 @@ def _swap_in(model: nn.Module, module_name: str, checkpoint: SafetensorsCheckpoi
     setattr(model.get_submodule(parent_name) if parent_name else model, child, qlinear)
 
 
-def _tensor_bytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _module_bytes(module: nn.Module, cached: bool, seen: set[int]) -> int:
-    """Bytes of a module's parameters and buffers (tied tensors once); with cached, plus float32 dequantized weights."""
-    total = 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += _tensor_bytes(t)
-    if cached:
-        total += sum(4 * m.in_features * m.out_features for m in module.modules() if isinstance(m, GPTQLinear))
-    return total
-
-
-def model_footprint(model: nn.Module) -> tuple[int, int]:
-    """(packed bytes, float bytes) of a meta-built model: RAM without and with dequantized weights cached."""
-    packed = _module_bytes(model, cached=False, seen=set())
-    dequantized = sum(4 * m.in_features * m.out_features for m in model.modules() if isinstance(m, GPTQLinear))
-    return packed, packed + dequantized
-
-
-def _layer_units(model: nn.Module) -> tuple[list[str], list[str]]:
-    """Device-map units: (decoder layer names, every other top-level module name), together covering the model."""
-    from quantkit.source.skeleton import decoder_layers
-
-    n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", 0)
-    prefix, _ = decoder_layers(model, n_layers)
-    layers, others = [f"{prefix}.{i}" for i in range(n_layers)], []
-
-    def walk(module: nn.Module, name: str) -> None:
-        for child_name, child in module.named_children():
-            full = f"{name}.{child_name}" if name else child_name
-            if full == prefix:
-                continue
-            if prefix.startswith(full + "."):
-                walk(child, full)
-            else:
-                others.append(full)
-    walk(model, "")
-    return layers, others
-
-
-def plan_memory(model: nn.Module, max_memory: int | None) -> tuple[bool, dict[str, str] | None]:
-    """(cache dequantized weights?, device map or None when everything stays in RAM) for a budget in bytes."""
-    packed, full = model_footprint(model)
-    if max_memory is None or full <= max_memory:
-        return True, None
-    if packed <= max_memory:
-        return False, None
-    layers, others = _layer_units(model)
-    seen: set[int] = set()
-    used = sum(_module_bytes(model.get_submodule(n), False, seen) for n in others)
-    if used > max_memory:
-        raise QuantkitError(f"the embeddings, norms and output head alone need {_gb(used)}, more than --max-memory "
-                            f"{_gb(max_memory)}; raise --max-memory")
-    device_map = {n: "cpu" for n in others}
-    for name in layers:
-        size = _module_bytes(model.get_submodule(name), False, seen)
-        fits = used + size <= max_memory and all(v != "disk" for v in device_map.values())
-        device_map[name] = "cpu" if fits else "disk"
-        used += size if fits else 0
-    return False, device_map
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
 def load_model(model: str | Path, *, dtype: torch.dtype = torch.float32, max_memory: int | None = None,
-               offload_dir: str | Path | None = None) -> tuple[nn.Module, LoadInfo]:
+               offload_dir: str | Path | None = None) -> tuple[PreTrainedModel, LoadInfo]:
     """A GPTQ (GPTQLinear) or unquantized checkpoint as a ready causal LM, within `max_memory` bytes of weights.
 
     Layers that do not fit are offloaded into `offload_dir` (required then), which must outlive the model.
@@ -280,24 +171,23 @@ def load_model(model: str | Path, *, dtype: torch.dtype = torch.float32, max_mem
     if _ties_embeddings(lm):
         lm.tie_weights()
     _check_loaded(lm, model_dir, disk)
-    offloaded = sorted(disk, key=_natural_key)
-    if disk:
+    resident = full if cache else packed
+    if device_map is not None and disk and offload_dir is not None:
         _dispatch(lm, device_map, Path(offload_dir), index)
-    resident = packed if not cache else full
-    if disk:
         seen: set[int] = set()
-        resident = sum(_module_bytes(lm.get_submodule(n), False, seen) for n, d in device_map.items() if d == "cpu")
+        resident = sum(module_bytes(lm.get_submodule(n), False, seen) for n, d in device_map.items() if d == "cpu")
     info = LoadInfo(path=str(model_dir), quantized=settings is not None, resident_bytes=resident, float_bytes=full,
-                    packed_bytes=packed, cached=cache and settings is not None, offloaded=offloaded)
+                    packed_bytes=packed, cached=cache and settings is not None,
+                    offloaded=sorted(disk, key=_natural_key))
     return lm, info
 
 
-def _natural_key(name: str):
+def _natural_key(name: str) -> list[int | str]:
     return [int(p) if p.isdigit() else p for p in name.split(".")]
 
 
 def _load_tensor(lm: nn.Module, name: str, checkpoint: SafetensorsCheckpoint, dtype: torch.dtype, disk: set[str],
-                 offload_dir, index: dict, rename) -> None:
+                 offload_dir: str | Path | None, index: dict, rename: Callable[[str], str]) -> None:
     """Put one checkpoint tensor into its module (or the offload folder when its layer lives on disk)."""
     module_name, _, tensor_name = rename(name).rpartition(".")
     try:
@@ -306,14 +196,15 @@ def _load_tensor(lm: nn.Module, name: str, checkpoint: SafetensorsCheckpoint, dt
         return  # e.g. a stored lm_head of a tied model, or rotary tables of old checkpoints: not part of the model
     if tensor_name not in module._parameters and tensor_name not in module._buffers:
         return
-    old = module._parameters.get(tensor_name)
-    old = old if old is not None else module._buffers.get(tensor_name)
+    param = module._parameters.get(tensor_name)
+    old: Tensor | None = param if param is not None else module._buffers.get(tensor_name)
     tensor = checkpoint.get(name)
     if old is not None and tuple(tensor.shape) != tuple(old.shape):
         raise QuantkitError(f"tensor {name} has shape {list(tensor.shape)} in the checkpoint, but config.json implies "
                             f"{list(old.shape)}")
     if isinstance(module, GPTQLinear):
-        tensor = tensor.to(old.dtype) if tensor_name in ("qweight", "qzeros", "g_idx") else tensor
+        integer = tensor_name in ("qweight", "qzeros", "g_idx")  # GPTQLinear declares all three, so old is set
+        tensor = tensor.to(old.dtype) if integer and old is not None else tensor
     elif tensor.is_floating_point():
         tensor = tensor.to(dtype)
     if any(name.startswith(d + ".") for d in disk):
@@ -348,17 +239,6 @@ def _dispatch(lm: nn.Module, device_map: dict[str, str], offload_dir: Path, inde
     save_offload_index(index, str(offload_dir))
     dispatch_model(lm, device_map=device_map, main_device="cpu", offload_dir=str(offload_dir), offload_index=index,
                    offload_buffers=True)
-
-
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (Linux), else None."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def estimate_footprint(model: str | Path) -> tuple[int, int]:

@@ -5,9 +5,14 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from quantkit.verification.api import VerifyReport
+from quantkit.verification.inputs import OUTLIER_FACTOR
 from quantkit.verification.integrity import describe_quantization
+from quantkit.verification.report import VerifyReport
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 PLOT_NAME = "verify.png"
 
@@ -23,7 +28,8 @@ def write_report(report: VerifyReport, out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-def fmt(value, digits: int = 4) -> str:
+def fmt(value: object, digits: int = 4) -> str:
+    """A metric for a table: significant digits, scientific below 1e-3, "–" for a missing value."""
     if value is None:
         return "–"
     if isinstance(value, float):
@@ -42,7 +48,7 @@ def metric_rows(r: VerifyReport) -> list[tuple[str, str, str, str, str]]:
     t = r.thresholds
     compared = r.base_ppl is not None
 
-    def result(metric: str, limit) -> str:
+    def result(metric: str, limit: float | None) -> str:
         if not compared or limit is None:
             return ""
         return "FAIL" if metric in failed else "pass"
@@ -50,15 +56,17 @@ def metric_rows(r: VerifyReport) -> list[tuple[str, str, str, str, str]]:
     rows = [("perplexity", fmt(r.base_ppl), fmt(r.quantized_ppl), "", "")]
     if compared:
         rows += [
-            ("perplexity ratio", "", "–" if r.ppl_ratio is None else f"{r.ppl_ratio:.4f}", _limit("≤", t.max_ppl_ratio), result("ppl_ratio", t.max_ppl_ratio)),
+            ("perplexity ratio", "", "–" if r.ppl_ratio is None else f"{r.ppl_ratio:.4f}",
+             _limit("≤", t.max_ppl_ratio), result("ppl_ratio", t.max_ppl_ratio)),
             ("KL mean", "", fmt(r.kl_mean), _limit("≤", t.max_kl), result("kl_mean", t.max_kl)),
             ("KL p99", "", fmt(r.kl_p99), "", ""),
-            ("top-1 agreement", "", fmt(r.top1_agreement), _limit("≥", t.min_top1), result("top1_agreement", t.min_top1)),
+            ("top-1 agreement", "", fmt(r.top1_agreement), _limit("≥", t.min_top1),
+             result("top1_agreement", t.min_top1)),
         ]
     return rows
 
 
-def _limit(op: str, value) -> str:
+def _limit(op: str, value: float | None) -> str:
     return "" if value is None else f"{op} {value:g}"
 
 
@@ -96,8 +104,8 @@ def render_markdown(r: VerifyReport, plot: str | None = PLOT_NAME) -> str:
     if r.quantized_ppl is not None:
         lines += ["## Metrics", "", "| metric | base | quantized | threshold | result |", "|---|---:|---:|---|---|"]
         lines += [f"| {' | '.join(row)} |" for row in metric_rows(r)]
-        lines += ["", "Perplexity: exp of the mean next-token NLL over all evaluated tokens. KL: KL(base ‖ quantized) of "
-                  "the next-token distributions per position (mean and 99th percentile). Top-1 agreement: share of "
+        lines += ["", "Perplexity: exp of the mean next-token NLL over all evaluated tokens. KL: KL(base ‖ quantized) "
+                  "of the next-token distributions per position (mean and 99th percentile). Top-1 agreement: share of "
                   "positions where both models rank the same next token first.", ""]
         if plot:
             lines += [f"![per-window perplexity and KL histogram]({plot})", ""]
@@ -108,8 +116,8 @@ def render_markdown(r: VerifyReport, plot: str | None = PLOT_NAME) -> str:
         outliers = [str(row["index"]) for row in r.layers if row.get("outlier")]
         lines += ["## Per-layer GPTQ loss (recorded by quantize)", "",
                   "Sum over the layer's Linears of the GPTQ objective (output error on the calibration activations)."
-                  + (f" Layers {', '.join(outliers)} stand out (more than 5× the median layer): the first places to "
-                     "look when quality is short." if outliers else ""), "",
+                  + (f" Layers {', '.join(outliers)} stand out (more than {OUTLIER_FACTOR}× the median layer): the "
+                     "first places to look when quality is short." if outliers else ""), "",
                   "| layer | total loss | worst module | its loss | |", "|---:|---:|---|---:|---|"]
         lines += [f"| {row['index']} | {fmt(row['total_loss'])} | {row['worst_module']} | {fmt(row['worst_loss'])} | "
                   f"{'⚠ outlier' if row.get('outlier') else ''} |" for row in r.layers]
@@ -139,8 +147,8 @@ def _generation_section(r: VerifyReport) -> list[str]:
     cfg = r.generation_config
     lines = ["## Generations", "",
              f"Greedy decoding of at most {cfg.get('max_new_tokens', '?')} new tokens, stopping at end-of-sequence "
-             f"tokens {cfg.get('eos_token_ids', [])}; chat prompts are rendered with the tokenizer's chat template after "
-             f"the system message \"{cfg.get('system_prompt', '')}\"."
+             f"tokens {cfg.get('eos_token_ids', [])}; chat prompts are rendered with the tokenizer's chat template "
+             f"after the system message \"{cfg.get('system_prompt', '')}\"."
              + (f" **{matches} of {len(r.generations)}** continuations are identical." if compared else ""), ""]
     for n, g in enumerate(r.generations, start=1):
         if g.match is None:
@@ -179,8 +187,8 @@ def plot(r: VerifyReport, path: Path) -> None:
     ax.set_ylabel("perplexity")
     ax.set_title("Perplexity per window")
     ax.grid(alpha=0.3)
-    if has_kl:
-        _plot_kl(axes[0][1], r)
+    if r.kl_histogram is not None:
+        _plot_kl(axes[0][1], r, r.kl_histogram)
     if r.layers:
         _plot_layers(axes[0][panels - 1], r)
     status = "PASSED" if r.passed else "FAILED: " + ", ".join(f["metric"] for f in r.failures)
@@ -190,8 +198,7 @@ def plot(r: VerifyReport, path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_kl(ax, r: VerifyReport) -> None:
-    h = r.kl_histogram
+def _plot_kl(ax: Axes, r: VerifyReport, h: dict) -> None:
     edges, counts = h["edges"], h["counts"]
     if sum(counts):
         ax.stairs(counts, edges, fill=True, alpha=0.6)
@@ -212,12 +219,12 @@ def _plot_kl(ax, r: VerifyReport) -> None:
     ax.grid(alpha=0.3)
 
 
-def _plot_layers(ax, r: VerifyReport) -> None:
+def _plot_layers(ax: Axes, r: VerifyReport) -> None:
     idx = [row["index"] for row in r.layers]
     colors = ["tab:red" if row.get("outlier") else "tab:blue" for row in r.layers]
     ax.bar(idx, [row["total_loss"] for row in r.layers], color=colors)
     ax.set_yscale("log")
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("GPTQ loss (sum over the layer's Linears)")
-    ax.set_title("Per-layer quantization loss (red: > 5x median)")
+    ax.set_title(f"Per-layer quantization loss (red: > {OUTLIER_FACTOR}x median)")
     ax.grid(alpha=0.3, axis="y")

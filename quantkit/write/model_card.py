@@ -26,18 +26,20 @@ def render_model_card(*, repo_id: str | None, source: str, spec: QuantSpec, cali
         f"| bits | {spec.bits} |",
     ]
     if spec.is_bnb:
-        lines += [f"| scheme | {'NF4, blocks of 64 with an absmax scale' if spec.bits == 4 else 'LLM.int8, per-row absmax'} |"]
+        scheme = "NF4, blocks of 64 with an absmax scale" if spec.bits == 4 else "LLM.int8, per-row absmax"
+        lines += [f"| scheme | {scheme} |"]
     else:
+        target = "the unquantized model (GPTAQ)" if spec.gptaq else "each layer as quantized so far (GPTQ)"
+        head = "quantized (lm_head: true; untied from the embedding)" if spec.lm_head else "float16"
         lines += [
             f"| group size | {group} |",
             f"| symmetric | {spec.sym} |",
             f"| act-order (desc_act) | {spec.act_order} |",
             f"| true sequential | {spec.true_sequential} |",
             f"| range clip search | {spec.clip_search} |",
-            *([f"| calibration target | {'the unquantized model (GPTAQ)' if spec.gptaq else 'each layer as quantized so far (GPTQ)'} |"]
-              if spec.method == "gptq" else []),
+            *([f"| calibration target | {target} |"] if spec.method == "gptq" else []),
             f"| damping | {spec.damp} |",
-            f"| output head | {'quantized (lm_head: true; untied from the embedding)' if spec.lm_head else 'float16'} |",
+            f"| output head | {head} |",
         ]
     lines += [
         f"| kept in float16 | {', '.join(f'`{p}`' for p in spec.skip) or 'nothing'} |",

@@ -35,8 +35,7 @@ def _block_layout(bits: int) -> list[tuple[int, int, int]]:
     return [(j, (bits * j) // 32, (bits * j) % 32) for j in range(_BLOCK)]
 
 
-# values packed at a time: the int64 working copies stay small (a whole 7B gate_proj's were 690 MB; 1024 rows of
-# down_proj's 11008 values, 180 MB, set a 7B layer's GPU peak while its Hessian was still held)
+# values packed at a time: the int64 working copies stay a small fraction of the codes' size, not a whole matrix's
 PACK_VALUES = 2**21
 
 

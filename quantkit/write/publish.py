@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,7 +37,7 @@ log = logging.getLogger("quantkit")
 
 
 @contextmanager
-def repo_lock(repo_id: str):
+def repo_lock(repo_id: str) -> Iterator[None]:
     """Hold an exclusive lock on a repo id so two runs never write the same snapshot."""
     from filelock import FileLock, Timeout
 
@@ -46,7 +47,8 @@ def repo_lock(repo_id: str):
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise QuantkitError(f"another quantkit run is writing {repo_id} (lock {lock_path}); wait for it to finish") from None
+        raise QuantkitError(f"another quantkit run is writing {repo_id} (lock {lock_path}); "
+                            "wait for it to finish") from None
     try:
         yield
     finally:

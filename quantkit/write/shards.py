@@ -7,11 +7,14 @@ import re
 import shutil
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
 
 from quantkit.errors import QuantkitError
+from quantkit.source.checkpoint import INDEX_NAME
+from quantkit.source.safetensors_header import SAFETENSORS_CODES
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}
@@ -38,13 +41,9 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
-           "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
-           "float8_e5m2": "F8_E5M2"}  # torch dtype name -> safetensors dtype code
-
-
 def safetensors_dtype(dtype: torch.dtype) -> str | None:
-    return SAFETENSORS_DTYPES.get(str(dtype).removeprefix("torch."))
+    """The safetensors code quantkit writes a tensor of `dtype` as; None for a dtype it does not write."""
+    return SAFETENSORS_CODES.get(dtype)
 
 
 def header_bytes(header: dict) -> bytes:
@@ -62,10 +61,11 @@ class _SpooledShard:
     the spools, largest element size first, so every tensor stays aligned to its element size in the file.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self._spools: dict[int, tuple[Path, object]] = {}
-        self._entries: dict[int, list[tuple[str, str, list[int], int]]] = {}  # element size -> (name, dtype, shape, nbytes)
+        self._spools: dict[int, tuple[Path, BinaryIO]] = {}
+        # element size -> (name, dtype, shape, nbytes) of each tensor spooled
+        self._entries: dict[int, list[tuple[str, str, list[int], int]]] = {}
 
     def add(self, name: str, tensor: Tensor) -> None:
         dtype = safetensors_dtype(tensor.dtype)
@@ -77,11 +77,12 @@ class _SpooledShard:
             self._spools[size] = (spool, spool.open("wb"))
             self._entries[size] = []
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._spools[size][1].write(memoryview(data))
+        self._spools[size][1].write(data.data)
         self._entries[size].append((name, dtype, list(tensor.shape), data.nbytes))
 
     def close(self) -> list[str]:
-        header, offset, names = {"__metadata__": {"format": "pt"}}, 0, []
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset, names = 0, []
         for size in sorted(self._entries, reverse=True):
             for name, dtype, shape, nbytes in self._entries[size]:
                 header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
@@ -105,7 +106,7 @@ class ShardWriter:
     `finish()` names the shards model-0000i-of-0000N.safetensors and writes model.safetensors.index.json.
     """
 
-    def __init__(self, directory: Path, max_shard_bytes: int):
+    def __init__(self, directory: Path, max_shard_bytes: int) -> None:
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
         self._shard: _SpooledShard | None = None
@@ -145,5 +146,5 @@ class ShardWriter:
             names.append(final)
             weight_map.update({t: final for t in tensor_names})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        write_json(self.directory / "model.safetensors.index.json", index)
+        write_json(self.directory / INDEX_NAME, index)
         return names

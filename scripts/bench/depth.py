@@ -1,27 +1,27 @@
 #!/usr/bin/env python
 """Peak memory against depth, on random-weight checkpoints of a real architecture's shape.
 
-    python scripts/bench_depth.py --shape llama-2-7b --layers 2,8 --samples 8 --seq-len 512 --work /tmp/depth
+    python scripts/bench/depth.py --shape llama-2-7b --layers 2,8 --samples 8 --seq-len 512 --work /tmp/depth
 
-For each layer count it writes the checkpoint (scripts/make_synthetic_checkpoint; kept in --work and reused),
-runs the whole `quantkit quantize` command in its own process, and prints wall time, seconds per layer (from the
-command's JSON report) and peak RSS (from /usr/bin/time, imports included), then how far the peaks differ.
-GPTQ's cost does not depend on the weights' values, so random weights measure what a real checkpoint would.
+For each layer count it writes the checkpoint (scripts/dev/make_synthetic_checkpoint.py; kept in --work and
+reused), runs the whole `quantkit quantize` command in its own process, and prints wall time, seconds per layer
+(from the command's JSON report) and peak RSS (scripts/bench/measure.py, imports included), then how far the peaks
+differ. GPTQ's cost does not depend on the weights' values, so random weights measure what a real checkpoint would.
+At the 7B shape a layer takes about 35 s on a CPU with AVX512-BF16 (about 4 minutes on 2 AVX2 cores): 2 and 8
+layers take about 7 minutes there, plus writing the checkpoints (3.5 GB at 8 layers).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_peers import timed  # noqa: E402
+from measure import QUANTKIT, bench_env, run
 
-ROOT = Path(__file__).resolve().parents[1]
+MAKE_CHECKPOINT = Path(__file__).resolve().parents[1] / "dev" / "make_synthetic_checkpoint.py"
 
 
 def main() -> int:
@@ -36,27 +36,27 @@ def main() -> int:
     ap.add_argument("--work", type=Path, required=True, help="checkpoints, outputs and logs (tens of GB at 7B)")
     args = ap.parse_args()
 
+    args.work = args.work.resolve()  # the commands run inside it
     args.work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = bench_env()
     rows = []
     for n in [int(x) for x in args.layers.split(",")]:
         ckpt = args.work / f"{args.shape}-{n}l"
         if not (ckpt / "config.json").is_file():
-            subprocess.run([sys.executable, str(ROOT / "scripts" / "make_synthetic_checkpoint"), str(ckpt), "--shape",
-                            args.shape, "--layers", str(n)], check=True, env=env)
-        log = args.work / f"quantize-{n}l.log"
-        cmd = [sys.executable, "-m", "quantkit", "quantize", str(ckpt), "--out", str(args.work / f"out-{n}l"),
+            subprocess.run([sys.executable, str(MAKE_CHECKPOINT), str(ckpt), "--shape", args.shape, "--layers", str(n)],
+                           check=True, env=env)
+        cmd = [*QUANTKIT, "quantize", str(ckpt), "--out", str(args.work / f"out-{n}l"),
                "--overwrite", "--json", "--samples", str(args.samples), "--seq-len", str(args.seq_len),
                "--bits", str(args.bits), "--group-size", str(args.group_size), "--device", args.device]
-        wall, rss = timed(cmd, env, log)
-        report = next(json.loads(line) for line in reversed(log.read_text().splitlines()) if line.startswith("{"))
-        per_layer = [layer["seconds"] for layer in report["layers"]]
-        rows.append({"layers": n, "wall_s": wall, "s_per_layer": statistics.mean(per_layer), "peak_rss_mb": rss})
+        m = run(cmd, args.work / f"quantize-{n}l.log", env).check()
+        per_layer = [layer["seconds"] for layer in m.report()["layers"]]
+        rows.append({"layers": n, "wall_s": m.wall_s, "s_per_layer": statistics.mean(per_layer),
+                     "peak_rss_mb": m.peak_rss_mb})
         print(json.dumps(rows[-1]), flush=True)
 
     first = rows[0]["peak_rss_mb"]
-    print(f"\n{args.shape} shape, {args.samples} x {args.seq_len} calibration tokens, {args.bits}-bit g{args.group_size}, "
-          f"--device {args.device}\n")
+    print(f"\n{args.shape} shape, {args.samples} x {args.seq_len} calibration tokens, {args.bits}-bit "
+          f"g{args.group_size}, --device {args.device}\n")
     print("| layers | wall s | s per layer | peak RSS MB | peak / first |\n|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['layers']} | {r['wall_s']:.0f} | {r['s_per_layer']:.1f} | {r['peak_rss_mb']:.0f} | "

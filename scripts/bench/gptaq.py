@@ -1,24 +1,22 @@
 #!/usr/bin/env python
 """GPTQ against GPTAQ (`quantize --gptaq`) on one model, side by side in one run: the same calibration and
-evaluation tokens, each quantize in its own process (wall time and peak RSS from /usr/bin/time, imports included),
-each output verified against the base (`quantkit verify --json`, default evaluation: 32 x 512 pydocs-eval tokens).
+evaluation tokens, each quantize in its own process (wall time and peak RSS from scripts/bench/measure.py,
+imports included), each output verified against the base (`quantkit verify --json`, default evaluation: 32 x 512
+pydocs-eval tokens).
 
-    python scripts/bench_gptaq.py demo/SmolLM2-135M-Instruct --work /tmp/bench-gptaq [--rounds 1]
+    python scripts/bench/gptaq.py demo/SmolLM2-135M-Instruct --work /tmp/bench-gptaq [--rounds 1]
 
-Rounds alternate the two methods; the table gives the median time and the largest peak per method.
+Rounds alternate the two methods; the table gives the median time and the largest peak per method. A round takes
+about 8 minutes for SmolLM2-135M on 2 CPU cores (GPTQ about 3, GPTAQ about 5), plus a minute per verify.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_peers import timed  # noqa: E402
+from measure import QUANTKIT, bench_env, quantkit_json, run
 
 METHODS = {"gptq": [], "gptaq": ["--gptaq"]}
 
@@ -31,24 +29,23 @@ def main() -> int:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
+    args.work = args.work.resolve()  # the commands run inside it
     args.work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    quantkit = [sys.executable, "-m", "quantkit"]
+    env = bench_env()
     runs: dict[str, list[tuple[float, float]]] = {m: [] for m in METHODS}
     for r in range(args.rounds):
         for method, flags in METHODS.items():
             out = args.work / method
-            cmd = [*quantkit, "quantize", str(args.model.resolve()), "--bits", str(args.bits), "--group-size",
+            cmd = [*QUANTKIT, "quantize", str(args.model.resolve()), "--bits", str(args.bits), "--group-size",
                    str(args.group_size), "--out", str(out), "--overwrite", *flags]
-            runs[method].append(timed(cmd, env, args.work / f"{method}-{r}.log"))
+            m = run(cmd, args.work / f"{method}-{r}.log", env).check()
+            runs[method].append((m.wall_s, m.peak_rss_mb))
             print(f"round {r + 1} {method}: {runs[method][-1][0]:.1f} s, {runs[method][-1][1]:.0f} MB", flush=True)
     rows = []
     for method in METHODS:
-        proc = subprocess.run([*quantkit, "verify", str(args.work / method), "--base", str(args.model.resolve()),
-                               "--no-generate", "--json"], env=env, capture_output=True, text=True)
-        if proc.returncode not in (0, 1):
-            sys.exit(f"verify of {method} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        v = json.loads(proc.stdout)
+        # exit 1 = a threshold failed: still a measurement
+        v = quantkit_json(["verify", str(args.work / method), "--base", str(args.model.resolve()), "--no-generate"],
+                          env, ok=(0, 1))
         rows.append((method, statistics.median(t for t, _ in runs[method]), max(m for _, m in runs[method]), v))
     print(f"\n{args.bits}-bit g{args.group_size} sym, {args.model.name}, {args.rounds} round(s)")
     print("| method | wall s | peak RSS MB | perplexity | ratio | KL mean | KL p99 | top-1 | verify (defaults) |")

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# quantkit vs llm-compressor vs GPTQModel on SmolLM2-135M-Instruct (or MODEL), side by side in one run.
-#   scripts/bench_peers [--write-docs] [--rounds N] [--samples 128 --seq-len 512] [MODEL_DIR]
+# quantkit vs llm-compressor vs GPTQModel on SmolLM2-135M-Instruct (or MODEL), side by side in one run, on the CPU.
+#   scripts/bench/peers.sh [--write-docs] [--rounds N] [--samples 128 --seq-len 512] [MODEL_DIR]
+# The options are scripts/bench/peers.py's (`python scripts/bench/peers.py --help`).
 # Each peer gets its own cached virtual environment (they pin different transformers versions):
 #   QUANTKIT_BENCH_HOME (default ~/.cache/quantkit/bench)/venv-{llmcompressor,gptqmodel}
-source "$(dirname "$0")/_env.sh"
+source "$(dirname "$0")/../_env.sh"
 quantkit_env "hf,test"
 cd "$ROOT"
 BENCH_HOME="${QUANTKIT_BENCH_HOME:-$HOME/.cache/quantkit/bench}"
@@ -35,4 +36,4 @@ if [ ! -f "$MODEL/config.json" ]; then
   echo ">> quantkit import-gguf: SmolLM2-135M-Instruct -> $MODEL" >&2
   quantkit import-gguf "$(demo_gguf)" "$MODEL" --max-shard-size 200MB
 fi
-python scripts/bench_peers.py "$MODEL" --llmcompressor-python "$LLMC_PY" --gptqmodel-python "$GPTQMODEL_PY" "${ARGS[@]}"
+python scripts/bench/peers.py "$MODEL" --llmcompressor-python "$LLMC_PY" --gptqmodel-python "$GPTQMODEL_PY" "${ARGS[@]}"

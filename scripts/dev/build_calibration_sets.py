@@ -25,7 +25,7 @@ Outputs (JSON Lines, one ``{"text": ..., "source": ...}`` object per line):
     calibration/pydocs-calib.jsonl
     calibration/pydocs-eval.jsonl
 
-Usage: ``python3 scripts/build_calibration_sets.py [--out-dir DIR]``
+Usage: ``python3 scripts/dev/build_calibration_sets.py [--out-dir DIR]`` (takes a few seconds)
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def write_jsonl(path: Path, records) -> None:
 
 
 def main(argv=None) -> int:
-    repo = Path(__file__).resolve().parent.parent
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    repo = Path(__file__).resolve().parents[2]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", type=Path, default=repo / "calibration")
     parser.add_argument("--stdlib", type=Path, default=stdlib_dir())
     args = parser.parse_args(argv)

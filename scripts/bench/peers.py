@@ -1,16 +1,17 @@
 #!/usr/bin/env python
-"""quantkit against llm-compressor and GPTQModel, side by side, on the same checkpoint and the same tokens.
+"""quantkit against llm-compressor and GPTQModel on the CPU, side by side, on the same checkpoint and the same tokens.
 
-Run through `scripts/bench_peers`, which prepares each tool's own virtual environment. Every tool quantizes
-the same calibration windows (written once to a safetensors file) in its own process, timed with
-/usr/bin/time (wall clock and peak RSS of the whole command, imports included). The tools alternate order
-between rounds. Each output's perplexity is then computed by scripts/peers/perplexity.py in the tool's own
-environment, loading the checkpoint through transformers as its users would, on the same evaluation windows.
+Run through `scripts/bench/peers.sh`, which prepares each tool's own virtual environment. Every tool quantizes
+the same calibration windows (written once to a safetensors file) in its own process, measured by
+scripts/bench/measure.py (wall clock and peak RSS of the whole command, imports included). The tools alternate
+order between rounds. Each output's perplexity is then computed by scripts/bench/peer_runners/perplexity.py in the
+tool's own environment, loading the checkpoint through transformers as its users would, on the same evaluation
+windows. Takes about 15 minutes a round for SmolLM2-135M on 2 CPU cores (quantkit about 2, each peer about 5),
+plus the peers' installs on the first run.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -20,31 +21,19 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PEERS = ROOT / "scripts" / "peers"
+from measure import QUANTKIT, bench_env, last_json, run
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNNERS = Path(__file__).resolve().parent / "peer_runners"
 MARK_START, MARK_END = "<!-- bench_peers:start -->", "<!-- bench_peers:end -->"
 
 
-def timed(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS MB) of cmd, which must succeed."""
-    timefile = log.with_suffix(".time")
-    with log.open("w") as out:
-        # run inside the work directory: GPTQModel writes a logs/ folder into its working directory
-        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", str(timefile), *cmd], env=env, cwd=log.parent,
-                              stdout=out, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n--- last lines of {log}:\n"
-                 + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
-    wall, rss_kb = timefile.read_text().split()[-2:]
-    return float(wall), int(rss_kb) / 1024
-
-
 def perplexity(python: str, model_dir: Path, eval_file: Path, env: dict) -> float:
-    proc = subprocess.run([python, str(PEERS / "perplexity.py"), str(model_dir), str(eval_file)], env=env,
+    proc = subprocess.run([python, str(RUNNERS / "perplexity.py"), str(model_dir), str(eval_file)], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"perplexity of {model_dir} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["ppl"]
+    return last_json(proc.stdout.splitlines())["ppl"]
 
 
 def main() -> None:
@@ -79,17 +68,15 @@ def main() -> None:
     windows = evaluation_windows(tokenizer, "pydocs-eval", args.seq_len, args.eval_tokens)
     save_file({"input_ids": calib.contiguous()}, str(work / "calib.safetensors"))
     save_file({"input_ids": windows.contiguous()}, str(work / "eval.safetensors"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2"),
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = bench_env(GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
     q = ["--bits", str(args.bits), "--group-size", str(args.group_size)]
     commands = {
         # quantkit tokenizes the built-in calibration set itself, with the same function and seed as above
-        "quantkit": lambda out: [sys.executable, "-m", "quantkit", "quantize", str(args.model), "--out", str(out),
-                                 "--overwrite", "--json", "--samples", str(args.samples), "--seq-len",
-                                 str(args.seq_len), *q],
-        "llmcompressor": lambda out: [args.llmcompressor_python, str(PEERS / "llmcompressor_gptq.py"),
+        "quantkit": lambda out: [*QUANTKIT, "quantize", str(args.model), "--out", str(out), "--overwrite", "--json",
+                                 "--samples", str(args.samples), "--seq-len", str(args.seq_len), *q],
+        "llmcompressor": lambda out: [args.llmcompressor_python, str(RUNNERS / "llmcompressor_gptq.py"),
                                       str(args.model), str(work / "calib.safetensors"), str(out), *q],
-        "gptqmodel": lambda out: [args.gptqmodel_python, str(PEERS / "gptqmodel_gptq.py"), str(args.model),
+        "gptqmodel": lambda out: [args.gptqmodel_python, str(RUNNERS / "gptqmodel_gptq.py"), str(args.model),
                                   str(work / "calib.safetensors"), str(out), *q],
     }
     pythons = {"quantkit": sys.executable, "llmcompressor": args.llmcompressor_python,
@@ -106,7 +93,9 @@ def main() -> None:
                 runs[tool].append((float(wall), int(rss_kb) / 1024))
                 print(f"round {r + 1}: {tool:14s} {float(wall):8.1f} s  {int(rss_kb) / 1024:7.0f} MB  (reused)")
                 continue
-            wall, rss = timed(commands[tool](out), env, work / f"{tool}-r{r}.log")
+            m = run(commands[tool](out), work / f"{tool}-r{r}.log", env).check()
+            wall, rss = m.wall_s, m.peak_rss_mb
+            timefile.write_text(f"{wall:.2f} {round(rss * 1024)}\n")  # seconds and KB, read back by --reuse
             runs[tool].append((wall, rss))
             print(f"round {r + 1}: {tool:14s} {wall:8.1f} s  {rss:7.0f} MB", flush=True)
 
@@ -132,10 +121,10 @@ def main() -> None:
 
 def render(rows: list[dict], base_ppl: float, versions: dict, args, eval_tokens: int) -> str:
     by = {r["tool"]: r for r in rows}
-    lines = [f"Measured {time.strftime('%Y-%m-%d')}, one run of `scripts/bench_peers` ({args.rounds} round(s), tools "
-             f"alternating), {args.bits}-bit, group {args.group_size}, symmetric, {args.samples} x {args.seq_len} "
-             f"calibration tokens (the same windows for every tool), perplexity on {eval_tokens} `pydocs-eval` tokens "
-             f"loaded through transformers; unquantized perplexity {base_ppl:.3f}.", "",
+    lines = [f"Measured {time.strftime('%Y-%m-%d')}, one run of `scripts/bench/peers.sh` ({args.rounds} round(s), "
+             f"tools alternating), {args.bits}-bit, group {args.group_size}, symmetric, {args.samples} x "
+             f"{args.seq_len} calibration tokens (the same windows for every tool), perplexity on {eval_tokens} "
+             f"`pydocs-eval` tokens loaded through transformers; unquantized perplexity {base_ppl:.3f}.", "",
              "| tool | version | wall s | peak RSS MB | perplexity | vs unquantized |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['tool']} | {versions.get(r['tool'], '?')} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | "

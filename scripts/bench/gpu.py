@@ -1,15 +1,17 @@
 #!/usr/bin/env python
 """quantkit against llm-compressor on one NVIDIA GPU, on a 7B-shaped synthetic checkpoint, side by side.
 
-    python scripts/bench_gpu.py --work /tmp/bench-gpu --layers 8 --tools quantkit,llmcompressor
-    python scripts/bench_gpu.py --work /tmp/bench-gpu --layers 32 --tools quantkit
+    python scripts/bench/gpu.py --work /tmp/bench-gpu --layers 8 --tools quantkit,llmcompressor
+    python scripts/bench/gpu.py --work /tmp/bench-gpu --layers 32 --tools quantkit
 
 Writes the checkpoint (random weights: GPTQ's cost does not depend on their values) with the numbers drawn on
 the GPU, tokenizes the calibration windows once, then runs each tool in its own process on those tokens:
-wall clock and peak RSS of the whole command (imports included, from wait4), the tool's own peak of torch
-allocations on the GPU, and the GPU's used memory sampled every 100 ms by nvidia-smi (CUDA context included).
+wall clock and peak RSS of the whole command (imports included, scripts/bench/measure.py), the tool's own peak of
+torch allocations on the GPU, and the GPU's used memory sampled every 100 ms by nvidia-smi (CUDA context included).
 Perplexity is not compared: the weights are random. Prints a markdown table and writes it with the raw figures
-to WORK/bench_gpu.{md,json}. llm-compressor must be importable by --llmcompressor-python.
+to WORK/bench_gpu.{md,json}. llm-compressor must be importable by --llmcompressor-python. On an H200, 32 layers
+take about 2 minutes for quantkit and 3 to 4 for llm-compressor, plus writing the 13.5 GB checkpoint once
+(it is kept in WORK and reused).
 """
 from __future__ import annotations
 
@@ -22,20 +24,22 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from measure import bench_env, run
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNNERS = Path(__file__).resolve().parent / "peer_runners"
+sys.path.insert(0, str(ROOT))  # quantkit from this checkout where it is not installed (a bare GPU machine)
 
 
 # quantkit's own quantize() as the command line calls it, with its per-layer log on stderr and the result as the
 # last line (`quantkit quantize --json` would silence the log)
 QUANTKIT_RUN = """
 import json, logging, sys
-from quantkit.config import CalibSpec, QuantSpec
-from quantkit.run.pipeline import quantize
+from quantkit import CalibSpec, QuantSpec, quantize
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 model, out, device, samples, seq_len, bits, group = sys.argv[1:]
-r = quantize(model, QuantSpec(bits=int(bits), group_size=int(group)), CalibSpec(samples=int(samples), seq_len=int(seq_len)),
-             out=out, overwrite=True, device=device)
+r = quantize(model, QuantSpec(bits=int(bits), group_size=int(group)),
+             CalibSpec(samples=int(samples), seq_len=int(seq_len)), out=out, overwrite=True, device=device)
 print(json.dumps(r.to_dict()))
 """
 
@@ -71,24 +75,16 @@ class GpuMemorySampler:
 
 def run_tool(cmd: list[str], log: Path, env: dict, timeout: float) -> dict:
     """Wall seconds, peak RSS and peak GPU memory of one tool's whole command; its last JSON line on stdout."""
-    with log.open("w") as out, GpuMemorySampler() as gpu:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        timer.cancel()
-        wall = time.perf_counter() - t0
-    rc = os.waitstatus_to_exitcode(status)
-    lines = log.read_text(errors="replace").splitlines()
-    reported = next((json.loads(line) for line in reversed(lines) if line.startswith("{")), {})
+    with GpuMemorySampler() as gpu:
+        m = run(cmd, log, env, timeout)
+    lines, reported = m.lines(), m.report()
     stage_peaks = {}  # quantkit's per-stage peaks (its layer reports), the largest over the layers
     for layer in reported.get("layers", []):
         for stage, mb in layer.get("stage_peak_gpu_mb", {}).items():
             stage_peaks[stage] = max(stage_peaks.get(stage, 0), mb)
-    return {"rc": rc, "wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024),
+    return {"rc": m.rc, "wall_s": round(m.wall_s, 1), "peak_rss_mb": round(m.peak_rss_mb),
             "peak_gpu_smi_mb": gpu.peak, "peak_gpu_torch_mb": reported.get("peak_gpu_mb"),
-            "peak_gpu_torch_mb_by_stage": stage_peaks, "log_tail": lines[-15:] if rc else []}
+            "peak_gpu_torch_mb_by_stage": stage_peaks, "log_tail": lines[-15:] if m.rc else []}
 
 
 def layer_bound_mb(config: dict, tokens_per_batch: int) -> dict:
@@ -137,13 +133,12 @@ def main() -> int:
     ids = calibration_batch(AutoTokenizer.from_pretrained(str(model)),
                             CalibSpec(samples=args.samples, seq_len=args.seq_len))
     save_file({"input_ids": ids.contiguous()}, str(work / "calib.safetensors"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env = bench_env(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     q = ["--bits", str(args.bits), "--group-size", str(args.group_size)]
     commands = {  # quantkit tokenizes the same windows itself (same function, same seed)
         "quantkit": lambda out: [sys.executable, "-c", QUANTKIT_RUN, str(model), str(out), args.device,
                                  str(args.samples), str(args.seq_len), str(args.bits), str(args.group_size)],
-        "llmcompressor": lambda out: [args.llmcompressor_python, str(ROOT / "scripts/peers/llmcompressor_gptq.py"),
+        "llmcompressor": lambda out: [args.llmcompressor_python, str(RUNNERS / "llmcompressor_gptq.py"),
                                       str(model), str(work / "calib.safetensors"), str(out), *q],
     }
     rows = {}
@@ -163,7 +158,7 @@ def main() -> int:
 def render(rows: dict, bound: dict, args, gpu: str) -> str:
     lines = [f"{gpu}, {args.shape} shape with {args.layers} layers (bf16, random weights), {args.bits}-bit group "
              f"{args.group_size} symmetric, {args.samples} x {args.seq_len} calibration tokens, "
-             f"measured {time.strftime('%Y-%m-%d')} by `scripts/bench_gpu.py --layers {args.layers}`.", "",
+             f"measured {time.strftime('%Y-%m-%d')} by `scripts/bench/gpu.py --layers {args.layers}`.", "",
              "| tool | exit | wall s | peak GPU MB (torch) | peak GPU MB (nvidia-smi) | peak RSS MB |",
              "|---|---:|---:|---:|---:|---:|"]
     for tool, r in rows.items():

@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """Write a random-weight checkpoint of a real architecture's shape, one tensor in memory at a time.
 
-    scripts/make_synthetic_checkpoint /tmp/llama7b-2l --shape llama-2-7b --layers 2
+    python scripts/dev/make_synthetic_checkpoint.py /tmp/llama7b-2l --shape llama-2-7b --layers 2
+
+Time grows with the bytes written, about 25 seconds a GiB on 2 CPU cores (a 2-layer Llama-2-7B shape is 1.3 GB,
+the 32-layer one 13.5 GB). `--device cuda` draws the numbers on the GPU.
 """
 import argparse
 import sys

@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """How fast and how accurate this CPU's matmuls are in each mode quantkit may use.
 
-    python scripts/bench_matmul.py
+    python scripts/bench/matmul.py
 
 Rows: float32 as torch runs it by default (its BLAS); float32 through oneDNN (torch routes it there when allowed to
 use bfloat16, `torch.backends.mkldnn.matmul.fp32_precision = "bf16"`; what quantize and verify use where
 precision.onednn_float32_matmuls_are_accurate); and plain bfloat16 inputs (a bfloat16 model's forwards). Shapes:
 a calibration forward (4096 tokens x 576 -> 1536), a Hessian product (1536 x 4096 x 1536) and one with inputs
 spread over six decades. Error: |result - float64 result| / (|a| @ |b|), the scale of a matmul's own rounding.
+Takes about 10 seconds.
 """
+import argparse
 import contextlib
 import time
 
@@ -31,6 +33,7 @@ def _rate(a, b, repeats=10) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 1536, generator=g)
     shapes = {"forward 4096x576 @ 576x1536": (torch.randn(4096, 576, generator=g),

@@ -2,11 +2,13 @@
 """One run over quantkit's settings on one model: 8/4/3-bit GPTQ (g64, g128, sym/asym, with/without act-order),
 RTN at the same settings, and bitsandbytes nf4/int8, each verified against the base on the same evaluation tokens.
 
-Every quantize and every verify is its own subprocess (`quantkit quantize --json`, `quantkit verify --json`), so
-time and peak RSS are that run's own. Results go to WORK/results.jsonl as they finish; a rerun skips the rows
-already there (delete the file to measure again). --write-docs puts the table into docs/BENCHMARKS.md.
+Every quantize and every verify is its own subprocess (`quantkit quantize --json` measured by
+scripts/bench/measure.py, `quantkit verify --json`), so time and peak RSS are that run's own. Results go to
+WORK/results.jsonl as they finish; a rerun skips the rows already there (delete the file to measure again).
+--write-docs puts the table into docs/BENCHMARKS.md. All 38 rows take about 2 hours for SmolLM2-135M on 2 CPU
+cores (a GPTQ row about 3 minutes, an RTN or bitsandbytes row about one); --only measures a subset.
 
-Usage: python scripts/bench_settings.py [MODEL_DIR] [--samples 16 --seq-len 512 --eval-tokens 4096] [--write-docs]
+    python scripts/bench/settings.py [MODEL_DIR] [--samples 16 --seq-len 512 --eval-tokens 4096] [--write-docs]
 """
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from measure import QUANTKIT, CommandFailed, absolute, quantkit_json, run
+
+ROOT = Path(__file__).resolve().parents[2]
 START, END = "<!-- bench_settings:start -->", "<!-- bench_settings:end -->"
 
 
@@ -55,27 +58,17 @@ def quantize_args(row: dict, args) -> list[str]:
     return out
 
 
-def run_json(cmd: list[str], ok_codes=(0,)) -> tuple[dict, float]:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode not in ok_codes:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"{' '.join(cmd[2:5])} ... exited {proc.returncode}: {tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1]), wall
-
-
 def measure(row: dict, model_dir: str, work: Path, args) -> dict:
     out = work / label(row)
-    q, wall = run_json([sys.executable, "-m", "quantkit", "quantize", model_dir, "--out", str(out), "--overwrite",
-                        "--json", *quantize_args(row, args)])
+    m = run([*QUANTKIT, "quantize", model_dir, "--out", str(out), "--overwrite", "--json", *quantize_args(row, args)],
+            work / f"{label(row)}.log").check()
+    q = m.report()
     weights = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     # exit 1 = a threshold failed: still a measurement
-    v, _ = run_json([sys.executable, "-m", "quantkit", "verify", str(out), "--base", model_dir, "--json",
-                     "--no-generate", "--seq-len", str(args.eval_seq_len), "--max-tokens", str(args.eval_tokens)],
-                    ok_codes=(0, 1))
+    v = quantkit_json(["verify", str(out), "--base", model_dir, "--no-generate", "--seq-len", str(args.eval_seq_len),
+                       "--max-tokens", str(args.eval_tokens)], ok=(0, 1))
     shutil.rmtree(out, ignore_errors=True)
-    return {**row, "label": label(row), "quantize_s": round(q["seconds"], 1), "wall_s": round(wall, 1),
+    return {**row, "label": label(row), "quantize_s": round(q["seconds"], 1), "wall_s": round(m.wall_s, 1),
             "peak_rss_mb": q["peak_rss_mb"], "weights_mib": round(weights / 2**20, 1),
             "base_ppl": v["base"]["ppl"], "ppl": v["quantized"]["ppl"], "ppl_ratio": v["ppl_ratio"],
             "kl_mean": v["kl_mean"], "kl_p99": v["kl_p99"], "top1": v["top1_agreement"], "passed": v["passed"],
@@ -128,7 +121,8 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    work = Path(args.work)
+    args.model_dir = absolute(args.model_dir)
+    work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     results_file = work / "results.jsonl"
     key = {"model": str(Path(args.model_dir).resolve()), "samples": args.samples, "seq_len": args.seq_len,
@@ -149,7 +143,7 @@ def main() -> None:
             continue
         try:
             result = {**measure(row, args.model_dir, work, args), "key": key}
-        except RuntimeError as e:
+        except CommandFailed as e:
             print(f"[{n}/{len(rows)}] {name}: FAILED {e}", flush=True)
             continue
         done[name] = result
@@ -174,7 +168,7 @@ def main() -> None:
     verdict = "n/a (no GPTQ/RTN pairs measured)" if not lines else ("yes" if all_better else "NO")
     print(f"verdict: GPTQ beats RTN at every 3/4-bit setting: {verdict}")
     if args.write_docs:
-        block = "\n".join([START, "", "Command: `python scripts/bench_settings.py --write-docs` (defaults: "
+        block = "\n".join([START, "", "Command: `python scripts/bench/settings.py --write-docs` (defaults: "
                            f"--samples {args.samples} --seq-len {args.seq_len} --eval-tokens {args.eval_tokens}).", "",
                            header, "", *table(results), "",
                            f"GPTQ beats RTN at every 3- and 4-bit setting: **{verdict}**.", "",
@@ -184,7 +178,7 @@ def main() -> None:
         if START in text:
             text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
         else:
-            text += "\n## Every setting on the demo model (scripts/bench_settings.py)\n\n" + block + "\n"
+            text += "\n## Every setting on the demo model (scripts/bench/settings.py)\n\n" + block + "\n"
         doc.write_text(text)
         print(f"wrote {doc}")
 

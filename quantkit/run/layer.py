@@ -1,0 +1,286 @@
+"""One decoder layer's quantization: its Linears solved (GPTQ, stage by stage, or RTN) and packed, its report,
+the calibration activations carried on to the next layer, and the layer saved for a resume."""
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from quantkit.calibrate.forward import LayerCall
+from quantkit.calibrate.memo import BlockMemo
+from quantkit.calibrate.probes import derivable_blocks, discover_groups, foldable_blocks
+from quantkit.calibrate.statistics import Reference, Statistics, collect_statistics, propagate
+from quantkit.calibrate.transfer import wait_for_copies
+from quantkit.config import QuantSpec
+from quantkit.errors import NumericalError, QuantkitError
+from quantkit.faults import kill_point
+from quantkit.memory.heap import return_free_heap
+from quantkit.memory.spill import Activations, ActivationsInMemory, ScratchFiles, disk_has_room
+from quantkit.run.model import Skeleton, Source
+from quantkit.run.report import raised_damping, step_report
+from quantkit.run.resume import BackgroundSaves, RunState
+from quantkit.run.telemetry import GpuPeaks, StageClock, log_layer
+from quantkit.solve.gptq import GPTQResult, gptq_quantize_shared, rtn_result
+from quantkit.source.skeleton import (
+    in_features,
+    linear_modules,
+    materialize,
+    release,
+    set_weight_matrix,
+    weight_matrix,
+)
+from quantkit.write.gptq_format import module_tensors
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+log = logging.getLogger("quantkit")
+
+
+@dataclass
+class LayerJob:
+    """What the quantization of every decoder layer (and of the head) shares: the settings, where it computes,
+    where finished steps go, and the run's telemetry."""
+    spec: QuantSpec
+    fmt: str  # checkpoint format (gptq_format.checkpoint_format)
+    device: torch.device
+    compute_dtype: torch.dtype  # of the calibration forwards
+    state: RunState  # finished steps, saved for a resume
+    saves: BackgroundSaves
+    gpu_peaks: GpuPeaks
+    kept: ScratchFiles | None = None  # where a layer's exit Linears' inputs wait (gptq_layer's spill_dir)
+    # per decoder-layer class: (blocks folded into the inputs, derivable blocks), found once per class
+    class_checks: dict[type, tuple[set[str], dict]] = field(default_factory=dict)
+
+
+@dataclass
+class Streams:
+    """The calibration data carried from layer to layer (all None for RTN, which calibrates nothing)."""
+    input_ids: Tensor | None = None  # the calibration tokens
+    batches: Activations | None = None  # the quantized model's inputs to the next layer
+    calls: list[LayerCall] | None = None  # each layer's call arguments besides the hidden states
+    reference: Activations | None = None  # GPTAQ: the unquantized model's inputs to the next layer
+
+
+@dataclass
+class Solved:
+    tensors: dict[str, Tensor]  # one Linear's checkpoint tensors (qweight, qzeros, scales, ...), on the CPU
+    loss: float
+    damp: float
+
+
+def packed(name: str, res: GPTQResult, spec: QuantSpec, fmt: str, bias: Tensor | None) -> Solved:
+    """Pack where the solve ran (on a GPU, in a small fraction of the CPU's time), then keep only the packed
+    tensors: a layer's int32 codes are never all held at once."""
+    tensors = module_tensors(name, res, spec.bits, fmt, bias)
+    return Solved({k: v.cpu() for k, v in tensors.items()}, res.loss, res.damp)
+
+
+def solve(label: str, weights: list[Tensor], hessian: Tensor, spec: QuantSpec,
+          cross: Tensor | None = None) -> list[GPTQResult]:
+    """GPTQ of weights that share `hessian` (consumed); a numerical failure is named after `label`."""
+    try:
+        return gptq_quantize_shared(weights, hessian, spec, consume_hessian=True, cross=cross)
+    except NumericalError as e:
+        raise NumericalError(f"{label}: {e}") from None
+
+
+def check_packable(spec: QuantSpec, where: str, modules: dict[str, nn.Module]) -> None:
+    """qweight packs input channels and qzeros output channels 32/bits to a word (3-bit: 32 values in 3 words)."""
+    step = 32 if spec.bits == 3 else 32 // spec.bits
+    for name, module in modules.items():
+        n_out, n_in = weight_matrix(module).shape
+        if not spec.skips(name) and (n_in % step or n_out % step):
+            raise QuantkitError(f"{spec.bits}-bit GPTQ needs every quantized Linear's input and output sizes divisible "
+                                f"by {step}; {where}.{name} is {n_in} -> {n_out}. Use --bits 4 or 8, or --skip {name}")
+
+
+def quantize_layers(job: LayerJob, source: Source, skeleton: Skeleton, streams: Streams, bar: tqdm) -> None:
+    """Quantize the decoder layers not finished yet, one in memory at a time; streams.batches end as the last
+    layer's outputs. Each finished layer is saved through job.saves; on failure the save in flight is awaited
+    (the work directory must not change under the caller's clean-up)."""
+    try:
+        for i in range(job.state.layers_done, len(skeleton.layers)):
+            quantize_layer(job, source, skeleton, i, streams)
+            bar.update(1)
+    except BaseException:
+        job.saves.wait(raise_error=False)
+        raise
+    job.saves.wait()
+
+
+def quantize_layer(job: LayerJob, source: Source, skeleton: Skeleton, i: int, streams: Streams) -> None:
+    """Load layer i, solve and pack its Linears, carry the calibration batches through it, save it."""
+    spec, layer, where = job.spec, skeleton.layers[i], f"{skeleton.prefix}.{i}"
+    t_layer = time.perf_counter()
+    kill_point(f"layer:{i}:start")
+    materialize(layer, where, source.checkpoint, job.device, job.compute_dtype)
+    stages = StageClock(job.device, load=t_layer, gpu_peaks=job.gpu_peaks)
+    if i == 0:
+        spec.check_skip_patterns(linear_modules(layer))
+    last = i == len(skeleton.layers) - 1 and not spec.lm_head  # no later step needs this layer's outputs
+    if spec.method == "gptq":
+        results = gptq_layer(job, layer, where, streams, i, last, stages)
+    else:
+        results = rtn_layer(layer, where, spec, job.fmt)
+    report = step_report(i, round(time.perf_counter() - t_layer, 2), results, spec, stages=stages)
+    for name, damp in raised_damping(results, spec).items():
+        log.warning("%s.%s: Hessian not positive definite; damping raised from %g to %g", where, name, spec.damp, damp)
+    kill_point(f"layer:{i}:solved")
+    wait_for_copies(job.device)  # the next layer's inputs, copied back from the GPU, are saved below
+    save_layer(job, i, {k: v for res in results.values() for k, v in res.tensors.items()}, report, streams,
+               source, with_inputs=spec.method == "gptq" and not last)
+    log_layer(i, len(skeleton.layers), report, stages)
+    release(layer)
+    return_free_heap()  # else each layer's small frees stay resident and memory creeps with depth
+
+
+def save_layer(job: LayerJob, i: int, tensors: dict[str, Tensor], report: dict, streams: Streams, source: Source,
+               with_inputs: bool) -> None:
+    """Hand step i to job.saves, with the next layer's inputs (both streams under GPTAQ) when with_inputs. A
+    background save reads the batches while the next layer replaces them in the store, so it gets a copy of the
+    list; a synchronous save writes them before anything changes."""
+    stores = [s for s in (streams.batches, streams.reference) if s is not None]
+    inputs = [ActivationsInMemory(s) if job.saves.enabled else s for s in stores] if with_inputs else None
+    job.state.note_base(i, source.reads.digests)  # the base tensors this layer (and, first, the calibration) read
+    job.saves.submit(functools.partial(_save_step, job.state, i, tensors, report, inputs))
+
+
+def _save_step(state: RunState, i: int, tensors: dict[str, Tensor], report: dict,
+               activations: list[Activations] | None) -> None:
+    state.save_layer(i, tensors, report, activations)
+    kill_point(f"layer:{i}:saved")
+
+
+def gptq_layer(job: LayerJob, layer: nn.Module, where: str, streams: Streams, i: int, last: bool,
+               clock: StageClock) -> dict[str, Solved]:
+    """GPTQ every Linear of layer `where` (stage by stage when true-sequential), then propagate the batches.
+
+    On a CPU (job.kept), o_proj's and down_proj's inputs may wait for their later use in a scratch file (the page
+    cache holds them, not the process; the propagation applies down_proj to its kept inputs instead of rerunning
+    gate/up); without, o_proj's are kept in memory and down_proj's not. While saves run in the background, the
+    batches are not folded in place (calibrate.memo.BlockMemo). GPTAQ (streams.reference): a copy of the layer keeps
+    its original weights and carries the unquantized model's inputs (calibrate.statistics.Reference); each group's
+    solve then targets the unquantized model's outputs (gptq_quantize_shared's `cross`)."""
+    spec, dev, dtype = job.spec, job.device, job.compute_dtype
+    batches, calls = streams.batches, streams.calls
+    if batches is None or calls is None:
+        raise QuantkitError(f"internal error: GPTQ of {where} without calibration batches")
+    call = calls[i]
+    # GPTAQ: the copy is taken before any weight is quantized
+    reference = Reference(copy.deepcopy(layer), streams.reference) if streams.reference is not None else None
+    sample = batches[0][:1].clone()  # one sequence (a read from disk where the batches are kept there)
+    groups = discover_groups(layer, sample.to(dev, dtype), call)
+    groups = [kept for kept in ([n for n in g if not spec.skips(n)] for g in groups) if kept]
+    modules = linear_modules(layer)
+    skipped = {n for n in modules if spec.skips(n)}  # final from the start: they keep their float weights
+    stages = [[g] for g in groups] if spec.true_sequential else [groups]
+    memo, ref_memo = _memos(job, layer, groups, sample, call, batches, modules, last, reference)
+    results: dict[str, Solved] = {}
+    replayed: set[str] = set()  # blocks whose weights were dropped: every later pass replays them
+    try:
+        for stage in stages:
+            statistics = collect_statistics(layer, stage, batches, call, dev, dtype, memo,
+                                            done=set(results) | skipped, reference=reference)
+            for block in set(memo.replayed_from_now_on(len(batches))) - replayed:  # the attention, once the MLP
+                release(layer.get_submodule(block))  # stages begin: its weights leave memory
+                replayed.add(block)
+                if reference is not None and ref_memo is not None and \
+                        block in ref_memo.replayed_from_now_on(len(batches)):
+                    release(reference.layer.get_submodule(block))
+            clock.lap("hessians")
+            for group in stage:
+                results.update(solve_group(where, group, statistics.pop(0), modules, spec, job.fmt))
+            clock.lap("solve")
+        if not last:  # the final layer's outputs are never used
+            propagate(layer, batches, call, dev, dtype, memo)
+            if reference is not None:
+                propagate(reference.layer, reference.batches, call, dev, dtype, ref_memo)
+            clock.lap("propagate")
+    finally:
+        memo.close()
+        if ref_memo is not None:
+            ref_memo.close()
+    return {name: results[name] for name in modules if name in results}
+
+
+def _memos(job: LayerJob, layer: nn.Module, groups: list[list[str]], sample: Tensor, call: LayerCall,
+           batches: Activations, modules: dict[str, nn.Module], last: bool,
+           reference: Reference | None) -> tuple[BlockMemo, BlockMemo | None]:
+    """The layer's calibrate.memo.BlockMemo, and the same bookkeeping for GPTAQ's unquantized copy (set as its
+    reference.memo; its blocks never change, so it follows the quantized layer's schedule): which blocks are
+    folded into the inputs or derived from their exit Linear's kept inputs (checked once per layer class, and
+    only true-sequential runs record or keep anything), and where the kept inputs wait."""
+    spec, dev, dtype = job.spec, job.device, job.compute_dtype
+    if spec.true_sequential and type(layer) not in job.class_checks:
+        job.class_checks[type(layer)] = (foldable_blocks(layer, groups, sample, call, dev, dtype),
+                                         derivable_blocks(layer, groups, sample, call, dev, dtype))
+    fold, derivable = job.class_checks.get(type(layer), (set(), {}))
+    hidden = sample.shape[-1]
+    streams = 1 if reference is None else 2  # GPTAQ keeps the unquantized copy's inputs too
+    spill_dir = job.kept
+    if spill_dir is not None and not (spec.true_sequential  # else nothing is kept
+                                      and disk_has_room(spill_dir, streams * kept_inputs_bytes(
+                                          batches, modules, hidden, dtype, last))):
+        spill_dir = None
+
+    def memo(of: nn.Module) -> BlockMemo:
+        return BlockMemo(of, storage_dtype=sample.dtype, groups=groups, hidden_size=hidden, fold=fold,
+                         spill_dir=spill_dir, propagates=not last, derivable=derivable,
+                         fold_in_place=not job.saves.enabled)
+
+    quantized = memo(layer)
+    if reference is not None:
+        reference.memo = memo(reference.layer)
+        return quantized, reference.memo
+    return quantized, None
+
+
+def kept_inputs_bytes(batches: Activations, modules: dict[str, nn.Module], hidden: int, dtype: torch.dtype,
+                      last: bool) -> int:
+    """Scratch for the largest set of kept inputs over every batch: the widest Linear's (down_proj's, for a Llama
+    MLP), or in the last layer, which propagates nothing, the hidden-wide ones (o_proj's)."""
+    tokens = sum(math.prod(batches.meta(i)[0][:-1]) for i in range(len(batches)))
+    width = hidden if last else max(in_features(m) for m in modules.values())
+    return tokens * width * dtype.itemsize
+
+
+def solve_group(where: str, group: list[str], statistics: Statistics, modules: dict[str, nn.Module],
+                spec: QuantSpec, fmt: str) -> dict[str, Solved]:
+    """GPTQ the Linears sharing a Hessian (consumed), write their dequantized weights back for later stages, and
+    keep only their packed tensors: the solve's [N, K] codes and results are freed on return. With a GPTAQ cross
+    term the solve targets the weights that reproduce the unquantized model's outputs. The caller hands over its
+    only reference to `statistics`."""
+    solved = solve(f"{where}.{group[0]}", [weight_matrix(modules[name]) for name in group], statistics.hessian, spec,
+                   statistics.cross)  # the group shares its Hessian, so a failure is named after its first Linear
+    del statistics  # the spent Hessian (and cross term) is freed before packing, which would otherwise hold it
+    solved = _written_back(group, solved, modules)
+    return {name: packed(f"{where}.{name}", res, spec, fmt, bias(modules[name])) for name, res in zip(group, solved)}
+
+
+def _written_back(group: list[str], solved: list[GPTQResult], modules: dict[str, nn.Module]) -> list[GPTQResult]:
+    """Each Linear's weight set to its dequantized result (later stages see the quantized weights); the results
+    are returned without that float32 copy."""
+    for name, res in zip(group, solved):
+        if res.weight is None:
+            raise QuantkitError(f"internal error: the solve of {name} returned no weight")
+        set_weight_matrix(modules[name], res.weight)
+    return [replace(res, weight=None) for res in solved]
+
+
+def rtn_layer(layer: nn.Module, where: str, spec: QuantSpec, fmt: str) -> dict[str, Solved]:
+    return {name: packed(f"{where}.{name}", rtn_result(weight_matrix(module), spec), spec, fmt, bias(module))
+            for name, module in linear_modules(layer).items() if not spec.skips(name)}
+
+
+def bias(module: nn.Module) -> Tensor | None:
+    """A Linear's (or Conv1D's) bias, None when it has none."""
+    b = module.bias
+    return b if isinstance(b, Tensor) else None

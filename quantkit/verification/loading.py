@@ -1,0 +1,151 @@
+"""Loading the two models verify compares: memory budgets, quantkit's own loader or transformers, bitsandbytes."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from quantkit.errors import QuantkitError, first_line
+from quantkit.source.checkpoint import read_config_dict
+from quantkit.verification.compat import Limit
+from quantkit.verification.integrity import IntegrityReport
+from quantkit.verification.memory_plan import available_memory
+from quantkit.verification.qlinear import as_causal_lm, estimate_footprint, load_model
+from quantkit.verification.report import VerifyReport
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+LOADERS = ("quantkit", "transformers")
+RAM_HEADROOM = 0.9  # refuse without --max-memory when the models need more than this share of available RAM
+SUGGESTED_SHARE = 0.7  # the share of available RAM the refusal suggests as --max-memory
+
+
+def memory_budgets(qdir: Path, bdir: Path | None, loader: str,
+                   max_memory: int | None) -> tuple[int | None, int | None]:
+    """Split --max-memory between the two models; without it, refuse when both cannot fit in available RAM."""
+    q_packed, q_full = estimate_footprint(qdir)
+    b_full = estimate_footprint(bdir)[1] if bdir is not None else 0
+    if max_memory is None:
+        need = (q_full if loader == "quantkit" else q_packed * 2) + b_full
+        avail = available_memory()
+        if avail is not None and need > RAM_HEADROOM * avail:
+            raise QuantkitError(f"holding the models needs about {_size(need)} of RAM but {_size(avail)} is available; "
+                                f"pass --max-memory (e.g. --max-memory "
+                                f"{_size(int(SUGGESTED_SHARE * avail)).replace(' ', '')}) to offload decoder layers "
+                                "to disk")
+        return None, None
+    if q_full + b_full <= max_memory:
+        return q_full, b_full if bdir is not None else None
+    if bdir is None:
+        return max_memory, None
+    if q_packed + b_full <= max_memory:
+        return max_memory - b_full, b_full
+    q_share = int(max_memory * q_packed / (q_packed + b_full))
+    return q_share, max_memory - q_share
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def load(path: Path, loader: str, budget: int | None, offload: Path,
+         report: VerifyReport) -> tuple[PreTrainedModel, dict]:
+    """One model for evaluation, within `budget` bytes; returns it and what its loading did (report.json's load)."""
+    qcfg = read_config_dict(path).get("quantization_config") or {}
+    quantized = bool(qcfg)
+    if qcfg.get("quant_method") == "bitsandbytes":  # only transformers + bitsandbytes run these
+        from quantkit.run.bnb import load_bnb
+
+        with contextlib.redirect_stdout(sys.stderr):
+            model = as_causal_lm(load_bnb(path, device_map="cpu"))
+        report.notes.append(f"{path.name}: bitsandbytes checkpoint, loaded with transformers + bitsandbytes "
+                            "(4-bit modules compute in float32 on CPU)")
+        report.loader = "transformers+bitsandbytes"
+        return model, {"loader": "transformers+bitsandbytes", "path": str(path), "quantized": True}
+    if loader == "transformers":
+        return _load_transformers(path, quantized, budget, offload, report)
+    offload.mkdir(parents=True, exist_ok=True)
+    model, info = load_model(path, max_memory=budget, offload_dir=offload)
+    if info.offloaded:
+        report.notes.append(f"{path.name}: {len(info.offloaded)} decoder layers offloaded to disk to stay within "
+                            "--max-memory (slower)")
+    if info.quantized and not info.cached:
+        report.notes.append(f"{path.name}: dequantized in every forward to stay within --max-memory (slow, above all "
+                            "for generations: consider --no-generate)")
+    return model, {"loader": "quantkit", **info.to_dict()}
+
+
+def torch_backend_reason(integrity: IntegrityReport) -> str | None:
+    """Why transformers must run this checkpoint with gptqmodel's torch backend, or None when its default does."""
+    if integrity.has_limit(Limit.RAGGED_GROUPS):
+        return "partial last groups"
+    if integrity.has_limit(Limit.TORCH_BACKEND):
+        return "4-bit asymmetric per row"
+    return None
+
+
+def _gptq_kwargs(path: Path, report: VerifyReport) -> dict:
+    """from_pretrained arguments for a GPTQ checkpoint: optimum + gptqmodel, their torch backend where needed."""
+    from transformers import GPTQConfig
+
+    missing = [m for m in ("optimum", "gptqmodel") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise QuantkitError(f"--loader transformers needs optimum and gptqmodel for GPTQ checkpoints "
+                            f"({', '.join(missing)} missing): pip install 'quantkit[hf]', or use --loader quantkit")
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    q = report.integrity.quantization or {}
+    if q.get("lm_head"):
+        raise QuantkitError(f"{path} has a quantized lm_head, which transformers + optimum do not load (they "
+                            "convert only the decoder blocks); use --loader quantkit")
+    reason = torch_backend_reason(report.integrity)
+    if reason is None:
+        return {}
+    report.notes.append(f"{reason}: loaded through transformers with GPTQConfig(backend=\"torch\")")
+    return {"quantization_config": GPTQConfig(bits=q["bits"], group_size=q["group_size"], desc_act=q["desc_act"],
+                                              sym=q["sym"], backend="torch")}
+
+
+def _load_transformers(path: Path, quantized: bool, budget: int | None, offload: Path,
+                       report: VerifyReport) -> tuple[PreTrainedModel, dict]:
+    """The deploy path: AutoModelForCausalLM.from_pretrained, with optimum + gptqmodel for GPTQ checkpoints."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"device_map": "cpu", "trust_remote_code": False}
+    if quantized:
+        kwargs.update(_gptq_kwargs(path, report))
+    else:
+        kwargs["dtype"] = torch.float32
+    if budget is not None:
+        offload.mkdir(parents=True, exist_ok=True)
+        kwargs.update(device_map="auto", max_memory={"cpu": budget}, offload_folder=str(offload))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # gptqmodel prints banners and logs on stdout (set at import)
+            if quantized:
+                import gptqmodel  # noqa: F401
+            model = as_causal_lm(AutoModelForCausalLM.from_pretrained(str(path), **kwargs))
+    except Exception as e:
+        raise QuantkitError(f"transformers cannot load {path}: {first_line(e)}") from None
+    return model.eval(), {"loader": "transformers", "path": str(path), "quantized": quantized,
+                          "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+
+
+def _vocab_size(model: PreTrainedModel) -> int | None:
+    head = model.get_output_embeddings()
+    return head.out_features if hasattr(head, "out_features") else None
+
+
+def check_vocab(qmodel: PreTrainedModel, bmodel: PreTrainedModel | None) -> None:
+    """Refuse models that predict over different vocabularies: their next-token distributions cannot be compared."""
+    if bmodel is None:
+        return
+    qv, bv = _vocab_size(qmodel), _vocab_size(bmodel)
+    if qv is not None and bv is not None and qv != bv:
+        raise QuantkitError(f"the quantized model predicts over {qv} tokens and the base over {bv}: not the same "
+                            "vocabulary")
+
