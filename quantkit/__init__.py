@@ -17,7 +17,7 @@ from collections.abc import Iterable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
-from quantkit.config import CalibSpec, QuantSpec  # noqa: E402  (light: no torch model code)
+from quantkit.config import DEFAULT_ESTIMATE_BITS, CalibSpec, QuantSpec  # noqa: E402  (light: no torch model code)
 
 if TYPE_CHECKING:
     from quantkit.run.pipeline import QuantizeResult
@@ -49,7 +49,7 @@ def verify(quantized: str, base: str | None = None, **kwargs: Any) -> VerifyRepo
     return _verify(quantized, base, **kwargs)
 
 
-def estimate(model_or_config: str | Path | dict, bits: Iterable[int] = (16, 8, 4, 3, 2), group_size: int = 128,
+def estimate(model_or_config: str | Path | dict, bits: Iterable[int] = DEFAULT_ESTIMATE_BITS, group_size: int = 128,
              context: int = 4096, batch: int = 1, **kwargs: Any) -> Estimate:
     """Memory to run and to quantize a model, from its config alone; see quantkit.tools.estimate.estimate.
 

@@ -12,6 +12,10 @@ SUPPORTED_BITS = (2, 3, 4, 8)  # what the GPTQ packing holds (quantkit.write.pac
 METHODS = ("gptq", "rtn", "bnb-nf4", "bnb-int8")
 BNB_BITS = {"bnb-nf4": 4, "bnb-int8": 8}  # bitsandbytes methods and the bits they store
 
+ESTIMATE_BITS = (2, 3, 4, 8, 16)  # the widths `estimate` sizes (16 = unquantized float16)
+DEFAULT_ESTIMATE_BITS = (16, 8, 4, 3, 2)  # and the ones it shows unless told
+IMPORT_DTYPES = ("float32", "float16", "bfloat16")  # import-gguf's output dtypes (float32 keeps GGUF values exactly)
+
 
 class InvalidSetting(ValueError):
     """A setting out of range; `option` names the field (and, with dashes, the CLI flag) at fault."""

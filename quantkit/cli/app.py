@@ -11,7 +11,7 @@ from click.core import ParameterSource
 
 from quantkit import __version__
 from quantkit.cli.output import silence_libraries
-from quantkit.config import BNB_BITS, COMPUTE_DTYPES, METHODS, SUPPORTED_BITS
+from quantkit.config import BNB_BITS, COMPUTE_DTYPES, IMPORT_DTYPES, METHODS, SUPPORTED_BITS
 from quantkit.errors import QuantkitError, first_line
 
 
@@ -69,7 +69,7 @@ def cli(debug: bool) -> None:
 @cli.command("import-gguf")
 @click.argument("gguf_file", type=click.Path(dir_okay=False, path_type=str))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(IMPORT_DTYPES), default="float32", show_default=True,
               help="dtype of the written weights (float32 keeps the GGUF values exactly)")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="largest safetensors shard")
 @click.option("--overwrite", is_flag=True, help="replace OUT_DIR if it exists")

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 
 import click
 
+from quantkit.config import DEFAULT_ESTIMATE_BITS, ESTIMATE_BITS
+
 if TYPE_CHECKING:
     from quantkit.tools.cache import CachedModel
 
 
 def _bits(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
-    from quantkit.tools.estimate import ESTIMATE_BITS
-
     try:
         bits = tuple(dict.fromkeys(int(b) for b in value.split(",") if b.strip()))
     except ValueError:
@@ -35,7 +35,7 @@ def _group_size(ctx: click.Context, param: click.Parameter, value: int) -> int:
 
 @click.command("estimate")
 @click.argument("model_or_config")
-@click.option("--bits", default="16,8,4,3,2", show_default=True, callback=_bits,
+@click.option("--bits", default=",".join(map(str, DEFAULT_ESTIMATE_BITS)), show_default=True, callback=_bits,
               help="comma-separated bit widths to size (16 = unquantized fp16)")
 @click.option("--group-size", type=int, default=128, show_default=True, callback=_group_size,
               help="input channels per scale/zero; -1 = per row")

@@ -16,7 +16,7 @@ from quantkit.faults import wait_point
 from quantkit.source.hub import cache_id, cached_snapshot, check_repo_folder, hub_cache_dir, validate_repo_id
 from quantkit.untrusted import fsync_dir, not_symlink, private_directory, refuse_destructive_output, remove_tree
 from quantkit.write.manifest import MANIFEST_NAME
-from quantkit.write.publish import publish_snapshot, repo_lock
+from quantkit.write.publish import exclusive, publish_snapshot, repo_lock
 
 log = logging.getLogger("quantkit")
 
@@ -106,21 +106,11 @@ class Target:
                 wait_point("target:locked")
                 yield
             return
-        from filelock import FileLock, Timeout
-
         self._work_directories()
-        lock = FileLock(str(self.work / ".lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise QuantkitError(f"another quantkit run is writing {self.out} (work directory {self.work}); "
-                                "wait for it to finish") from None
-        try:
+        with exclusive(self.work / ".lock", f"{self.out} (work directory {self.work})"):
             self._refuse_taken()
             wait_point("target:locked")
             yield
-        finally:
-            lock.release()
 
     def fresh_staging(self) -> Path:
         """An empty staging directory (whatever a run killed while assembling left there is removed)."""

@@ -26,6 +26,7 @@ DTYPES: tuple[tuple[str, int, torch.dtype | None, bool], ...] = (
 DTYPE_BITS = {code: bits for code, bits, _, _ in DTYPES}
 # the safetensors dtypes quantkit computes with, as torch dtypes
 TORCH_DTYPES = {code: dtype for code, _, dtype, computes in DTYPES if computes and dtype is not None}
+FLOAT_DTYPES = frozenset(code for code, dtype in TORCH_DTYPES.items() if dtype.is_floating_point)
 # the safetensors code of each torch dtype quantkit writes
 SAFETENSORS_CODES = {dtype: code for code, _, dtype, _ in DTYPES if dtype is not None}
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses longer headers too

@@ -34,13 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantkit.calibrate.batch import MLP_BATCH_TOKENS
+from quantkit.config import DEFAULT_ESTIMATE_BITS, ESTIMATE_BITS
 from quantkit.errors import QuantkitError
 from quantkit.solve.gptq import SHIFT_ROWS
 from quantkit.untrusted import positive_int, read_json
 
 GIB = 2**30
-DEFAULT_BITS = (16, 8, 4, 3, 2)
-ESTIMATE_BITS = (2, 3, 4, 8, 16)
 GPU_SIZES_GB = (16, 24, 40, 48, 80)
 OVERHEAD = 0.10           # CUDA context, allocator fragmentation, temporary buffers
 
@@ -325,7 +324,7 @@ def _fits(need: int, gpu_gb: int) -> bool:
     return need <= gpu_gb * GIB
 
 
-def estimate(model_or_config: str | Path | dict, bits: Iterable[int] = DEFAULT_BITS, group_size: int = 128,
+def estimate(model_or_config: str | Path | dict, bits: Iterable[int] = DEFAULT_ESTIMATE_BITS, group_size: int = 128,
              context: int = 4096, batch: int = 1, samples: int = 128, seq_len: int = 512,
              gptaq: bool = False) -> Estimate:
     """Parameter count, weight memory per bit width, KV cache, quantize peak and GPU fit, from config.json alone.

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from quantkit.config import IMPORT_DTYPES
 from quantkit.errors import QuantkitError, first_line
 from quantkit.source.checkpoint import INDEX_NAME
 from quantkit.source.gguf_header import GGUFHeader, read_header
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("quantkit")
 
 GGUF_MAGIC = b"GGUF"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in IMPORT_DTYPES}
 # GGUF `general.architecture` values converted here; tests/test_trust_gguf.py checks each against transformers' load
 SUPPORTED = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "starcoder2", "stablelm", "nemotron", "falcon",
              "bloom")

@@ -18,10 +18,9 @@ from quantkit.source.checkpoint import (
     read_index,
     resolve_model_dir,
 )
-from quantkit.source.safetensors_header import read_header
+from quantkit.source.safetensors_header import FLOAT_DTYPES, read_header
 from quantkit.verification.compat import compatibility_notes
 from quantkit.verification.integrity import (
-    FLOAT_DTYPES,
     MANIFEST_NAME,
     MODULE_SUFFIXES,
     IntegrityReport,

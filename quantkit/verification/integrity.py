@@ -20,7 +20,7 @@ from quantkit.source.checkpoint import (
     check_config_fits,
     read_config_dict,
 )
-from quantkit.source.safetensors_header import TORCH_DTYPES, IntegrityError, read_header
+from quantkit.source.safetensors_header import FLOAT_DTYPES, IntegrityError, read_header
 from quantkit.untrusted import field as json_field
 from quantkit.untrusted import file_record, read_json, relative_name, sha256_file
 from quantkit.verification.compat import Limit, LoaderLimit, loader_limits
@@ -29,7 +29,6 @@ from quantkit.write.manifest import MANIFEST_NAME
 from quantkit.write.packing import SUPPORTED_BITS
 
 MAX_LISTED = 20  # problems of one kind listed individually before they are summarised
-FLOAT_DTYPES = frozenset(name for name, dtype in TORCH_DTYPES.items() if dtype.is_floating_point)
 MODULE_SUFFIXES = (*QUANT_SUFFIXES, "bias")  # the tensors of one quantized Linear
 Progress = Callable[[str, int, int], None]
 
@@ -314,4 +313,4 @@ def raise_for(report: IntegrityReport) -> None:
 
 
 __all__ = ["IntegrityError", "IntegrityReport", "check_integrity", "read_header", "read_headers", "raise_for",
-           "MANIFEST_NAME", "INDEX_NAME", "FLOAT_DTYPES", "MODULE_SUFFIXES"]
+           "MANIFEST_NAME", "INDEX_NAME", "MODULE_SUFFIXES"]

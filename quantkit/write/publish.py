@@ -37,22 +37,28 @@ log = logging.getLogger("quantkit")
 
 
 @contextmanager
-def repo_lock(repo_id: str) -> Iterator[None]:
-    """Hold an exclusive lock on a repo id so two runs never write the same snapshot."""
+def exclusive(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold the lock file at lock_path, or refuse at once: another quantkit run is writing `what`."""
     from filelock import FileLock, Timeout
 
-    lock_path = hub_cache_dir() / ".locks" / "quantkit" / (repo_folder(repo_id).name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(lock_path))
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise QuantkitError(f"another quantkit run is writing {repo_id} (lock {lock_path}); "
-                            "wait for it to finish") from None
+        raise QuantkitError(f"another quantkit run is writing {what}; wait for it to finish") from None
     try:
         yield
     finally:
         lock.release()
+
+
+@contextmanager
+def repo_lock(repo_id: str) -> Iterator[None]:
+    """Hold an exclusive lock on a repo id so two runs never write the same snapshot."""
+    lock_path = hub_cache_dir() / ".locks" / "quantkit" / (repo_folder(repo_id).name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(lock_path, f"{repo_id} (lock {lock_path})"):
+        yield
 
 
 def _move_into(src: Path, dst: Path) -> None:
