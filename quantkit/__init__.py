@@ -17,7 +17,13 @@ from collections.abc import Iterable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
-from quantkit.config import DEFAULT_ESTIMATE_BITS, CalibSpec, QuantSpec  # noqa: E402  (light: no torch model code)
+from quantkit.config import (  # noqa: E402  (light: no torch model code)
+    DEFAULT_ESTIMATE_BITS,
+    ESTIMATE_BATCH,
+    ESTIMATE_CONTEXT,
+    CalibSpec,
+    QuantSpec,
+)
 
 if TYPE_CHECKING:
     from quantkit.run.pipeline import QuantizeResult
@@ -49,8 +55,9 @@ def verify(quantized: str, base: str | None = None, **kwargs: Any) -> VerifyRepo
     return _verify(quantized, base, **kwargs)
 
 
-def estimate(model_or_config: str | Path | dict, bits: Iterable[int] = DEFAULT_ESTIMATE_BITS, group_size: int = 128,
-             context: int = 4096, batch: int = 1, **kwargs: Any) -> Estimate:
+def estimate(model_or_config: str | Path | dict, bits: Iterable[int] = DEFAULT_ESTIMATE_BITS,
+             group_size: int = QuantSpec.group_size, context: int = ESTIMATE_CONTEXT, batch: int = ESTIMATE_BATCH,
+             **kwargs: Any) -> Estimate:
     """Memory to run and to quantize a model, from its config alone; see quantkit.tools.estimate.estimate.
 
     >>> e = quantkit.estimate("llama-2-70b", bits=[16, 4])

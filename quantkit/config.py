@@ -15,6 +15,12 @@ BNB_BITS = {"bnb-nf4": 4, "bnb-int8": 8}  # bitsandbytes methods and the bits th
 ESTIMATE_BITS = (2, 3, 4, 8, 16)  # the widths `estimate` sizes (16 = unquantized float16)
 DEFAULT_ESTIMATE_BITS = (16, 8, 4, 3, 2)  # and the ones it shows unless told
 IMPORT_DTYPES = ("float32", "float16", "bfloat16")  # import-gguf's output dtypes (float32 keeps GGUF values exactly)
+ESTIMATE_CONTEXT = 4096  # tokens of KV cache per sequence `estimate` sizes unless told
+ESTIMATE_BATCH = 1  # and concurrent sequences
+
+DEFAULT_CALIB = "pydocs-calib"  # the built-in calibration text (source/calibration.py)
+DEFAULT_EVAL = "pydocs-eval"  # the disjoint built-in evaluation text; never calibrate on it
+DEFAULT_SHARD_SIZE = "2GB"  # largest safetensors shard written
 
 
 class InvalidSetting(ValueError):
@@ -128,7 +134,7 @@ class QuantSpec:
 class CalibSpec:
     """Which text calibrates the run and how it is cut into samples."""
 
-    source: str = "pydocs-calib"
+    source: str = DEFAULT_CALIB
     samples: int = 128
     seq_len: int = 512
     seed: int = 0

@@ -1,4 +1,4 @@
-# Sourced by scripts/quickstart and scripts/test: create or reuse the virtual environment.
+# Sourced by scripts/quickstart, scripts/test and scripts/lint: create or reuse the virtual environment.
 #   QUANTKIT_VENV   where the environment lives (default: .venv in the repository)
 #   QUANTKIT_TORCH  how torch is installed (default: torch==2.13.0, the CPU build on these machines).
 #                   GPU users: e.g. QUANTKIT_TORCH="torch --index-url https://download.pytorch.org/whl/cu128",

@@ -119,8 +119,10 @@ def test_a_tensor_converted_for_the_output_is_read_a_block_of_rows_at_a_time(tmp
 
 
 def test_the_reuse_window_keeps_freed_temporaries_for_the_next_batch_and_returns_them_after():
-    """Within heap.reusing_freed_memory, a mini-batch's temporaries reuse the last one's memory (few page faults);
-    after it, they are fresh mappings again, and what the window kept is handed back to the system."""
+    """Within heap.reusing_freed_memory, a mini-batch's temporaries reuse the last one's memory (few page faults
+    against one fault per page for fresh mappings), and what the window kept is handed back to the system after it.
+    (After the window, whether a temporary is a fresh mapping or a free heap block whose pages were handed back
+    depends on the heap's layout, which the rest of the process decides; either way nothing stays resident.)"""
     if not sys.platform.startswith("linux") or not heap.release_large_frees_at_once():  # as quantize() sets it
         pytest.skip("glibc's malloc only")
     x = torch.ones(1024, 1536)  # a SmolLM2 MLP activation of a 1024-token mini-batch: 6 MiB
@@ -131,13 +133,13 @@ def test_the_reuse_window_keeps_freed_temporaries_for_the_next_batch_and_returns
             torch.mul(x, 2)
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
+    fresh = 40 * x.nbytes // resource.getpagesize()  # forty fresh mappings fault once per page
+    torch.mul(x, 2)  # torch's one-time set-up of the operation (thread pool, dispatch) is not the window's
     resident = proc_status_kb("VmRSS")
     with heap.reusing_freed_memory(x.nbytes):
         torch.mul(x, 2)  # the first one is paid for
         inside = faults_of_forty_temporaries()
     kept_after = proc_status_kb("VmRSS") - resident
-    outside = faults_of_forty_temporaries()
-    # fresh, each faults at least once (1536 times in 4 KiB pages); inside, the heap may grow a few times first
-    assert outside >= 40, f"{outside} page faults after the window"
-    assert inside < outside / 4, f"{inside} page faults for 40 temporaries inside the window, {outside} after it"
+    # the heap may grow a few times first, then serves every temporary from memory already faulted in
+    assert inside < fresh / 4, f"{inside} page faults for 40 temporaries inside the window; fresh mappings: {fresh}"
     assert kept_after < 2 * 1024, f"{kept_after} kB still resident after the window"

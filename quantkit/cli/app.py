@@ -11,7 +11,16 @@ from click.core import ParameterSource
 
 from quantkit import __version__
 from quantkit.cli.output import silence_libraries
-from quantkit.config import BNB_BITS, COMPUTE_DTYPES, IMPORT_DTYPES, METHODS, SUPPORTED_BITS
+from quantkit.config import (
+    BNB_BITS,
+    COMPUTE_DTYPES,
+    DEFAULT_SHARD_SIZE,
+    IMPORT_DTYPES,
+    METHODS,
+    SUPPORTED_BITS,
+    CalibSpec,
+    QuantSpec,
+)
 from quantkit.errors import QuantkitError, first_line
 
 
@@ -71,7 +80,7 @@ def cli(debug: bool) -> None:
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
 @click.option("--dtype", type=click.Choice(IMPORT_DTYPES), default="float32", show_default=True,
               help="dtype of the written weights (float32 keeps the GGUF values exactly)")
-@click.option("--max-shard-size", default="2GB", show_default=True, help="largest safetensors shard")
+@click.option("--max-shard-size", default=DEFAULT_SHARD_SIZE, show_default=True, help="largest safetensors shard")
 @click.option("--overwrite", is_flag=True, help="replace OUT_DIR if it exists")
 def import_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, max_shard_size: str, overwrite: bool) -> None:
     """Convert GGUF_FILE into a safetensors checkpoint in OUT_DIR (config, tokenizer, chat template)."""
@@ -89,18 +98,22 @@ def import_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, max_shard_size: st
 
 @cli.command()
 @click.argument("model")
-@click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="4", show_default=True)
-@click.option("--group-size", type=int, default=128, show_default=True, help="input channels per scale; -1 = per row")
-@click.option("--sym/--asym", default=True, show_default=True, help="symmetric grid (v1 format) or asymmetric (v2)")
-@click.option("--damp", type=float, default=0.01, show_default=True, help="Hessian damping, fraction of mean diagonal")
-@click.option("--act-order/--no-act-order", default=True, show_default=True,
+@click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default=str(QuantSpec.bits),
+              show_default=True)
+@click.option("--group-size", type=int, default=QuantSpec.group_size, show_default=True,
+              help="input channels per scale; -1 = per row")
+@click.option("--sym/--asym", default=QuantSpec.sym, show_default=True,
+              help="symmetric grid (v1 format) or asymmetric (v2)")
+@click.option("--damp", type=float, default=QuantSpec.damp, show_default=True,
+              help="Hessian damping, fraction of mean diagonal")
+@click.option("--act-order/--no-act-order", default=QuantSpec.act_order, show_default=True,
               help="quantize columns by decreasing Hessian diagonal (desc_act; g_idx is permuted unless "
                    "--static-groups)")
 @click.option("--static-groups", is_flag=True,
               help="with --act-order: fix group parameters first, so g_idx stays in order")
-@click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
+@click.option("--true-sequential/--no-true-sequential", default=QuantSpec.true_sequential, show_default=True,
               help="quantize a layer's Linears in order, each seeing the already-quantized ones")
-@click.option("--clip-search/--no-clip-search", default=True, show_default=True,
+@click.option("--clip-search/--no-clip-search", default=QuantSpec.clip_search, show_default=True,
               help="shrink each group's range where that lowers its rounding error (costs ~5% more time)")
 @click.option("--skip", "skip", multiple=True, metavar="PATTERN",
               help="keep Linears matching this glob (name within a layer, e.g. mlp.down_proj) in float16; repeatable")
@@ -109,14 +122,14 @@ def import_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, max_shard_size: st
 @click.option("--gptaq", is_flag=True,
               help="asymmetric calibration: solve each Linear against the unquantized model's outputs, so it also "
                    "corrects the error of earlier layers (more time: unquantized forwards beside the quantized ones)")
-@click.option("--method", type=click.Choice(METHODS), default="gptq", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default=QuantSpec.method, show_default=True,
               help="gptq (calibrated), rtn (round-to-nearest baseline, no calibration), or bitsandbytes nf4/int8 "
                    "(needs bitsandbytes; --bits and the GPTQ options do not apply)")
-@click.option("--calib", default="pydocs-calib", show_default=True,
+@click.option("--calib", default=CalibSpec.source, show_default=True,
               help="built-in set, a .txt/.jsonl/.parquet file, or hf:<dataset>[:config][:split]")
-@click.option("--samples", type=int, default=128, show_default=True, help="calibration samples")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="tokens per calibration sample")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--samples", type=int, default=CalibSpec.samples, show_default=True, help="calibration samples")
+@click.option("--seq-len", type=int, default=CalibSpec.seq_len, show_default=True, help="tokens per calibration sample")
+@click.option("--seed", type=int, default=CalibSpec.seed, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES), default="auto",
               show_default=True, help="dtype of the calibration forwards; auto: the model's 16-bit dtype on a GPU and "
@@ -125,7 +138,7 @@ def import_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, max_shard_size: st
 @click.option("--out", type=click.Path(path_type=str), default=None,
               help="write to this directory instead of the hub cache")
 @click.option("--overwrite", is_flag=True, help="replace an existing output")
-@click.option("--max-shard-size", default="2GB", show_default=True)
+@click.option("--max-shard-size", default=DEFAULT_SHARD_SIZE, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object; no progress or log lines")
 def quantize(model: str, bits: str, group_size: int, sym: bool, damp: float, act_order: bool, static_groups: bool,
              true_sequential: bool, clip_search: bool, skip: tuple[str, ...], lm_head: bool, gptaq: bool, method: str,

@@ -14,3 +14,15 @@ def silence_libraries() -> None:
     """Only errors from the libraries in NOISY_LOGGERS."""
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def silence_model_loading() -> None:
+    """silence_libraries, and transformers' own warnings and progress bars while models load (verify reports what
+    it loaded itself)."""
+    silence_libraries()
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from quantkit.config import DEFAULT_ESTIMATE_BITS, ESTIMATE_BITS
+from quantkit.config import DEFAULT_ESTIMATE_BITS, ESTIMATE_BATCH, ESTIMATE_BITS, ESTIMATE_CONTEXT, CalibSpec, QuantSpec
 
 if TYPE_CHECKING:
     from quantkit.tools.cache import CachedModel
@@ -37,14 +37,15 @@ def _group_size(ctx: click.Context, param: click.Parameter, value: int) -> int:
 @click.argument("model_or_config")
 @click.option("--bits", default=",".join(map(str, DEFAULT_ESTIMATE_BITS)), show_default=True, callback=_bits,
               help="comma-separated bit widths to size (16 = unquantized fp16)")
-@click.option("--group-size", type=int, default=128, show_default=True, callback=_group_size,
+@click.option("--group-size", type=int, default=QuantSpec.group_size, show_default=True, callback=_group_size,
               help="input channels per scale/zero; -1 = per row")
-@click.option("--context", type=click.IntRange(min=1), default=4096, show_default=True,
+@click.option("--context", type=click.IntRange(min=1), default=ESTIMATE_CONTEXT, show_default=True,
               help="tokens of KV cache per sequence")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="concurrent sequences")
-@click.option("--samples", type=click.IntRange(min=1), default=128, show_default=True,
+@click.option("--batch", type=click.IntRange(min=1), default=ESTIMATE_BATCH, show_default=True,
+              help="concurrent sequences")
+@click.option("--samples", type=click.IntRange(min=1), default=CalibSpec.samples, show_default=True,
               help="calibration samples (quantize peak)")
-@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True,
+@click.option("--seq-len", type=click.IntRange(min=1), default=CalibSpec.seq_len, show_default=True,
               help="tokens per calibration sample (quantize peak)")
 @click.option("--gptaq", is_flag=True, help="size the quantize peak of quantize --gptaq")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")

@@ -1,4 +1,4 @@
-"""`quantkit verify`: click parsing and terminal output only; the work happens in verification.verify().
+"""`quantkit verify`: click parsing and terminal output only; the work happens in verification.api.verify().
 
 Exit codes: 0 every check passed; 1 a threshold or the integrity check failed, or the run could not
 complete (one `Error:` line); 2 usage errors (bad options), from click.
@@ -12,30 +12,23 @@ from typing import TYPE_CHECKING
 
 import click
 
-from quantkit.cli.output import silence_libraries
+from quantkit.cli.output import silence_model_loading
+from quantkit.config import DEFAULT_EVAL
 from quantkit.verification.integrity import describe_quantization
 from quantkit.verification.loading import LOADERS
 from quantkit.verification.report import (
     DEFAULT_MAX_KL,
     DEFAULT_MAX_PPL_RATIO,
     DEFAULT_MIN_TOP1,
+    EVAL_MAX_TOKENS,
+    EVAL_SEQ_LEN,
+    MAX_NEW_TOKENS,
     Thresholds,
     VerifyReport,
 )
 
 if TYPE_CHECKING:
     from tqdm import tqdm
-
-
-def _quiet_libraries() -> None:
-    silence_libraries()
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 class _Progress:
@@ -83,11 +76,11 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 @click.argument("quantized")
 @click.option("--base", default=None, help="reference model (directory or cached repo id); default: the base recorded "
               "in the checkpoint's quantkit.json, when available")
-@click.option("--eval", "eval_source", default="pydocs-eval", show_default=True,
+@click.option("--eval", "eval_source", default=DEFAULT_EVAL, show_default=True,
               help="evaluation text: built-in set, a .txt/.jsonl/.parquet file, or hf:<dataset>[:config][:split]")
-@click.option("--seq-len", type=click.IntRange(min=8), default=512, show_default=True,
+@click.option("--seq-len", type=click.IntRange(min=8), default=EVAL_SEQ_LEN, show_default=True,
               help="tokens per evaluation window")
-@click.option("--max-tokens", type=click.IntRange(min=8), default=16384, show_default=True,
+@click.option("--max-tokens", type=click.IntRange(min=8), default=EVAL_MAX_TOKENS, show_default=True,
               help="evaluate at most this many tokens (whole windows)")
 @click.option("--loader", type=click.Choice(LOADERS), default="quantkit", show_default=True,
               help="quantkit: pure-torch dequantizing layers (no GPU, no gptqmodel); transformers: "
@@ -104,7 +97,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=str), default=None,
               help="write report.json, report.md and verify.png into this directory")
 @click.option("--no-generate", is_flag=True, help="skip the side-by-side greedy generations")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=MAX_NEW_TOKENS, show_default=True,
               help="tokens generated per prompt")
 def verify_command(quantized: str, base: str | None, eval_source: str, seq_len: int, max_tokens: int, loader: str,
                    max_memory: int | None, max_ppl_ratio: float, max_kl: float, min_top1: float, as_json: bool,
@@ -114,7 +107,7 @@ def verify_command(quantized: str, base: str | None, eval_source: str, seq_len: 
     1 when one fails."""
     if max_tokens < seq_len:
         raise click.BadParameter(f"must be at least --seq-len ({seq_len}), got {max_tokens}", param_hint="--max-tokens")
-    _quiet_libraries()
+    silence_model_loading()
     from quantkit.verification.api import verify
 
     progress = _Progress(enabled=not as_json)

@@ -11,8 +11,8 @@ from quantkit import __version__
 from quantkit.config import CalibSpec, QuantSpec
 from quantkit.errors import QuantkitError
 from quantkit.run.model import Source
-from quantkit.run.report import without_timings
 from quantkit.run.resume import RunState
+from quantkit.run.step_report import without_timings
 from quantkit.source.checkpoint import SafetensorsCheckpoint
 from quantkit.untrusted import inside, sha256_file
 from quantkit.write.gptq_format import checkpoint_format, quantization_config

@@ -24,8 +24,8 @@ from quantkit.faults import kill_point
 from quantkit.memory.heap import return_free_heap
 from quantkit.memory.spill import Activations, ActivationsInMemory, ScratchFiles, disk_has_room
 from quantkit.run.model import Skeleton, Source
-from quantkit.run.report import raised_damping, step_report
 from quantkit.run.resume import BackgroundSaves, RunState
+from quantkit.run.step_report import raised_damping, step_report
 from quantkit.run.telemetry import GpuPeaks, StageClock, log_layer
 from quantkit.solve.gptq import GPTQResult, gptq_quantize_shared, rtn_result
 from quantkit.source.skeleton import (

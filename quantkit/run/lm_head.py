@@ -18,7 +18,7 @@ from quantkit.errors import QuantkitError
 from quantkit.faults import kill_point
 from quantkit.run.layer import LayerJob, Solved, Streams, packed, solve
 from quantkit.run.model import Skeleton, Source
-from quantkit.run.report import step_report
+from quantkit.run.step_report import step_report
 from quantkit.solve.gptq import rtn_result
 from quantkit.source.checkpoint import SafetensorsCheckpoint
 from quantkit.source.skeleton import outer_modules_materialized

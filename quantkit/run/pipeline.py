@@ -13,13 +13,13 @@ import torch
 from quantkit import __version__
 from quantkit.calibrate.precision import compute_dtype as choose_compute_dtype
 from quantkit.calibrate.precision import fast_float32_matmuls, float32_matmul_path
-from quantkit.config import CalibSpec, QuantSpec
+from quantkit.config import DEFAULT_SHARD_SIZE, CalibSpec, QuantSpec
 from quantkit.errors import QuantkitError
 from quantkit.faults import kill_point
 from quantkit.memory.heap import release_large_frees_at_once, return_free_heap
 from quantkit.memory.spill import ScratchFiles
 from quantkit.run.assemble import check_output_tensors, side_files, write_shards, write_side_files
-from quantkit.run.calibration import calibration_tokens, first_inputs, load_tokenizer, storage_dtype
+from quantkit.run.first_inputs import calibration_tokens, first_inputs, load_tokenizer, storage_dtype
 from quantkit.run.layer import LayerJob, Streams, check_packable, quantize_layers
 from quantkit.run.lm_head import head_step
 from quantkit.run.model import Skeleton, Source, check_layer_tensors, layer_tensor_names, opened, skeleton_of
@@ -87,7 +87,7 @@ def resolve_device(device: str) -> torch.device:
 
 def quantize(model: str, spec: QuantSpec = DEFAULT_SPEC, calib: CalibSpec = DEFAULT_CALIB, *,
              repo_id: str | None = None, out: str | Path | None = None, overwrite: bool = False, device: str = "auto",
-             max_shard_size: str = "2GB", work_dir: str | Path | None = None, progress: bool = False,
+             max_shard_size: str = DEFAULT_SHARD_SIZE, work_dir: str | Path | None = None, progress: bool = False,
              compute_dtype: str = "auto") -> QuantizeResult:
     """Quantize MODEL (a local directory or a repo id in the hub cache) layer by layer and publish the result.
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from quantkit.errors import QuantkitError, first_line
 from quantkit.memory.spill import Activations, read_tensor_at, write_tensor_at
-from quantkit.run.report import REPORT_FIELDS, REPORT_REQUIRED
+from quantkit.run.step_report import REPORT_FIELDS, REPORT_REQUIRED
 from quantkit.source.checkpoint import SafetensorsCheckpoint
 from quantkit.source.safetensors_header import TORCH_DTYPES, read_header
 from quantkit.untrusted import field, file_record, read_json, sha256_digest, sha256_file

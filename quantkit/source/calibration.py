@@ -9,18 +9,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from quantkit.config import CalibSpec
+from quantkit.config import DEFAULT_CALIB, DEFAULT_EVAL, CalibSpec
 from quantkit.errors import CalibrationError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 BUILTIN_SETS = {
-    "pydocs-calib": "pydocs-calib.jsonl",  # CPython 3.11 stdlib docstrings, calibration half
-    "pydocs-eval": "pydocs-eval.jsonl",    # the disjoint evaluation half; never calibrate on it
+    DEFAULT_CALIB: "pydocs-calib.jsonl",  # CPython 3.11 stdlib docstrings, calibration half
+    DEFAULT_EVAL: "pydocs-eval.jsonl",   # the disjoint evaluation half; never calibrate on it
 }
-DEFAULT_CALIB = "pydocs-calib"
-DEFAULT_EVAL = "pydocs-eval"
 
 
 def builtin_dir() -> Path:

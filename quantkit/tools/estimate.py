@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantkit.calibrate.batch import MLP_BATCH_TOKENS
-from quantkit.config import DEFAULT_ESTIMATE_BITS, ESTIMATE_BITS
+from quantkit.config import DEFAULT_ESTIMATE_BITS, ESTIMATE_BATCH, ESTIMATE_BITS, ESTIMATE_CONTEXT, CalibSpec, QuantSpec
 from quantkit.errors import QuantkitError
 from quantkit.solve.gptq import SHIFT_ROWS
 from quantkit.untrusted import positive_int, read_json
@@ -324,9 +324,9 @@ def _fits(need: int, gpu_gb: int) -> bool:
     return need <= gpu_gb * GIB
 
 
-def estimate(model_or_config: str | Path | dict, bits: Iterable[int] = DEFAULT_ESTIMATE_BITS, group_size: int = 128,
-             context: int = 4096, batch: int = 1, samples: int = 128, seq_len: int = 512,
-             gptaq: bool = False) -> Estimate:
+def estimate(model_or_config: str | Path | dict, bits: Iterable[int] = DEFAULT_ESTIMATE_BITS,
+             group_size: int = QuantSpec.group_size, context: int = ESTIMATE_CONTEXT, batch: int = ESTIMATE_BATCH,
+             samples: int = CalibSpec.samples, seq_len: int = CalibSpec.seq_len, gptaq: bool = False) -> Estimate:
     """Parameter count, weight memory per bit width, KV cache, quantize peak and GPU fit, from config.json alone.
 
     :param model_or_config: a directory with config.json, a config.json path, a repo id in the local hub cache,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from quantkit.config import DEFAULT_CALIB
 from quantkit.errors import QuantkitError
 from quantkit.source.calibration import load_documents
 from quantkit.write.shards import ShardWriter
@@ -32,7 +33,7 @@ def train_tokenizer(vocab_size: int, n_docs: int = 400) -> PreTrainedTokenizerFa
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(load_documents("pydocs-calib")[:n_docs], trainer)
+    tok.train_from_iterator(load_documents(DEFAULT_CALIB)[:n_docs], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 

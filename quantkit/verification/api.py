@@ -16,24 +16,34 @@ import torch
 from torch import Tensor
 
 from quantkit.calibrate.precision import fast_float32_matmuls
+from quantkit.config import DEFAULT_EVAL
 from quantkit.errors import QuantkitError
-from quantkit.source.calibration import DEFAULT_EVAL, evaluation_windows
+from quantkit.source.calibration import evaluation_windows
 from quantkit.source.checkpoint import resolve_model_dir
 from quantkit.verification.generations import SYSTEM_PROMPT, eos_ids, generations
 from quantkit.verification.inputs import layer_summary, read_manifest, resolve_base, shared_tokenizer
 from quantkit.verification.integrity import check_integrity
 from quantkit.verification.loading import LOADERS, check_vocab, load, memory_budgets
 from quantkit.verification.metrics import evaluate
-from quantkit.verification.report import DEFAULT_THRESHOLDS, Progress, Thresholds, VerifyReport, no_progress
+from quantkit.verification.report import (
+    DEFAULT_THRESHOLDS,
+    EVAL_MAX_TOKENS,
+    EVAL_SEQ_LEN,
+    MAX_NEW_TOKENS,
+    Progress,
+    Thresholds,
+    VerifyReport,
+    no_progress,
+)
 from quantkit.verification.thresholds import apply_thresholds, gptaq_hint, integrity_failure
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def verify(quantized: str, base: str | None = None, *, eval_source: str = DEFAULT_EVAL, seq_len: int = 512,
-           max_tokens: int | None = 16384, loader: str = "quantkit", max_memory: int | None = None,
-           thresholds: Thresholds = DEFAULT_THRESHOLDS, generate: bool = True, max_new_tokens: int = 32,
+def verify(quantized: str, base: str | None = None, *, eval_source: str = DEFAULT_EVAL, seq_len: int = EVAL_SEQ_LEN,
+           max_tokens: int | None = EVAL_MAX_TOKENS, loader: str = "quantkit", max_memory: int | None = None,
+           thresholds: Thresholds = DEFAULT_THRESHOLDS, generate: bool = True, max_new_tokens: int = MAX_NEW_TOKENS,
            progress: Progress | None = None) -> VerifyReport:
     """Check QUANTIZED (directory or cached repo id) for integrity and against BASE; see the module docstring.
 

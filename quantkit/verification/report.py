@@ -14,6 +14,9 @@ from quantkit.verification.integrity import IntegrityReport
 DEFAULT_MAX_PPL_RATIO = 1.10
 DEFAULT_MAX_KL = 0.25
 DEFAULT_MIN_TOP1 = 0.70
+EVAL_SEQ_LEN = 512  # tokens per evaluation window
+EVAL_MAX_TOKENS = 16384  # tokens evaluated at most (whole windows)
+MAX_NEW_TOKENS = 32  # tokens generated per prompt
 Progress = Callable[[str, int, int], None]  # progress(stage, done, total) during long steps
 
 

@@ -44,7 +44,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantkit.source.calibration import DEFAULT_EVAL, evaluation_windows
+    from quantkit.config import DEFAULT_EVAL
+    from quantkit.source.calibration import evaluation_windows
     from quantkit.verification.dequantized import load_dequantized
     from quantkit.verification.metrics import perplexity
 

@@ -30,7 +30,7 @@ from quantkit.calibrate.probes import derivable_blocks, discover_groups, foldabl
 from quantkit.calibrate.statistics import collect_hessians, propagate
 from quantkit.config import CalibSpec, QuantSpec
 from quantkit.memory.heap import release_large_frees_at_once
-from quantkit.run.calibration import layer_zero_inputs
+from quantkit.run.first_inputs import layer_zero_inputs
 from quantkit.solve.gptq import gptq_quantize_shared
 from quantkit.source.calibration import calibration_batch
 from quantkit.source.checkpoint import SafetensorsCheckpoint, read_config_dict
