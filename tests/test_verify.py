@@ -92,7 +92,7 @@ def tiny_gptq(tiny_base, tmp_path_factory) -> Path:
 def test_gptq_linear_is_exact_to_the_format(bits):
     from quantkit.solve.gptq import GPTQResult
     from quantkit.solve.grid import rtn_quantize
-    from quantkit.verification.qlinear import GPTQLinear
+    from quantkit.verification.gptq_linear import GPTQLinear
 
     g = torch.Generator().manual_seed(bits)
     W = torch.randn(64, 96, generator=g)
@@ -110,7 +110,8 @@ def test_gptq_linear_is_exact_to_the_format(bits):
 
 def test_loader_swaps_linears_and_matches_checkpoint(tiny_gptq):
     from quantkit.source.checkpoint import SafetensorsCheckpoint
-    from quantkit.verification.qlinear import GPTQLinear, load_model
+    from quantkit.verification.gptq_linear import GPTQLinear
+    from quantkit.verification.qlinear import load_model
 
     model, info = load_model(tiny_gptq)
     q = model.model.layers[1].mlp.down_proj

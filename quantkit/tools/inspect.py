@@ -250,6 +250,14 @@ def _pattern(name: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", name)
 
 
+def _by_pattern(modules: list[dict]) -> dict[str, list[dict]]:
+    """Modules grouped by their name with layer numbers as `*`, in first-seen order."""
+    groups: dict[str, list[dict]] = {}
+    for m in modules:
+        groups.setdefault(_pattern(m["name"]), []).append(m)
+    return groups
+
+
 def human_size(n: int | None) -> str:
     """Bytes with a binary unit: 512 B, 41.0 KiB, 1.23 MiB, 2.10 GiB."""
     if n is None:
@@ -305,9 +313,7 @@ def format_inspect(r: InspectReport) -> str:
     lines += [f"  - {p}" for p in m["problems"][:10]]
     lines += [f"  ({w})" for w in m.get("warnings", [])]
 
-    groups: dict[str, list[dict]] = {}
-    for q in r.quantized_modules:
-        groups.setdefault(_pattern(q["name"]), []).append(q)
+    groups = _by_pattern(r.quantized_modules)
     if groups:
         rows = [["quantized modules", "count", "in x out", "size", "as fp16"]]
         for pattern, items in groups.items():
@@ -319,9 +325,7 @@ def format_inspect(r: InspectReport) -> str:
         rows.append(["total", str(len(r.quantized_modules)), "", human_size(r.quantized_bytes),
                      human_size(r.quantized_fp16_bytes)])
         lines += [""] + _table(rows, right={1, 3, 4})
-    floats: dict[str, list[dict]] = {}
-    for f in r.float_linears:
-        floats.setdefault(_pattern(f["name"]), []).append(f)
+    floats = _by_pattern(r.float_linears)
     if floats:
         rows = [["left in float", "count", "in x out", "dtype", "size"]]
         for pattern, items in floats.items():

@@ -118,8 +118,8 @@ def _settings_limits(qc: dict) -> list[LoaderLimit]:
     if qc.get("desc_act", False) and group == -1:
         limits.append(LoaderLimit(Limit.TGI_DESC_ACT, "TGI: desc_act with group_size -1 breaks its exllama path"))
     if (bits, sym, group) == (4, False, -1):
-        limits.append(LoaderLimit(Limit.TORCH_BACKEND, f"4-bit asymmetric with group size -1: {TORCH_BACKEND_NOTE} "
-                                  "(measured: logits off by 0.5 on a tiny Llama); load with GPTQConfig(..., "
+        limits.append(LoaderLimit(Limit.TORCH_BACKEND, f"4-bit asymmetric with group size -1: {TORCH_BACKEND_NOTE}; "
+                                  "load with GPTQConfig(..., "
                                   "backend=\"torch\"), which is exact (verify --loader transformers does this)"))
     return limits
 

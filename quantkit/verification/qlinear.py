@@ -35,7 +35,7 @@ from quantkit.source.skeleton import (
 )
 from quantkit.verification.gptq_linear import GPTQLinear
 from quantkit.verification.integrity import read_headers
-from quantkit.verification.memory_plan import available_memory, model_footprint, module_bytes, plan_memory
+from quantkit.verification.memory_plan import model_footprint, module_bytes, plan_memory
 from quantkit.write.gptq_format import QUANT_SUFFIXES
 
 if TYPE_CHECKING:
@@ -253,5 +253,4 @@ def estimate_footprint(model: str | Path) -> tuple[int, int]:
     return model_footprint(lm)
 
 
-__all__ = ["GPTQLinear", "LoadInfo", "load_model", "estimate_footprint", "available_memory", "plan_memory",
-           "model_footprint"]
+__all__ = ["LoadInfo", "as_causal_lm", "build_model", "estimate_footprint", "gptq_settings", "load_model"]
