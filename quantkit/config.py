@@ -21,6 +21,10 @@ ESTIMATE_BATCH = 1  # and concurrent sequences
 DEFAULT_CALIB = "pydocs-calib"  # the built-in calibration text (source/calibration.py)
 DEFAULT_EVAL = "pydocs-eval"  # the disjoint built-in evaluation text; never calibrate on it
 DEFAULT_SHARD_SIZE = "2GB"  # largest safetensors shard written
+# bytes of expert Hessians (float32, [in, in] each) one calibration pass sums, unless --expert-chunk says how many
+# experts (memory/expert_chunks.py)
+EXPERT_HESSIAN_BUDGET = 2 << 30
+DEFAULT_EXPERT_MIN_TOKENS = 32  # an expert routed fewer calibration tokens is rounded to nearest, not GPTQ-solved
 
 
 class InvalidSetting(ValueError):
@@ -57,6 +61,10 @@ class QuantSpec:
         the unquantized model's own activations, so it also corrects the error of the Linears and layers quantized
         before it. Costs an unquantized copy of each layer's forwards and a second set of activations. With
         lm_head, the head is calibrated as plain GPTQ, on the quantized model's final hidden states.
+    :param expert_chunk: Mixture-of-Experts layers: how many experts' Hessians one calibration pass sums (peak
+        memory holds that many); 0 = as many as EXPERT_HESSIAN_BUDGET bytes hold.
+    :param expert_min_tokens: an expert the router sent fewer calibration tokens than this is quantized by
+        round-to-nearest (its Hessian would describe too few inputs); recorded per expert in the manifest.
     """
 
     bits: int = 4
@@ -71,6 +79,8 @@ class QuantSpec:
     skip: tuple[str, ...] = ()
     lm_head: bool = False
     gptaq: bool = False
+    expert_chunk: int = 0
+    expert_min_tokens: int = DEFAULT_EXPERT_MIN_TOKENS
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -91,6 +101,12 @@ class QuantSpec:
                                             "float")
         if self.gptaq and self.method != "gptq":
             raise InvalidSetting("gptaq", "GPTAQ is a calibration method: it applies to --method gptq only")
+        if self.expert_chunk < 0:
+            raise InvalidSetting("expert_chunk",
+                                 f"expert chunk must be 0 (automatic) or positive, got {self.expert_chunk}")
+        if self.expert_min_tokens < 0:
+            raise InvalidSetting("expert_min_tokens",
+                                 f"expert min tokens must be 0 or more, got {self.expert_min_tokens}")
         if self.static_groups and not self.act_order:
             raise InvalidSetting("static_groups", "static groups only apply with act-order")
 

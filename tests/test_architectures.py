@@ -28,6 +28,8 @@ ARCHITECTURES = {
     "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
     "gpt2": {"n_inner": 128},  # Conv1D: weights stored [in, out]
     "gpt_neox": {},  # fused query_key_value, parallel residual
+    "codegen": {"rotary_dim": 8, "n_inner": 128},  # fused qkv_proj (mp_num=4 row blocks), parallel residual
+    "gptj": {"rotary_dim": 8, "n_inner": 128},  # parallel residual: attention and MLP both read ln_1's output
 }
 
 

@@ -27,7 +27,7 @@ FAST = ["--samples", "8", "--seq-len", "32", "--group-size", "32"]
 @dataclass(frozen=True)
 class Case:
     name: str
-    fixture: str                        # which pristine tree the case starts from: base, quantized, cache, resume, gguf
+    fixture: str  # which pristine tree the case starts from: base, quantized, thebloke, cache, resume, gguf
     damage: Callable[[Path, Path], None]  # (case directory, decoy directory)
     command: Callable[[Path], list[str]]  # case directory -> arguments
     repairs: bool = False  # the command is the repair of this damage (cache rm): exit 0, still touching nothing else
@@ -153,6 +153,7 @@ def vouched(damage: Callable[[Path, Path], None]) -> Callable[[Path, Path], None
 
 
 Q_SHARD = "q/model-00001-of-00001.safetensors"
+TB_SHARD = "q/gptq_model-4bit-32g.safetensors"  # AutoGPTQ's layout: one file by that name, no index, no manifest
 
 
 # ---------------------------------------------------------------- the corpus
@@ -255,7 +256,25 @@ def corpus() -> list[Case]:
                           verify_q))
         cases.append(Case(f"manifest-{label}-inspect", "quantized", edit_json("q/quantkit.json", manifest_files(value)),
                           inspect_q))
-    cases += cache_cases() + resume_cases() + gguf_cases()
+    cases += thebloke_cases() + cache_cases() + resume_cases() + gguf_cases()
+    return cases
+
+
+def thebloke_cases() -> list[Case]:
+    """Another tool's GPTQ checkpoint (AutoGPTQ's layout): nothing vouches for its files, so every check behind
+    the manifest must catch a damage on its own; the settings are read from quantize_config.json."""
+    cases = []
+    for label, data in _json_variants().items():
+        for cmd, command in (("verify", verify_q), ("inspect", inspect_q)):
+            cases.append(Case(f"tb-qc-{label}-{cmd}", "thebloke", write_bytes("q/quantize_config.json", data), command))
+    edits = {"bits": "x", "group_size": [1], "format": "gptq_v9", "pack_dtype": "int8", "dynamic": [1],
+             "is_marlin_format": True, "sym": "yes"}
+    for key, value in edits.items():
+        cases.append(Case(f"tb-qc-{key}={json.dumps(value)}-verify", "thebloke",
+                          edit_json("q/quantize_config.json", set_key(key, value)), verify_q))
+    for kind in SAFETENSORS_KINDS:
+        for cmd, command in (("verify", verify_q), ("inspect", inspect_q)):
+            cases.append(Case(f"tb-shard-{kind}-{cmd}", "thebloke", safetensors_damage(TB_SHARD, kind), command))
     return cases
 
 
@@ -422,6 +441,11 @@ def pristine(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
     assert r.exit_code == 0, r.output
     trees["quantized"] = quantized
 
+    thebloke = root / "thebloke"
+    shutil.copytree(quantized, thebloke)
+    _as_thebloke(thebloke / "q")
+    trees["thebloke"] = thebloke
+
     cache = root / "cache"
     shutil.copytree(base, cache)
     env = {**os.environ, "HF_HUB_CACHE": str(cache / "hub"), "HF_HUB_OFFLINE": "1"}
@@ -444,6 +468,19 @@ def pristine(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
     _tiny_gguf(gguf / "model.gguf")
     trees["gguf"] = gguf
     return trees
+
+
+def _as_thebloke(q: Path) -> None:
+    """A quantkit output rewritten as AutoGPTQ lays a checkpoint out: no manifest, card or index, one weight file
+    named after the settings, which are in quantize_config.json only."""
+    for name in ("quantkit.json", "README.md", "model.safetensors.index.json"):
+        (q / name).unlink()
+    (q / "model-00001-of-00001.safetensors").rename(q / Path(TB_SHARD).name)
+    config = json.loads((q / "config.json").read_text())
+    qcfg = config.pop("quantization_config")
+    (q / "config.json").write_text(json.dumps(config))
+    autogptq = {k: qcfg[k] for k in ("bits", "group_size", "desc_act", "sym", "true_sequential", "damp_percent")}
+    (q / "quantize_config.json").write_text(json.dumps(autogptq))
 
 
 def _tiny_gguf(path: Path) -> None:

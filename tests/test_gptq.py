@@ -333,3 +333,21 @@ def test_the_factorization_makes_no_hidden_copy_of_the_hessian():
     _reversed_inverse_factor(H.clone(), 0.01)  # the first call's lasting allocations (LAPACK's buffers) not counted
     grown = peak_rss_growth(lambda: _reversed_inverse_factor(H, 0.01))
     assert grown < 1.75 * H.nbytes, grown / H.nbytes  # a copy of H more would make it 2x or more
+
+
+@pytest.mark.parametrize("shape,group_size", [((32, 256), 32), ((16, 100), 32), ((8, 64), -1)])
+@pytest.mark.parametrize("sym", [True, False])
+def test_rtn_solves_every_group_as_its_own_grid(shape, group_size, sym):
+    """Round-to-nearest of a whole matrix gives each (row, group) exactly the grid group_qparams gives that slice
+    alone (a partial last group included)."""
+    from quantkit.solve.grid import group_qparams, quantize_codes, rtn_quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(*shape) * torch.rand(shape[0], 1)
+    codes, scales, zeros = rtn_quantize(w, 4, group_size, sym, clip_search=True)
+    g = shape[1] if group_size == -1 else group_size
+    for j, start in enumerate(range(0, shape[1], g)):
+        block = w[:, start:start + g].contiguous()
+        scale, zero = group_qparams(block, 4, sym, clip_search=True)
+        assert torch.equal(scales[:, j], scale) and torch.equal(zeros[:, j], zero.to(torch.int32))
+        assert torch.equal(codes[:, start:start + g], quantize_codes(block, scale, zero, 4).to(torch.int32))

@@ -88,7 +88,7 @@ def test_the_spent_hessian_and_float32_results_are_freed_before_packing(monkeypa
 
     monkeypatch.setattr(layer, "module_tensors", spy)
     packed = layer.solve_group("model.layers.0.mlp", ["a", "b"], statistics.pop(0), modules,
-                               QuantSpec(bits=4, group_size=32), "gptq")
+                               QuantSpec(bits=4, group_size=32), "gptq", lambda n: f"model.layers.0.mlp.{n}")
     assert at_packing == [("model.layers.0.mlp.a", False, False), ("model.layers.0.mlp.b", False, False)]
     for name, module in modules.items():
         t = {k.rsplit(".", 1)[1]: v for k, v in packed[name].tensors.items()}
@@ -143,3 +143,17 @@ def test_the_reuse_window_keeps_freed_temporaries_for_the_next_batch_and_returns
     # the heap may grow a few times first, then serves every temporary from memory already faulted in
     assert inside < fresh / 4, f"{inside} page faults for 40 temporaries inside the window; fresh mappings: {fresh}"
     assert kept_after < 2 * 1024, f"{kept_after} kB still resident after the window"
+
+
+def test_the_peak_rss_reported_is_the_process_own_not_the_parent_it_was_forked_from():
+    """getrusage's ru_maxrss keeps the parent's size at fork through exec: quantize started from a large process
+    (a test runner, a notebook) would report that process's memory as its own peak."""
+    import subprocess
+    import sys
+
+    ballast = torch.ones(1536 * 2**20 // 4)  # 1.5 GiB resident in this process
+    ballast += 1
+    probe = "from quantkit.run.telemetry import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    del ballast
+    assert child < 1000, child

@@ -190,8 +190,8 @@ def test_pickle_only_checkpoint_is_refused(hub_cache, tmp_path, tiny_llama_dir):
 def test_unsupported_architecture(hub_cache, tmp_path, tiny_tokenizer):
     from conftest import make_tiny_model
 
-    d = make_tiny_model(tmp_path / "gptj", tiny_tokenizer, model_type="gptj", n_embd=32, n_layer=1, n_head=2)
-    _assert_clean_failure(run("quantize", d), hub_cache, "unsupported architecture 'gptj'")
+    d = make_tiny_model(tmp_path / "bloom", tiny_tokenizer, model_type="bloom", n_embd=32, n_layer=1, n_head=2)
+    _assert_clean_failure(run("quantize", d), hub_cache, "unsupported architecture 'bloom'")
 
 
 def test_bits_5_is_a_usage_error(hub_cache, tiny_llama_dir):

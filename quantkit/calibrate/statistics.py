@@ -41,6 +41,7 @@ class Statistics:
     reference the cross term of GPTAQ (gptq.accumulate_cross)."""
     hessian: Tensor
     cross: Tensor | None = None
+    tokens: int = 0  # the inputs summed (for an expert: the tokens routed to it)
 
 
 @dataclass
@@ -67,10 +68,12 @@ def collect_hessians(layer: nn.Module, groups: Sequence[Sequence[str]], batches:
 @torch.no_grad()
 def collect_statistics(layer: nn.Module, groups: Sequence[Sequence[str]], batches: Activations, call: LayerCall,
                        device: torch.device, dtype: torch.dtype, memo: BlockMemo | None = None,
-                       done: AbstractSet[str] = frozenset(), reference: Reference | None = None) -> list[Statistics]:
+                       done: AbstractSet[str] = frozenset(), reference: Reference | None = None,
+                       paired: bool = True) -> list[Statistics]:
     """`collect_hessians`, and with a `reference` each group's GPTAQ cross term too: each batch first runs through
     the unquantized copy of the layer, up to the last group, whose inputs to the groups are paired with the
-    quantized layer's inputs for the same tokens."""
+    quantized layer's inputs for the same tokens. paired=False: the reference still runs (its memo keeps step
+    with the layer's) but no cross term is summed (experts: the two models route different tokens to them)."""
     memo = memo if memo is not None else BlockMemo(layer, enabled=False)
     ref_memo, ref_modules = None, {}
     if reference is not None:
@@ -83,7 +86,7 @@ def collect_statistics(layer: nn.Module, groups: Sequence[Sequence[str]], batche
     for gi, group in enumerate(groups):
         k = in_features(modules[group[0]])
         sums.append(HessianSum(torch.zeros(k, k, device=device),
-                               cross=torch.zeros(k, k, device=device) if reference is not None else None))
+                               cross=torch.zeros(k, k, device=device) if reference is not None and paired else None))
         last = gi == len(groups) - 1
         handles.append(modules[group[0]].register_forward_pre_hook(
             _hessian_hook(sums[-1], group[0], last, memo, ref_inputs if reference is not None else None)))
@@ -100,7 +103,7 @@ def collect_statistics(layer: nn.Module, groups: Sequence[Sequence[str]], batche
     finally:
         for h in handles:
             h.remove()
-    return [Statistics(s.hessian, s.cross) for s in sums]
+    return [Statistics(s.hessian, s.cross, s.tokens) for s in sums]
 
 
 def _hessian_hook(sums: HessianSum, name: str, last: bool, memo: BlockMemo,

@@ -122,6 +122,10 @@ def import_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, max_shard_size: st
 @click.option("--gptaq", is_flag=True,
               help="asymmetric calibration: solve each Linear against the unquantized model's outputs, so it also "
                    "corrects the error of earlier layers (more time: unquantized forwards beside the quantized ones)")
+@click.option("--expert-chunk", type=int, default=QuantSpec.expert_chunk, show_default=True,
+              help="Mixture-of-Experts: experts whose Hessians one calibration pass holds; 0 = as many as 2 GiB hold")
+@click.option("--expert-min-tokens", type=int, default=QuantSpec.expert_min_tokens, show_default=True,
+              help="Mixture-of-Experts: an expert routed fewer calibration tokens is rounded to nearest")
 @click.option("--method", type=click.Choice(METHODS), default=QuantSpec.method, show_default=True,
               help="gptq (calibrated), rtn (round-to-nearest baseline, no calibration), or bitsandbytes nf4/int8 "
                    "(needs bitsandbytes; --bits and the GPTQ options do not apply)")
@@ -141,7 +145,8 @@ def import_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, max_shard_size: st
 @click.option("--max-shard-size", default=DEFAULT_SHARD_SIZE, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object; no progress or log lines")
 def quantize(model: str, bits: str, group_size: int, sym: bool, damp: float, act_order: bool, static_groups: bool,
-             true_sequential: bool, clip_search: bool, skip: tuple[str, ...], lm_head: bool, gptaq: bool, method: str,
+             true_sequential: bool, clip_search: bool, skip: tuple[str, ...], lm_head: bool, gptaq: bool,
+             expert_chunk: int, expert_min_tokens: int, method: str,
              calib: str, samples: int, seq_len: int, seed: int, device: str, compute_dtype: str, repo_id: str | None,
              out: str | None, overwrite: bool, max_shard_size: str, as_json: bool) -> None:
     """Quantize MODEL (a directory or a repo id in the local hub cache) to a GPTQ checkpoint."""
@@ -154,7 +159,8 @@ def quantize(model: str, bits: str, group_size: int, sym: bool, damp: float, act
     try:
         spec = QuantSpec(bits=int(bits), group_size=group_size, sym=sym, damp=damp, act_order=act_order,
                          static_groups=static_groups, true_sequential=true_sequential, method=method,
-                         clip_search=clip_search, skip=tuple(skip), lm_head=lm_head, gptaq=gptaq)
+                         clip_search=clip_search, skip=tuple(skip), lm_head=lm_head, gptaq=gptaq,
+                         expert_chunk=expert_chunk, expert_min_tokens=expert_min_tokens)
     except InvalidSetting as e:
         raise click.BadParameter(str(e), param_hint=e.flag) from None
     try:

@@ -48,17 +48,20 @@ def _group_size(ctx: click.Context, param: click.Parameter, value: int) -> int:
 @click.option("--seq-len", type=click.IntRange(min=1), default=CalibSpec.seq_len, show_default=True,
               help="tokens per calibration sample (quantize peak)")
 @click.option("--gptaq", is_flag=True, help="size the quantize peak of quantize --gptaq")
+@click.option("--expert-chunk", type=click.IntRange(min=0), default=QuantSpec.expert_chunk, show_default=True,
+              help="Mixture-of-Experts: size the quantize peak of quantize --expert-chunk N (0 = automatic)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def estimate_command(model_or_config: str, bits: tuple[int, ...], group_size: int, context: int, batch: int,
-                     samples: int, seq_len: int, gptaq: bool, as_json: bool) -> None:
+                     samples: int, seq_len: int, gptaq: bool, expert_chunk: int, as_json: bool) -> None:
     """Memory needed to run and to quantize MODEL_OR_CONFIG, from its config alone: a directory, a config.json,
     a repo id in the local hub cache, or a built-in name (llama-2-7b, llama-2-13b, llama-2-70b, mistral-7b,
-    llama-3-8b, llama-3-70b, qwen2.5-7b, smollm2-135m). Sizes in GiB (2**30 bytes)."""
+    llama-3-8b, llama-3-70b, qwen2.5-7b, smollm2-135m, qwen3-30b-a3b, mixtral-8x7b, deepseek-v3). Sizes in GiB
+    (2**30 bytes)."""
     from quantkit.tools.estimate import estimate
     from quantkit.tools.estimate_text import format_estimate
 
     result = estimate(model_or_config, bits=bits, group_size=group_size, context=context, batch=batch,
-                      samples=samples, seq_len=seq_len, gptaq=gptaq)
+                      samples=samples, seq_len=seq_len, gptaq=gptaq, expert_chunk=expert_chunk)
     click.echo(json.dumps(result.to_dict()) if as_json else format_estimate(result))
 
 

@@ -3,6 +3,7 @@ base tensor as the output stores it), config files, the base's tokenizer files, 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -44,7 +45,8 @@ def side_files(model_dir: Path) -> list[Path]:
     return found
 
 
-def write_shards(source: Source, state: RunState, steps: int, staging: Path, shard_bytes: int) -> int:
+def write_shards(source: Source, state: RunState, steps: int, staging: Path, shard_bytes: int,
+                 discarded: Collection[str] = frozenset()) -> int:
     """The finished steps' packed tensors, then every base tensor they do not replace (embeddings, norms, an
     unquantized lm_head, skipped Linears) in OUTPUT_DTYPE, streamed into shards: one step in memory at a time.
     Returns the bytes of weights written."""
@@ -56,7 +58,7 @@ def write_shards(source: Source, state: RunState, steps: int, staging: Path, sha
         quantized |= {f"{n.removesuffix('.qweight')}.{p}" for n in tensors if n.endswith(".qweight")
                       for p in ("weight", "bias")}
     for name in source.checkpoint.names():
-        if name not in quantized:
+        if name not in quantized and name not in discarded:
             writer.add({name: output_tensor(source.checkpoint, name)})
     source.unmap()
     writer.finish()
@@ -75,13 +77,15 @@ def output_tensor(checkpoint: SafetensorsCheckpoint, name: str) -> torch.Tensor:
     return tensor
 
 
-def check_output_tensors(source: Source, layers_prefix: str) -> None:
+def check_output_tensors(source: Source, layers_prefix: str, discarded: Collection[str] = frozenset()) -> None:
     """What output_tensor would refuse among the tensors copied into the output as they are (all but the decoder
     layers'), found now, not after every layer ran: a block of rows at a time, so neither a tensor nor its
     conversion is ever held whole."""
     checkpoint = source.checkpoint
     for name in checkpoint.names():
-        if not name.startswith(layers_prefix + ".") and checkpoint.is_floating(name) and not all(
+        if name.startswith(layers_prefix + ".") or name in discarded:
+            continue  # the layers' tensors are checked as each layer is read; the discarded are not written
+        if checkpoint.is_floating(name) and not all(
                 bool(torch.isfinite(block).all()) for _, block in checkpoint.blocks_as(name, OUTPUT_DTYPE)):
             raise _not_finite(checkpoint, name)
 

@@ -2,11 +2,13 @@
 the calibration activations carried on to the next layer, and the layer saved for a resume."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -23,11 +25,15 @@ from quantkit.errors import NumericalError, QuantkitError
 from quantkit.faults import kill_point
 from quantkit.memory.heap import return_free_heap
 from quantkit.memory.spill import Activations, ActivationsInMemory, ScratchFiles, disk_has_room
+from quantkit.run.experts import ExpertChunks, Loader, loaded_per_chunk
 from quantkit.run.model import Skeleton, Source
 from quantkit.run.resume import BackgroundSaves, RunState
+from quantkit.run.stages import expert_of, layer_stages
 from quantkit.run.step_report import raised_damping, step_report
 from quantkit.run.telemetry import GpuPeaks, StageClock, log_layer
 from quantkit.solve.gptq import GPTQResult, gptq_quantize_shared, rtn_result
+from quantkit.solve.grid import dequantize_grouped
+from quantkit.source.experts import UnfusedExperts, expert_blocks, only_experts
 from quantkit.source.skeleton import (
     in_features,
     linear_modules,
@@ -74,6 +80,8 @@ class Solved:
     tensors: dict[str, Tensor]  # one Linear's checkpoint tensors (qweight, qzeros, scales, ...), on the CPU
     loss: float
     damp: float
+    tokens: int | None = None  # an expert's: the calibration tokens the router sent it
+    rounded: bool = False  # an expert with too few tokens, rounded to nearest (QuantSpec.expert_min_tokens)
 
 
 def packed(name: str, res: GPTQResult, spec: QuantSpec, fmt: str, bias: Tensor | None) -> Solved:
@@ -121,16 +129,23 @@ def quantize_layer(job: LayerJob, source: Source, skeleton: Skeleton, i: int, st
     spec, layer, where = job.spec, skeleton.layers[i], f"{skeleton.prefix}.{i}"
     t_layer = time.perf_counter()
     kill_point(f"layer:{i}:start")
-    materialize(layer, where, source.checkpoint, job.device, job.compute_dtype)
+    later = loaded_per_chunk(layer, spec)  # experts whose weights load a chunk at a time
+    materialize(layer, where, source.checkpoint, job.device, job.compute_dtype, skeleton.names, later=later)
     stages = StageClock(job.device, load=t_layer, gpu_peaks=job.gpu_peaks)
     if i == 0:
-        spec.check_skip_patterns(linear_modules(layer))
+        spec.check_skip_patterns(dict.fromkeys(n for lay in skeleton.layers for n in linear_modules(lay)))
     last = i == len(skeleton.layers) - 1 and not spec.lm_head  # no later step needs this layer's outputs
+    out_name = functools.partial(skeleton.output_name, i)
     if spec.method == "gptq":
-        results = gptq_layer(job, layer, where, streams, i, last, stages)
+        def load(module: nn.Module, path: str) -> None:
+            materialize(module, f"{where}.{path}", source.checkpoint, job.device, job.compute_dtype, skeleton.names)
+        results = gptq_layer(job, layer, where, streams, i, last, stages, out_name, (later, load))
     else:
-        results = rtn_layer(layer, where, spec, job.fmt)
-    report = step_report(i, round(time.perf_counter() - t_layer, 2), results, spec, stages=stages)
+        results = rtn_layer(layer, spec, job.fmt, out_name)
+    in_layer = functools.partial(skeleton.name_in_layer, i)
+    experts = expert_report(results, expert_blocks(layer), spec, in_layer)
+    results = {in_layer(name): res for name, res in results.items()}  # reports use the checkpoint's names
+    report = step_report(i, round(time.perf_counter() - t_layer, 2), results, spec, stages=stages, experts=experts)
     for name, damp in raised_damping(results, spec).items():
         log.warning("%s.%s: Hessian not positive definite; damping raised from %g to %g", where, name, spec.damp, damp)
     kill_point(f"layer:{i}:solved")
@@ -160,7 +175,8 @@ def _save_step(state: RunState, i: int, tensors: dict[str, Tensor], report: dict
 
 
 def gptq_layer(job: LayerJob, layer: nn.Module, where: str, streams: Streams, i: int, last: bool,
-               clock: StageClock) -> dict[str, Solved]:
+               clock: StageClock, out_name: Callable[[str], str],
+               experts: tuple[set[str], Loader]) -> dict[str, Solved]:
     """GPTQ every Linear of layer `where` (stage by stage when true-sequential), then propagate the batches.
 
     On a CPU (job.kept), o_proj's and down_proj's inputs may wait for their later use in a scratch file (the page
@@ -168,7 +184,11 @@ def gptq_layer(job: LayerJob, layer: nn.Module, where: str, streams: Streams, i:
     gate/up); without, o_proj's are kept in memory and down_proj's not. While saves run in the background, the
     batches are not folded in place (calibrate.memo.BlockMemo). GPTAQ (streams.reference): a copy of the layer keeps
     its original weights and carries the unquantized model's inputs (calibrate.statistics.Reference); each group's
-    solve then targets the unquantized model's outputs (gptq_quantize_shared's `cross`)."""
+    solve then targets the unquantized model's outputs (gptq_quantize_shared's `cross`), except an expert's: the
+    two models route different tokens to it, so experts are solved as plain GPTQ on the quantized model's routing.
+    Mixture-of-Experts blocks go a chunk of experts per pass (run.stages); an expert routed fewer than
+    spec.expert_min_tokens tokens is rounded to nearest. out_name: a Linear's name in the output. experts: the
+    experts left on the meta device, loaded a chunk at a time (run.experts), and how to load one."""
     spec, dev, dtype = job.spec, job.device, job.compute_dtype
     batches, calls = streams.batches, streams.calls
     if batches is None or calls is None:
@@ -177,18 +197,27 @@ def gptq_layer(job: LayerJob, layer: nn.Module, where: str, streams: Streams, i:
     # GPTAQ: the copy is taken before any weight is quantized
     reference = Reference(copy.deepcopy(layer), streams.reference) if streams.reference is not None else None
     sample = batches[0][:1].clone()  # one sequence (a read from disk where the batches are kept there)
-    groups = discover_groups(layer, sample.to(dev, dtype), call)
+    later, load = experts
+    with only_experts(layer, frozenset()):  # the experts' weights wait for their chunk; their groups are known
+        groups = discover_groups(layer, sample.to(dev, dtype), call)
     groups = [kept for kept in ([n for n in g if not spec.skips(n)] for g in groups) if kept]
     modules = linear_modules(layer)
     skipped = {n for n in modules if spec.skips(n)}  # final from the start: they keep their float weights
-    stages = [[g] for g in groups] if spec.true_sequential else [groups]
-    memo, ref_memo = _memos(job, layer, groups, sample, call, batches, modules, last, reference)
+    stages = layer_stages(layer, groups, spec)
+    groups = [g for stage in stages for g in stage.groups]
+    with only_experts(layer, frozenset()):
+        memo, ref_memo = _memos(job, layer, groups, sample, call, batches, modules, last, reference)
+    chunks = ExpertChunks(layer, later, load, batches, call, dev, dtype, memo, not last, reference, job.kept)
     results: dict[str, Solved] = {}
     replayed: set[str] = set()  # blocks whose weights were dropped: every later pass replays them
     try:
-        for stage in stages:
-            statistics = collect_statistics(layer, stage, batches, call, dev, dtype, memo,
-                                            done=set(results) | skipped, reference=reference)
+        for k, stage in enumerate(stages):
+            chunks.enter(stage)
+            with only_experts(layer, stage.experts), (contextlib.nullcontext() if reference is None else
+                                                      only_experts(reference.layer, stage.experts_of_reference)):
+                statistics = collect_statistics(layer, stage.groups, batches, call, dev, dtype, memo,
+                                                done=set(results) | skipped, reference=reference,
+                                                paired=not stage.is_expert_stage())
             for block in set(memo.replayed_from_now_on(len(batches))) - replayed:  # the attention, once the MLP
                 release(layer.get_submodule(block))  # stages begin: its weights leave memory
                 replayed.add(block)
@@ -196,15 +225,20 @@ def gptq_layer(job: LayerJob, layer: nn.Module, where: str, streams: Streams, i:
                         block in ref_memo.replayed_from_now_on(len(batches)):
                     release(reference.layer.get_submodule(block))
             clock.lap("hessians")
-            for group in stage:
-                results.update(solve_group(where, group, statistics.pop(0), modules, spec, job.fmt))
+            for group in stage.groups:
+                results.update(solve_group(where, group, statistics.pop(0), modules, spec, job.fmt, out_name,
+                                           expert=stage.is_expert_stage()))
             clock.lap("solve")
+            chunks.leave(stage, stages[k + 1] if k + 1 < len(stages) else None, set(results) | skipped)
+            kill_point(f"layer:{i}:stage:{k}")
         if not last:  # the final layer's outputs are never used
-            propagate(layer, batches, call, dev, dtype, memo)
-            if reference is not None:
-                propagate(reference.layer, reference.batches, call, dev, dtype, ref_memo)
+            with chunks.replayed():
+                propagate(layer, batches, call, dev, dtype, memo)
+                if reference is not None:
+                    propagate(reference.layer, reference.batches, call, dev, dtype, ref_memo)
             clock.lap("propagate")
     finally:
+        chunks.close()
         memo.close()
         if ref_memo is not None:
             ref_memo.close()
@@ -253,16 +287,30 @@ def kept_inputs_bytes(batches: Activations, modules: dict[str, nn.Module], hidde
 
 
 def solve_group(where: str, group: list[str], statistics: Statistics, modules: dict[str, nn.Module],
-                spec: QuantSpec, fmt: str) -> dict[str, Solved]:
+                spec: QuantSpec, fmt: str, out_name: Callable[[str], str], expert: bool = False) -> dict[str, Solved]:
     """GPTQ the Linears sharing a Hessian (consumed), write their dequantized weights back for later stages, and
     keep only their packed tensors: the solve's [N, K] codes and results are freed on return. With a GPTAQ cross
     term the solve targets the weights that reproduce the unquantized model's outputs. The caller hands over its
-    only reference to `statistics`."""
-    solved = solve(f"{where}.{group[0]}", [weight_matrix(modules[name]) for name in group], statistics.hessian, spec,
-                   statistics.cross)  # the group shares its Hessian, so a failure is named after its first Linear
-    del statistics  # the spent Hessian (and cross term) is freed before packing, which would otherwise hold it
+    only reference to `statistics`. expert: the group is one expert's, rounded to nearest instead when the router
+    sent it fewer than spec.expert_min_tokens tokens (none at all: always)."""
+    tokens = statistics.tokens if expert else None
+    rounded = tokens is not None and tokens < max(1, spec.expert_min_tokens)
+    if rounded:
+        del statistics
+        solved = [_rounded(weight_matrix(modules[name]), spec) for name in group]
+    else:
+        solved = solve(f"{where}.{group[0]}", [weight_matrix(modules[name]) for name in group], statistics.hessian,
+                       spec, statistics.cross)  # the group shares its Hessian: a failure is named after its first
+        del statistics  # the spent Hessian (and cross term) is freed before packing, which would otherwise hold it
     solved = _written_back(group, solved, modules)
-    return {name: packed(f"{where}.{name}", res, spec, fmt, bias(modules[name])) for name, res in zip(group, solved)}
+    return {name: replace(packed(out_name(name), res, spec, fmt, bias(modules[name])), tokens=tokens, rounded=rounded)
+            for name, res in zip(group, solved)}
+
+
+def _rounded(weight: Tensor, spec: QuantSpec) -> GPTQResult:
+    """Round-to-nearest with its dequantized weight, which later stages of the layer compute with."""
+    res = rtn_result(weight, spec)
+    return replace(res, weight=dequantize_grouped(res.codes, res.scales, res.zeros, res.g_idx).to(weight.device))
 
 
 def _written_back(group: list[str], solved: list[GPTQResult], modules: dict[str, nn.Module]) -> list[GPTQResult]:
@@ -275,9 +323,33 @@ def _written_back(group: list[str], solved: list[GPTQResult], modules: dict[str,
     return [replace(res, weight=None) for res in solved]
 
 
-def rtn_layer(layer: nn.Module, where: str, spec: QuantSpec, fmt: str) -> dict[str, Solved]:
-    return {name: packed(f"{where}.{name}", rtn_result(weight_matrix(module), spec), spec, fmt, bias(module))
+def rtn_layer(layer: nn.Module, spec: QuantSpec, fmt: str, out_name: Callable[[str], str]) -> dict[str, Solved]:
+    return {name: packed(out_name(name), rtn_result(weight_matrix(module), spec), spec, fmt, bias(module))
             for name, module in linear_modules(layer).items() if not spec.skips(name)}
+
+
+def expert_report(results: dict[str, Solved], blocks: dict[str, UnfusedExperts], spec: QuantSpec,
+                  in_layer: Callable[[str], str]) -> dict:
+    """Per MoE block (named as the checkpoint names it, through in_layer): the calibration tokens the router sent
+    each expert and the experts rounded to nearest for having fewer than spec.expert_min_tokens (a GPTQ run's;
+    RTN calibrates nothing)."""
+    report = {}
+    for name, block in blocks.items():
+        tokens: dict[int, int] = {}
+        rounded: set[int] = set()
+        for linear, res in results.items():
+            found = expert_of(linear, {name: block})
+            if found is not None and res.tokens is not None:
+                tokens.setdefault(found[1], res.tokens)
+                if res.rounded:
+                    rounded.add(found[1])
+        if not tokens:
+            continue
+        first = f"0.{block.layout.gate}"  # the block's name in the checkpoint, read off its first Linear's
+        report[in_layer(f"{name}.{first}").removesuffix(f".{first}")] = {
+            "experts": block.num_experts, "tokens": [tokens.get(e, 0) for e in range(block.num_experts)],
+            "rounded": sorted(rounded), "min_tokens": spec.expert_min_tokens}
+    return report
 
 
 def bias(module: nn.Module) -> Tensor | None:

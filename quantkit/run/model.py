@@ -3,7 +3,7 @@ resume.HashedReads), and its skeleton on the meta device with the decoder layers
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -12,7 +12,14 @@ from torch import nn
 
 from quantkit.run.resume import HashedReads
 from quantkit.source.checkpoint import SafetensorsCheckpoint, read_config_dict, resolve_model_dir
-from quantkit.source.skeleton import build_skeleton, check_tensors, decoder_layers, load_config
+from quantkit.source.skeleton import (
+    build_skeleton,
+    check_tensors,
+    checkpoint_names,
+    decoder_layers,
+    discarded_on_load,
+    load_config,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -46,6 +53,18 @@ class Skeleton:
     model: PreTrainedModel  # the transformers model on the meta device: modules get weights one at a time
     prefix: str  # the decoder layers' module path, e.g. "model.layers"
     layers: nn.ModuleList
+    names: Callable[[str], str]  # module parameter name -> the checkpoint's name (skeleton.checkpoint_names)
+    discarded: frozenset[str] = frozenset()  # base tensors transformers drops on load (skeleton.discarded_on_load)
+
+    def output_name(self, i: int, linear: str) -> str:
+        """Layer i's Linear `linear` (named within the layer) as the checkpoint names it, e.g. Mixtral's
+        model.layers.0.block_sparse_moe.experts.3.w1: packed tensors keep the base checkpoint's names."""
+        return self.names(f"{self.prefix}.{i}.{linear}.weight").removesuffix(".weight")
+
+    def name_in_layer(self, i: int, linear: str) -> str:
+        """output_name within the layer (block_sparse_moe.experts.3.w1): how reports and quantization_config's
+        modules_in_block_to_quantize name a Linear."""
+        return self.output_name(i, linear).removeprefix(f"{self.prefix}.{i}.")
 
 
 @contextlib.contextmanager
@@ -64,7 +83,8 @@ def opened(model: str) -> Iterator[Source]:
 def skeleton_of(source: Source) -> Skeleton:
     model = build_skeleton(source.config)
     prefix, layers = decoder_layers(model, source.config.num_hidden_layers)
-    return Skeleton(model, prefix, layers)
+    names = source.checkpoint.names()
+    return Skeleton(model, prefix, layers, checkpoint_names(model, names), discarded_on_load(model, names))
 
 
 def check_layer_tensors(source: Source, skeleton: Skeleton) -> None:
@@ -72,10 +92,10 @@ def check_layer_tensors(source: Source, skeleton: Skeleton) -> None:
     only): a missing, misplaced or misshapen tensor fails now, not hours later at its layer."""
     source.checkpoint.check_index()
     for i, layer in enumerate(skeleton.layers):
-        check_tensors(layer, f"{skeleton.prefix}.{i}", source.checkpoint)
+        check_tensors(layer, f"{skeleton.prefix}.{i}", source.checkpoint, skeleton.names)
 
 
 def layer_tensor_names(skeleton: Skeleton) -> list[list[str]]:
     """The base tensors each decoder layer reads."""
-    return [[f"{skeleton.prefix}.{i}.{name}" for name, _ in layer.named_parameters()]
+    return [[skeleton.names(f"{skeleton.prefix}.{i}.{name}") for name, _ in layer.named_parameters()]
             for i, layer in enumerate(skeleton.layers)]

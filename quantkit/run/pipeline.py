@@ -158,7 +158,7 @@ def _gptq(run: Run) -> tuple[list[dict], dict[str, str]]:
         state = _resumable_state(run, skeleton, input_ids)
         _quantize_steps(run, skeleton, state, input_ids)
         return_free_heap()
-        return _assembled(run, state)
+        return _assembled(run, state, skeleton)
 
 
 def _checked_and_tokenized(run: Run) -> tuple[Skeleton, torch.Tensor | None]:
@@ -168,9 +168,10 @@ def _checked_and_tokenized(run: Run) -> tuple[Skeleton, torch.Tensor | None]:
     tokenizer = load_tokenizer(source.model_dir)
     skeleton = skeleton_of(source)
     check_layer_tensors(source, skeleton)
-    check_output_tensors(source, skeleton.prefix)
+    check_output_tensors(source, skeleton.prefix, skeleton.discarded)
     source.unmap()  # the small tensors the checks read through the mapping
-    check_packable(spec, f"{skeleton.prefix}.0", linear_modules(skeleton.layers[0]))
+    for i, layer in enumerate(skeleton.layers):  # MoE models: dense first layers, experts in the later ones
+        check_packable(spec, f"{skeleton.prefix}.{i}", linear_modules(layer))
     input_ids = calibration_tokens(tokenizer, run.calib, source.config) if spec.method == "gptq" else None
     del tokenizer  # read once; it and tokenizing the text leave memory that no later step needs
     return_free_heap()
@@ -211,14 +212,16 @@ def _quantize_steps(run: Run, skeleton: Skeleton, state: RunState, input_ids: to
         bar.close()
 
 
-def _assembled(run: Run, state: RunState) -> tuple[list[dict], dict[str, str]]:
+def _assembled(run: Run, state: RunState, skeleton: Skeleton) -> tuple[list[dict], dict[str, str]]:
     """The output in staging, from the finished steps, then everything else; returns (reports, file sha256s)."""
     spec = run.spec
     staging = run.target.fresh_staging()
-    weight_bytes = write_shards(run.source, state, run.steps, staging, run.shard_bytes)
+    weight_bytes = write_shards(run.source, state, run.steps, staging, run.shard_bytes, skeleton.discarded)
     kill_point("assembled")
     reports = state.reports
-    in_block = [list(reports[0]["losses"])] if spec.skip else None  # the quantized Linears of every layer
+    # the Linears quantized in any layer (the first may be dense where later ones hold experts)
+    in_block = [list(dict.fromkeys(n for r in reports if "module" not in r
+                                  for n in r["losses"]))] if spec.skip else None
     compute = {"device": run.device.type, "dtype": _dtype_name(run.compute_dtype),
                "float32_matmuls": float32_matmul_path(run.device)} if spec.method == "gptq" else None
     return reports, write_side_files(run.source, spec, run.calib, staging, run.target.repo_id, reports, weight_bytes,

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from quantkit.errors import QuantkitError, first_line
 from quantkit.memory.spill import Activations, read_tensor_at, write_tensor_at
-from quantkit.run.step_report import REPORT_FIELDS, REPORT_REQUIRED
+from quantkit.run.step_report import EXPERT_FIELDS, REPORT_FIELDS, REPORT_REQUIRED
 from quantkit.source.checkpoint import SafetensorsCheckpoint
 from quantkit.source.safetensors_header import TORCH_DTYPES, read_header
 from quantkit.untrusted import field, file_record, read_json, sha256_digest, sha256_file
@@ -295,11 +295,27 @@ def _check_report(holder: dict, index: int, where: str) -> None:
         if name not in REPORT_FIELDS:
             raise QuantkitError(f"{at}: {name!r} is not a field of a layer's report")
         field(report, name, REPORT_FIELDS[name], at)
-        if isinstance(value, dict):
+        if name == "experts":
+            for block in value:
+                _check_expert_record(field(value, block, dict, f"{at}: experts"), f"{at}: experts: {block}")
+        elif isinstance(value, dict):
             for entry in value:
                 field(value, entry, (int, float), f"{at}: {name}")
     if report["index"] != index:
         raise QuantkitError(f"{at}: 'index' is {report['index']}, expected {index}")
+
+
+def _check_expert_record(record: dict, at: str) -> None:
+    """One MoE block's record in a report (step_report.EXPERT_FIELDS): its fields, counts and expert indices."""
+    if set(record) != set(EXPERT_FIELDS):
+        raise QuantkitError(f"{at}: fields are {sorted(record)}, expected {sorted(EXPERT_FIELDS)}")
+    for key, kind in EXPERT_FIELDS.items():
+        field(record, key, kind, at)
+    n = record["experts"]
+    tokens, rounded = record["tokens"], record["rounded"]
+    if not all(type(v) is int and v >= 0 for v in (n, record["min_tokens"], *tokens)) or len(tokens) != n \
+            or not all(type(e) is int and 0 <= e < n for e in rounded):
+        raise QuantkitError(f"{at}: expected {n} token counts and expert indices below {n}")
 
 
 def _save_batches(path: Path, streams: Sequence[Activations]) -> dict:

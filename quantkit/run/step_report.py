@@ -11,8 +11,10 @@ from quantkit.config import QuantSpec
 # and how much GPU memory it used (the manifest leaves them out: a rerun writes the same manifest)
 REPORT_FIELDS: dict[str, type | tuple[type, ...]] = {
     "index": int, "module": str, "seconds": (int, float), "stage_seconds": dict, "stage_peak_gpu_mb": dict,
-    "losses": dict, "damp_raised": dict}
+    "losses": dict, "damp_raised": dict, "experts": dict}
 REPORT_REQUIRED = ("index", "seconds", "losses")
+# a report's "experts" entry, per Mixture-of-Experts block: each field and its JSON type
+EXPERT_FIELDS: dict[str, type] = {"experts": int, "tokens": list, "rounded": list, "min_tokens": int}
 TIMING_FIELDS = ("seconds", "stage_seconds", "stage_peak_gpu_mb")
 
 
@@ -31,9 +33,10 @@ class Stages(Protocol):
 
 
 def step_report(index: int, seconds: float, results: Mapping[str, Solution], spec: QuantSpec, *,
-                module: str | None = None, stages: Stages | None = None) -> dict:
+                module: str | None = None, stages: Stages | None = None, experts: dict | None = None) -> dict:
     """The report of step `index`: its seconds (and per stage, with their GPU peaks on a GPU), each Linear's loss,
-    and the damping of those whose Hessian needed more than spec.damp. module: the head's name (a layer has none)."""
+    and the damping of those whose Hessian needed more than spec.damp. module: the head's name (a layer has none);
+    experts: per Mixture-of-Experts block, its experts' calibration tokens and those rounded to nearest."""
     report: dict = {"index": index}
     if module is not None:
         report["module"] = module
@@ -46,6 +49,8 @@ def step_report(index: int, seconds: float, results: Mapping[str, Solution], spe
     damps = raised_damping(results, spec)
     if damps:
         report["damp_raised"] = damps
+    if experts:
+        report["experts"] = experts
     return report
 
 

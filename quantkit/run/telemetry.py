@@ -17,7 +17,16 @@ log = logging.getLogger("quantkit")
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process (Linux reports KiB)."""
+    """Peak resident set size of this process's own memory: Linux's VmHWM, not getrusage's ru_maxrss, which
+    carries over the parent's size at fork through exec (quantize started from a large Python process would report
+    that process's size). Elsewhere ru_maxrss (KiB on Linux and BSDs)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -75,8 +84,19 @@ def progress_bar(total: int, enabled: bool) -> tqdm:
 
 
 def log_layer(i: int, n_layers: int, report: dict, stages: StageClock) -> None:
-    """One line per finished layer: each Linear's loss, the layer's seconds per stage and, on a GPU, its peak."""
-    log.info("layer %d/%d  %s  (%.1fs: %s)%s", i + 1, n_layers,
-             "  ".join(f"{n.split('.')[-1]}={v:.4g}" for n, v in report["losses"].items()), report["seconds"],
+    """One line per finished layer: each Linear's loss (a Mixture-of-Experts block's summed over its experts, with
+    the experts rounded to nearest for want of calibration tokens), the layer's seconds per stage and, on a GPU,
+    its peak."""
+    blocks = report.get("experts", {})
+    dense = {n: v for n, v in report["losses"].items() if not any(n.startswith(f"{b}.") for b in blocks)}
+    parts = [f"{n.split('.')[-1]}={v:.4g}" for n, v in dense.items()]
+    for block, facts in blocks.items():
+        loss = sum(v for n, v in report["losses"].items() if n.startswith(f"{block}."))
+        rounded = facts["rounded"]
+        parts.append(f"{block}: {facts['experts']} experts, loss={loss:.4g}, tokens {min(facts['tokens'])}-"
+                     f"{max(facts['tokens'])}" + (f", {len(rounded)} rounded to nearest (fewer than "
+                                                   f"{facts['min_tokens']} tokens): {' '.join(map(str, rounded))}"
+                                                   if rounded else ""))
+    log.info("layer %d/%d  %s  (%.1fs: %s)%s", i + 1, n_layers, "  ".join(parts), report["seconds"],
              " ".join(f"{k} {v:.1f}" for k, v in stages.seconds.items()),
              f"  peak GPU {max(stages.gpu_mb.values()):.0f} MB" if stages.gpu_mb else "")

@@ -118,18 +118,20 @@ def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
 
 def rtn_quantize(weight: Tensor, bits: int, group_size: int, sym: bool,
                  clip_search: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Round-to-nearest baseline: weight [N, K] -> (codes int32 [N, K], scales [N, G], zeros int32 [N, G])."""
+    """Round-to-nearest baseline: weight [N, K] -> (codes int32 [N, K], scales [N, G], zeros int32 [N, G]).
+    Each (row, group) has its own grid, so whole groups are solved at once as the rows of an [N * G, group] matrix
+    (a few large kernels, not a few per group); a partial last group is solved on its own."""
     n_out, n_in = weight.shape
     g = n_in if group_size == -1 else group_size
-    codes = torch.empty(n_out, n_in, dtype=torch.int32, device=weight.device)
-    scales, zeros = [], []
-    for start in range(0, n_in, g):
-        block = weight[:, start:start + g].float()
-        scale, zero = group_qparams(block, bits, sym, clip_search)
-        codes[:, start:start + g] = quantize_codes(block, scale, zero, bits).to(torch.int32)
-        scales.append(scale)
-        zeros.append(zero)
-    return codes, torch.stack(scales, dim=1), torch.stack(zeros, dim=1).to(torch.int32)
+    full = n_in // g * g
+    parts = [weight[:, :full].float().reshape(-1, g)] + ([weight[:, full:].float()] if full < n_in else [])
+    codes, scales, zeros = [], [], []
+    for rows in parts:
+        scale, zero = group_qparams(rows, bits, sym, clip_search)
+        codes.append(quantize_codes(rows, scale, zero, bits).to(torch.int32).reshape(n_out, -1))
+        scales.append(scale.reshape(n_out, -1))
+        zeros.append(zero.reshape(n_out, -1))
+    return torch.cat(codes, dim=1), torch.cat(scales, dim=1), torch.cat(zeros, dim=1).to(torch.int32)
 
 
 def dequantize_grouped(codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:

@@ -16,6 +16,8 @@ from quantkit.source.safetensors_header import read_header
 from quantkit.untrusted import field, positive_int, read_json, relative_name
 
 INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+QUANTIZE_CONFIG_NAME = "quantize_config.json"  # AutoGPTQ's copy of the GPTQ settings; the only one in older repos
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -50,14 +52,50 @@ def resolve_model_dir(model: str) -> Path:
 
 def read_config_dict(model_dir: Path) -> dict:
     """config.json as a JSON object whose quantization_config, when set, is an object too (every reader looks
-    into it)."""
-    cfg_path = model_dir / "config.json"
+    into it); see `read_config` for where that quantization_config may come from."""
+    return read_config(model_dir)[0]
+
+
+def read_config(model_dir: Path) -> tuple[dict, str | None]:
+    """config.json as a JSON object, and the name of the file its quantization_config came from (None when the
+    model is not quantized). A GPTQ checkpoint that keeps its settings only in quantize_config.json (AutoGPTQ,
+    TheBloke's repositories) gets them from there (`read_quantize_config`), so that every reader sees one
+    quantization_config."""
+    cfg_path = model_dir / CONFIG_NAME
     if not cfg_path.is_file():
         raise QuantkitError(f"{model_dir} has no config.json; is it a Hugging Face model directory?")
     config = read_json(cfg_path, "config")
     if config.get("quantization_config") is not None:
-        field(config, "quantization_config", dict, str(cfg_path))
-    return config
+        gptq_format_key(field(config, "quantization_config", dict, str(cfg_path)), cfg_path)
+        return config, CONFIG_NAME if config["quantization_config"] else None
+    if (model_dir / QUANTIZE_CONFIG_NAME).is_file():
+        config["quantization_config"] = read_quantize_config(model_dir)
+        return config, QUANTIZE_CONFIG_NAME
+    return config, None
+
+
+def read_quantize_config(model_dir: Path) -> dict:
+    """quantize_config.json (AutoGPTQ's file, which describes GPTQ only) as a quantization_config: quant_method
+    "gptq" where it names none, AutoGPTQ's `is_marlin_format` as the checkpoint_format "marlin" it means, and the
+    format key as `gptq_format_key` reads it."""
+    path = model_dir / QUANTIZE_CONFIG_NAME
+    qcfg = read_json(path, QUANTIZE_CONFIG_NAME)
+    qcfg.setdefault("quant_method", "gptq")
+    if qcfg.get("is_marlin_format") is True:
+        qcfg["checkpoint_format"] = "marlin"
+    return gptq_format_key(qcfg, path)
+
+
+def gptq_format_key(qcfg: dict, path: Path) -> dict:
+    """qcfg, where a GPTQ config that spells its checkpoint format `format` (GPTQModel, which reads that key
+    first) gets it as `checkpoint_format` too, the key quantkit reads; a config that spells it both ways must
+    agree."""
+    if qcfg.get("quant_method") == "gptq" and "format" in qcfg:
+        stated = qcfg.setdefault("checkpoint_format", qcfg["format"])
+        if stated != qcfg["format"]:
+            raise QuantkitError(f"{path}: the quantization config says format {qcfg['format']!r} and "
+                                f"checkpoint_format {stated!r}, which disagree")
+    return qcfg
 
 
 def read_index(model_dir: Path) -> dict[str, str] | None:
@@ -87,6 +125,8 @@ class SafetensorsCheckpoint:
         self._handles: dict[str, ShardHandle] = {}
 
     def _weight_map(self, model_dir: Path) -> dict[str, str]:
+        """Tensor name -> file: the index's, or without one the single .safetensors file's, whatever its name
+        (AutoGPTQ writes gptq_model-4bit-128g.safetensors), its header read and checked as every shard's is."""
         weight_map = read_index(model_dir)
         if weight_map is not None:
             missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})

@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.source.checkpoint import SafetensorsCheckpoint, check_config_fits
+from quantkit.source.experts import routers, unfuse_experts
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -24,18 +26,21 @@ if TYPE_CHECKING:
 # decoder-only causal LMs whose layers and Linear modules quantkit discovers from the module tree; each has an
 # end-to-end test on a tiny random model (tests/test_architectures.py)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "opt",
-                         "gpt2", "gpt_neox")
+                         "gpt2", "gpt_neox", "codegen", "gptj")
+# Mixture-of-Experts models: their fused experts become one Linear per expert (source/experts.py); each has an end-
+# to-end test too (tests/test_moe.py)
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe")
 
 
 def load_config(model_dir: str | Path, config_dict: dict) -> PretrainedConfig:
     """transformers config for a supported, unquantized causal LM (never runs remote code), once config.json is
     known to describe the weights beside it (checkpoint.check_config_fits)."""
     model_type = config_dict.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in SUPPORTED_MODEL_TYPES + MOE_MODEL_TYPES:
         architectures = config_dict.get("architectures")
         named = ", ".join(map(str, architectures)) if isinstance(architectures, list) else ""
         raise QuantkitError(f"unsupported architecture {model_type!r} ({named}); "
-                            f"quantkit supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+                            f"quantkit supports {', '.join(SUPPORTED_MODEL_TYPES + MOE_MODEL_TYPES)}")
     if config_dict.get("quantization_config"):
         method = config_dict["quantization_config"].get("quant_method", "unknown")
         raise QuantkitError(f"{model_dir} is already quantized ({method}); quantize its unquantized base model instead")
@@ -60,6 +65,29 @@ def causal_lm_from_config(config: PretrainedConfig, dtype: torch.dtype | None = 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa" if sdpa else "eager", **kwargs)
+
+
+def checkpoint_names(model: PreTrainedModel, names: Iterable[str]) -> Callable[[str], str]:
+    """module parameter name -> the checkpoint's name for it: the inverse of checkpoint_key_renamer over the
+    checkpoint's `names` (Mixtral's mlp.experts.0.w1.weight is block_sparse_moe.experts.0.w1.weight on disk);
+    a name transformers does not rename is its own."""
+    rename = checkpoint_key_renamer(model)
+    renamed = {rename(name): name for name in names}
+    return lambda name: renamed.get(name, name)
+
+
+def discarded_on_load(model: PreTrainedModel, names: Iterable[str]) -> frozenset[str]:
+    """The checkpoint tensors among `names` that transformers drops when it loads `model`: not in its state dict
+    (after checkpoint_key_renamer) and matched by its `_keys_to_ignore_on_load_unexpected`, as transformers
+    matches them. They are buffers older transformers versions saved and the model now computes: GPT-J's
+    attn.bias and attn.masked_bias (-1e9, beyond float16), CodeGen's attn.causal_mask, GPT-NeoX's
+    attention.bias and attention.masked_bias."""
+    patterns = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()
+    if not patterns:
+        return frozenset()
+    ignored = re.compile("|".join(f"({p})" for p in patterns))
+    rename, own = checkpoint_key_renamer(model), set(model.state_dict())
+    return frozenset(name for name in names if rename(name) not in own and ignored.search(name))
 
 
 def checkpoint_key_renamer(model: PreTrainedModel) -> Callable[[str], str]:
@@ -89,6 +117,7 @@ def build_skeleton(config: PretrainedConfig) -> PreTrainedModel:
     config.use_cache = False
     with init_empty_weights(include_buffers=False):
         model = causal_lm_from_config(config)
+    unfuse_experts(model)
     return model.eval()
 
 
@@ -108,10 +137,13 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def linear_modules(layer: nn.Module) -> dict[str, nn.Module]:
-    """The layer's Linear-like modules (nn.Linear and transformers' Conv1D), by qualified name, in module order."""
+    """The layer's Linear-like modules (nn.Linear and transformers' Conv1D), by qualified name, in module order;
+    not the routers of its Mixture-of-Experts blocks (experts.routers), which stay float."""
     from transformers.pytorch_utils import Conv1D
 
-    return {name: m for name, m in layer.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and name}
+    skip = routers(layer)
+    return {name: m for name, m in layer.named_modules()
+            if isinstance(m, (nn.Linear, Conv1D)) and name and name not in skip}
 
 
 def _stored_weight(module: nn.Module) -> torch.Tensor:
@@ -137,10 +169,16 @@ def set_weight_matrix(module: nn.Module, weight: torch.Tensor) -> None:
     target.copy_((weight.t() if is_conv1d(module) else weight).to(target.dtype))
 
 
-def check_tensors(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint) -> None:
-    """Every parameter of `module` is in the checkpoint with the shape config.json implies (headers only)."""
+def _same(name: str) -> str:
+    return name
+
+
+def check_tensors(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint,
+                  names: Callable[[str], str] = _same) -> None:
+    """Every parameter of `module` is in the checkpoint with the shape config.json implies (headers only).
+    names: module parameter name -> checkpoint name (checkpoint_names)."""
     for pname, param in module.named_parameters():
-        full = f"{prefix}.{pname}" if prefix else pname
+        full = names(f"{prefix}.{pname}" if prefix else pname)
         _check_shape(full, checkpoint.shape(full), param.shape)
 
 
@@ -151,13 +189,16 @@ def _check_shape(name: str, found: Sequence[int], expected: Sequence[int]) -> No
 
 
 def materialize(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint, device: torch.device,
-                dtype: torch.dtype) -> None:
-    """Load `module`'s parameters from the checkpoint (names prefix + '.' + param) onto device in place, then unmap
-    the shards (the checkpoint reopens them on its next read)."""
+                dtype: torch.dtype, names: Callable[[str], str] = _same, later: AbstractSet[str] = frozenset()) -> None:
+    """Load `module`'s parameters from the checkpoint (names prefix + '.' + param, through `names` to the
+    checkpoint's) onto device in place, then unmap the shards (the checkpoint reopens them on its next read).
+    later: submodules (paths within `module`) left on the meta device, loaded on their own when needed."""
     from accelerate.utils import set_module_tensor_to_device
 
     for pname, param in module.named_parameters():
-        full = f"{prefix}.{pname}" if prefix else pname
+        if later and pname.rpartition(".")[0] and any(pname.startswith(f"{m}.") for m in later):
+            continue
+        full = names(f"{prefix}.{pname}" if prefix else pname)
         tensor = checkpoint.get(full)
         _check_shape(full, tensor.shape, param.shape)
         if tensor.is_floating_point():

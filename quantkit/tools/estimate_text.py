@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from quantkit.tools.estimate import GIB, Estimate
+from quantkit.tools.estimate_shape import ModelShape
 
 
 def _count(n: int) -> str:
@@ -21,25 +22,63 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.2f}" if n >= GIB else f"{n / GIB:.3f}"
 
 
-def format_estimate(e: Estimate) -> str:
-    """The human-readable report of `quantkit estimate`."""
-    s = e.shape
-    where = f"{e.source}: {e.path}" if e.path else e.source
-    lines = [f"{e.model}  ({where})",
-             f"  {s.model_type}: {s.layers} layers, hidden {s.hidden}, intermediate {s.intermediate}, "
-             f"{s.heads} heads / {s.kv_heads} KV heads x head_dim {s.head_dim}, vocab {s.vocab}, "
-             f"lm_head {'tied to the embeddings' if s.tied else 'untied'}", ""]
-    p = e.params
+def _width(bits: int, group_size: int) -> str:
+    return "16-bit fp16" if bits == 16 else f"{bits}-bit g{'row' if group_size == -1 else group_size}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _shape_lines(s: ModelShape) -> list[str]:
+    """The config's numbers: one line, and for a Mixture-of-Experts model one on its experts."""
+    dense, sparse = s.layer_counts()
+    attention = (f"{s.heads} heads / {s.kv_heads} KV heads x head_dim {s.head_dim}" if s.mla is None else
+                 f"{s.heads} heads of latent attention (q_lora_rank {s.mla.q_lora_rank or 'none'}, kv_lora_rank "
+                 f"{s.mla.kv_lora_rank}, qk head_dim {s.mla.qk_nope_head_dim} + {s.mla.qk_rope_head_dim} rope, "
+                 f"v_head_dim {s.mla.v_head_dim})")
+    lines = [f"  {s.model_type}: {s.layers} layers, hidden {s.hidden}, "
+             + (f"intermediate {s.intermediate}, " if dense and s.moe is None else "")
+             + f"{attention}, vocab {s.vocab}, lm_head {'tied to the embeddings' if s.tied else 'untied'}"]
+    if s.moe is not None:
+        m = s.moe
+        shared = f"shared expert intermediate {m.shared_intermediate}" if m.shared_intermediate else "no shared expert"
+        others = f" (the {dense} others dense, intermediate {s.intermediate})" if dense else ""
+        lines.append(f"  experts: {m.experts} experts per layer, {m.active} active per token, in {sparse} of "
+                     f"{s.layers} layers{others}; each gate/up/down {s.hidden} -> {m.expert_intermediate} -> "
+                     f"{s.hidden}; {shared}")
+    return lines
+
+
+def _params_table(e: Estimate) -> list[str]:
+    p, moe = e.params, e.shape.moe is not None
     rows = [["parameters", "count"], ["embeddings", _count(p["embeddings"])],
             ["lm_head", _count(p["lm_head"]) if p["lm_head"] else "tied"],
-            ["attention q/k/v/o", _count(p["attention"])], ["MLP gate/up/down", _count(p["mlp"])],
-            ["norms", _count(p["norms"])], ["total", _count(p["total"])]]
-    lines += _table(rows, indent="", right=frozenset({1})) + [""]
+            ["attention q/k/v/o" if e.shape.mla is None else "latent attention", _count(p["attention"])],
+            ["MLP gate/up/down", _count(p["mlp"])]]
+    if moe:
+        rows = rows[:-1] + ([["dense and shared MLPs", _count(p["mlp"])]] if p["mlp"] else [])
+        rows += [["routed experts", _count(p["experts"])], ["routers", _count(p["routers"])]]
+    rows += [["norms", _count(p["norms"])], ["total", _count(p["total"])]]
+    if moe:
+        rows.append(["active per token", _count(p["active"])])
+    return _table(rows, indent="", right=frozenset({1}))
+
+
+def format_estimate(e: Estimate) -> str:
+    """The human-readable report of `quantkit estimate`."""
+    where = f"{e.source}: {e.path}" if e.path else e.source
+    lines = [f"{e.model}  ({where})", *_shape_lines(e.shape), ""]
+    lines += _params_table(e) + [""]
     rows = [["weights (GiB)", "layer linears", "fp16 rest", "total", f"run: +KV +{e.overhead:.0%}"]]
     for w in e.weights:
-        label = "16-bit fp16" if w.bits == 16 else f"{w.bits}-bit g{'row' if w.group_size == -1 else w.group_size}"
+        label = _width(w.bits, e.group_size)
         rows.append([label, _gib(w.linear_bytes), _gib(w.fp16_bytes), _gib(w.total_bytes), _gib(w.run_bytes)])
-    lines += _table(rows, indent="", right=frozenset({1, 2, 3, 4})) + [""]
+    lines += _table(rows, indent="", right=frozenset({1, 2, 3, 4}))
+    if e.experts is not None:
+        sizes = ", ".join(f"{_mib(n)} {_width(b, e.group_size)}" for b, n in e.experts.bytes.items())
+        lines.append(f"one routed expert: {_count(e.experts.params)} parameters, {sizes}")
+    lines.append("")
     q = e.quantize_peak
     lines += [f"KV cache        {_gib(e.kv_cache_bytes)} GiB  (context {e.context} x batch {e.batch}, fp16)",
               f"quantize peak   {_gib(q['total'])} GiB = decoder layer fp32 {_gib(q['layer_fp32'])} + calibration "
@@ -49,8 +88,14 @@ def format_estimate(e: Estimate) -> str:
               "activations on disk instead)",
               f"quantize disk   {_gib(e.quantize_scratch_bytes)} GiB of scratch in the work directory on a CPU (the "
               "calibration activations, and down_proj's inputs kept for the propagation; without twice that free, "
-              "the activations stay in memory and down_proj's inputs are not kept)",
-              ""]
+              "the activations stay in memory and down_proj's inputs are not kept)"]
+    if e.experts is not None and e.shape.moe is not None:
+        widest = max(e.shape.hidden, e.shape.moe.expert_intermediate)
+        lines.append(f"expert chunk    {e.experts.chunk} experts per calibration pass (of {e.shape.moe.experts}; "
+                     f"--expert-chunk sets it): only their weights are in the decoder layer term, and their "
+                     f"Hessians, float32 [{widest}, {widest}] each, {_gib(e.experts.chunk_hessian_bytes)} GiB, are "
+                     "the peak's Hessian term where they outweigh the layer's others")
+    lines.append("")
     header = ["fits one GPU?"] + [("fp16" if w.bits == 16 else f"{w.bits}-bit") for w in e.weights] + ["quantize"]
     rows = [header] + [[f"{g['gpu_gb']} GB"] + ["yes" if g["run"][w.bits] else "no" for w in e.weights]
                        + ["yes" if g["quantize"] else "no"] for g in e.gpus]

@@ -1,25 +1,30 @@
 """`quantkit inspect`: what a (quantized) checkpoint holds, read from config.json and safetensors headers only.
 
 Never loads a tensor: shapes and dtypes come from the headers, sizes from the file system, and the manifest
-check hashes files (integrity.py).
+check hashes files (integrity.py). GPTQ settings only in quantize_config.json (AutoGPTQ's layout) are read from
+there (checkpoint.read_config). Mixture-of-Experts checkpoints keep one tensor per expert
+(`...experts.<E>.<name>`): the module tables show one row per expert Linear with the number of experts, and the
+report counts the experts of each layer.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
 from quantkit.source.checkpoint import (
     INDEX_NAME,
-    read_config_dict,
+    QUANTIZE_CONFIG_NAME,
+    read_config,
     read_index,
     resolve_model_dir,
 )
-from quantkit.source.safetensors_header import FLOAT_DTYPES, read_header
-from quantkit.verification.compat import compatibility_notes
+from quantkit.source.safetensors_header import DTYPE_BITS, FLOAT_DTYPES, read_header
+from quantkit.verification.compat import compatibility_notes, layout_limits
 from quantkit.verification.integrity import (
     MANIFEST_NAME,
     MODULE_SUFFIXES,
@@ -28,6 +33,9 @@ from quantkit.verification.integrity import (
 )
 
 _NOT_LINEAR = re.compile(r"(embed|wte|wpe|norm|ln_|layernorm)", re.IGNORECASE)
+_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(.+)")  # block, expert number, the rest: one expert's tensor or Linear
+_LAYER = re.compile(r"\.\d+\.")
+EXPERT_SLOT = "[E]"  # where a row's pattern holds the expert numbers until they are written out
 
 
 @dataclass
@@ -43,10 +51,12 @@ class InspectReport:
     desc_act: bool | None
     checkpoint_format: str | None
     quantizer: list[str]
+    settings_file: str | None          # where the quantization settings came from: config.json or quantize_config.json
     modules_in_block_to_quantize: list | None
     modules_not_converted: list | None
     quantized_modules: list[dict] = field(default_factory=list)   # name, in_features, out_features, bytes, fp16_bytes
     float_linears: list[dict] = field(default_factory=list)       # name, shape, dtype, bytes
+    experts: dict[str, int] = field(default_factory=dict)         # expert block of one layer -> its expert count
     size_on_disk: int = 0
     weight_files: int = 0
     weight_file_bytes: int = 0
@@ -72,22 +82,12 @@ class InspectReport:
         return {**self.__dict__, "compression": self.compression, "linear_compression": self.linear_compression}
 
 
-def _weight_map(model_dir: Path) -> dict[str, list[str]] | None:
-    """Safetensors file -> tensor names listed by the index (None when there is no index)."""
-    weight_map = read_index(model_dir)
-    if weight_map is None:
-        return None
-    out: dict[str, list[str]] = {}
-    for name, filename in weight_map.items():
-        out.setdefault(filename, []).append(name)
-    return out
-
-
 def _headers(model_dir: Path, errors: list[str]) -> dict[str, dict]:
     """name -> {dtype, shape, bytes, file} from every safetensors header (safetensors_header.read_header, which
     checks offsets, sizes and dtypes); unreadable or inconsistent files become errors."""
-    by_index = _weight_map(model_dir)
-    files = sorted(by_index) if by_index is not None else sorted(p.name for p in model_dir.glob("*.safetensors"))
+    weight_map = read_index(model_dir)
+    files = sorted(set(weight_map.values())) if weight_map is not None else sorted(
+        p.name for p in model_dir.glob("*.safetensors"))
     out: dict[str, dict] = {}
     for filename in files:
         if not (model_dir / filename).is_file():
@@ -109,10 +109,7 @@ def _manifest(model_dir: Path) -> dict:
         return {"status": "no manifest", "files_checked": 0, "problems": [], "warnings": []}
     report = IntegrityReport(path=str(model_dir))
     check_manifest(model_dir, report, None)
-    if not report.manifest:
-        status = "invalid"
-    else:
-        status = "mismatch" if report.errors else "ok"
+    status = "invalid" if not report.manifest else "mismatch" if report.errors else "ok"
     return {"status": status, "files_checked": report.files_checked, "problems": list(report.errors),
             "warnings": list(report.warnings)}
 
@@ -123,10 +120,11 @@ def _module_shape(method: str, bits: int | None, tensors: dict[str, dict]) -> tu
     if qweight is None or len(qweight["shape"]) != 2 or not bits:
         return None
     rows, cols = qweight["shape"]
+    word = DTYPE_BITS[qweight["dtype"]]  # int32, or the pack_dtype GPTQModel was told to use
     if method == "awq":          # AWQ packs along the output dim: [K, N*b/32]
-        return rows, cols * 32 // bits
+        return rows, cols * word // bits
     g_idx = tensors.get("g_idx")
-    k = g_idx["shape"][0] if g_idx and len(g_idx["shape"]) == 1 else rows * 32 // bits
+    k = g_idx["shape"][0] if g_idx and len(g_idx["shape"]) == 1 else rows * word // bits
     return k, cols
 
 
@@ -166,7 +164,8 @@ def _gptq_module(module: str, headers: dict, method: str, bits: int | None, repo
              "bytes": stored, "fp16_bytes": None}
     report.quantized_modules.append(entry)
     if not kn:
-        report.errors.append(f"{module}: cannot tell its shape from {module}.qweight (bits {bits!r})")
+        if bits:  # without bits, the one error about the settings says why
+            report.errors.append(f"{module}: cannot tell its shape from {module}.qweight (bits {bits!r})")
         report.fp16_equivalent_bytes += stored   # counted as stored: no fp16 size to compare with
         return None
     bias = parts.get("bias")
@@ -200,7 +199,7 @@ def inspect(model: str | Path) -> InspectReport:
     (4, 64, 'ok')
     """
     model_dir = resolve_model_dir(str(model))
-    config = read_config_dict(model_dir)
+    config, settings_file = read_config(model_dir)
     raw = config.get("quantization_config") or None
     if raw is not None and not isinstance(raw, dict):
         raise QuantkitError(f"{model_dir}/config.json: quantization_config is not an object")
@@ -215,17 +214,22 @@ def inspect(model: str | Path) -> InspectReport:
         group_size=qc.get("group_size"), sym=qc.get("sym"), desc_act=qc.get("desc_act"),
         checkpoint_format=qc.get("checkpoint_format", "gptq" if method == "gptq" else None),
         quantizer=[quantizer] if isinstance(quantizer, str) else quantizer if isinstance(quantizer, list) else [],
-        modules_in_block_to_quantize=qc.get("modules_in_block_to_quantize"),
+        settings_file=settings_file, modules_in_block_to_quantize=qc.get("modules_in_block_to_quantize"),
         modules_not_converted=qc.get("modules_to_not_convert"))
 
     files = [p for p in model_dir.rglob("*") if p.is_file()]
     report.size_on_disk = sum(p.stat().st_size for p in files)   # stat follows hub-cache symlinks to the blobs
-    weight_files = [p for p in files if p.suffix == ".safetensors"]
-    report.weight_files = len(weight_files)
-    report.weight_file_bytes = sum(p.stat().st_size for p in weight_files)
+    weight_sizes = [p.stat().st_size for p in files if p.suffix == ".safetensors"]
+    report.weight_files, report.weight_file_bytes = len(weight_sizes), sum(weight_sizes)
 
+    if not isinstance(config.get("model_type"), str):
+        report.errors.append(f"{model_dir / 'config.json'} names no model_type: it is not a model's config")
     headers = _headers(model_dir, report.errors)
     modules = sorted(n[: -len(".qweight")] for n in headers if n.endswith(".qweight"))
+    if modules and method == "gptq" and bits is None:
+        where = "config.json quantization_config" if settings_file != QUANTIZE_CONFIG_NAME else QUANTIZE_CONFIG_NAME
+        report.errors.append(f"{where}: bits = {qc.get('bits')!r}: expected an integer")
+    report.experts = {block: len(numbers) for block, numbers in experts_by_block(headers).items()}
     in_module: set[str] = set()
     shapes: dict[str, tuple[int, int]] = {}
     if method == "bitsandbytes":
@@ -238,24 +242,74 @@ def inspect(model: str | Path) -> InspectReport:
     report.fp16_equivalent_bytes += report.quantized_fp16_bytes
     report.manifest = _manifest(model_dir)
     if qc:
-        report.notes = compatibility_notes(qc, shapes or None)
-        if modules and method == "gptq" and bits is None:
-            report.errors.append(f"quantization_config.bits = {qc.get('bits')!r}: expected an integer")
+        read_files = sorted({info["file"] for info in headers.values()})
+        layout = layout_limits(settings_file == QUANTIZE_CONFIG_NAME, read_files, (model_dir / INDEX_NAME).is_file())
+        report.notes = [limit.note for limit in layout] + compatibility_notes(qc, shapes or None)
     elif modules:
         report.errors.append(f"config.json has no quantization_config, but the checkpoint holds {modules[0]}.qweight")
     return report
 
 
+def experts_by_block(names: Iterable[str]) -> dict[str, set[int]]:
+    """Expert block of one layer (e.g. model.layers.3.mlp.experts) -> the numbers of its experts, from the names
+    of their tensors or Linears."""
+    found: dict[str, set[int]] = {}
+    for name in names:
+        match = _EXPERT.fullmatch(name)
+        if match:
+            found.setdefault(match[1], set()).add(int(match[2]))
+    return found
+
+
 def _pattern(name: str) -> str:
-    return re.sub(r"\.\d+\.", ".*.", name)
+    """A module's row: its name with layer numbers as `*`, and an expert's number as EXPERT_SLOT."""
+    match = _EXPERT.fullmatch(name)
+    if match:
+        return f"{_LAYER.sub('.*.', match[1] + '.')}{EXPERT_SLOT}.{match[3]}"
+    return _LAYER.sub(".*.", name)
+
+
+def _numbers(values: set[int]) -> str:
+    """Sorted numbers with runs as ranges: {0, 1, 2, 5} -> 0-2,5."""
+    runs: list[list[int]] = []
+    for v in sorted(values):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _row_label(pattern: str, items: list[dict]) -> tuple[str, str]:
+    """The row's pattern as shown, and for an expert row how many experts each layer holds (`x64`; else "")."""
+    if EXPERT_SLOT not in pattern:
+        return pattern, ""
+    per_block = experts_by_block(item["name"] for item in items)
+    numbers = _numbers(set().union(*per_block.values()))
+    return pattern.replace(EXPERT_SLOT, f"[{numbers}]"), "x" + _span([len(n) for n in per_block.values()])
+
+
+def _span(counts: list[int]) -> str:
+    return str(counts[0]) if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
 
 
 def _by_pattern(modules: list[dict]) -> dict[str, list[dict]]:
-    """Modules grouped by their name with layer numbers as `*`, in first-seen order."""
+    """Modules grouped by name, layer numbers as `*` and experts in one row (their count aligned after it)."""
     groups: dict[str, list[dict]] = {}
     for m in modules:
         groups.setdefault(_pattern(m["name"]), []).append(m)
-    return groups
+    labels = {pattern: _row_label(pattern, items) for pattern, items in groups.items()}
+    width = max((len(shown) for shown, each in labels.values() if each), default=0)
+    return {f"{shown:<{width}}  {each}" if each else shown: groups[p] for p, (shown, each) in labels.items()}
+
+
+def _experts_line(experts: dict[str, int]) -> str:
+    """How many experts each layer holds, per expert block: `4 per layer in 2 layers (model.layers.*.mlp.experts)`."""
+    by_pattern: dict[str, list[int]] = {}
+    for block, count in experts.items():
+        by_pattern.setdefault(_LAYER.sub(".*.", block + ".")[:-1], []).append(count)
+    return "; ".join(f"{_span(counts)} per layer in {len(counts)} layer{'s' if len(counts) != 1 else ''} ({pattern})"
+                     for pattern, counts in sorted(by_pattern.items()))
 
 
 def human_size(n: int | None) -> str:
@@ -287,9 +341,13 @@ def format_inspect(r: InspectReport) -> str:
             desc += f", checkpoint_format {r.checkpoint_format}"
         if r.quantizer:
             desc += f"  (by {', '.join(map(str, r.quantizer))})"
+        if r.settings_file == QUANTIZE_CONFIG_NAME:
+            desc += f"  (settings from {QUANTIZE_CONFIG_NAME})"
     else:
         desc = "none (no quantization_config in config.json)"
     lines = [f"path          {r.path}", f"quantization  {desc}"]
+    if r.experts:
+        lines.append(f"experts       {_experts_line(r.experts)}")
     if r.modules_in_block_to_quantize:
         lines.append(f"quantized in each block: {json.dumps(r.modules_in_block_to_quantize)}")
     if r.modules_not_converted:

@@ -15,18 +15,45 @@ Sources (checked for this module; engines change, so the notes name the kernel t
 - transformers + optimum + gptqmodel on CPU: the default kernel needs in_features divisible by the group size, and
   for 4-bit asymmetric per-row checkpoints the kernel gptqmodel picks (TorchFusedLinear) computes wrong outputs;
   GPTQConfig(..., backend="torch") runs both exactly.
+- Mixture-of-Experts (transformers 5.25, optimum 2.3, gptqmodel 7.6, read in their source and tested): transformers
+  keeps a layer's experts fused in 3-D float parameters, its GPTQ path (optimum's convert_model) swaps only
+  nn.Linear modules, and its checkpoint conversion rules merge per-expert `.weight` tensors only, so per-expert
+  qweight/qzeros/scales/g_idx are dropped as unexpected and the experts stay randomly initialised (a load-report
+  warning, no error). GPTQModel.load unfuses experts into per-expert modules and loads them, but under Mixtral's
+  runtime names (mlp.experts.E.{gate,up,down}_proj), so a checkpoint with Mixtral's own block_sparse_moe
+  .experts.E.{w1,w2,w3} names is refused ("Missing required quantized weights"). vLLM's FusedMoE loader reads each
+  model's own checkpoint names (make_expert_params_mapping), which are the ones quantkit writes.
+- AutoGPTQ's layout (older TheBloke repositories): transformers takes a checkpoint's quantization from config.json's
+  quantization_config alone, and its weights from model.safetensors or an index; vLLM reads quantize_config.json
+  (GPTQConfig.get_config_filenames) once started with --quantization gptq, and every *.safetensors file;
+  GPTQModel.load reads quantize_config.json and finds gptq_model-<bits>bit-<group>g.safetensors or model.safetensors.
 """
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 LM_HEAD_NOTE = ("lm_head is quantized: gptqmodel's GPTQModel.load, vLLM and quantkit load it; transformers + optimum "
                 "convert only the decoder blocks and would leave the head unloaded")
+QUANTIZE_CONFIG_NOTE = ("the GPTQ settings are only in quantize_config.json (config.json has no quantization_config): "
+                        "transformers' from_pretrained reads config.json alone and would load this as an unquantized "
+                        "model (verify --loader transformers passes the settings itself); GPTQModel.load reads "
+                        "quantize_config.json, vLLM once started with --quantization gptq")
 BNB_NOTE = ("bitsandbytes: loads with transformers + bitsandbytes (CPU or CUDA) and in vLLM/TGI through their "
             "bitsandbytes paths; ExLlama, Marlin and gptqmodel kernels do not read it")
 # gptqmodel 7.6 picks TorchFusedLinear for 4-bit on CPU; for asymmetric per-row checkpoints its outputs are wrong
 TORCH_BACKEND_NOTE = "gptqmodel 7.6's default CPU kernel (TorchFusedLinear) computes wrong outputs"
+MOE_EXPERTS_NOTE = ("experts are quantized: transformers' from_pretrained (with optimum + gptqmodel) keeps each "
+                    "layer's experts fused in float parameters and does not load per-expert GPTQ tensors (it leaves "
+                    "the experts randomly initialised, with only a load-report warning); gptqmodel's GPTQModel.load, "
+                    "vLLM and quantkit load them. For an output transformers loads, quantize with --skip "
+                    "'mlp.experts.*' (experts kept in float16)")
+MIXTRAL_NAMES_NOTE = ("gptqmodel 7.6's GPTQModel.load looks for Mixtral's experts as mlp.experts.E.{gate,up,down}_proj "
+                      "and refuses these block_sparse_moe.experts.E.{w1,w2,w3} names (the checkpoint's own, which "
+                      "vLLM and quantkit read)")
+EXPERT_MODULE = re.compile(r"\.experts\.\d+\.")  # a Linear of one expert of a Mixture-of-Experts block
+WEIGHTS_NAME = "model.safetensors"  # the one unindexed weight file transformers' from_pretrained looks for
 MARLIN_BITS = (4, 8)
 MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
 EXLLAMA_GROUP_SIZES = (-1, 32, 64, 128)
@@ -38,6 +65,10 @@ class Limit(enum.Enum):
     NOT_GPTQ = "not_gptq"                      # a method these notes do not cover
     BITSANDBYTES = "bitsandbytes"              # only bitsandbytes-aware loaders read it
     LM_HEAD = "lm_head"                        # transformers + optimum leave a quantized head unloaded
+    QUANTIZE_CONFIG_ONLY = "quantize_config_only"  # settings only in quantize_config.json, which transformers ignores
+    WEIGHTS_FILE_NAME = "weights_file_name"    # one weight file not named model.safetensors, no index
+    MOE_FUSED_EXPERTS = "moe_fused_experts"    # quantized experts, which transformers' GPTQ path does not load
+    GPTQMODEL_MIXTRAL_NAMES = "gptqmodel_mixtral_names"  # Mixtral's own expert names, which GPTQModel.load refuses
     MARLIN_SETTINGS = "marlin_settings"        # bits, symmetry or group size outside vLLM's Marlin kernels
     GPTQ_V2 = "gptq_v2"                        # older vLLM reads v2 zero points as v1
     V1_MISLOADED = "v1_misloaded"              # asymmetric or 2/3-bit in the v1 format
@@ -66,7 +97,7 @@ def _example(names: list[str]) -> str:
 def loader_limits(quantization_config: dict, shapes: dict[str, tuple[int, int]] | None = None) -> list[LoaderLimit]:
     """Known loader limits for a checkpoint's quantization_config, in the order their notes are shown.
 
-    :param quantization_config: the dict from config.json.
+    :param quantization_config: the dict from config.json (or quantize_config.json).
     :param shapes: module name -> (out_features, in_features), as nn.Linear.weight.shape; enables the
         per-module checks (ragged last group, Marlin tile sizes). None skips them.
     """
@@ -80,7 +111,37 @@ def loader_limits(quantization_config: dict, shapes: dict[str, tuple[int, int]] 
     limits = _settings_limits(qc)
     if shapes:
         marlin_ok = not any(limit.kind is Limit.MARLIN_SETTINGS for limit in limits)
-        limits += _shape_limits(qc, shapes, marlin_ok)
+        limits += _expert_limits(shapes) + _shape_limits(qc, shapes, marlin_ok)
+    return limits
+
+
+def _expert_limits(shapes: dict[str, tuple[int, int]]) -> list[LoaderLimit]:
+    """The limits of quantized Mixture-of-Experts experts, found by their modules' names."""
+    experts = sorted(n for n in shapes if EXPERT_MODULE.search(n))
+    if not experts:
+        return []
+    limits = [LoaderLimit(Limit.MOE_FUSED_EXPERTS, MOE_EXPERTS_NOTE, tuple(experts))]
+    mixtral = [n for n in experts if ".block_sparse_moe.experts." in n]
+    if mixtral:
+        limits.append(LoaderLimit(Limit.GPTQMODEL_MIXTRAL_NAMES, MIXTRAL_NAMES_NOTE, tuple(mixtral)))
+    return limits
+
+
+def layout_limits(settings_only_in_quantize_config: bool, weight_files: list[str], indexed: bool) -> list[LoaderLimit]:
+    """Known loader limits of where a GPTQ checkpoint keeps its settings and its weights (AutoGPTQ's layout).
+
+    :param settings_only_in_quantize_config: config.json has no quantization_config; quantize_config.json holds it.
+    :param weight_files: the safetensors files that hold the weights; `indexed`: an index lists them.
+    """
+    limits: list[LoaderLimit] = []
+    if settings_only_in_quantize_config:
+        limits.append(LoaderLimit(Limit.QUANTIZE_CONFIG_ONLY, QUANTIZE_CONFIG_NOTE))
+    if not indexed and weight_files and weight_files != [WEIGHTS_NAME]:
+        limits.append(LoaderLimit(Limit.WEIGHTS_FILE_NAME, f"the weights are in {weight_files[0]}, without an index: "
+                                  f"transformers' from_pretrained looks for {WEIGHTS_NAME} or an index only, so it "
+                                  "cannot load this checkpoint (verify's own loader can); vLLM reads every "
+                                  "*.safetensors file; GPTQModel.load finds gptq_model-<bits>bit-<group>g.safetensors "
+                                  f"or {WEIGHTS_NAME}"))
     return limits
 
 

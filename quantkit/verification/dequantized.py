@@ -16,6 +16,7 @@ from quantkit.source.checkpoint import (
     read_config_dict,
     resolve_model_dir,
 )
+from quantkit.source.experts import fuse_experts, unfuse_experts
 from quantkit.source.skeleton import (
     causal_lm_from_config,
     checkpoint_key_renamer,
@@ -42,9 +43,11 @@ def load_dequantized(model: str, dtype: torch.dtype = torch.float32) -> PreTrain
     checkpoint = SafetensorsCheckpoint(model_dir)
     check_config_fits(config_dict, checkpoint)
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
-    del config.quantization_config
+    if hasattr(config, "quantization_config"):  # absent where quantize_config.json holds the settings
+        del config.quantization_config
     with init_empty_weights(include_buffers=False):
         lm = as_causal_lm(causal_lm_from_config(config, dtype))
+    unfuse_experts(lm)  # filled expert by expert, then fused back into transformers' own module
     rename = checkpoint_key_renamer(lm)
     bits, fmt = int(qcfg["bits"]), qcfg.get("checkpoint_format", "gptq")
     names = set(checkpoint.names())
@@ -54,7 +57,7 @@ def load_dequantized(model: str, dtype: torch.dtype = torch.float32) -> PreTrain
             weight = dequantize_module(checkpoint.get(f"{module}.qweight"), checkpoint.get(f"{module}.qzeros"),
                                        checkpoint.get(f"{module}.scales"), checkpoint.get(f"{module}.g_idx"),
                                        bits=bits, fmt=fmt)
-            if is_conv1d(lm.get_submodule(module)):
+            if is_conv1d(lm.get_submodule(rename(f"{module}.weight").removesuffix(".weight"))):
                 weight = weight.t().contiguous()  # Conv1D keeps [in, out]
             set_module_tensor_to_device(lm, rename(f"{module}.weight"), "cpu", value=weight.to(dtype))
         elif not name.endswith((".qzeros", ".scales", ".g_idx")):
@@ -65,4 +68,5 @@ def load_dequantized(model: str, dtype: torch.dtype = torch.float32) -> PreTrain
     missing = [n for n, p in lm.named_parameters() if p.device.type == "meta"]
     if missing:
         raise QuantkitError(f"{model_dir}: checkpoint has no tensor for {missing[0]}")
+    fuse_experts(lm)
     return lm.eval()

@@ -62,7 +62,11 @@ def resolve_base(base: str | None, manifest: dict | None, report: VerifyReport) 
         bdir = resolve_model_dir(base)
         report.base_path = str(bdir)
         return bdir
-    source = (manifest or {}).get("source")
+    if manifest is None:
+        report.notes.append(f"no --base given, and without {MANIFEST_NAME} the checkpoint records no base: reporting "
+                            "integrity and the quantized model's own perplexity only; pass --base MODEL to compare")
+        return None
+    source = manifest.get("source")
     recorded = source.get("model") if isinstance(source, dict) else None
     if not recorded:
         report.notes.append("no --base given and none recorded in the checkpoint: reporting integrity and the "

@@ -2,10 +2,12 @@
 
 Reads only headers, hashes and the small per-module tensors (g_idx, scales); never builds a model. Every
 problem names the file or tensor it concerns. Errors mean the checkpoint must not be trusted; warnings are
-facts a user should know (e.g. a file the manifest does not list); notes are known loader limits.
+facts a user should know (e.g. a file the manifest does not list); notes are known loader limits and what could
+not be checked (`Unchecked`: a checkpoint another tool wrote has no quantkit.json to check against).
 """
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,15 +17,18 @@ import torch
 
 from quantkit.errors import QuantkitError, first_line
 from quantkit.source.checkpoint import (
+    CONFIG_NAME,
     INDEX_NAME,
+    QUANTIZE_CONFIG_NAME,
     SafetensorsCheckpoint,
     check_config_fits,
-    read_config_dict,
+    read_config,
+    read_quantize_config,
 )
 from quantkit.source.safetensors_header import FLOAT_DTYPES, IntegrityError, read_header
 from quantkit.untrusted import field as json_field
 from quantkit.untrusted import file_record, read_json, relative_name, sha256_file
-from quantkit.verification.compat import Limit, LoaderLimit, loader_limits
+from quantkit.verification.compat import Limit, LoaderLimit, layout_limits, loader_limits
 from quantkit.write.gptq_format import QUANT_SUFFIXES
 from quantkit.write.manifest import MANIFEST_NAME
 from quantkit.write.packing import SUPPORTED_BITS
@@ -31,6 +36,21 @@ from quantkit.write.packing import SUPPORTED_BITS
 MAX_LISTED = 20  # problems of one kind listed individually before they are summarised
 MODULE_SUFFIXES = (*QUANT_SUFFIXES, "bias")  # the tensors of one quantized Linear
 Progress = Callable[[str, int, int], None]
+SAME_IN_BOTH_FILES = ("bits", "group_size", "desc_act", "sym", "checkpoint_format")  # config.json vs quantize_config
+PACK_DTYPE = "int32"  # the one word GPTQ packs codes into that quantkit reads (GPTQModel's pack_dtype may differ)
+OVERRIDES = ("bits", "group_size", "sym", "desc_act")  # settings a GPTQModel `dynamic` rule may change per module
+
+
+class Unchecked(enum.Enum):
+    """What only quantkit.json records, and so goes unchecked in a checkpoint without one (another tool's)."""
+
+    FILE_HASHES = "file_hashes"    # each file's sha256 and size
+    BASE_MODEL = "base_model"      # the model it was quantized from
+    CALIBRATION = "calibration"    # the calibration text and settings, and the per-layer GPTQ losses
+
+
+UNCHECKED_WORDS = {Unchecked.FILE_HASHES: "each file's sha256", Unchecked.BASE_MODEL: "the base model it was made from",
+                   Unchecked.CALIBRATION: "its calibration settings and per-layer losses"}
 
 
 @dataclass
@@ -44,6 +64,8 @@ class IntegrityReport:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     limits: list[LoaderLimit] = field(default_factory=list)  # known loader limits; their notes are in `notes`
+    unchecked: list[Unchecked] = field(default_factory=list)  # what no manifest vouches for; said in `notes`
+    settings_file: str | None = None  # where the quantization settings came from: config.json or quantize_config.json
 
     @property
     def ok(self) -> bool:
@@ -60,7 +82,8 @@ class IntegrityReport:
     def to_dict(self) -> dict:
         return {"path": self.path, "manifest": self.manifest, "files_checked": self.files_checked,
                 "quantization": self.quantization, "quantized_modules": self.quantized_modules,
-                "errors": self.errors, "warnings": self.warnings, "notes": self.notes, "ok": self.ok}
+                "errors": self.errors, "warnings": self.warnings, "notes": self.notes, "ok": self.ok,
+                "unchecked": [u.value for u in self.unchecked], "settings_file": self.settings_file}
 
 
 def read_headers(checkpoint: SafetensorsCheckpoint) -> dict[str, dict]:
@@ -84,7 +107,7 @@ def check_integrity(model_dir: Path, progress: Progress | None = None) -> Integr
     if not report.ok:
         return report  # damaged files: reading them further would only add noise
     try:
-        config = read_config_dict(model_dir)
+        config, report.settings_file = read_config(model_dir)
         checkpoint = SafetensorsCheckpoint(model_dir)
         headers = read_headers(checkpoint)
         check_config_fits(config, checkpoint)
@@ -104,7 +127,9 @@ def check_integrity(model_dir: Path, progress: Progress | None = None) -> Integr
 def check_manifest(model_dir: Path, report: IntegrityReport, progress: Progress | None) -> None:
     path = model_dir / MANIFEST_NAME
     if not path.is_file():
-        report.warnings.append(f"no {MANIFEST_NAME} manifest: file hashes not checked (not written by quantkit)")
+        report.unchecked = list(Unchecked)
+        report.notes.append(f"no {MANIFEST_NAME} manifest (not written by quantkit), so these go unchecked: "
+                            f"{'; '.join(UNCHECKED_WORDS[u] for u in report.unchecked)}")
         return
     try:
         files = _manifest_files(path)
@@ -162,17 +187,8 @@ def _check_quantization(config: dict, model_dir: Path, checkpoint: SafetensorsCh
     if settings is None:
         return
     report.quantization = settings
-    qc_file = model_dir / "quantize_config.json"
-    if qc_file.is_file():
-        try:
-            other = read_json(qc_file, "quantize_config.json")
-        except QuantkitError as e:
-            report.errors.append(first_line(e))
-        else:
-            differ = [k for k in ("bits", "group_size", "desc_act", "sym", "checkpoint_format")
-                      if k in other and other[k] != qcfg.get(k, other[k])]
-            if differ:
-                report.errors.append(f"quantize_config.json disagrees with config.json on {', '.join(differ)}")
+    if report.settings_file == CONFIG_NAME and (model_dir / QUANTIZE_CONFIG_NAME).is_file():
+        _compare_quantize_config(qcfg, model_dir, report)
     modules = sorted(n[: -len(".qweight")] for n in headers if n.endswith(".qweight"))
     if not modules:
         report.errors.append("quantization_config says GPTQ, but no tensor ends in .qweight")
@@ -187,7 +203,21 @@ def _check_quantization(config: dict, model_dir: Path, checkpoint: SafetensorsCh
     report.errors.extend(problems[:MAX_LISTED])
     if len(problems) > MAX_LISTED:
         report.errors.append(f"... and {len(problems) - MAX_LISTED} more tensor problems")
-    report.add_limits(loader_limits(qcfg, shapes or None))
+    files = sorted(set(checkpoint.weight_map.values()))
+    report.add_limits(layout_limits(report.settings_file == QUANTIZE_CONFIG_NAME, files,
+                                    (model_dir / INDEX_NAME).is_file()) + loader_limits(qcfg, shapes or None))
+
+
+def _compare_quantize_config(qcfg: dict, model_dir: Path, report: IntegrityReport) -> None:
+    """quantize_config.json, beside a config.json that has a quantization_config, says the same."""
+    try:
+        other = read_quantize_config(model_dir)
+    except QuantkitError as e:
+        report.errors.append(first_line(e))
+        return
+    differ = [k for k in SAME_IN_BOTH_FILES if k in other and other[k] != qcfg.get(k, other[k])]
+    if differ:
+        report.errors.append(f"quantize_config.json disagrees with config.json on {', '.join(differ)}")
 
 
 def _check_bnb(qcfg: dict, headers: dict, report: IntegrityReport) -> None:
@@ -215,8 +245,10 @@ def _check_bnb(qcfg: dict, headers: dict, report: IntegrityReport) -> None:
 
 
 def _settings(qcfg: dict, report: IntegrityReport) -> dict | None:
-    bad = lambda key, value, want: report.errors.append(  # noqa: E731
-        f"config.json quantization_config.{key} = {value!r}: {want}")
+    """The GPTQ settings quantkit checks and loads, or None (and errors naming the settings' file) when they are
+    not ones it can."""
+    where = "config.json quantization_config." if report.settings_file == CONFIG_NAME else f"{report.settings_file}: "
+    bad = lambda key, value, want: report.errors.append(f"{where}{key} = {value!r}: {want}")  # noqa: E731
     if qcfg.get("quant_method") != "gptq":
         bad("quant_method", qcfg.get("quant_method"), "quantkit verifies GPTQ checkpoints only")
         return None
@@ -231,10 +263,29 @@ def _settings(qcfg: dict, report: IntegrityReport) -> dict | None:
     for key in ("desc_act", "sym"):
         if not isinstance(qcfg.get(key, False), bool):
             bad(key, qcfg.get(key), "expected true or false")
+    if qcfg.get("pack_dtype", PACK_DTYPE) != PACK_DTYPE:
+        bad("pack_dtype", qcfg.get("pack_dtype"), f"quantkit reads codes packed into {PACK_DTYPE} only")
+    overrides = _per_module_overrides(qcfg)
+    if overrides:
+        bad("dynamic", overrides[0], "per-module settings (GPTQModel's dynamic) that differ from the checkpoint's "
+            "own are not supported: quantkit checks and loads one setting for every module")
     if len(report.errors) > n_errors:
         return None
     return {"bits": bits, "group_size": group, "sym": qcfg.get("sym", True), "desc_act": qcfg.get("desc_act", False),
             "checkpoint_format": fmt, "lm_head": bool(qcfg.get("lm_head", False))}
+
+
+def _per_module_overrides(qcfg: dict) -> list[str]:
+    """The rules of a GPTQModel `dynamic` map that give some modules other bits, group size, sym or desc_act
+    ("-:" rules, which leave modules unquantized, change nothing quantkit reads); a map of another shape is one
+    rule of its own."""
+    dynamic = qcfg.get("dynamic")
+    if dynamic is None:
+        return []
+    if not isinstance(dynamic, dict):
+        return [str(dynamic)[:80]]
+    return [str(rule)[:80] for rule, override in dynamic.items() if not str(rule).startswith("-:") and (
+        not isinstance(override, dict) or any(k in override and override[k] != qcfg.get(k) for k in OVERRIDES))]
 
 
 def _check_module(module: str, s: dict, checkpoint: SafetensorsCheckpoint, headers: dict,

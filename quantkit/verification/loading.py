@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from quantkit.errors import QuantkitError, first_line
-from quantkit.source.checkpoint import read_config_dict
-from quantkit.verification.compat import Limit
+from quantkit.source.checkpoint import QUANTIZE_CONFIG_NAME, read_config
+from quantkit.verification.compat import WEIGHTS_NAME, Limit
 from quantkit.verification.integrity import IntegrityReport
 from quantkit.verification.memory_plan import available_memory
 from quantkit.verification.qlinear import as_causal_lm, estimate_footprint, load_model
@@ -57,7 +57,8 @@ def _size(n: int) -> str:
 def load(path: Path, loader: str, budget: int | None, offload: Path,
          report: VerifyReport) -> tuple[PreTrainedModel, dict]:
     """One model for evaluation, within `budget` bytes; returns it and what its loading did (report.json's load)."""
-    qcfg = read_config_dict(path).get("quantization_config") or {}
+    config, settings_file = read_config(path)
+    qcfg = config.get("quantization_config") or {}
     quantized = bool(qcfg)
     if qcfg.get("quant_method") == "bitsandbytes":  # only transformers + bitsandbytes run these
         from quantkit.run.bnb import load_bnb
@@ -69,7 +70,8 @@ def load(path: Path, loader: str, budget: int | None, offload: Path,
         report.loader = "transformers+bitsandbytes"
         return model, {"loader": "transformers+bitsandbytes", "path": str(path), "quantized": True}
     if loader == "transformers":
-        return _load_transformers(path, quantized, budget, offload, report)
+        unread = qcfg if settings_file == QUANTIZE_CONFIG_NAME else None
+        return _load_transformers(path, quantized, budget, offload, report, unread)
     offload.mkdir(parents=True, exist_ok=True)
     model, info = load_model(path, max_memory=budget, offload_dir=offload)
     if info.offloaded:
@@ -100,6 +102,13 @@ def _gptq_kwargs(path: Path, report: VerifyReport) -> dict:
                             f"({', '.join(missing)} missing): pip install 'quantkit[hf]', or use --loader quantkit")
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
     q = report.integrity.quantization or {}
+    if report.integrity.has_limit(Limit.WEIGHTS_FILE_NAME):
+        found = next(path.glob("*.safetensors")).name
+        raise QuantkitError(f"transformers cannot load {path}: its weights are in {found} without an index, and "
+                            f"from_pretrained looks for {WEIGHTS_NAME} or an index only; use --loader quantkit")
+    if report.integrity.has_limit(Limit.MOE_FUSED_EXPERTS):
+        raise QuantkitError(f"{path} has quantized Mixture-of-Experts experts, which transformers' from_pretrained "
+                            "does not load (it would leave them randomly initialised); use --loader quantkit")
     if q.get("lm_head"):
         raise QuantkitError(f"{path} has a quantized lm_head, which transformers + optimum do not load (they "
                             "convert only the decoder blocks); use --loader quantkit")
@@ -111,16 +120,24 @@ def _gptq_kwargs(path: Path, report: VerifyReport) -> dict:
                                               sym=q["sym"], backend="torch")}
 
 
-def _load_transformers(path: Path, quantized: bool, budget: int | None, offload: Path,
-                       report: VerifyReport) -> tuple[PreTrainedModel, dict]:
-    """The deploy path: AutoModelForCausalLM.from_pretrained, with optimum + gptqmodel for GPTQ checkpoints."""
-    from transformers import AutoModelForCausalLM
+def _load_transformers(path: Path, quantized: bool, budget: int | None, offload: Path, report: VerifyReport,
+                       unread: dict | None = None) -> tuple[PreTrainedModel, dict]:
+    """The deploy path: AutoModelForCausalLM.from_pretrained, with optimum + gptqmodel for GPTQ checkpoints.
+    `unread`: GPTQ settings that only quantize_config.json holds, which from_pretrained does not read; they are
+    given to it in the model's config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs: dict = {"device_map": "cpu", "trust_remote_code": False}
     if quantized:
         kwargs.update(_gptq_kwargs(path, report))
     else:
         kwargs["dtype"] = torch.float32
+    if unread is not None:
+        try:
+            kwargs["config"] = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        except Exception as e:
+            raise QuantkitError(f"cannot read {path}/config.json: {first_line(e)}") from None
+        kwargs["config"].quantization_config = unread
     if budget is not None:
         offload.mkdir(parents=True, exist_ok=True)
         kwargs.update(device_map="auto", max_memory={"cpu": budget}, offload_folder=str(offload))

@@ -26,6 +26,7 @@ from quantkit.source.checkpoint import (
     read_config_dict,
     resolve_model_dir,
 )
+from quantkit.source.experts import unfuse_experts
 from quantkit.source.safetensors_header import TORCH_DTYPES
 from quantkit.source.skeleton import (
     causal_lm_from_config,
@@ -100,13 +101,16 @@ def build_model(model_dir: Path,
             model = as_causal_lm(causal_lm_from_config(config, dtype))
         except (ValueError, KeyError) as e:
             raise QuantkitError(f"{model_dir}: transformers cannot build this model: {e}") from None
+    unfuse_experts(model)  # one Linear per expert, as checkpoints (and GPTQ ones) store them
     if _ties_embeddings(model):
         model.tie_weights()  # share the meta tensor now, so sizes count it once; retied after loading
     if settings is not None:
         headers = read_headers(checkpoint)
+        rename = checkpoint_key_renamer(model)
         for name in checkpoint.names():
             if name.endswith(".qweight"):
-                _swap_in(model, name[: -len(".qweight")], checkpoint, settings, headers)
+                _swap_in(model, name[: -len(".qweight")], checkpoint, settings, headers,
+                         rename(name).removesuffix(".qweight"))
     return model.eval(), checkpoint, settings
 
 
@@ -117,9 +121,12 @@ def _ties_embeddings(model: PreTrainedModel) -> bool:
 
 
 def _swap_in(model: nn.Module, module_name: str, checkpoint: SafetensorsCheckpoint, settings: dict,
-             headers: dict | None = None) -> None:
+             headers: dict | None = None, module_path: str | None = None) -> None:
+    """GPTQLinear in place of the Linear the checkpoint's `module_name` tensors quantize (at `module_path` in the
+    model, where transformers renames checkpoint keys)."""
+    module_path = module_path or module_name
     try:
-        linear = model.get_submodule(module_name)
+        linear = model.get_submodule(module_path)
     except AttributeError:
         raise QuantkitError(f"checkpoint quantizes {module_name}, which this model architecture does not "
                             "have") from None
@@ -141,7 +148,7 @@ def _swap_in(model: nn.Module, module_name: str, checkpoint: SafetensorsCheckpoi
     dtype_of = lambda s: TORCH_DTYPES.get(headers.get(f"{module_name}.{s}", {}).get("dtype"), torch.float16)  # noqa: E731
     qlinear = GPTQLinear(n_in, n_out, bits, n_groups, settings["fmt"], bias=has_bias, scales_dtype=dtype_of("scales"),
                          bias_dtype=dtype_of("bias"), device="meta")
-    parent_name, _, child = module_name.rpartition(".")
+    parent_name, _, child = module_path.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, qlinear)
 
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from quantkit.source.checkpoint import QUANTIZE_CONFIG_NAME
 from quantkit.verification.inputs import OUTLIER_FACTOR
 from quantkit.verification.integrity import describe_quantization
 from quantkit.verification.report import VerifyReport
@@ -133,8 +134,9 @@ def _integrity_section(r: VerifyReport) -> list[str]:
     if i.manifest:
         lines.append(f"- files: {i.files_checked} checked against the manifest (sha256 and size)")
     if i.quantization:
+        settings = QUANTIZE_CONFIG_NAME if i.settings_file == QUANTIZE_CONFIG_NAME else "quantization_config"
         lines.append(f"- quantization: {describe_quantization(i.quantization, long=True)}; {i.quantized_modules} "
-                     "quantized modules consistent with quantization_config")
+                     f"quantized modules consistent with {settings}")
     lines += [f"- **error**: {e}" for e in i.errors]
     lines += [f"- warning: {w}" for w in i.warnings]
     lines += [f"- note: {n}" for n in i.notes]

@@ -1,0 +1,82 @@
+"""The order in which one decoder layer's groups of Linears are calibrated and solved: one stage per calibration pass.
+
+A dense layer's groups come from calibrate.probes.discover_groups, each in its own stage when true-sequential, else
+all in one. A Mixture-of-Experts block's experts are not found by running a sample (the router would reach only
+some): their groups come from the block's structure, a chunk of experts per pass (memory.expert_chunks), each
+chunk's gate/up before its down, so that a pass holds a chunk's Hessians and not every expert's, and each down
+sees its expert's quantized gate and up. The experts' stages go where the first expert ran in the sample, that is,
+after the Linears the experts' input depends on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from quantkit.config import QuantSpec
+from quantkit.memory.expert_chunks import expert_chunk
+from quantkit.source.experts import UnfusedExperts, expert_blocks
+from quantkit.source.skeleton import in_features
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Groups whose Hessians one calibration pass sums. experts: the expert block and the experts that run in the
+    pass (None: a dense layer, where every module runs); an empty set: a dense stage of an MoE layer, where no
+    expert needs to run."""
+    groups: list[list[str]]
+    block: str | None = None
+    experts: frozenset[int] | None = None
+
+    def is_expert_stage(self) -> bool:
+        return self.block is not None
+
+    @property
+    def experts_of_reference(self) -> frozenset[int] | None:
+        """The experts GPTAQ's unquantized copy runs: none in an expert stage (experts are solved unpaired), as the
+        layer otherwise."""
+        return frozenset() if self.is_expert_stage() else self.experts
+
+
+def layer_stages(layer: nn.Module, groups: list[list[str]], spec: QuantSpec) -> list[Stage]:
+    """The layer's stages; `groups`: the discovered groups in execution order, skipped Linears already removed."""
+    blocks = expert_blocks(layer)
+    if not blocks:
+        return [Stage([g]) for g in groups] if spec.true_sequential else [Stage(groups)] if groups else []
+    in_block = [any(name.startswith(f"{b}.") for name in g for b in blocks) for g in groups]
+    dense = [g for g, expert in zip(groups, in_block) if not expert]
+    at = in_block.index(True) if True in in_block else len(groups)
+    none: frozenset[int] = frozenset()
+
+    def dense_stages(part: list[list[str]]) -> list[Stage]:
+        if spec.true_sequential:
+            return [Stage([g], experts=none) for g in part]
+        return [Stage(part, experts=none)] if part else []
+    experts = [s for name, block in blocks.items() for s in expert_stages(name, block, spec)]
+    return dense_stages(dense[:at]) + experts + dense_stages(dense[at:])
+
+
+def expert_stages(name: str, block: UnfusedExperts, spec: QuantSpec) -> list[Stage]:
+    """A block's experts, a chunk at a time: the chunk's gate/up groups, then its down groups (skipped Linears
+    left out, empty stages dropped)."""
+    layout = block.layout
+    gate, _, down = block.expert(0).linears()
+    chunk = expert_chunk(block.num_experts, max(in_features(gate), in_features(down)), spec.expert_chunk)
+    stages = []
+    for start in range(0, block.num_experts, chunk):
+        ids = range(start, min(block.num_experts, start + chunk))
+        gate_up = [[n for n in (f"{name}.{e}.{layout.gate}", f"{name}.{e}.{layout.up}") if not spec.skips(n)]
+                   for e in ids]
+        downs = [[f"{name}.{e}.{layout.down}"] for e in ids if not spec.skips(f"{name}.{e}.{layout.down}")]
+        for groups in ([g for g in gate_up if g], downs):
+            if groups:
+                stages.append(Stage(groups, block=name, experts=frozenset(ids)))
+    return stages
+
+
+def expert_of(name: str, blocks: dict[str, UnfusedExperts]) -> tuple[str, int] | None:
+    """(block, expert index) of a Linear named within the layer, None for a Linear outside every expert."""
+    for block in blocks:
+        if name.startswith(f"{block}."):
+            return block, int(name[len(block) + 1:].split(".", 1)[0])
+    return None
