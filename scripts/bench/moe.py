@@ -6,26 +6,26 @@
     python scripts/bench/moe.py --shape qwen3-30b-a3b,mixtral-8x7b --layers 3 --samples 128 --seq-len 2048 \\
         --device cuda --work /tmp/moe           # the device run: 128 x 2048 calibration tokens
 
-For each shape it writes the checkpoint once (bfloat16, quantkit.tools.synthetic; kept in --work and reused), then
-for each --chunks value runs the whole `quantkit quantize --expert-chunk N` command in its own process and prints
-the seconds of each layer (from the command's JSON report), the peak RSS of the process (imports included,
-scripts/bench/measure.py) and, on a GPU, the peak GPU memory. Random weights route tokens about evenly, which is
-what a real model's load-balanced router does on average. A Qwen3-30B-A3B layer is 1.2 GB of bfloat16 (128
-experts of 2048 -> 768), a Mixtral-8x7B layer 2.8 GB (8 experts of 4096 -> 14336).
+For each shape it writes the checkpoint once (bfloat16, scripts/dev/make_synthetic_checkpoint.py in its own
+process; kept in --work and reused), then for each --chunks value runs the whole `quantkit quantize --expert-chunk
+N` command in its own process and prints the seconds of each layer and the command's own peak RSS (imports
+included) from its JSON report, and on a GPU its peak GPU memory. This script stays small (it imports neither
+torch nor quantkit): a child's getrusage peak starts at its parent's size. Random weights route tokens about
+evenly, which is what a real model's load-balanced router does on average. A Qwen3-30B-A3B layer is 1.2 GB of
+bfloat16 (128 experts of 2048 -> 768), a Mixtral-8x7B layer 2.8 GB (8 experts of 4096 -> 14336).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 from measure import QUANTKIT, bench_env, run
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # quantkit from this checkout where it is not installed (a bare GPU machine)
-
-from quantkit.tools.synthetic import shape_config, write_synthetic_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]  # quantkit from this checkout where it is not installed (a bare GPU machine)
+MAKE_CHECKPOINT = ROOT / "scripts" / "dev" / "make_synthetic_checkpoint.py"
 
 
 def main() -> int:
@@ -42,25 +42,25 @@ def main() -> int:
     args = ap.parse_args()
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
-    import torch
-
+    env = bench_env(PYTHONPATH=str(ROOT))
     for shape in args.shape.split(","):
         base = args.work / f"{shape}-{args.layers}l"
         if not (base / "config.json").exists():
-            write_synthetic_checkpoint(base, shape_config(shape, args.layers), torch.bfloat16,
-                                       device=args.device if args.device == "cuda" else "cpu")
+            subprocess.run([sys.executable, str(MAKE_CHECKPOINT), str(base), "--shape", shape, "--layers",
+                            str(args.layers), "--device", "cuda" if args.device == "cuda" else "cpu"],
+                           check=True, env=env)
         for chunk in args.chunks.split(","):
             out = args.work / f"{shape}-q{chunk}"
             cmd = [*QUANTKIT, "quantize", str(base), "--out", str(out), "--overwrite", "--bits", str(args.bits),
                    "--group-size", str(args.group_size), "--samples", str(args.samples), "--seq-len",
                    str(args.seq_len), "--device", args.device, "--expert-chunk", chunk, "--json"]
-            m = run(cmd, args.work / f"{shape}-q{chunk}.log", env=bench_env(PYTHONPATH=str(ROOT))).check()
+            m = run(cmd, args.work / f"{shape}-q{chunk}.log", env=env).check()
             report = m.report()
             layers = report.get("layers", [])
             print(json.dumps({
                 "shape": shape, "expert_chunk": int(chunk), "layers": args.layers,
                 "tokens": f"{args.samples} x {args.seq_len}", "device": args.device,
-                "wall_s": round(m.wall_s, 1), "peak_rss_mb": round(m.peak_rss_mb),
+                "wall_s": round(m.wall_s, 1), "peak_rss_mb": round(report.get("peak_rss_mb", m.peak_rss_mb)),
                 "peak_gpu_mb": report.get("peak_gpu_mb"),
                 "seconds_per_layer": [r["seconds"] for r in layers],
                 "stage_seconds": [r.get("stage_seconds") for r in layers],
