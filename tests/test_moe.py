@@ -136,14 +136,44 @@ def qwen3_moe(tmp_path_factory, tiny_tokenizer):
                            **MOE_ARCHITECTURES["qwen3_moe"])
 
 
-def test_expert_chunks_change_memory_not_results(qwen3_moe, tmp_path):
-    """An expert's Hessians depend only on its own tokens, so one expert per pass and all of them in one pass write
-    the same tensors."""
-    _quantize(qwen3_moe, tmp_path / "one", "--expert-chunk", "1")
-    _quantize(qwen3_moe, tmp_path / "all", "--expert-chunk", "0")
+@pytest.mark.parametrize("model_type,extra,skip", [
+    ("qwen3_moe", {"mlp_only_layers": [0]}, None),  # a dense first layer of the same class as the MoE ones
+    ("deepseek_v3", {}, None),  # a dense first layer, then two MoE layers that propagate through their sums
+    ("qwen3_moe", {}, "mlp.experts.3.*"),  # a chunk whose one expert stays float joins the chunk before it
+])
+def test_expert_chunks_change_memory_not_results(model_type, extra, skip, tiny_tokenizer, tmp_path):
+    """An expert's Hessians depend only on its own tokens, and each chunk adds its outputs into the block's sums in
+    expert order, so one expert per pass and all of them in one pass write the same tensors, in every layer."""
+    base = make_tiny_model(tmp_path / "base", tiny_tokenizer, model_type=model_type, layers=3,
+                           **MOE_ARCHITECTURES[model_type], **extra)
+    skipping = ["--skip", skip] if skip else []
+    _quantize(base, tmp_path / "one", "--expert-chunk", "1", *skipping)
+    _quantize(base, tmp_path / "all", "--expert-chunk", "0", *skipping)
     one, every = _tensors(tmp_path / "one"), _tensors(tmp_path / "all")
     assert one.keys() == every.keys()
-    assert all(torch.equal(one[n], every[n]) for n in one)
+    assert [n for n in one if not torch.equal(one[n], every[n])] == []
+    layers = json.loads((tmp_path / "one" / "quantkit.json").read_text())["layers"]
+    records = [r["experts"]["mlp.experts"] for r in layers if "experts" in r]
+    assert len(records) == (3 if skip else 2)  # the dense first layers have none
+    assert all(r["skipped"] == ([3] if skip else []) for r in records)
+
+
+def test_deepseek_routing_bias_is_read_from_the_checkpoint(tiny_tokenizer, tmp_path):
+    """DeepSeek-V3's router adds a per-expert bias (a buffer, e_score_correction_bias) before its top-k: with a
+    large bias on experts 0 and 1, every token goes to them, and calibration must see that routing."""
+    from safetensors.torch import load_file, save_file
+
+    base = make_tiny_model(tmp_path / "base", tiny_tokenizer, model_type="deepseek_v3",
+                           **MOE_ARCHITECTURES["deepseek_v3"])
+    tensors = load_file(base / "model.safetensors")
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    assert bias in tensors
+    tensors[bias] = torch.tensor([10.0, 10.0, 0.0, 0.0])
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    _quantize(base, tmp_path / "q")
+    (layer,) = [r for r in json.loads((tmp_path / "q" / "quantkit.json").read_text())["layers"] if "experts" in r]
+    tokens = layer["experts"]["mlp.experts"]["tokens"]
+    assert tokens[0] == tokens[1] == 8 * 32 and tokens[2] == tokens[3] == 0
 
 
 def test_experts_with_too_few_tokens_are_rounded_to_nearest_and_recorded(qwen3_moe, tmp_path, caplog):
@@ -261,7 +291,11 @@ def test_killed_inside_an_moe_layer_resumes_to_identical_files(qwen3_moe, tmp_pa
 def test_peak_memory_does_not_grow_with_the_number_of_experts(tiny_tokenizer, tmp_path):
     """Quantizing one MoE layer of 8 and of 64 experts of the same shape: the peak holds one chunk of experts'
     weights and Hessians either way (within 15%). The same 64 experts in one chunk hold all their Hessians, which
-    is what the chunks save: the measurement can tell the two apart."""
+    is what the chunks save: the measurement can tell the two apart.
+
+    oneDNN's primitive cache is turned off in the measured process: it keeps a compiled kernel per matmul shape
+    (each expert's token count is a shape), up to 1024 of them, some 50 MB at these sizes whatever the model's
+    size; that is the library's, not quantkit's memory."""
     import subprocess
     import sys
 
@@ -274,7 +308,8 @@ def test_peak_memory_does_not_grow_with_the_number_of_experts(tiny_tokenizer, tm
             make_tiny_model(base, tiny_tokenizer, model_type="qwen3_moe", num_experts=experts, **shape)
         r = subprocess.run([sys.executable, "-m", "quantkit", "quantize", str(base), "--out", str(tmp_path / "q"),
                             "--overwrite", *QUANTIZE, "--expert-chunk", str(chunk), "--json"],
-                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+                           capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"})
         assert r.returncode == 0, r.stderr[-2000:]
         return json.loads(r.stdout)["peak_rss_mb"]
 

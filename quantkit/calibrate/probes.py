@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from quantkit.calibrate.block_outputs import Tail, first_tensor, is_exit_output, tail_of, with_tail
 from quantkit.calibrate.forward import LayerCall, run_layer
 from quantkit.calibrate.transfer import move, wait_for_copies
+from quantkit.source.experts import UnfusedExperts
 from quantkit.source.skeleton import linear_modules
 
 
@@ -89,6 +90,8 @@ def exit_linears(layer: nn.Module, groups: Sequence[Sequence[str]]) -> dict[str,
     output without running the block. groups: in execution order (discover_groups)."""
     exits = {}
     for name, child in layer.named_children():
+        if any(isinstance(m, UnfusedExperts) for m in child.modules()):
+            continue  # a Mixture-of-Experts block sums its experts: no one Linear gives its output
         linears = {f"{name}.{sub}" for sub in linear_modules(child)}
         mine = [i for i, g in enumerate(groups) if set(g) <= linears] if linears else []
         if mine and len(groups[mine[-1]]) == 1:

@@ -62,8 +62,9 @@ class LayerJob:
     saves: BackgroundSaves
     gpu_peaks: GpuPeaks
     kept: ScratchFiles | None = None  # where a layer's exit Linears' inputs wait (gptq_layer's spill_dir)
-    # per decoder-layer class: (blocks folded into the inputs, derivable blocks), found once per class
-    class_checks: dict[type, tuple[set[str], dict]] = field(default_factory=dict)
+    # per decoder-layer class and kind (dense, or with experts: DeepSeek's first layers are dense, of the same
+    # class): (blocks folded into the inputs, derivable blocks), found once per kind
+    class_checks: dict[tuple[type, bool], tuple[set[str], dict]] = field(default_factory=dict)
 
 
 @dataclass
@@ -253,10 +254,11 @@ def _memos(job: LayerJob, layer: nn.Module, groups: list[list[str]], sample: Ten
     folded into the inputs or derived from their exit Linear's kept inputs (checked once per layer class, and
     only true-sequential runs record or keep anything), and where the kept inputs wait."""
     spec, dev, dtype = job.spec, job.device, job.compute_dtype
-    if spec.true_sequential and type(layer) not in job.class_checks:
-        job.class_checks[type(layer)] = (foldable_blocks(layer, groups, sample, call, dev, dtype),
+    kind = (type(layer), bool(expert_blocks(layer)))
+    if spec.true_sequential and kind not in job.class_checks:
+        job.class_checks[kind] = (foldable_blocks(layer, groups, sample, call, dev, dtype),
                                          derivable_blocks(layer, groups, sample, call, dev, dtype))
-    fold, derivable = job.class_checks.get(type(layer), (set(), {}))
+    fold, derivable = job.class_checks.get(kind, (set(), {}))
     hidden = sample.shape[-1]
     streams = 1 if reference is None else 2  # GPTAQ keeps the unquantized copy's inputs too
     spill_dir = job.kept
@@ -331,8 +333,8 @@ def rtn_layer(layer: nn.Module, spec: QuantSpec, fmt: str, out_name: Callable[[s
 def expert_report(results: dict[str, Solved], blocks: dict[str, UnfusedExperts], spec: QuantSpec,
                   in_layer: Callable[[str], str]) -> dict:
     """Per MoE block (named as the checkpoint names it, through in_layer): the calibration tokens the router sent
-    each expert and the experts rounded to nearest for having fewer than spec.expert_min_tokens (a GPTQ run's;
-    RTN calibrates nothing)."""
+    each expert, the experts rounded to nearest for having fewer than spec.expert_min_tokens, and those kept in
+    float whole (--skip; their token count reads 0: nothing counted them). A GPTQ run's; RTN calibrates nothing."""
     report = {}
     for name, block in blocks.items():
         tokens: dict[int, int] = {}
@@ -348,7 +350,8 @@ def expert_report(results: dict[str, Solved], blocks: dict[str, UnfusedExperts],
         first = f"0.{block.layout.gate}"  # the block's name in the checkpoint, read off its first Linear's
         report[in_layer(f"{name}.{first}").removesuffix(f".{first}")] = {
             "experts": block.num_experts, "tokens": [tokens.get(e, 0) for e in range(block.num_experts)],
-            "rounded": sorted(rounded), "min_tokens": spec.expert_min_tokens}
+            "rounded": sorted(rounded), "min_tokens": spec.expert_min_tokens,
+            "skipped": sorted(e for e in range(block.num_experts) if e not in tokens)}
     return report
 
 

@@ -19,6 +19,7 @@ from quantkit.source.skeleton import (
     decoder_layers,
     discarded_on_load,
     load_config,
+    stored_tensors,
 )
 
 if TYPE_CHECKING:
@@ -95,7 +96,8 @@ def check_layer_tensors(source: Source, skeleton: Skeleton) -> None:
         check_tensors(layer, f"{skeleton.prefix}.{i}", source.checkpoint, skeleton.names)
 
 
-def layer_tensor_names(skeleton: Skeleton) -> list[list[str]]:
+def layer_tensor_names(source: Source, skeleton: Skeleton) -> list[list[str]]:
     """The base tensors each decoder layer reads."""
-    return [[skeleton.names(f"{skeleton.prefix}.{i}.{name}") for name, _ in layer.named_parameters()]
+    return [[full for _, full, _, _ in stored_tensors(layer, f"{skeleton.prefix}.{i}", source.checkpoint,
+                                                      skeleton.names)]
             for i, layer in enumerate(skeleton.layers)]

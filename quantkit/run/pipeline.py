@@ -186,7 +186,7 @@ def _resumable_state(run: Run, skeleton: Skeleton, input_ids: torch.Tensor | Non
         quantkit=__version__, torch=torch.__version__, device=run.device.type, compute_dtype=str(run.compute_dtype),
         float32_matmuls=float32_matmul_path(run.device)))
     if state.layers_done:  # before any work: the finished steps' base tensors are the ones there now
-        state.check_base(run.source.reads, layer_tensor_names(skeleton), run.steps)
+        state.check_base(run.source.reads, layer_tensor_names(run.source, skeleton), run.steps)
         log.info("resuming after layer %d/%d from %s", state.layers_done, len(skeleton.layers), run.target.work)
     return state
 

@@ -312,9 +312,9 @@ def _check_expert_record(record: dict, at: str) -> None:
     for key, kind in EXPERT_FIELDS.items():
         field(record, key, kind, at)
     n = record["experts"]
-    tokens, rounded = record["tokens"], record["rounded"]
+    tokens, indices = record["tokens"], record["rounded"] + record["skipped"]
     if not all(type(v) is int and v >= 0 for v in (n, record["min_tokens"], *tokens)) or len(tokens) != n \
-            or not all(type(e) is int and 0 <= e < n for e in rounded):
+            or not all(type(e) is int and 0 <= e < n for e in indices):
         raise QuantkitError(f"{at}: expected {n} token counts and expert indices below {n}")
 
 

@@ -58,20 +58,28 @@ def layer_stages(layer: nn.Module, groups: list[list[str]], spec: QuantSpec) -> 
 
 def expert_stages(name: str, block: UnfusedExperts, spec: QuantSpec) -> list[Stage]:
     """A block's experts, a chunk at a time: the chunk's gate/up groups, then its down groups (skipped Linears
-    left out, empty stages dropped)."""
+    left out). A chunk whose experts are all kept in float has no groups; its experts join the chunk before it (or,
+    the first, the one after), whose passes then run them too: every expert's output reaches the block's sums, in
+    expert order."""
     layout = block.layout
     gate, _, down = block.expert(0).linears()
     chunk = expert_chunk(block.num_experts, max(in_features(gate), in_features(down)), spec.expert_chunk)
-    stages = []
+    planned: list[tuple[frozenset[int], list[list[list[str]]]]] = []  # (experts, the groups of each stage)
+    waiting: frozenset[int] = frozenset()  # kept-float experts before the first chunk with groups
     for start in range(0, block.num_experts, chunk):
-        ids = range(start, min(block.num_experts, start + chunk))
-        gate_up = [[n for n in (f"{name}.{e}.{layout.gate}", f"{name}.{e}.{layout.up}") if not spec.skips(n)]
-                   for e in ids]
-        downs = [[f"{name}.{e}.{layout.down}"] for e in ids if not spec.skips(f"{name}.{e}.{layout.down}")]
-        for groups in ([g for g in gate_up if g], downs):
-            if groups:
-                stages.append(Stage(groups, block=name, experts=frozenset(ids)))
-    return stages
+        ids = frozenset(range(start, min(block.num_experts, start + chunk)))
+        gate_up = [g for g in ([n for n in (f"{name}.{e}.{layout.gate}", f"{name}.{e}.{layout.up}")
+                                if not spec.skips(n)] for e in sorted(ids)) if g]
+        downs = [[f"{name}.{e}.{layout.down}"] for e in sorted(ids) if not spec.skips(f"{name}.{e}.{layout.down}")]
+        groups = [g for g in (gate_up, downs) if g]
+        if groups:
+            planned.append((ids | waiting, groups))
+            waiting = frozenset()
+        elif planned:
+            planned[-1] = (planned[-1][0] | ids, planned[-1][1])
+        else:
+            waiting |= ids
+    return [Stage(groups, block=name, experts=ids) for ids, stages in planned for groups in stages]
 
 
 def expert_of(name: str, blocks: dict[str, UnfusedExperts]) -> tuple[str, int] | None:

@@ -14,7 +14,8 @@ REPORT_FIELDS: dict[str, type | tuple[type, ...]] = {
     "losses": dict, "damp_raised": dict, "experts": dict}
 REPORT_REQUIRED = ("index", "seconds", "losses")
 # a report's "experts" entry, per Mixture-of-Experts block: each field and its JSON type
-EXPERT_FIELDS: dict[str, type] = {"experts": int, "tokens": list, "rounded": list, "min_tokens": int}
+EXPERT_FIELDS: dict[str, type] = {"experts": int, "tokens": list, "rounded": list, "min_tokens": int,
+                                  "skipped": list}
 TIMING_FIELDS = ("seconds", "stage_seconds", "stage_peak_gpu_mb")
 
 

@@ -92,11 +92,12 @@ def log_layer(i: int, n_layers: int, report: dict, stages: StageClock) -> None:
     parts = [f"{n.split('.')[-1]}={v:.4g}" for n, v in dense.items()]
     for block, facts in blocks.items():
         loss = sum(v for n, v in report["losses"].items() if n.startswith(f"{block}."))
-        rounded = facts["rounded"]
-        parts.append(f"{block}: {facts['experts']} experts, loss={loss:.4g}, tokens {min(facts['tokens'])}-"
-                     f"{max(facts['tokens'])}" + (f", {len(rounded)} rounded to nearest (fewer than "
-                                                   f"{facts['min_tokens']} tokens): {' '.join(map(str, rounded))}"
-                                                   if rounded else ""))
+        rounded, skipped = facts["rounded"], facts["skipped"]
+        counted = [t for e, t in enumerate(facts["tokens"]) if e not in skipped]
+        parts.append(f"{block}: {facts['experts']} experts, loss={loss:.4g}, tokens {min(counted)}-{max(counted)}"
+                     + (f", {len(rounded)} rounded to nearest (fewer than {facts['min_tokens']} tokens): "
+                        f"{' '.join(map(str, rounded))}" if rounded else "")
+                     + (f", {len(skipped)} kept in float (--skip)" if skipped else ""))
     log.info("layer %d/%d  %s  (%.1fs: %s)%s", i + 1, n_layers, "  ".join(parts), report["seconds"],
              " ".join(f"{k} {v:.1f}" for k, v in stages.seconds.items()),
              f"  peak GPU {max(stages.gpu_mb.values()):.0f} MB" if stages.gpu_mb else "")

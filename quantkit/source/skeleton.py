@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from quantkit.errors import QuantkitError
 from quantkit.source.checkpoint import SafetensorsCheckpoint, check_config_fits
@@ -173,13 +173,28 @@ def _same(name: str) -> str:
     return name
 
 
+def stored_tensors(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint,
+                   names: Callable[[str], str] = _same) -> list[tuple[str, str, Tensor, bool]]:
+    """What `module` reads from the checkpoint: (name in the module, checkpoint name, its skeleton tensor, is a
+    parameter) for every parameter, and for every persistent buffer the checkpoint holds (DeepSeek-V3's router
+    bias, e_score_correction_bias, decides which experts each token reaches; a buffer a checkpoint does not hold
+    keeps the value the model class computes). names: module name -> checkpoint name (checkpoint_names)."""
+    persistent = set(module.state_dict(keep_vars=True))
+    found: list[tuple[str, str, Tensor, bool]] = [(n, names(f"{prefix}.{n}" if prefix else n), p, True)
+                                                  for n, p in module.named_parameters()]
+    for n, b in module.named_buffers():
+        full = names(f"{prefix}.{n}" if prefix else n)
+        if n in persistent and full in checkpoint:
+            found.append((n, full, b, False))
+    return found
+
+
 def check_tensors(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint,
                   names: Callable[[str], str] = _same) -> None:
-    """Every parameter of `module` is in the checkpoint with the shape config.json implies (headers only).
-    names: module parameter name -> checkpoint name (checkpoint_names)."""
-    for pname, param in module.named_parameters():
-        full = names(f"{prefix}.{pname}" if prefix else pname)
-        _check_shape(full, checkpoint.shape(full), param.shape)
+    """Every tensor `module` reads (stored_tensors) is in the checkpoint with the shape config.json implies
+    (headers only)."""
+    for _, full, tensor, _ in stored_tensors(module, prefix, checkpoint, names):
+        _check_shape(full, checkpoint.shape(full), tensor.shape)
 
 
 def _check_shape(name: str, found: Sequence[int], expected: Sequence[int]) -> None:
@@ -190,22 +205,21 @@ def _check_shape(name: str, found: Sequence[int], expected: Sequence[int]) -> No
 
 def materialize(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint, device: torch.device,
                 dtype: torch.dtype, names: Callable[[str], str] = _same, later: AbstractSet[str] = frozenset()) -> None:
-    """Load `module`'s parameters from the checkpoint (names prefix + '.' + param, through `names` to the
-    checkpoint's) onto device in place, then unmap the shards (the checkpoint reopens them on its next read).
+    """Load `module`'s tensors (stored_tensors) from the checkpoint (names prefix + '.' + name, through `names` to
+    the checkpoint's) onto device in place, then unmap the shards (the checkpoint reopens them on its next read).
     later: submodules (paths within `module`) left on the meta device, loaded on their own when needed."""
     from accelerate.utils import set_module_tensor_to_device
 
-    for pname, param in module.named_parameters():
+    for pname, full, current, is_param in stored_tensors(module, prefix, checkpoint, names):
         if later and pname.rpartition(".")[0] and any(pname.startswith(f"{m}.") for m in later):
             continue
-        full = names(f"{prefix}.{pname}" if prefix else pname)
         tensor = checkpoint.get(full)
-        _check_shape(full, tensor.shape, param.shape)
+        _check_shape(full, tensor.shape, current.shape)
         if tensor.is_floating_point():
             if not torch.isfinite(tensor).all():
                 raise QuantkitError(f"tensor {full} holds NaN or Inf values")
-            # without dtype=, accelerate would cast back to the skeleton's (config's) dtype
-            set_module_tensor_to_device(module, pname, device, value=tensor, dtype=dtype)
+            # without dtype=, accelerate would cast back to the skeleton's (config's) dtype; a buffer keeps its own
+            set_module_tensor_to_device(module, pname, device, value=tensor, dtype=dtype if is_param else current.dtype)
         else:
             set_module_tensor_to_device(module, pname, device, value=tensor)
     checkpoint.close()  # unmap the shards: pages read through the mapping would otherwise stay resident
