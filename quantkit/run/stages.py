@@ -4,8 +4,8 @@ A dense layer's groups come from calibrate.probes.discover_groups, each in its o
 all in one. A Mixture-of-Experts block's experts are not found by running a sample (the router would reach only
 some): their groups come from the block's structure, a chunk of experts per pass (memory.expert_chunks), each
 chunk's gate/up before its down, so that a pass holds a chunk's Hessians and not every expert's, and each down
-sees its expert's quantized gate and up. The experts' stages go where the first expert ran in the sample, that is,
-after the Linears the experts' input depends on.
+sees its expert's quantized gate and up. The experts' stages come after the layer's other groups: the experts'
+input depends on the attention's, and nothing else in the layer depends on the experts' output.
 """
 from __future__ import annotations
 
@@ -39,21 +39,15 @@ class Stage:
 
 
 def layer_stages(layer: nn.Module, groups: list[list[str]], spec: QuantSpec) -> list[Stage]:
-    """The layer's stages; `groups`: the discovered groups in execution order, skipped Linears already removed."""
+    """The layer's stages; `groups`: the discovered groups of its other Linears in execution order (no expert ran
+    in the discovery), skipped Linears already removed."""
     blocks = expert_blocks(layer)
     if not blocks:
         return [Stage([g]) for g in groups] if spec.true_sequential else [Stage(groups)] if groups else []
-    in_block = [any(name.startswith(f"{b}.") for name in g for b in blocks) for g in groups]
-    dense = [g for g, expert in zip(groups, in_block) if not expert]
-    at = in_block.index(True) if True in in_block else len(groups)
-    none: frozenset[int] = frozenset()
-
-    def dense_stages(part: list[list[str]]) -> list[Stage]:
-        if spec.true_sequential:
-            return [Stage([g], experts=none) for g in part]
-        return [Stage(part, experts=none)] if part else []
-    experts = [s for name, block in blocks.items() for s in expert_stages(name, block, spec)]
-    return dense_stages(dense[:at]) + experts + dense_stages(dense[at:])
+    none: frozenset[int] = frozenset()  # no expert runs in the other groups' passes
+    dense = [Stage([g], experts=none) for g in groups] if spec.true_sequential else \
+        [Stage(groups, experts=none)] if groups else []
+    return dense + [s for name, block in blocks.items() for s in expert_stages(name, block, spec)]
 
 
 def expert_stages(name: str, block: UnfusedExperts, spec: QuantSpec) -> list[Stage]:

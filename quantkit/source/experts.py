@@ -95,7 +95,8 @@ class UnfusedExperts(nn.Module):
 
     Calibration, which holds a chunk of experts' weights at a time, sets three attributes:
     - `active`: when set, only those experts run; the others' contributions are left out (a pass that collects
-      some experts' Hessians stops inside this module, so nothing reads that partial sum);
+      some experts' Hessians stops inside this module, or, when its last expert got no tokens, finishes a forward
+      whose output nothing reads);
     - `start`: the sum to add this call's experts into (the earlier chunks' outputs) instead of zeros;
     - `replay`: returned as the output without running any expert (every chunk's outputs, summed)."""
 

@@ -28,7 +28,8 @@ pipeline sizes these by the widest Linear the model has, which for a dense model
 inputs go there too on a CPU, so the peak above (one formula for every device, sized for a GPU run, whose
 activations wait in host memory) overstates a CPU run by the activations term.
 Mixture-of-Experts (estimate_shape.MoEShape): parameters count every expert; "active" ones leave out the routed
-experts a token does not run. A layer with experts holds all of them in its layer term. A calibration pass sums
+experts a token does not run. A layer with experts holds one chunk of them in its layer term (they load a chunk
+at a time, run/experts.py), and the experts' outputs summed per calibration token. A calibration pass sums
 the Hessians of a chunk of its experts (memory/expert_chunks.py: --expert-chunk, or as many as
 EXPERT_HESSIAN_BUDGET holds), each [in, in] of the widest expert input, in place of the dense forward's one
 Hessian, beside the mini-batch's routed activation (4096 * active experts * expert intermediate * 4 bytes); the
