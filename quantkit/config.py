@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -137,8 +138,9 @@ class QuantSpec:
         names = list(module_names)
         for pattern in self.skip:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                shown = dict.fromkeys(re.sub(r"\.\d+\.", ".*.", name) for name in names)  # experts.*.w1 once
                 raise QuantkitError(f"--skip {pattern!r} matches none of the decoder layer's Linears "
-                                    f"({', '.join(names)})")
+                                    f"({', '.join(shown)})")
         if names and all(self.skips(name) for name in names):
             raise QuantkitError(f"--skip {' '.join(self.skip)} leaves no Linear to quantize")
 

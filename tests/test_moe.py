@@ -350,3 +350,12 @@ def test_a_damaged_expert_record_in_the_resume_state_is_one_line(qwen3_moe, tmp_
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "experts" in lines[0] and "remove that directory to start over" in lines[0]
+
+
+def test_a_skip_pattern_matching_nothing_lists_the_expert_linears_once(qwen3_moe, tmp_path):
+    r = CliRunner().invoke(cli, ["quantize", str(qwen3_moe), "--out", str(tmp_path / "q"), *QUANTIZE,
+                                 "--skip", "experts.*.w9"])
+    assert r.exit_code == 1
+    assert ("--skip 'experts.*.w9' matches none of the decoder layer's Linears (self_attn.q_proj, self_attn.k_proj, "
+            "self_attn.v_proj, self_attn.o_proj, mlp.experts.*.gate_proj, mlp.experts.*.up_proj, "
+            "mlp.experts.*.down_proj)") in r.output
