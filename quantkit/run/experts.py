@@ -119,7 +119,6 @@ class ExpertChunks:
 
     def _sums(self, side: int, block: str) -> Activations:
         if (side, block) not in self.sums:
-            on_disk = self.batches.reads_are_copies and self.scratch is not None
-            self.sums[(side, block)] = ActivationsOnDisk(self.scratch) if on_disk and self.scratch is not None \
-                else ActivationsInMemory()
+            scratch = self.scratch if self.batches.reads_are_copies else None  # beside batches kept on disk
+            self.sums[(side, block)] = ActivationsInMemory() if scratch is None else ActivationsOnDisk(scratch)
         return self.sums[(side, block)]

@@ -28,7 +28,7 @@ from quantkit.memory.spill import Activations, ActivationsInMemory, ScratchFiles
 from quantkit.run.experts import ExpertChunks, Loader, loaded_per_chunk
 from quantkit.run.model import Skeleton, Source
 from quantkit.run.resume import BackgroundSaves, RunState
-from quantkit.run.stages import expert_of, layer_stages
+from quantkit.run.stages import layer_stages
 from quantkit.run.step_report import raised_damping, step_report
 from quantkit.run.telemetry import GpuPeaks, StageClock, log_layer
 from quantkit.solve.gptq import GPTQResult, gptq_quantize_shared, rtn_result
@@ -199,14 +199,13 @@ def gptq_layer(job: LayerJob, layer: nn.Module, where: str, streams: Streams, i:
     reference = Reference(copy.deepcopy(layer), streams.reference) if streams.reference is not None else None
     sample = batches[0][:1].clone()  # one sequence (a read from disk where the batches are kept there)
     later, load = experts
-    with only_experts(layer, frozenset()):  # the experts' weights wait for their chunk; their groups are known
-        groups = discover_groups(layer, sample.to(dev, dtype), call)
-    groups = [kept for kept in ([n for n in g if not spec.skips(n)] for g in groups) if kept]
     modules = linear_modules(layer)
     skipped = {n for n in modules if spec.skips(n)}  # final from the start: they keep their float weights
-    stages = layer_stages(layer, groups, spec)
-    groups = [g for stage in stages for g in stage.groups]
-    with only_experts(layer, frozenset()):
+    with only_experts(layer, frozenset()):  # the experts' weights wait for their chunk; their groups are known
+        groups = discover_groups(layer, sample.to(dev, dtype), call)
+        groups = [kept for kept in ([n for n in g if n not in skipped] for g in groups) if kept]
+        stages = layer_stages(layer, groups, spec)
+        groups = [g for stage in stages for g in stage.groups]
         memo, ref_memo = _memos(job, layer, groups, sample, call, batches, modules, last, reference)
     chunks = ExpertChunks(layer, later, load, batches, call, dev, dtype, memo, not last, reference, job.kept)
     results: dict[str, Solved] = {}
@@ -337,14 +336,14 @@ def expert_report(results: dict[str, Solved], blocks: dict[str, UnfusedExperts],
     float whole (--skip; their token count reads 0: nothing counted them). A GPTQ run's; RTN calibrates nothing."""
     report = {}
     for name, block in blocks.items():
-        tokens: dict[int, int] = {}
+        tokens: dict[int, int] = {}  # expert -> its tokens, for the experts with a Linear solved
         rounded: set[int] = set()
         for linear, res in results.items():
-            found = expert_of(linear, {name: block})
-            if found is not None and res.tokens is not None:
-                tokens.setdefault(found[1], res.tokens)
+            if linear.startswith(f"{name}.") and res.tokens is not None:
+                expert = int(linear[len(name) + 1:].split(".", 1)[0])
+                tokens[expert] = res.tokens
                 if res.rounded:
-                    rounded.add(found[1])
+                    rounded.add(expert)
         if not tokens:
             continue
         first = f"0.{block.layout.gate}"  # the block's name in the checkpoint, read off its first Linear's

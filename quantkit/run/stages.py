@@ -74,11 +74,3 @@ def expert_stages(name: str, block: UnfusedExperts, spec: QuantSpec) -> list[Sta
         else:
             waiting |= ids
     return [Stage(groups, block=name, experts=ids) for ids, stages in planned for groups in stages]
-
-
-def expert_of(name: str, blocks: dict[str, UnfusedExperts]) -> tuple[str, int] | None:
-    """(block, expert index) of a Linear named within the layer, None for a Linear outside every expert."""
-    for block in blocks:
-        if name.startswith(f"{block}."):
-            return block, int(name[len(block) + 1:].split(".", 1)[0])
-    return None

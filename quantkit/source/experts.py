@@ -189,14 +189,15 @@ def expert_blocks(layer: nn.Module) -> dict[str, UnfusedExperts]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, UnfusedExperts)}
 
 
-def routers(layer: nn.Module) -> set[str]:
-    """Linears of the layer's MoE blocks that route rather than compute: beside an UnfusedExperts, with one output
-    per expert (the router) or a single one (a shared expert's gate). They stay unquantized."""
+def routers(named: list[tuple[str, nn.Module]]) -> set[str]:
+    """Among a layer's modules (its named_modules, walked once by the caller), the Linears of its MoE blocks that
+    route rather than compute: beside an UnfusedExperts, with one output per expert (the router) or a single one (a
+    shared expert's gate). They stay unquantized."""
     found = set()
-    for name, experts in expert_blocks(layer).items():
-        parent_name = name.rpartition(".")[0]
-        parent = layer.get_submodule(parent_name) if parent_name else layer
-        for child_name, child in parent.named_children():
-            if isinstance(child, nn.Linear) and child.out_features in (experts.num_experts, 1):
-                found.add(f"{parent_name}.{child_name}" if parent_name else child_name)
+    for name, experts in named:
+        if not isinstance(experts, UnfusedExperts):
+            continue
+        parent = name.rpartition(".")[0]
+        found |= {n for n, m in named if n and n != name and n.rpartition(".")[0] == parent
+                  and isinstance(m, nn.Linear) and m.out_features in (experts.num_experts, 1)}
     return found

@@ -141,9 +141,9 @@ def linear_modules(layer: nn.Module) -> dict[str, nn.Module]:
     not the routers of its Mixture-of-Experts blocks (experts.routers), which stay float."""
     from transformers.pytorch_utils import Conv1D
 
-    skip = routers(layer)
-    return {name: m for name, m in layer.named_modules()
-            if isinstance(m, (nn.Linear, Conv1D)) and name and name not in skip}
+    named = list(layer.named_modules())
+    skip = routers(named)
+    return {name: m for name, m in named if isinstance(m, (nn.Linear, Conv1D)) and name and name not in skip}
 
 
 def _stored_weight(module: nn.Module) -> torch.Tensor:
