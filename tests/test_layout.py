@@ -15,7 +15,7 @@ LAYERS = [
     {"errors", "config", "untrusted", "faults"},
     {"source", "solve", "memory"},
     {"calibrate", "write"},
-    {"run"},
+    {"run", "formats"},
     {"verification"},
     {"tools"},
     {"cli"},

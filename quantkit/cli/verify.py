@@ -14,8 +14,10 @@ import click
 
 from quantkit.cli.output import silence_model_loading
 from quantkit.config import DEFAULT_EVAL
+from quantkit.formats.registry import formats
 from quantkit.verification.integrity import describe_quantization
 from quantkit.verification.loading import LOADERS
+from quantkit.verification.modes import DEVICES, STREAM_CHOICES
 from quantkit.verification.report import (
     DEFAULT_MAX_KL,
     DEFAULT_MAX_PPL_RATIO,
@@ -29,6 +31,9 @@ from quantkit.verification.report import (
 
 if TYPE_CHECKING:
     from tqdm import tqdm
+
+
+WORST_LAYERS = 3  # layers named in the terminal summary of per-layer errors
 
 
 class _Progress:
@@ -85,6 +90,14 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 @click.option("--loader", type=click.Choice(LOADERS), default="quantkit", show_default=True,
               help="quantkit: pure-torch dequantizing layers (no GPU, no gptqmodel); transformers: "
               "from_pretrained through optimum + gptqmodel, the deploy path")
+@click.option("--format", "fmt", type=click.Choice(formats()), default=None,
+              help="the artifact's format; default: detected from its files (quantization_config, a .gguf name)")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="where the layer-by-layer evaluation runs: auto is the GPU when there is one")
+@click.option("--stream", type=click.Choice(STREAM_CHOICES), default="auto", show_default=True,
+              help="on: run both models one decoder layer at a time (memory: one layer of each, any size; per-layer "
+              "errors; CPU or GPU); off: hold both whole in memory; auto: on, unless --max-memory or --loader "
+              "transformers asks for whole models")
 @click.option("--max-memory", callback=_size, default=None,
               help="RAM for both models' weights together, e.g. 8GB; decoder layers beyond it are offloaded to disk")
 @click.option("--max-ppl-ratio", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_PPL_RATIO,
@@ -100,11 +113,13 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=MAX_NEW_TOKENS, show_default=True,
               help="tokens generated per prompt")
 def verify_command(quantized: str, base: str | None, eval_source: str, seq_len: int, max_tokens: int, loader: str,
-                   max_memory: int | None, max_ppl_ratio: float, max_kl: float, min_top1: float, as_json: bool,
+                   fmt: str | None, device: str, stream: str, max_memory: int | None, max_ppl_ratio: float,
+                   max_kl: float, min_top1: float, as_json: bool,
                    report_dir: str | None, no_generate: bool, max_new_tokens: int) -> None:
-    """Check QUANTIZED (a directory or a repo id in the local hub cache): integrity, perplexity, KL and top-1
-    agreement against its base model, and greedy generations side by side. Exit 0 when every check passes,
-    1 when one fails."""
+    """Check QUANTIZED (a directory, a repo id in the local hub cache, or a .gguf file; GPTQ, AWQ,
+    compressed-tensors, bitsandbytes, FP8 or GGUF): integrity, perplexity, KL and top-1 agreement against its base
+    model, each decoder layer's error (layer by layer), and greedy generations side by side (in memory). Exit 0 when
+    every check passes, 1 when one fails."""
     if max_tokens < seq_len:
         raise click.BadParameter(f"must be at least --seq-len ({seq_len}), got {max_tokens}", param_hint="--max-tokens")
     silence_model_loading()
@@ -112,8 +127,9 @@ def verify_command(quantized: str, base: str | None, eval_source: str, seq_len: 
 
     progress = _Progress(enabled=not as_json)
     try:
-        report = verify(quantized, base, eval_source=eval_source, seq_len=seq_len, max_tokens=max_tokens, loader=loader,
-                        max_memory=max_memory, generate=not no_generate, max_new_tokens=max_new_tokens,
+        report = verify(quantized, base, fmt=fmt, eval_source=eval_source, seq_len=seq_len, max_tokens=max_tokens,
+                        loader=loader, max_memory=max_memory, device=device, stream=stream,
+                        generate=not no_generate, max_new_tokens=max_new_tokens,
                         thresholds=Thresholds(max_ppl_ratio=max_ppl_ratio, max_kl=max_kl, min_top1=min_top1),
                         progress=progress)
     finally:
@@ -139,7 +155,7 @@ def _print_human(report: VerifyReport, written: dict[str, Path] | None) -> None:
     from quantkit.verification.render import metric_rows
 
     r = report
-    lines = [f"quantized   {r.quantized_path}  (loader: {r.loader})",
+    lines = [f"quantized   {r.quantized_path}  ({r.format or 'unquantized'}, loader: {r.loader})",
              f"base        {r.base_path + f'  ({r.base_origin})' if r.base_path else 'none'}"]
     i = r.integrity
     state = "ok" if i.ok else f"FAILED ({len(i.errors)} problems)"
@@ -151,12 +167,19 @@ def _print_human(report: VerifyReport, written: dict[str, Path] | None) -> None:
     lines.append(f"integrity   {state}{': ' + '; '.join(detail) if detail else ''}")
     if r.eval:
         lines.append(f"evaluation  {r.eval['source']}: {r.eval['windows']} x {r.eval['seq_len']} tokens "
-                     f"({r.tokens} predicted)")
+                     f"({r.tokens} predicted), {r.eval['mode']} on {r.eval['device']}")
     if r.quantized_ppl is not None:
         rows = [("metric", "base", "quantized", "threshold", "")] + metric_rows(r)
         widths = [max(len(row[c]) for row in rows) for c in range(5)]
         lines.append("")
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    if r.layer_errors:
+        worst = sorted(r.layer_errors, key=lambda row: row["local_error"], reverse=True)[:WORST_LAYERS]
+        lines.append("")
+        lines.append("layers      largest error added (local relative error of the layer's output): " +
+                     ", ".join(f"{row['index']}: {row['local_error']:.3g}" for row in worst))
+        final = r.layer_errors[-1]["relative_error"]
+        lines.append(f"            relative error of the final hidden states: {final:.3g}")
     if r.generations:
         compared = [g for g in r.generations if g.match is not None]
         lines.append("")

@@ -115,6 +115,21 @@ def read_index(model_dir: Path) -> dict[str, str] | None:
     return weight_map
 
 
+class TensorReader(Protocol):
+    """Tensors by name, read one at a time: a checkpoint, or a view of a quantized one as its float tensors
+    (formats/view.py). What the layer loaders (skeleton.materialize) read from."""
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def names(self) -> list[str]: ...
+
+    def get(self, name: str) -> Tensor: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def close(self) -> None: ...
+
+
 class SafetensorsCheckpoint:
     """Name -> tensor access over a (possibly sharded) safetensors checkpoint; loads only what is asked for."""
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from quantkit.errors import QuantkitError
-from quantkit.source.checkpoint import SafetensorsCheckpoint, check_config_fits
+from quantkit.source.checkpoint import SafetensorsCheckpoint, TensorReader, check_config_fits
 from quantkit.source.experts import routers, unfuse_experts
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ def _same(name: str) -> str:
     return name
 
 
-def stored_tensors(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint,
+def stored_tensors(module: nn.Module, prefix: str, checkpoint: TensorReader,
                    names: Callable[[str], str] = _same) -> list[tuple[str, str, Tensor, bool]]:
     """What `module` reads from the checkpoint: (name in the module, checkpoint name, its skeleton tensor, is a
     parameter) for every parameter, and for every persistent buffer the checkpoint holds (DeepSeek-V3's router
@@ -189,7 +189,7 @@ def stored_tensors(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckp
     return found
 
 
-def check_tensors(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint,
+def check_tensors(module: nn.Module, prefix: str, checkpoint: TensorReader,
                   names: Callable[[str], str] = _same) -> None:
     """Every tensor `module` reads (stored_tensors) is in the checkpoint with the shape config.json implies
     (headers only)."""
@@ -203,7 +203,7 @@ def _check_shape(name: str, found: Sequence[int], expected: Sequence[int]) -> No
                             f"{list(expected)}")
 
 
-def materialize(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint, device: torch.device,
+def materialize(module: nn.Module, prefix: str, checkpoint: TensorReader, device: torch.device,
                 dtype: torch.dtype, names: Callable[[str], str] = _same, later: AbstractSet[str] = frozenset()) -> None:
     """Load `module`'s tensors (stored_tensors) from the checkpoint (names prefix + '.' + name, through `names` to
     the checkpoint's) onto device in place, then unmap the shards (the checkpoint reopens them on its next read).
@@ -226,15 +226,17 @@ def materialize(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoin
 
 
 @contextlib.contextmanager
-def outer_modules_materialized(model: PreTrainedModel, layers_prefix: str, checkpoint: SafetensorsCheckpoint,
-                               device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+def outer_modules_materialized(model: PreTrainedModel, layers_prefix: str, checkpoint: TensorReader,
+                               device: torch.device, dtype: torch.dtype,
+                               input_embeddings: bool = True) -> Iterator[None]:
     """Within the block, the modules outside the decoder layers (embeddings, final norm, rotary tables; not the
-    output head) hold their checkpoint weights; afterwards they are back on the meta device."""
+    output head) hold their checkpoint weights; afterwards they are back on the meta device. Without
+    input_embeddings, the input embedding stays on the meta device (for forwards given inputs_embeds)."""
     from accelerate.utils import set_module_tensor_to_device
 
-    out_emb = model.get_output_embeddings()
+    skipped = (model.get_output_embeddings(), None if input_embeddings else model.get_input_embeddings())
     outer = [(name, m) for name, m in model.named_modules()
-             if m is not out_emb and not name.startswith(layers_prefix + ".")
+             if all(m is not s for s in skipped) and not name.startswith(layers_prefix + ".")
              and any(True for _ in m.parameters(recurse=False))]
     try:
         for name, module in outer:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from quantkit.errors import QuantkitError, first_line
+from quantkit.formats.registry import GGUF
 from quantkit.source.checkpoint import resolve_model_dir
 from quantkit.source.hub import cached_snapshot, looks_like_repo_id
 from quantkit.verification.report import VerifyReport
@@ -107,8 +108,11 @@ def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
         raise QuantkitError(f"cannot load the tokenizer from {path}: {first_line(e)}") from None
 
 
-def shared_tokenizer(qdir: Path, bdir: Path | None) -> PreTrainedTokenizerBase:
-    """The quantized checkpoint's tokenizer, refused when the base's has a different vocabulary."""
+def shared_tokenizer(qdir: Path, bdir: Path | None, fmt: str | None = None) -> PreTrainedTokenizerBase:
+    """The quantized checkpoint's tokenizer, refused when the base's has a different vocabulary (a GGUF file is
+    evaluated with its base's tokenizer)."""
+    if fmt == GGUF and bdir is not None:
+        return _load_tokenizer(bdir)
     tok = _load_tokenizer(qdir)
     if bdir is not None and _load_tokenizer(bdir).get_vocab() != tok.get_vocab():
         raise QuantkitError(f"the tokenizers of {qdir} and {bdir} differ: the models would be compared on different "

@@ -7,15 +7,14 @@ not be checked (`Unchecked`: a checkpoint another tool wrote has no quantkit.jso
 """
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from quantkit.errors import QuantkitError, first_line
+from quantkit.formats.registry import GGUF, QUANT_METHODS
 from quantkit.source.checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -28,62 +27,20 @@ from quantkit.source.checkpoint import (
 from quantkit.source.safetensors_header import FLOAT_DTYPES, IntegrityError, read_header
 from quantkit.untrusted import field as json_field
 from quantkit.untrusted import file_record, read_json, relative_name, sha256_file
-from quantkit.verification.compat import Limit, LoaderLimit, layout_limits, loader_limits
+from quantkit.verification.compat import layout_limits, loader_limits
+from quantkit.verification.format_checks import check_bnb, check_gguf, check_view
+from quantkit.verification.integrity_report import MAX_LISTED, UNCHECKED_WORDS, IntegrityReport, Unchecked
 from quantkit.write.gptq_format import QUANT_SUFFIXES
 from quantkit.write.manifest import MANIFEST_NAME
 from quantkit.write.packing import SUPPORTED_BITS
 
-MAX_LISTED = 20  # problems of one kind listed individually before they are summarised
+# quant_methods checked through their format's view (formats/); GPTQ has checks of its own here
+VIEW_METHODS = {method: fmt for method, fmt in QUANT_METHODS.items() if method != "gptq"}
 MODULE_SUFFIXES = (*QUANT_SUFFIXES, "bias")  # the tensors of one quantized Linear
 Progress = Callable[[str, int, int], None]
 SAME_IN_BOTH_FILES = ("bits", "group_size", "desc_act", "sym", "checkpoint_format")  # config.json vs quantize_config
 PACK_DTYPE = "int32"  # the one word GPTQ packs codes into that quantkit reads (GPTQModel's pack_dtype may differ)
 OVERRIDES = ("bits", "group_size", "sym", "desc_act")  # settings a GPTQModel `dynamic` rule may change per module
-
-
-class Unchecked(enum.Enum):
-    """What only quantkit.json records, and so goes unchecked in a checkpoint without one (another tool's)."""
-
-    FILE_HASHES = "file_hashes"    # each file's sha256 and size
-    BASE_MODEL = "base_model"      # the model it was quantized from
-    CALIBRATION = "calibration"    # the calibration text and settings, and the per-layer GPTQ losses
-
-
-UNCHECKED_WORDS = {Unchecked.FILE_HASHES: "each file's sha256", Unchecked.BASE_MODEL: "the base model it was made from",
-                   Unchecked.CALIBRATION: "its calibration settings and per-layer losses"}
-
-
-@dataclass
-class IntegrityReport:
-    path: str
-    manifest: bool = False
-    files_checked: int = 0
-    quantization: dict | None = None   # bits, group_size, sym, desc_act, checkpoint_format
-    quantized_modules: int = 0
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    limits: list[LoaderLimit] = field(default_factory=list)  # known loader limits; their notes are in `notes`
-    unchecked: list[Unchecked] = field(default_factory=list)  # what no manifest vouches for; said in `notes`
-    settings_file: str | None = None  # where the quantization settings came from: config.json or quantize_config.json
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-    def has_limit(self, kind: Limit) -> bool:
-        return any(limit.kind is kind for limit in self.limits)
-
-    def add_limits(self, limits: list[LoaderLimit]) -> None:
-        """Record known loader limits and add their notes."""
-        self.limits += limits
-        self.notes += [limit.note for limit in limits]
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "manifest": self.manifest, "files_checked": self.files_checked,
-                "quantization": self.quantization, "quantized_modules": self.quantized_modules,
-                "errors": self.errors, "warnings": self.warnings, "notes": self.notes, "ok": self.ok,
-                "unchecked": [u.value for u in self.unchecked], "settings_file": self.settings_file}
 
 
 def read_headers(checkpoint: SafetensorsCheckpoint) -> dict[str, dict]:
@@ -100,9 +57,13 @@ def read_headers(checkpoint: SafetensorsCheckpoint) -> dict[str, dict]:
     return out
 
 
-def check_integrity(model_dir: Path, progress: Progress | None = None) -> IntegrityReport:
-    """Every check that needs no model: manifest hashes, shard headers, quantization_config vs tensors."""
+def check_integrity(model_dir: Path, progress: Progress | None = None, fmt: str | None = None) -> IntegrityReport:
+    """Every check that needs no model: manifest hashes, shard headers, quantization_config vs tensors (a GGUF
+    file: its header, every length bounded by the file). fmt: the artifact's format (formats.registry)."""
     report = IntegrityReport(path=str(model_dir))
+    if fmt == GGUF:
+        check_gguf(model_dir, report)
+        return report
     check_manifest(model_dir, report, progress)
     if not report.ok:
         return report  # damaged files: reading them further would only add noise
@@ -181,7 +142,11 @@ def _check_quantization(config: dict, model_dir: Path, checkpoint: SafetensorsCh
             report.notes.append("unquantized checkpoint (no quantization_config): only file checks apply")
         return
     if qcfg.get("quant_method") == "bitsandbytes":
-        _check_bnb(qcfg, headers, report)
+        check_bnb(qcfg, headers, report)
+        if not report.ok:
+            return
+    if qcfg.get("quant_method") in VIEW_METHODS:
+        check_view(model_dir, VIEW_METHODS[qcfg["quant_method"]], qcfg, report)
         return
     settings = _settings(qcfg, report)
     if settings is None:
@@ -218,30 +183,6 @@ def _compare_quantize_config(qcfg: dict, model_dir: Path, report: IntegrityRepor
     differ = [k for k in SAME_IN_BOTH_FILES if k in other and other[k] != qcfg.get(k, other[k])]
     if differ:
         report.errors.append(f"quantize_config.json disagrees with config.json on {', '.join(differ)}")
-
-
-def _check_bnb(qcfg: dict, headers: dict, report: IntegrityReport) -> None:
-    """bitsandbytes: 4-bit modules carry a packed uint8 weight and a quant_state; 8-bit ones int8 weights and SCB."""
-    four = bool(qcfg.get("load_in_4bit") or qcfg.get("_load_in_4bit"))
-    eight = bool(qcfg.get("load_in_8bit") or qcfg.get("_load_in_8bit"))
-    if four == eight:
-        report.errors.append("config.json quantization_config (bitsandbytes): exactly one of load_in_4bit and "
-                             "load_in_8bit must be true")
-        return
-    kind = qcfg.get("bnb_4bit_quant_type", "fp4") if four else "int8"
-    report.quantization = {"quant_method": "bitsandbytes", "bits": 4 if four else 8, "type": kind}
-    marker = f".weight.quant_state.bitsandbytes__{kind}" if four else ".SCB"
-    modules = sorted(n[: -len(marker)] for n in headers if n.endswith(marker))
-    if not modules:
-        report.errors.append(f"quantization_config says bitsandbytes {kind}, but no tensor ends in {marker}")
-        return
-    report.quantized_modules = len(modules)
-    want = "U8" if four else "I8"
-    bad = [m for m in modules if headers.get(f"{m}.weight", {}).get("dtype") != want]
-    if bad:
-        report.errors.append(f"{bad[0]}.weight: expected {want} bitsandbytes storage, found "
-                             f"{headers.get(f'{bad[0]}.weight', {}).get('dtype', 'nothing')}")
-    report.add_limits(loader_limits(qcfg))
 
 
 def _settings(qcfg: dict, report: IntegrityReport) -> dict | None:
@@ -346,9 +287,15 @@ def _check_float_tensors(checkpoint: SafetensorsCheckpoint, headers: dict, repor
 
 
 def describe_quantization(q: dict, long: bool = False) -> str:
-    """One phrase for a report's `quantization` settings (GPTQ or bitsandbytes)."""
+    """One phrase for a report's `quantization` settings (GPTQ, bitsandbytes, GGUF, or another format's)."""
     if q.get("quant_method") == "bitsandbytes":
         return f"bitsandbytes {q['type']} ({q['bits']}-bit)"
+    if q.get("quant_method") == GGUF:
+        types = sorted(q["types"].items(), key=lambda kv: -kv[1])
+        return f"GGUF {q['architecture']}: " + ", ".join(f"{n} {kind}" for kind, n in types)
+    if q.get("quant_method") != "gptq":  # another format's settings, as its layout reports them
+        return f"{q.get('quant_method')} " + ", ".join(f"{k} {v}" for k, v in q.items() if k != "quant_method"
+                                                      and isinstance(v, (bool, int, float, str)))
     if not long:
         return f"{q['bits']}-bit g{q['group_size']} {'sym' if q['sym'] else 'asym'} {q['checkpoint_format']}"
     group = "per row" if q["group_size"] == -1 else q["group_size"]

@@ -5,38 +5,70 @@ import contextlib
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from quantkit.errors import QuantkitError, first_line
+from quantkit.formats import awq, bitsandbytes, compressed_tensors
+from quantkit.formats.gptq import FORMAT as GPTQ
+from quantkit.formats.registry import GGUF
 from quantkit.source.checkpoint import QUANTIZE_CONFIG_NAME, read_config
 from quantkit.verification.compat import WEIGHTS_NAME, Limit
-from quantkit.verification.integrity import IntegrityReport
+from quantkit.verification.integrity_report import IntegrityReport
 from quantkit.verification.memory_plan import available_memory
 from quantkit.verification.qlinear import as_causal_lm, estimate_footprint, load_model
 from quantkit.verification.report import VerifyReport
+from quantkit.verification.sources import float_bytes, load_float, model_config
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
 LOADERS = ("quantkit", "transformers")
+# packages transformers' from_pretrained needs for a format (GPTQ's: _gptq_kwargs; bitsandbytes': run/bnb.py)
+TRANSFORMERS_NEEDS = {awq.FORMAT: ("gptqmodel",), compressed_tensors.FORMAT: ("compressed_tensors",)}
+IN_MEMORY_TIERS = (None, GPTQ)  # formats quantkit's own loader holds packed, dequantizing per Linear (qlinear.py)
 RAM_HEADROOM = 0.9  # refuse without --max-memory when the models need more than this share of available RAM
 SUGGESTED_SHARE = 0.7  # the share of available RAM the refusal suggests as --max-memory
 
 
-def memory_budgets(qdir: Path, bdir: Path | None, loader: str,
-                   max_memory: int | None) -> tuple[int | None, int | None]:
+def footprint(path: Path, fmt: str | None, config: PretrainedConfig | None = None) -> tuple[int, int]:
+    """(bytes as stored, bytes in float32) the model at `path` needs in RAM (nothing loaded). GPTQ and unquantized
+    checkpoints count quantkit's own loader's tiers; other formats load as float32 models (config: the model's
+    configuration, required for a GGUF, whose skeleton is its base's)."""
+    if fmt in IN_MEMORY_TIERS:
+        return estimate_footprint(path)
+    full = float_bytes(config if config is not None else model_config(path))
+    on_disk = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    return on_disk, full
+
+
+def fits_in_memory(qpath: Path, fmt: str | None, bdir: Path | None) -> bool:
+    """Whether both models, whole and in float32, fit in the RAM available (with headroom)."""
+    base_config = model_config(bdir) if bdir is not None else None
+    need = footprint(qpath, fmt, base_config if fmt == GGUF else None)[1]
+    need += footprint(bdir, None)[1] if bdir is not None else 0
+    avail = available_memory()
+    return avail is None or need <= RAM_HEADROOM * avail
+
+
+def memory_budgets(qdir: Path, bdir: Path | None, loader: str, max_memory: int | None,
+                   fmt: str | None = None) -> tuple[int | None, int | None]:
     """Split --max-memory between the two models; without it, refuse when both cannot fit in available RAM."""
-    q_packed, q_full = estimate_footprint(qdir)
+    if max_memory is not None and fmt not in IN_MEMORY_TIERS:
+        raise QuantkitError(f"--max-memory offloads layers of GPTQ and unquantized checkpoints; a {fmt} artifact is "
+                            "evaluated within a bounded memory layer by layer: use --stream on")
+    base_config = model_config(bdir) if bdir is not None and fmt == GGUF else None
+    q_packed, q_full = footprint(qdir, fmt, base_config)
     b_full = estimate_footprint(bdir)[1] if bdir is not None else 0
     if max_memory is None:
         need = (q_full if loader == "quantkit" else q_packed * 2) + b_full
         avail = available_memory()
         if avail is not None and need > RAM_HEADROOM * avail:
             raise QuantkitError(f"holding the models needs about {_size(need)} of RAM but {_size(avail)} is available; "
-                                f"pass --max-memory (e.g. --max-memory "
+                                f"evaluate them layer by layer (--stream on), or pass --max-memory (e.g. --max-memory "
                                 f"{_size(int(SUGGESTED_SHARE * avail)).replace(' ', '')}) to offload decoder layers "
                                 "to disk")
         return None, None
@@ -54,24 +86,16 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
-def load(path: Path, loader: str, budget: int | None, offload: Path,
-         report: VerifyReport) -> tuple[PreTrainedModel, dict]:
-    """One model for evaluation, within `budget` bytes; returns it and what its loading did (report.json's load)."""
-    config, settings_file = read_config(path)
-    qcfg = config.get("quantization_config") or {}
-    quantized = bool(qcfg)
-    if qcfg.get("quant_method") == "bitsandbytes":  # only transformers + bitsandbytes run these
-        from quantkit.run.bnb import load_bnb
-
-        with contextlib.redirect_stdout(sys.stderr):
-            model = as_causal_lm(load_bnb(path, device_map="cpu"))
-        report.notes.append(f"{path.name}: bitsandbytes checkpoint, loaded with transformers + bitsandbytes "
-                            "(4-bit modules compute in float32 on CPU)")
-        report.loader = "transformers+bitsandbytes"
-        return model, {"loader": "transformers+bitsandbytes", "path": str(path), "quantized": True}
+def load(path: Path, loader: str, budget: int | None, offload: Path, report: VerifyReport, fmt: str | None,
+         config: PretrainedConfig | None = None) -> tuple[PreTrainedModel, dict]:
+    """One model for evaluation, within `budget` bytes; returns it and what its loading did (report.json's load).
+    config: the model's configuration where the artifact has none of its own (a GGUF: its base's)."""
     if loader == "transformers":
-        unread = qcfg if settings_file == QUANTIZE_CONFIG_NAME else None
-        return _load_transformers(path, quantized, budget, offload, report, unread)
+        return _load_transformers_any(path, fmt, budget, offload, report)
+    if fmt not in IN_MEMORY_TIERS:
+        model = load_float(config if config is not None else model_config(path), path, fmt)
+        return model, {"loader": "quantkit", "path": str(path), "quantized": True, "format": fmt,
+                       "dequantized": "float32"}
     offload.mkdir(parents=True, exist_ok=True)
     model, info = load_model(path, max_memory=budget, offload_dir=offload)
     if info.offloaded:
@@ -81,6 +105,49 @@ def load(path: Path, loader: str, budget: int | None, offload: Path,
         report.notes.append(f"{path.name}: dequantized in every forward to stay within --max-memory (slow, above all "
                             "for generations: consider --no-generate)")
     return model, {"loader": "quantkit", **info.to_dict()}
+
+
+def _load_transformers_any(path: Path, fmt: str | None, budget: int | None, offload: Path,
+                           report: VerifyReport) -> tuple[PreTrainedModel, dict]:
+    """The deploy path for every format: transformers' own loading (with bitsandbytes, optimum + gptqmodel, ...)."""
+    if fmt == bitsandbytes.FORMAT:
+        from quantkit.run.bnb import load_bnb
+
+        with contextlib.redirect_stdout(sys.stderr):
+            model = as_causal_lm(load_bnb(path, device_map="cpu"))
+        report.notes.append(f"{path.name}: bitsandbytes checkpoint, loaded with transformers + bitsandbytes "
+                            "(4-bit modules compute in float32 on CPU)")
+        return model, {"loader": "transformers+bitsandbytes", "path": str(path), "quantized": True}
+    if fmt in IN_MEMORY_TIERS:
+        config_dict, settings_file = read_config(path)
+        qcfg = config_dict.get("quantization_config") or {}
+        unread = qcfg if settings_file == QUANTIZE_CONFIG_NAME else None
+        return _load_transformers(path, fmt is not None, budget, offload, report, unread)
+    return _load_transformers_format(path, fmt)
+
+
+def _load_transformers_format(path: Path, fmt: str | None) -> tuple[PreTrainedModel, dict]:
+    """AWQ, compressed-tensors, FP8 and GGUF artifacts through from_pretrained's own quantizers (which may also
+    quantize activations, as at deployment); a GGUF is dequantized by transformers while loading."""
+    from transformers import AutoModelForCausalLM
+
+    missing = [m for m in TRANSFORMERS_NEEDS.get(str(fmt), ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise QuantkitError(f"--loader transformers needs {', '.join(missing)} for {fmt} artifacts (pip install "
+                            f"{' '.join(m.replace('_', '-') for m in missing)}), or use --loader quantkit")
+    kwargs: dict = {"device_map": "cpu", "trust_remote_code": False}
+    target = path
+    if fmt == GGUF:
+        target, kwargs["gguf_file"], kwargs["dtype"] = path.parent, path.name, torch.float32
+    try:
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for module in TRANSFORMERS_NEEDS.get(str(fmt), ()):
+                importlib.import_module(module)
+            model = as_causal_lm(AutoModelForCausalLM.from_pretrained(str(target), **kwargs))
+    except Exception as e:
+        raise QuantkitError(f"transformers cannot load {path}: {first_line(e)}") from None
+    return model.eval(), {"loader": "transformers", "path": str(path), "quantized": True, "format": fmt}
 
 
 def torch_backend_reason(integrity: IntegrityReport) -> str | None:

@@ -9,6 +9,7 @@ Computed in float32 from the logits:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
 MAX_EXP = 700  # exp() of larger values overflows a float64; such perplexities are reported as inf
 KL_PERCENTILE = 99
+WindowLogits = Callable[[int], Tensor]  # window index -> its next-token logits [T-1, V], float32
 
 
 @torch.no_grad()
@@ -70,20 +72,25 @@ def compare_window(q_logits: Tensor, b_logits: Tensor, targets: Tensor,
     return torch.cat(q_nll), torch.cat(b_nll), torch.cat(kl), torch.cat(agree)
 
 
-def evaluate(qmodel: PreTrainedModel, bmodel: PreTrainedModel | None, windows: Tensor, report: VerifyReport,
+def model_logits(model: PreTrainedModel, windows: Tensor) -> WindowLogits:
+    """Window i's next-token logits from a whole model in memory."""
+    return lambda i: logits(model, windows[i])
+
+
+def evaluate(q_logits: WindowLogits, b_logits: WindowLogits | None, windows: Tensor, report: VerifyReport,
              progress: Progress) -> None:
-    """Stream windows through both models into the report; never holds more than one window's logits per model."""
+    """Both models' logits, window by window, into the report; never holds more than one window's logits per model."""
     q_all, b_all, kl_all, agree_all = [], [], [], []
     n = windows.shape[0]
     for i in range(n):
         progress("evaluating", i, n)
         ids = windows[i]
-        q_logits = logits(qmodel, ids)
-        if bmodel is None:
-            q_nll = quantized_nll(q_logits, ids[1:])
+        q = q_logits(i)
+        if b_logits is None:
+            q_nll = quantized_nll(q, ids[1:])
             report.per_window.append({"index": i, "quantized_ppl": exp_or_inf(q_nll.mean())})
         else:
-            q_nll, b_nll, kl, agree = compare_window(q_logits, logits(bmodel, ids), ids[1:])
+            q_nll, b_nll, kl, agree = compare_window(q, b_logits(i), ids[1:])
             report.per_window.append({"index": i, "quantized_ppl": exp_or_inf(q_nll.mean()),
                                       "base_ppl": exp_or_inf(b_nll.mean()), "kl_mean": float(kl.mean()),
                                       "top1": float(agree.float().mean())})
@@ -95,7 +102,7 @@ def evaluate(qmodel: PreTrainedModel, bmodel: PreTrainedModel | None, windows: T
     q_nll = torch.cat(q_all)
     report.tokens = int(q_nll.numel())
     report.quantized_ppl = exp_or_inf(q_nll.mean())
-    if bmodel is not None:
+    if b_logits is not None:
         _summarise(q_nll, torch.cat(b_all), torch.cat(kl_all), torch.cat(agree_all), report)
 
 

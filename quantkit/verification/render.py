@@ -92,12 +92,12 @@ def render_markdown(r: VerifyReport, plot: str | None = PLOT_NAME) -> str:
     status = "PASSED" if r.passed else "FAILED"
     lines = [f"# quantkit verify: {status}", ""]
     lines += ["| | |", "|---|---|",
-              f"| quantized | `{r.quantized_path}` (loader: {r.loader}) |",
+              f"| quantized | `{r.quantized_path}` ({r.format or 'unquantized'}, loader: {r.loader}) |",
               f"| base | {f'`{r.base_path}` ({r.base_origin})' if r.base_path else 'none'} |"]
     if r.eval:
         e = r.eval
         lines.append(f"| evaluation | {e['source']}: {e['windows']} windows × {e['seq_len']} tokens, "
-                     f"{r.tokens} predicted tokens |")
+                     f"{r.tokens} predicted tokens, {e.get('mode', 'in memory')} on {e.get('device', 'cpu')} |")
     lines.append(f"| time | {r.seconds:.0f} s |")
     lines.append("")
     if r.failures:
@@ -113,6 +113,8 @@ def render_markdown(r: VerifyReport, plot: str | None = PLOT_NAME) -> str:
     lines += _integrity_section(r)
     if r.generations:
         lines += _generation_section(r)
+    if r.layer_errors:
+        lines += _layer_error_section(r)
     if r.layers:
         outliers = [str(row["index"]) for row in r.layers if row.get("outlier")]
         lines += ["## Per-layer GPTQ loss (recorded by quantize)", "",
@@ -126,6 +128,20 @@ def render_markdown(r: VerifyReport, plot: str | None = PLOT_NAME) -> str:
     if r.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in r.notes] + [""]
     return "\n".join(lines)
+
+
+def _layer_error_section(r: VerifyReport) -> list[str]:
+    """Per decoder layer, the error the quantized layer adds (local) and the error accumulated up to it."""
+    worst = max(r.layer_errors, key=lambda row: row["local_error"])
+    lines = ["## Where the error comes from", "",
+             "Per decoder layer, on the evaluation tokens: **local**, ‖L_q(h) − L_b(h)‖ / ‖L_b(h)‖ for the quantized "
+             "and the base layer on the same inputs (the base's hidden states), the error this layer adds by itself; "
+             "**accumulated**, the quantized model's hidden states after the layer against the base's, each model on "
+             f"its own inputs. The largest local error is layer {worst['index']}'s.", "",
+             "| layer | local | accumulated |", "|---:|---:|---:|"]
+    lines += [f"| {row['index']} | {fmt(row['local_error'])} | {fmt(row['relative_error'])} |"
+              for row in r.layer_errors]
+    return lines + [""]
 
 
 def _integrity_section(r: VerifyReport) -> list[str]:
@@ -175,7 +191,7 @@ def plot(r: VerifyReport, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     has_kl = r.kl_histogram is not None
-    panels = 1 + has_kl + bool(r.layers)
+    panels = 1 + has_kl + bool(r.layers) + bool(r.layer_errors)
     fig, axes = plt.subplots(1, panels, figsize=(5.6 * panels + 0.8, 4.2), squeeze=False)
     ax = axes[0][0]
     idx = [w["index"] for w in r.per_window]
@@ -191,6 +207,8 @@ def plot(r: VerifyReport, path: Path) -> None:
     ax.grid(alpha=0.3)
     if r.kl_histogram is not None:
         _plot_kl(axes[0][1], r, r.kl_histogram)
+    if r.layer_errors:
+        _plot_layer_errors(axes[0][1 + has_kl], r)
     if r.layers:
         _plot_layers(axes[0][panels - 1], r)
     status = "PASSED" if r.passed else "FAILED: " + ", ".join(f["metric"] for f in r.failures)
@@ -219,6 +237,17 @@ def _plot_kl(ax: Axes, r: VerifyReport, h: dict) -> None:
     ax.set_title(f"Next-token KL divergence ({h['zeros']} positions exactly 0)" if h["zeros"] else
                  "Next-token KL divergence")
     ax.grid(alpha=0.3)
+
+
+def _plot_layer_errors(ax: Axes, r: VerifyReport) -> None:
+    idx = [row["index"] for row in r.layer_errors]
+    ax.bar(idx, [row["local_error"] for row in r.layer_errors], color="tab:orange", label="local (this layer)")
+    ax.plot(idx, [row["relative_error"] for row in r.layer_errors], "k.-", ms=3, label="accumulated")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("relative error of the layer's output")
+    ax.set_title("Where the error comes from")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
 
 
 def _plot_layers(ax: Axes, r: VerifyReport) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from quantkit import __version__
-from quantkit.verification.integrity import IntegrityReport
+from quantkit.verification.integrity_report import IntegrityReport
 
 # The ratio limit is the 10% a CI gate asks for; the KL and top-1 limits are set to reject checkpoints no better than
 # round-to-nearest (docs/VERIFY.md has the measurements behind them). Small models lose the most at 4 bits, so
@@ -55,6 +55,7 @@ class VerifyReport:
     loader: str
     integrity: IntegrityReport
     thresholds: Thresholds
+    format: str | None = None                 # formats.registry: None for an unquantized model
     eval: dict = field(default_factory=dict)
     base: str | None = None
     base_path: str | None = None
@@ -69,6 +70,7 @@ class VerifyReport:
     per_window: list[dict] = field(default_factory=list)
     kl_histogram: dict | None = None
     layers: list[dict] = field(default_factory=list)
+    layer_errors: list[dict] = field(default_factory=list)  # streamed.py: per decoder layer, against the base
     generations: list[Generation] = field(default_factory=list)
     generation_config: dict = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)
@@ -88,7 +90,7 @@ class VerifyReport:
             "passed": self.passed,
             "failures": self.failures,
             "quantized": {"model": self.quantized, "path": self.quantized_path, "loader": self.loader,
-                          "ppl": self.quantized_ppl, "load": load.get("quantized")},
+                          "format": self.format, "ppl": self.quantized_ppl, "load": load.get("quantized")},
             "base": {"model": self.base, "path": self.base_path, "origin": self.base_origin, "ppl": self.base_ppl,
                      "load": load.get("base")},
             "ppl_ratio": self.ppl_ratio,
@@ -102,6 +104,7 @@ class VerifyReport:
             "per_window": self.per_window,
             "kl_histogram": self.kl_histogram,
             "layers": self.layers,
+            "layer_errors": self.layer_errors,
             "generation_config": self.generation_config,
             "generations": [asdict(g) for g in self.generations],
             "notes": self.notes,
