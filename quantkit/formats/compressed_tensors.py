@@ -225,6 +225,8 @@ def check_parts(s: Shapes, scheme: WeightScheme, n_out: int, n_in: int) -> None:
     if tuple(s["weight_scale"]) != expected:
         raise ValueError(f"weight_scale is {list(s['weight_scale'])}, expected {list(expected)} for a "
                          f"[{n_out}, {n_in}] weight ({scheme.strategy})")
+    if "weight_zero_point" not in s and not scheme.symmetric:
+        raise ValueError("weight_zero_point is missing (the config says symmetric: false)")
     if "weight_zero_point" in s and not scheme.symmetric:
         zp = expected
         if scheme.format == PACKED and scheme.strategy in PACKED_ZERO_POINTS:

@@ -27,7 +27,7 @@ from quantkit.verification.inputs import layer_summary, read_manifest, resolve_b
 from quantkit.verification.integrity import check_integrity
 from quantkit.verification.loading import LOADERS, check_vocab, load, memory_budgets
 from quantkit.verification.metrics import evaluate, model_logits
-from quantkit.verification.modes import STREAM_CHOICES, evaluation_device, generates_in_memory, streams
+from quantkit.verification.modes import STREAM_CHOICES, evaluation_device, generations_skipped, streams
 from quantkit.verification.report import (
     DEFAULT_THRESHOLDS,
     EVAL_MAX_TOKENS,
@@ -94,8 +94,9 @@ def verify(quantized: str, base: str | None = None, *, fmt: str | None = None, e
                    "max_tokens": max_tokens, "mode": "streamed" if mode else "in memory", "device": str(run_on)}
     if mode:
         _compare_streamed(qpath, fmt, bdir, windows, run_on, report, progress)
-        if generate and not generates_in_memory(qpath, fmt, bdir):
-            report.notes.append("generations need both models whole in RAM, and they do not fit here: not run")
+        skipped = generations_skipped(qpath, fmt, bdir, max_memory) if generate else None
+        if skipped is not None:
+            report.notes.append(f"generations need both models whole in RAM: not run ({skipped})")
             generate = False
     if not mode or generate:
         with tempfile.TemporaryDirectory(prefix="quantkit-offload-") as offload:

@@ -12,6 +12,7 @@ from quantkit.verification.compat import loader_limits
 from quantkit.verification.integrity_report import MAX_LISTED, UNCHECKED_WORDS, IntegrityReport, Unchecked
 
 FLOAT_GGUF_TYPES = ("F32", "F16", "BF16", "F64")  # GGUF tensor types that are not quantized
+FLOAT_WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtypes an unquantized weight may have
 
 
 def check_bnb(qcfg: dict, headers: dict, report: IntegrityReport) -> None:
@@ -38,9 +39,10 @@ def check_bnb(qcfg: dict, headers: dict, report: IntegrityReport) -> None:
     report.add_limits(loader_limits(qcfg))
 
 
-def check_view(model_dir: Path, fmt: str, qcfg: dict, report: IntegrityReport) -> None:
-    """A format read through its view (formats/): its settings are ones quantkit reads, and every quantized
-    Linear has its parts, of shapes that agree (headers only)."""
+def check_view(model_dir: Path, fmt: str, qcfg: dict, headers: dict, report: IntegrityReport) -> None:
+    """A format read through its view (formats/): its settings are ones quantkit reads, every quantized Linear
+    has its parts, of shapes that agree, and no weight is stored in a quantized dtype without them (headers
+    only)."""
     try:
         view = open_view(model_dir, fmt)
     except QuantkitError as e:
@@ -58,6 +60,9 @@ def check_view(model_dir: Path, fmt: str, qcfg: dict, report: IntegrityReport) -
                 view.shape(name)
             except QuantkitError as e:
                 problems.append(first_line(e))
+        elif name.endswith(".weight") and headers.get(name, {}).get("dtype") not in FLOAT_WEIGHT_DTYPES:
+            problems.append(f"tensor {name} is stored as {headers.get(name, {}).get('dtype')} without the {fmt} "
+                            f"tensors that scale it ({name.removesuffix('weight')}{view.layout.marker} is missing)")
     view.close()
     report.errors.extend(problems[:MAX_LISTED])
     if len(problems) > MAX_LISTED:

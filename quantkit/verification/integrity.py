@@ -146,7 +146,7 @@ def _check_quantization(config: dict, model_dir: Path, checkpoint: SafetensorsCh
         if not report.ok:
             return
     if qcfg.get("quant_method") in VIEW_METHODS:
-        check_view(model_dir, VIEW_METHODS[qcfg["quant_method"]], qcfg, report)
+        check_view(model_dir, VIEW_METHODS[qcfg["quant_method"]], qcfg, headers, report)
         return
     settings = _settings(qcfg, report)
     if settings is None:

@@ -58,8 +58,11 @@ def memory_budgets(qdir: Path, bdir: Path | None, loader: str, max_memory: int |
                    fmt: str | None = None) -> tuple[int | None, int | None]:
     """Split --max-memory between the two models; without it, refuse when both cannot fit in available RAM."""
     if max_memory is not None and fmt not in IN_MEMORY_TIERS:
-        raise QuantkitError(f"--max-memory offloads layers of GPTQ and unquantized checkpoints; a {fmt} artifact is "
-                            "evaluated within a bounded memory layer by layer: use --stream on")
+        instead = ("drop --max-memory, or use --loader quantkit, which evaluates it layer by layer" if
+                   loader == "transformers" else "drop --max-memory: layer by layer (the default) holds one layer "
+                   "of each model")
+        raise QuantkitError(f"--max-memory offloads layers of GPTQ and unquantized checkpoints only; for a {fmt} "
+                            f"artifact {instead}")
     base_config = model_config(bdir) if bdir is not None and fmt == GGUF else None
     q_packed, q_full = footprint(qdir, fmt, base_config)
     b_full = estimate_footprint(bdir)[1] if bdir is not None else 0
@@ -115,8 +118,9 @@ def _load_transformers_any(path: Path, fmt: str | None, budget: int | None, offl
 
         with contextlib.redirect_stdout(sys.stderr):
             model = as_causal_lm(load_bnb(path, device_map="cpu"))
-        report.notes.append(f"{path.name}: bitsandbytes checkpoint, loaded with transformers + bitsandbytes "
-                            "(4-bit modules compute in float32 on CPU)")
+        four_bit = bool((read_config(path)[0].get("quantization_config") or {}).get("load_in_4bit"))
+        report.notes.append(f"{path.name}: bitsandbytes checkpoint, loaded with transformers + bitsandbytes"
+                            + (" (4-bit modules compute in float32 on CPU)" if four_bit else ""))
         return model, {"loader": "transformers+bitsandbytes", "path": str(path), "quantized": True}
     if fmt in IN_MEMORY_TIERS:
         config_dict, settings_file = read_config(path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.verification.loading import fits_in_memory
+from quantkit.verification.loading import IN_MEMORY_TIERS, fits_in_memory
 
 DEVICES = ("auto", "cpu", "cuda")
 STREAM_CHOICES = ("auto", "on", "off")
@@ -46,6 +46,9 @@ def streams(stream: str, device: torch.device, loader: str, max_memory: int | No
     return True
 
 
-def generates_in_memory(qpath: Path, fmt: str | None, bdir: Path | None) -> bool:
-    """Whether the generations after a streamed evaluation can hold both models whole in RAM."""
-    return fits_in_memory(qpath, fmt, bdir)
+def generations_skipped(qpath: Path, fmt: str | None, bdir: Path | None, max_memory: int | None) -> str | None:
+    """Why the generations after a streamed evaluation cannot hold both models whole, or None when they can
+    (within --max-memory's offloading for GPTQ and unquantized checkpoints, else in the RAM available)."""
+    if max_memory is not None:
+        return None if fmt in IN_MEMORY_TIERS else f"--max-memory offloads GPTQ checkpoints only, not {fmt}"
+    return None if fits_in_memory(qpath, fmt, bdir) else "they do not fit in the RAM available"

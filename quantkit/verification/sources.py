@@ -70,12 +70,15 @@ def open_source(path: Path, fmt: str | None, model: PreTrainedModel) -> TensorRe
 def load_float(config: PretrainedConfig, path: Path, fmt: str | None) -> PreTrainedModel:
     """The whole model in memory with float32 weights read from its source (open_source)."""
     model = build_skeleton(config)
+    tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+    if tied:
+        model.tie_weights()  # one tensor for both: the checkpoint holds it once, under the embedding's name
     source = open_source(path, fmt, model)
     try:
         materialize(model, "", source, torch.device("cpu"), torch.float32, checkpoint_names(model, source.names()))
     finally:
         source.close()
-    if getattr(config.get_text_config(), "tie_word_embeddings", False):
+    if tied:
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from quantkit.calibrate.capture import capture_layer_inputs
 from quantkit.calibrate.forward import StandIn, run_layer
 from quantkit.calibrate.transfer import move
+from quantkit.memory.heap import release_large_frees_at_once, return_free_heap
 from quantkit.memory.spill import Activations
 from quantkit.source.checkpoint import TensorReader
 from quantkit.source.skeleton import (
@@ -97,6 +98,7 @@ def run_layers(quant: Streamed, base: Streamed | None, windows: Tensor, device: 
                progress: Progress) -> tuple[Activations, Activations | None, list[dict]]:
     """Every decoder layer of both models over every window: the final hidden states of each (per window) and,
     with a base, each layer's errors (module docstring)."""
+    release_large_frees_at_once()  # a dropped layer's tensors go back to the system at once
     q_hidden, q_calls = layer_inputs(quant, windows, device)
     b_hidden, b_calls = layer_inputs(base, windows, device) if base is not None else (None, [])
     rows: list[dict] = []
@@ -110,6 +112,7 @@ def run_layers(quant: Streamed, base: Streamed | None, windows: Tensor, device: 
             for w in range(len(q_hidden)):
                 q_hidden[w] = move(run_layer(q_layer, q_hidden[w].to(device), q_calls[i]), cpu, DTYPE)
             release(q_layer)
+            return_free_heap()
             continue
         b_layer = base.layers[i]
         materialize(b_layer, f"{base.prefix}.{i}", base.source, device, DTYPE, base.names)
@@ -122,6 +125,7 @@ def run_layers(quant: Streamed, base: Streamed | None, windows: Tensor, device: 
             b_hidden[w], q_hidden[w] = move(b_out, cpu, DTYPE), move(q_out, cpu, DTYPE)
         release(q_layer)
         release(b_layer)
+        return_free_heap()  # else each layer's small frees stay resident and memory creeps with depth
         rows.append(error.row(i))
     progress("evaluating layer by layer", n, n)
     return q_hidden, b_hidden, rows
