@@ -149,3 +149,25 @@ def sharded_dir(tiny_llama_dir, tmp_path_factory) -> Path:
         weight_map |= {n: shard for n in part}
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return d
+
+
+def float_model(path: Path, fmt: str):
+    """The checkpoint's architecture in float32, every tensor read through quantkit's view of the format."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quantkit.formats.registry import open_view
+
+    config = AutoConfig.from_pretrained(path)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    view = open_view(path, fmt)
+    model.load_state_dict({name: view.get(name).float() for name in view.names()}, strict=True)
+    return model.eval()
+
+
+def nll(model, ids: "torch.Tensor") -> float:
+    """Mean next-token negative log-likelihood of the batch `ids` [n, T]."""
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+

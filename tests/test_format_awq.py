@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import float_model, make_tiny_model, nll
 from safetensors.torch import load_file, save_file
 
 from quantkit.errors import QuantkitError
@@ -126,6 +126,15 @@ def test_a_missing_part(packed_dir):
                            "scales for each quantized Linear)")
 
 
+def test_activation_scales_are_refused(packed_dir):
+    """AutoAWQ's ScaledActivation divides an MLP's activation by these; a float model of the base cannot."""
+    rewrite(packed_dir, lambda t: t.__setitem__("model.layers.0.mlp.act.scales", torch.ones(32, dtype=torch.float16)))
+    with pytest.raises(QuantkitError) as e:
+        open_view(packed_dir, "awq")
+    assert one_line(e) == ("tensor model.layers.0.mlp.act.scales: awq checkpoints holding such tensors are not read by "
+                           "quantkit")
+
+
 @pytest.mark.parametrize("change, message", [
     ({"version": "gemv"}, "quantization_config.version = 'gemv': quantkit reads AWQ's 'gemm' packing only (GEMV and "
                           "the Marlin/ExLlama repacks store the codes in other orders)"),
@@ -191,24 +200,6 @@ def peer(tiny_tokenizer, tmp_path_factory) -> Path:
                        timeout=600, cwd=out)  # GPTQModel writes a logs/ folder where it runs
     assert r.returncode == 0, r.stderr[-3000:]
     return out
-
-
-def float_model(path: Path, fmt: str):
-    """The checkpoint's architecture in float32, every tensor read through quantkit's view of the format."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path)
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    view = open_view(path, fmt)
-    model.load_state_dict({name: view.get(name).float() for name in view.names()}, strict=True)
-    return model.eval()
-
-
-def nll(model, ids: torch.Tensor) -> float:
-    with torch.no_grad():
-        logits = model(ids).logits.float()
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
 
 
 @pytest.mark.slow

@@ -247,3 +247,18 @@ def test_bad_quantization_config_raises_one_line(change, message, bnb_models, tm
     with pytest.raises(QuantkitError) as e:
         open_view(copy)
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_integrity_accepts_codes_stored_in_another_dtype(tmp_path):
+    """The integrity check reads what the reader reads: bnb_4bit_quant_storage bfloat16 is not damage."""
+    from quantkit.source.checkpoint import SafetensorsCheckpoint
+    from quantkit.verification.format_checks import check_view
+    from quantkit.verification.integrity import read_headers
+    from quantkit.verification.integrity_report import IntegrityReport
+
+    path, _ = save_layer(tmp_path, "nf4", torch.randn(30, 52, dtype=torch.float16), torch.bfloat16)
+    report = IntegrityReport(path=str(path))
+    qcfg = json.loads((path / "config.json").read_text())["quantization_config"]
+    check_view(path, FORMAT, qcfg, read_headers(SafetensorsCheckpoint(path)), report)
+    assert report.ok, report.errors
+    assert report.quantized_modules == 1 and report.quantization["quant_storage"] == "bfloat16"

@@ -21,7 +21,7 @@ from compressed_tensors.quantization import (  # noqa: E402
     apply_quantization_config,
 )
 from compressed_tensors.quantization.utils import calculate_qparams, maybe_pad_tensor_for_block_quant  # noqa: E402
-from conftest import make_tiny_model  # noqa: E402
+from conftest import float_model, make_tiny_model, nll  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from quantkit.errors import QuantkitError  # noqa: E402
@@ -177,24 +177,6 @@ def artifacts(tiny_tokenizer, tmp_path_factory) -> dict[str, Path]:
     base = make_tiny_model(tmp_path_factory.mktemp("ct-base"), tiny_tokenizer, initializer_range=0.2)
     root = tmp_path_factory.mktemp("ct")
     return {name: llm_compressor_save(base, root / name, scheme) for name, scheme in SCHEMES.items()}
-
-
-def float_model(path: Path, fmt: str):
-    """The checkpoint's architecture in float32, every tensor read through quantkit's view of the format."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path)
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    view = open_view(path, fmt)
-    model.load_state_dict({name: view.get(name).float() for name in view.names()}, strict=True)
-    return model.eval()
-
-
-def nll(model, ids: torch.Tensor) -> float:
-    with torch.no_grad():
-        logits = model(ids).logits.float()
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
 
 
 @pytest.mark.slow

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import float_model, make_tiny_model, nll
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, FineGrainedFP8Config
+from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
 from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
 
@@ -100,22 +100,6 @@ def quantized_copy(base: Path, out: Path, config: FineGrainedFP8Config, static: 
 @pytest.fixture(scope="module")
 def artifact(base, tmp_path_factory) -> Path:
     return quantized_copy(base, tmp_path_factory.mktemp("fp8") / "model", FineGrainedFP8Config(weight_block_size=[32, 32]))
-
-
-def float_model(path: Path, fmt: str):
-    """The checkpoint's architecture in float32, every tensor read through quantkit's view of the format."""
-    config = AutoConfig.from_pretrained(path)
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    view = open_view(path, fmt)
-    model.load_state_dict({name: view.get(name).float() for name in view.names()}, strict=True)
-    return model.eval()
-
-
-def nll(model, ids: torch.Tensor) -> float:
-    with torch.no_grad():
-        logits = model(ids).logits.float()
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
 
 
 @pytest.mark.slow

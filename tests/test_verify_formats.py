@@ -22,7 +22,6 @@ from conftest import cli_run, error_line, make_tiny_model
 from safetensors.torch import load_file, save_file
 
 from quantkit.config import DEFAULT_EVAL
-from quantkit.errors import QuantkitError
 from quantkit.source.calibration import evaluation_windows
 from quantkit.verification.api import verify
 from quantkit.verification.report import VerifyReport

@@ -12,6 +12,7 @@ from conftest import make_tiny_model
 from test_verify import error_lines, run, run_json, scale_layer
 
 from quantkit.config import CalibSpec, QuantSpec
+from quantkit.errors import QuantkitError
 from quantkit.run.pipeline import quantize
 from quantkit.tools.synthetic import shape_config, write_synthetic_checkpoint
 from quantkit.verification.api import verify
@@ -130,3 +131,38 @@ def test_streamed_and_in_memory_agree_on_smollm2(smollm2_dir, tmp_path):
         assert abs(getattr(layered, key) - getattr(whole, key)) <= 1e-4 * getattr(whole, key), key
     assert abs(layered.kl_mean - whole.kl_mean) <= 1e-4
     assert len(layered.layer_errors) == 30
+
+
+def test_opt_with_projections_streams_like_the_whole_model(tiny_tokenizer, tmp_path):
+    """OPT-350m's shape: embeddings narrower than the layers, projected in and out around them (a head of the
+    embedding's width; project_out has no bias)."""
+    base = make_tiny_model(tmp_path / "opt", tiny_tokenizer, model_type="opt", ffn_dim=128, word_embed_proj_dim=32)
+    q = tmp_path / "q"
+    quantize(str(base), QuantSpec(bits=4, group_size=32, method="rtn"), out=q)
+    whole = verify(str(q), str(base), stream="off", **FAST)
+    layered = verify(str(q), str(base), stream="on", **FAST)
+    assert layered.quantized_ppl == pytest.approx(whole.quantized_ppl, rel=1e-5)
+    assert layered.kl_mean == pytest.approx(whole.kl_mean, rel=1e-4, abs=1e-7)
+
+
+def test_a_base_of_another_width_is_one_line(tiny_pair, tiny_tokenizer, tmp_path):
+    _, q = tiny_pair
+    wide = make_tiny_model(tmp_path / "wide", tiny_tokenizer, layers=4, hidden_size=128)
+    r = run(q, "--base", wide, "--stream", "on", "--seq-len", "64", "--max-tokens", "512", "--no-generate")
+    assert r.exit_code == 1
+    assert error_lines(r) == ["Error: the quantized model's hidden_size is 64 and the base's 128: is --base the model "
+                              "it was made from?"]
+
+
+def test_a_gpu_host_keeps_whole_model_paths_on_the_cpu(monkeypatch):
+    """--device auto picks the GPU for the layer-by-layer path only; whole models (--stream off, --max-memory,
+    --loader transformers) stay on the CPU instead of being refused."""
+    from quantkit.verification.modes import evaluation_device, streams
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert evaluation_device("auto", streams("auto", "auto", "quantkit", None)).type == "cuda"
+    for stream, loader, budget in (("off", "quantkit", None), ("auto", "quantkit", 2**30), ("auto", "transformers", None)):
+        assert not streams(stream, "auto", loader, budget)
+        assert evaluation_device("auto", False).type == "cpu"
+    with pytest.raises(QuantkitError, match="runs on the CPU"):
+        streams("off", "cuda", "quantkit", None)

@@ -253,7 +253,7 @@ def natural_key(name: str) -> list[int | str]:
 
 
 class GGUFSource:
-    """A GGUF file as a `TensorSource` (formats/view.py): the model's tensors by their Hugging Face names, each
+    """A GGUF file as a `TensorReader` (source/checkpoint.py): the model's tensors by their Hugging Face names, each
     dequantized to float32 when it is read; one tensor in memory at a time.
 
     architecture: the file's general.architecture; tensor_types: {ggml type: how many of the file's tensors are

@@ -222,7 +222,21 @@ def materialize(module: nn.Module, prefix: str, checkpoint: TensorReader, device
             set_module_tensor_to_device(module, pname, device, value=tensor, dtype=dtype if is_param else current.dtype)
         else:
             set_module_tensor_to_device(module, pname, device, value=tensor)
+    _computed_buffers_to(module.modules(), device)
     checkpoint.close()  # unmap the shards: pages read through the mapping would otherwise stay resident
+
+
+def _computed_buffers_to(owners: Iterable[nn.Module], device: torch.device) -> list[tuple[nn.Module, str, Tensor]]:
+    """Move the owners' own buffers that the model class computed (not read from the checkpoint: rotary tables
+    such as GPT-J's and CodeGen's, causal masks), which the skeleton holds on the CPU, to `device`; returns
+    (module, name, the CPU tensor) for each one moved."""
+    moved = []
+    for owner in owners:
+        for name, buf in list(owner._buffers.items()):
+            if buf is not None and buf.device.type not in ("meta", device.type):
+                owner._buffers[name] = buf.to(device)
+                moved.append((owner, name, buf))
+    return moved
 
 
 @contextlib.contextmanager
@@ -235,12 +249,14 @@ def outer_modules_materialized(model: PreTrainedModel, layers_prefix: str, check
     from accelerate.utils import set_module_tensor_to_device
 
     skipped = (model.get_output_embeddings(), None if input_embeddings else model.get_input_embeddings())
-    outer = [(name, m) for name, m in model.named_modules()
-             if all(m is not s for s in skipped) and not name.startswith(layers_prefix + ".")
-             and any(True for _ in m.parameters(recurse=False))]
+    in_layers = lambda name: name == layers_prefix or name.startswith(layers_prefix + ".")  # noqa: E731
+    outside = [(name, m) for name, m in model.named_modules()
+               if all(m is not s for s in skipped) and not in_layers(name)]
+    outer = [(name, m) for name, m in outside if any(True for _ in m.parameters(recurse=False))]
+    moved = _computed_buffers_to([m for _, m in outside], device)
     try:
         for name, module in outer:
-            for pname in list(module._parameters):
+            for pname in [p for p, t in module._parameters.items() if t is not None]:  # a Linear without bias: None
                 tensor = checkpoint.get(f"{name}.{pname}")
                 set_module_tensor_to_device(module, pname, device, value=tensor,
                                             dtype=dtype if tensor.is_floating_point() else None)
@@ -250,6 +266,8 @@ def outer_modules_materialized(model: PreTrainedModel, layers_prefix: str, check
             for pname, p in list(module._parameters.items()):
                 if p is not None:
                     module._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        for owner, name, original in moved:
+            owner._buffers[name] = original
         checkpoint.close()  # the embedding's pages, read through the mapping, would otherwise stay resident
 
 

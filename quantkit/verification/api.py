@@ -27,7 +27,7 @@ from quantkit.verification.inputs import layer_summary, read_manifest, resolve_b
 from quantkit.verification.integrity import check_integrity
 from quantkit.verification.loading import LOADERS, check_vocab, load, memory_budgets
 from quantkit.verification.metrics import evaluate, model_logits
-from quantkit.verification.modes import STREAM_CHOICES, evaluation_device, generations_skipped, streams
+from quantkit.verification.modes import evaluation_device, generations_skipped, streams
 from quantkit.verification.report import (
     DEFAULT_THRESHOLDS,
     EVAL_MAX_TOKENS,
@@ -43,7 +43,10 @@ from quantkit.verification.streamed import final_logits, run_layers, skeleton_fo
 from quantkit.verification.thresholds import apply_thresholds, gptaq_hint, integrity_failure
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+# what must agree between a quantized model and its base for their layers to be compared one by one
+SAME_SHAPE = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
 
 
 def verify(quantized: str, base: str | None = None, *, fmt: str | None = None, eval_source: str = DEFAULT_EVAL,
@@ -67,13 +70,12 @@ def verify(quantized: str, base: str | None = None, *, fmt: str | None = None, e
     """
     if loader not in LOADERS:
         raise QuantkitError(f"unknown loader {loader!r}; use one of {', '.join(LOADERS)}")
-    if stream not in STREAM_CHOICES:
-        raise QuantkitError(f"unknown stream mode {stream!r}; use one of {', '.join(STREAM_CHOICES)}")
     t0 = time.perf_counter()
     progress = progress or no_progress
     qpath = artifact_path(quantized)
     fmt = detect_format(qpath, fmt)
-    run_on = evaluation_device(device)
+    mode = streams(stream, device, loader, max_memory)
+    run_on = evaluation_device(device, mode)
     progress("checking integrity", 0, 1)
     report = VerifyReport(quantized=quantized, quantized_path=str(qpath), loader=loader, format=fmt,
                           integrity=check_integrity(qpath, progress, fmt), thresholds=thresholds)
@@ -87,20 +89,21 @@ def verify(quantized: str, base: str | None = None, *, fmt: str | None = None, e
         raise QuantkitError(f"{qpath} is a GGUF file: verify compares it with the Hugging Face checkpoint it was made "
                             "from; pass --base MODEL")
     progress("preparing evaluation text", 0, 1)
-    tokenizer = shared_tokenizer(qpath, bdir, fmt)
+    bfmt = detect_format(bdir) if bdir is not None else None  # a base may itself be quantized (a model against
+    tokenizer = shared_tokenizer(qpath, bdir, fmt)             # itself, or against another quantization)
     windows = evaluation_windows(tokenizer, eval_source, seq_len, max_tokens)
-    mode = streams(stream, run_on, loader, max_memory)
     report.eval = {"source": eval_source, "seq_len": seq_len, "windows": int(windows.shape[0]),
                    "max_tokens": max_tokens, "mode": "streamed" if mode else "in memory", "device": str(run_on)}
     if mode:
-        _compare_streamed(qpath, fmt, bdir, windows, run_on, report, progress)
-        skipped = generations_skipped(qpath, fmt, bdir, max_memory) if generate else None
+        _compare_streamed(qpath, fmt, bdir, bfmt, windows, run_on, report, progress)
+        skipped = generations_skipped(qpath, fmt, bdir, bfmt, max_memory) if generate else None
         if skipped is not None:
             report.notes.append(f"generations need both models whole in RAM: not run ({skipped})")
             generate = False
     if not mode or generate:
         with tempfile.TemporaryDirectory(prefix="quantkit-offload-") as offload:
-            qmodel, bmodel = _load_both(qpath, bdir, fmt, loader, max_memory, Path(offload), report, progress)
+            qmodel, bmodel = _load_both(qpath, bdir, fmt, bfmt, loader, max_memory, Path(offload), report,
+                                        progress)
             _compare(qmodel, bmodel, tokenizer, qpath, None if mode else windows, report,
                      max_new_tokens if generate else None, progress)
             del qmodel, bmodel
@@ -109,17 +112,18 @@ def verify(quantized: str, base: str | None = None, *, fmt: str | None = None, e
     return _finished(report, t0)
 
 
-def _load_both(qdir: Path, bdir: Path | None, fmt: str | None, loader: str, max_memory: int | None, offload: Path,
-               report: VerifyReport, progress: Progress) -> tuple[PreTrainedModel, PreTrainedModel | None]:
+def _load_both(qdir: Path, bdir: Path | None, fmt: str | None, bfmt: str | None, loader: str, max_memory: int | None,
+               offload: Path, report: VerifyReport,
+               progress: Progress) -> tuple[PreTrainedModel, PreTrainedModel | None]:
     """Both models within the memory budget (layers beyond it offloaded under `offload`), same vocabulary."""
-    budgets = memory_budgets(qdir, bdir, loader, max_memory, fmt)
+    budgets = memory_budgets(qdir, bdir, loader, max_memory, fmt, bfmt)
     progress("loading quantized model", 0, 1)
     own_config = model_config(bdir) if fmt == GGUF and bdir is not None else None  # a GGUF is built as its base
     qmodel, report.load["quantized"] = load(qdir, loader, budgets[0], offload / "quantized", report, fmt, own_config)
     bmodel = None
     if bdir is not None:
         progress("loading base model", 0, 1)
-        bmodel, report.load["base"] = load(bdir, loader, budgets[1], offload / "base", report, None)
+        bmodel, report.load["base"] = load(bdir, loader, budgets[1], offload / "base", report, bfmt)
     check_vocab(qmodel, bmodel)
     return qmodel, bmodel
 
@@ -139,7 +143,8 @@ def _compare(qmodel: PreTrainedModel, bmodel: PreTrainedModel | None, tokenizer:
             report.generations = generations(qmodel, bmodel, tokenizer, qdir, max_new_tokens, progress, report.notes)
 
 
-def _compare_streamed(qpath: Path, fmt: str | None, bdir: Path | None, windows: Tensor, device: torch.device,
+def _compare_streamed(qpath: Path, fmt: str | None, bdir: Path | None, bfmt: str | None, windows: Tensor,
+                      device: torch.device,
                       report: VerifyReport, progress: Progress) -> None:
     """Both models one decoder layer at a time (streamed.py): the metrics, and each layer's error."""
     base_config = model_config(bdir) if bdir is not None else None
@@ -150,11 +155,9 @@ def _compare_streamed(qpath: Path, fmt: str | None, bdir: Path | None, windows: 
     base = None
     if bdir is not None and base_config is not None:
         b_model, b_prefix, b_layers = skeleton_for(base_config)
-        base = streamed(b_model, b_prefix, b_layers, open_source(bdir, None, b_model))
+        base = streamed(b_model, b_prefix, b_layers, open_source(bdir, bfmt, b_model))
         check_vocab(q_model, b_model)
-        if len(b_layers) != len(q_layers):
-            raise QuantkitError(f"the quantized model has {len(q_layers)} decoder layers and the base "
-                                f"{len(b_layers)}: is --base the model it was made from?")
+        check_same_shape(q_config, base_config)
     try:
         with fast_float32_matmuls(device):
             q_hidden, b_hidden, report.layer_errors = run_layers(quant, base, windows, device, progress)
@@ -168,6 +171,16 @@ def _compare_streamed(qpath: Path, fmt: str | None, bdir: Path | None, windows: 
         quant.source.close()
         if base is not None:
             base.source.close()
+
+
+def check_same_shape(q_config: PretrainedConfig, b_config: PretrainedConfig) -> None:
+    """The two models have the same layers and widths, else the layer-by-layer comparison would pair a layer's
+    output with another shape's."""
+    for key in SAME_SHAPE:
+        q, b = (getattr(c.get_text_config(), key, None) for c in (q_config, b_config))
+        if q != b:
+            raise QuantkitError(f"the quantized model's {key} is {q} and the base's {b}: is --base the model it was "
+                                "made from?")
 
 
 def _finished(report: VerifyReport, t0: float) -> VerifyReport:

@@ -1,5 +1,5 @@
 """Integrity checks of the formats read through formats/ (bitsandbytes, AWQ, compressed-tensors, FP8) and of GGUF
-files: headers and the small tensors only, never a model."""
+files: headers and the small tensors only (bitsandbytes' quant_state), never a model."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,35 +8,10 @@ from quantkit.errors import QuantkitError, first_line
 from quantkit.formats.registry import GGUF, open_view
 from quantkit.formats.view import ACTIVATIONS_QUANTIZED
 from quantkit.source.gguf_header import read_header as read_gguf_header
-from quantkit.verification.compat import loader_limits
 from quantkit.verification.integrity_report import MAX_LISTED, UNCHECKED_WORDS, IntegrityReport, Unchecked
 
 FLOAT_GGUF_TYPES = ("F32", "F16", "BF16", "F64")  # GGUF tensor types that are not quantized
 FLOAT_WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtypes an unquantized weight may have
-
-
-def check_bnb(qcfg: dict, headers: dict, report: IntegrityReport) -> None:
-    """bitsandbytes: 4-bit modules carry a packed uint8 weight and a quant_state; 8-bit ones int8 weights and SCB."""
-    four = bool(qcfg.get("load_in_4bit") or qcfg.get("_load_in_4bit"))
-    eight = bool(qcfg.get("load_in_8bit") or qcfg.get("_load_in_8bit"))
-    if four == eight:
-        report.errors.append("config.json quantization_config (bitsandbytes): exactly one of load_in_4bit and "
-                             "load_in_8bit must be true")
-        return
-    kind = qcfg.get("bnb_4bit_quant_type", "fp4") if four else "int8"
-    report.quantization = {"quant_method": "bitsandbytes", "bits": 4 if four else 8, "type": kind}
-    marker = f".weight.quant_state.bitsandbytes__{kind}" if four else ".SCB"
-    modules = sorted(n[: -len(marker)] for n in headers if n.endswith(marker))
-    if not modules:
-        report.errors.append(f"quantization_config says bitsandbytes {kind}, but no tensor ends in {marker}")
-        return
-    report.quantized_modules = len(modules)
-    want = "U8" if four else "I8"
-    bad = [m for m in modules if headers.get(f"{m}.weight", {}).get("dtype") != want]
-    if bad:
-        report.errors.append(f"{bad[0]}.weight: expected {want} bitsandbytes storage, found "
-                             f"{headers.get(f'{bad[0]}.weight', {}).get('dtype', 'nothing')}")
-    report.add_limits(loader_limits(qcfg))
 
 
 def check_view(model_dir: Path, fmt: str, qcfg: dict, headers: dict, report: IntegrityReport) -> None:

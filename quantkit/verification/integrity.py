@@ -28,7 +28,7 @@ from quantkit.source.safetensors_header import FLOAT_DTYPES, IntegrityError, rea
 from quantkit.untrusted import field as json_field
 from quantkit.untrusted import file_record, read_json, relative_name, sha256_file
 from quantkit.verification.compat import layout_limits, loader_limits
-from quantkit.verification.format_checks import check_bnb, check_gguf, check_view
+from quantkit.verification.format_checks import check_gguf, check_view
 from quantkit.verification.integrity_report import MAX_LISTED, UNCHECKED_WORDS, IntegrityReport, Unchecked
 from quantkit.write.gptq_format import QUANT_SUFFIXES
 from quantkit.write.manifest import MANIFEST_NAME
@@ -141,12 +141,9 @@ def _check_quantization(config: dict, model_dir: Path, checkpoint: SafetensorsCh
         else:
             report.notes.append("unquantized checkpoint (no quantization_config): only file checks apply")
         return
-    if qcfg.get("quant_method") == "bitsandbytes":
-        check_bnb(qcfg, headers, report)
-        if not report.ok:
-            return
     if qcfg.get("quant_method") in VIEW_METHODS:
         check_view(model_dir, VIEW_METHODS[qcfg["quant_method"]], qcfg, headers, report)
+        report.add_limits(loader_limits(qcfg))
         return
     settings = _settings(qcfg, report)
     if settings is None:
@@ -289,7 +286,7 @@ def _check_float_tensors(checkpoint: SafetensorsCheckpoint, headers: dict, repor
 def describe_quantization(q: dict, long: bool = False) -> str:
     """One phrase for a report's `quantization` settings (GPTQ, bitsandbytes, GGUF, or another format's)."""
     if q.get("quant_method") == "bitsandbytes":
-        return f"bitsandbytes {q['type']} ({q['bits']}-bit)"
+        return f"bitsandbytes {q.get('quant_type', 'int8')} ({q['bits']}-bit)"
     if q.get("quant_method") == GGUF:
         types = sorted(q["types"].items(), key=lambda kv: -kv[1])
         return f"GGUF {q['architecture']}: " + ", ".join(f"{n} {kind}" for kind, n in types)

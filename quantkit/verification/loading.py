@@ -45,19 +45,20 @@ def footprint(path: Path, fmt: str | None, config: PretrainedConfig | None = Non
     return on_disk, full
 
 
-def fits_in_memory(qpath: Path, fmt: str | None, bdir: Path | None) -> bool:
+def fits_in_memory(qpath: Path, fmt: str | None, bdir: Path | None, bfmt: str | None) -> bool:
     """Whether both models, whole and in float32, fit in the RAM available (with headroom)."""
     base_config = model_config(bdir) if bdir is not None else None
     need = footprint(qpath, fmt, base_config if fmt == GGUF else None)[1]
-    need += footprint(bdir, None)[1] if bdir is not None else 0
+    need += footprint(bdir, bfmt)[1] if bdir is not None else 0
     avail = available_memory()
     return avail is None or need <= RAM_HEADROOM * avail
 
 
-def memory_budgets(qdir: Path, bdir: Path | None, loader: str, max_memory: int | None,
-                   fmt: str | None = None) -> tuple[int | None, int | None]:
+def memory_budgets(qdir: Path, bdir: Path | None, loader: str, max_memory: int | None, fmt: str | None = None,
+                   bfmt: str | None = None) -> tuple[int | None, int | None]:
     """Split --max-memory between the two models; without it, refuse when both cannot fit in available RAM."""
-    if max_memory is not None and fmt not in IN_MEMORY_TIERS:
+    if max_memory is not None and (fmt not in IN_MEMORY_TIERS or bfmt not in IN_MEMORY_TIERS):
+        fmt = fmt if fmt not in IN_MEMORY_TIERS else bfmt
         instead = ("drop --max-memory, or use --loader quantkit, which evaluates it layer by layer" if
                    loader == "transformers" else "drop --max-memory: layer by layer (the default) holds one layer "
                    "of each model")
@@ -65,7 +66,7 @@ def memory_budgets(qdir: Path, bdir: Path | None, loader: str, max_memory: int |
                             f"artifact {instead}")
     base_config = model_config(bdir) if bdir is not None and fmt == GGUF else None
     q_packed, q_full = footprint(qdir, fmt, base_config)
-    b_full = estimate_footprint(bdir)[1] if bdir is not None else 0
+    b_full = footprint(bdir, bfmt)[1] if bdir is not None else 0
     if max_memory is None:
         need = (q_full if loader == "quantkit" else q_packed * 2) + b_full
         avail = available_memory()

@@ -84,13 +84,13 @@ def evaluate(q_logits: WindowLogits, b_logits: WindowLogits | None, windows: Ten
     n = windows.shape[0]
     for i in range(n):
         progress("evaluating", i, n)
-        ids = windows[i]
         q = q_logits(i)
+        targets = windows[i][1:].to(q.device)  # the streamed path's logits are on its device (a GPU's, maybe)
         if b_logits is None:
-            q_nll = quantized_nll(q, ids[1:])
+            q_nll = quantized_nll(q, targets).cpu()
             report.per_window.append({"index": i, "quantized_ppl": exp_or_inf(q_nll.mean())})
         else:
-            q_nll, b_nll, kl, agree = compare_window(q, b_logits(i), ids[1:])
+            q_nll, b_nll, kl, agree = (t.cpu() for t in compare_window(q, b_logits(i), targets))
             report.per_window.append({"index": i, "quantized_ppl": exp_or_inf(q_nll.mean()),
                                       "base_ppl": exp_or_inf(b_nll.mean()), "kl_mean": float(kl.mean()),
                                       "top1": float(agree.float().mean())})

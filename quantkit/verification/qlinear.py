@@ -37,6 +37,7 @@ from quantkit.source.skeleton import (
 from quantkit.verification.gptq_linear import GPTQLinear
 from quantkit.verification.integrity import read_headers
 from quantkit.verification.memory_plan import model_footprint, module_bytes, plan_memory
+from quantkit.verification.sources import model_config
 from quantkit.write.gptq_format import QUANT_SUFFIXES
 
 if TYPE_CHECKING:
@@ -84,18 +85,12 @@ def build_model(model_dir: Path,
                 dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, SafetensorsCheckpoint, dict | None]:
     """The causal LM on the meta device with GPTQLinear in place of every quantized Linear (buffers on meta)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig
 
     config_dict = read_config_dict(model_dir)
     settings = gptq_settings(config_dict)
     checkpoint = SafetensorsCheckpoint(model_dir)
     check_config_fits(config_dict, checkpoint)
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
-    except Exception as e:
-        raise QuantkitError(f"cannot read {model_dir}/config.json: {e}") from None
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    config = model_config(model_dir)
     with init_empty_weights(include_buffers=False):
         try:
             model = as_causal_lm(causal_lm_from_config(config, dtype))

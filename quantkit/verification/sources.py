@@ -44,7 +44,6 @@ def model_config(model_dir: Path) -> PretrainedConfig:
         raise QuantkitError(f"cannot read {model_dir}/config.json: {first_line(e)}") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.use_cache = False
     return config
 
 

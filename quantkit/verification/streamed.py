@@ -33,6 +33,7 @@ from quantkit.source.skeleton import (
     materialize,
     outer_modules_materialized,
     release,
+    weight_matrix,
 )
 from quantkit.verification.metrics import WindowLogits
 from quantkit.verification.report import Progress
@@ -167,10 +168,12 @@ def final_logits(m: Streamed, hidden: Activations, device: torch.device) -> Iter
     embedding = m.model.get_input_embeddings()
     originals = list(m.layers)
     emit = _Emit(originals[0])
-    hidden_size = int(hidden[0].shape[-1])
+    width = weight_matrix(embedding).shape[1]  # what the model takes as inputs_embeds (OPT projects it in and out)
     with outer_modules_materialized(m.model, m.prefix, m.source, device, DTYPE, input_embeddings=False):
         own = m.names(f"{head_name}.weight")
-        weight_name = own if own in m.source else m.names(f"{_module_name(m.model, embedding)}.weight")
+        tied = bool(getattr(m.model.config.get_text_config(), "tie_word_embeddings", False))
+        # a tied model's head is its embedding, as transformers loads it, even where a checkpoint stores both
+        weight_name = own if own in m.source and not tied else m.names(f"{_module_name(m.model, embedding)}.weight")
         set_module_tensor_to_device(head, "weight", device, value=m.source.get(weight_name), dtype=DTYPE)
         if getattr(head, "bias", None) is not None:
             set_module_tensor_to_device(head, "bias", device, value=m.source.get(m.names(f"{head_name}.bias")),
@@ -183,7 +186,7 @@ def final_logits(m: Streamed, hidden: Activations, device: torch.device) -> Iter
             def window_logits(w: int) -> Tensor:
                 emit.hidden = hidden[w].to(device)
                 t = emit.hidden.shape[1]
-                embeds = torch.zeros(1, t, hidden_size, dtype=DTYPE, device=device)
+                embeds = torch.zeros(1, t, width, dtype=DTYPE, device=device)
                 with torch.inference_mode():
                     return m.model(inputs_embeds=embeds, use_cache=False).logits[0, :-1].float()
             yield window_logits
