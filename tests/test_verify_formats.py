@@ -337,6 +337,7 @@ def test_verify_passes_and_has_the_perplexity_transformers_computes(name, artifa
     assert d["quantized"]["format"] == CASES[name].fmt
     # every decoder Linear (and a GGUF's embeddings and output head, which llama.cpp quantizes too)
     assert d["integrity"]["quantized_modules"] == 7 * LAYERS + (2 if CASES[name].fmt == "gguf" else 0)
+    assert not any("cover GPTQ checkpoints only" in n for n in d["integrity"]["notes"]), d["integrity"]["notes"]
     assert d["eval"]["windows"] == windows.shape[0] and d["tokens"] == windows.numel() - windows.shape[0]
     assert d["quantized"]["ppl"] == pytest.approx(ppl(nll), rel=0.01)
     # window by window too, within 2%: GPTQModel's AWQ kernel and LLM.int8 compute in float16 on CPU

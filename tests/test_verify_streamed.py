@@ -71,6 +71,7 @@ def test_the_report_shows_where_the_error_comes_from(tiny_pair, tmp_path):
             tmp_path / "rep")
     assert r.exit_code == 0, r.output
     assert "streamed on cpu" in r.output
+    assert "4-bit g32 sym gptq, 28 modules" in r.output, r.output  # the integrity line names the GPTQ settings
     assert "largest error added" in r.output
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "## Where the error comes from" in md

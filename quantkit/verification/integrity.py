@@ -143,7 +143,8 @@ def _check_quantization(config: dict, model_dir: Path, checkpoint: SafetensorsCh
         return
     if qcfg.get("quant_method") in VIEW_METHODS:
         check_view(model_dir, VIEW_METHODS[qcfg["quant_method"]], qcfg, headers, report)
-        report.add_limits(loader_limits(qcfg))
+        if qcfg["quant_method"] == "bitsandbytes":  # the loaders' limits known for it; the others' are not listed
+            report.add_limits(loader_limits(qcfg))
         return
     settings = _settings(qcfg, report)
     if settings is None:
@@ -188,7 +189,7 @@ def _settings(qcfg: dict, report: IntegrityReport) -> dict | None:
     where = "config.json quantization_config." if report.settings_file == CONFIG_NAME else f"{report.settings_file}: "
     bad = lambda key, value, want: report.errors.append(f"{where}{key} = {value!r}: {want}")  # noqa: E731
     if qcfg.get("quant_method") != "gptq":
-        bad("quant_method", qcfg.get("quant_method"), "quantkit verifies GPTQ checkpoints only")
+        bad("quant_method", qcfg.get("quant_method"), f"quantkit reads {', '.join(QUANT_METHODS)} checkpoints")
         return None
     bits, group, fmt = qcfg.get("bits"), qcfg.get("group_size", -1), qcfg.get("checkpoint_format", "gptq")
     n_errors = len(report.errors)
@@ -290,7 +291,7 @@ def describe_quantization(q: dict, long: bool = False) -> str:
     if q.get("quant_method") == GGUF:
         types = sorted(q["types"].items(), key=lambda kv: -kv[1])
         return f"GGUF {q['architecture']}: " + ", ".join(f"{n} {kind}" for kind, n in types)
-    if q.get("quant_method") != "gptq":  # another format's settings, as its layout reports them
+    if q.get("quant_method", "gptq") != "gptq":  # another format's settings, as its layout reports them
         return f"{q.get('quant_method')} " + ", ".join(f"{k} {v}" for k, v in q.items() if k != "quant_method"
                                                       and isinstance(v, (bool, int, float, str)))
     if not long:
