@@ -151,12 +151,6 @@ class _Pass(StandIn):
         return hidden_states
 
 
-def _head_of(model: PreTrainedModel) -> tuple[str, nn.Module]:
-    names = {id(mod): name for name, mod in model.named_modules()}
-    head = model.get_output_embeddings()
-    return names[id(head)], head
-
-
 @contextlib.contextmanager
 def final_logits(m: Streamed, hidden: Activations, device: torch.device) -> Iterator[WindowLogits]:
     """A function giving window w's next-token logits [T-1, V] (float32) from its final hidden states, through the
@@ -164,8 +158,9 @@ def final_logits(m: Streamed, hidden: Activations, device: torch.device) -> Iter
     with the decoder layers standing in; the input embedding is never loaded (the forward gets inputs_embeds)."""
     from accelerate.utils import set_module_tensor_to_device
 
-    head_name, head = _head_of(m.model)
-    embedding = m.model.get_input_embeddings()
+    names = {id(mod): name for name, mod in m.model.named_modules()}
+    head, embedding = m.model.get_output_embeddings(), m.model.get_input_embeddings()
+    head_name = names[id(head)]
     originals = list(m.layers)
     emit = _Emit(originals[0])
     width = weight_matrix(embedding).shape[1]  # what the model takes as inputs_embeds (OPT projects it in and out)
@@ -173,7 +168,7 @@ def final_logits(m: Streamed, hidden: Activations, device: torch.device) -> Iter
         own = m.names(f"{head_name}.weight")
         tied = bool(getattr(m.model.config.get_text_config(), "tie_word_embeddings", False))
         # a tied model's head is its embedding, as transformers loads it, even where a checkpoint stores both
-        weight_name = own if own in m.source and not tied else m.names(f"{_module_name(m.model, embedding)}.weight")
+        weight_name = own if own in m.source and not tied else m.names(f"{names[id(embedding)]}.weight")
         set_module_tensor_to_device(head, "weight", device, value=m.source.get(weight_name), dtype=DTYPE)
         if getattr(head, "bias", None) is not None:
             set_module_tensor_to_device(head, "bias", device, value=m.source.get(m.names(f"{head_name}.bias")),
@@ -195,6 +190,3 @@ def final_logits(m: Streamed, hidden: Activations, device: torch.device) -> Iter
                 m.layers[i] = layer
             release(head)
 
-
-def _module_name(model: nn.Module, module: nn.Module) -> str:
-    return next(name for name, mod in model.named_modules() if mod is module)
