@@ -12,6 +12,11 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SUPPORTED_BITS = (2, 3, 4, 8)  # what the GPTQ packing holds (quantkit.write.packing); here so settings need no torch
 METHODS = ("gptq", "rtn", "bnb-nf4", "bnb-int8")
 BNB_BITS = {"bnb-nf4": 4, "bnb-int8": 8}  # bitsandbytes methods and the bits they store
+# llama.cpp file types quantize writes as one GGUF file (--gguf-type): the block types, and llama.cpp's mixes of
+# them by name (write/gguf_mix.py holds which tensor gets which type)
+GGUF_FILE_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_K_S", "Q4_K_M", "Q5_K_S",
+                   "Q5_K_M")
+GGUF_METHODS = ("gptq", "rtn")  # the methods that can write GGUF blocks
 
 ESTIMATE_BITS = (2, 3, 4, 8, 16)  # the widths `estimate` sizes (16 = unquantized float16)
 DEFAULT_ESTIMATE_BITS = (16, 8, 4, 3, 2)  # and the ones it shows unless told
@@ -66,6 +71,11 @@ class QuantSpec:
         memory holds that many); 0 = as many as EXPERT_HESSIAN_BUDGET bytes hold.
     :param expert_min_tokens: an expert the router sent fewer calibration tokens than this is quantized by
         round-to-nearest (its Hessian would describe too few inputs); recorded per expert in the manifest.
+    :param gguf_type: write one GGUF file of this llama.cpp type (GGUF_FILE_TYPES) instead of a GPTQ checkpoint:
+        each tensor's block type and grid are llama.cpp's, and GPTQ (or round-to-nearest) picks the codes; bits,
+        group size and sym are then the types' own.
+    :param gguf_importance: with gguf_type, choose each block's grid weighted by the Hessian's diagonal (the
+        inputs' mean square, what llama.cpp's importance matrix holds); without, as llama.cpp does with none.
     """
 
     bits: int = 4
@@ -82,6 +92,8 @@ class QuantSpec:
     gptaq: bool = False
     expert_chunk: int = 0
     expert_min_tokens: int = DEFAULT_EXPERT_MIN_TOKENS
+    gguf_type: str | None = None
+    gguf_importance: bool = True
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -110,11 +122,28 @@ class QuantSpec:
                                  f"expert min tokens must be 0 or more, got {self.expert_min_tokens}")
         if self.static_groups and not self.act_order:
             raise InvalidSetting("static_groups", "static groups only apply with act-order")
+        if self.gguf_type is not None:
+            self._check_gguf()
+
+    def _check_gguf(self) -> None:
+        if self.gguf_type not in GGUF_FILE_TYPES:
+            raise InvalidSetting("gguf_type", f"--gguf-type must be one of {', '.join(GGUF_FILE_TYPES)}, "
+                                              f"got {self.gguf_type!r}")
+        if self.method not in GGUF_METHODS:
+            raise InvalidSetting("method", f"GGUF files are written by {' or '.join(GGUF_METHODS)}; "
+                                           f"got --method {self.method}")
+        if self.lm_head:
+            raise InvalidSetting("lm_head", "--lm-head applies to GPTQ checkpoints; a GGUF file's output tensor "
+                                            "gets llama.cpp's type for it, rounded to nearest")
 
     @property
     def desc_act(self) -> bool:
         """Whether g_idx is permuted (act-order with dynamic groups); loaders must then honour g_idx."""
-        return self.method == "gptq" and self.act_order and not self.static_groups
+        return self.method == "gptq" and self.act_order and not self.static_groups and not self.is_gguf
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_type is not None
 
     @property
     def is_bnb(self) -> bool:

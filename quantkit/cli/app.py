@@ -15,6 +15,7 @@ from quantkit.config import (
     BNB_BITS,
     COMPUTE_DTYPES,
     DEFAULT_SHARD_SIZE,
+    GGUF_FILE_TYPES,
     IMPORT_DTYPES,
     METHODS,
     SUPPORTED_BITS,
@@ -129,6 +130,13 @@ def import_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, max_shard_size: st
 @click.option("--method", type=click.Choice(METHODS), default=QuantSpec.method, show_default=True,
               help="gptq (calibrated), rtn (round-to-nearest baseline, no calibration), or bitsandbytes nf4/int8 "
                    "(needs bitsandbytes; --bits and the GPTQ options do not apply)")
+@click.option("--format", "output_format", type=click.Choice(["gptq", "gguf"]), default="gptq", show_default=True,
+              help="gptq: a safetensors checkpoint; gguf: one .gguf file for llama.cpp and ollama (see --gguf-type)")
+@click.option("--gguf-type", type=click.Choice(GGUF_FILE_TYPES, case_sensitive=False), default=None,
+              help="with --format gguf: llama.cpp's file type (block types, and the mixes by name; default Q4_K_M)")
+@click.option("--gguf-importance/--no-gguf-importance", default=QuantSpec.gguf_importance, show_default=True,
+              help="with --format gguf: choose block scales weighted by the calibration inputs' mean square, as "
+                   "llama.cpp's --imatrix does")
 @click.option("--calib", default=CalibSpec.source, show_default=True,
               help="built-in set, a .txt/.jsonl/.parquet file, or hf:<dataset>[:config][:split]")
 @click.option("--samples", type=int, default=CalibSpec.samples, show_default=True, help="calibration samples")
@@ -140,27 +148,33 @@ def import_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, max_shard_size: st
                                       "a bfloat16 model's on a CPU with AVX512-BF16/AMX, else float32")
 @click.option("--repo-id", default=None, help="hub-cache repo id to publish as, NAMESPACE/NAME")
 @click.option("--out", type=click.Path(path_type=str), default=None,
-              help="write to this directory instead of the hub cache")
+              help="write to this directory (with --format gguf: this .gguf file) instead of the hub cache")
 @click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--max-shard-size", default=DEFAULT_SHARD_SIZE, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object; no progress or log lines")
 def quantize(model: str, bits: str, group_size: int, sym: bool, damp: float, act_order: bool, static_groups: bool,
              true_sequential: bool, clip_search: bool, skip: tuple[str, ...], lm_head: bool, gptaq: bool,
-             expert_chunk: int, expert_min_tokens: int, method: str,
-             calib: str, samples: int, seq_len: int, seed: int, device: str, compute_dtype: str, repo_id: str | None,
-             out: str | None, overwrite: bool, max_shard_size: str, as_json: bool) -> None:
-    """Quantize MODEL (a directory or a repo id in the local hub cache) to a GPTQ checkpoint."""
+             expert_chunk: int, expert_min_tokens: int, method: str, output_format: str, gguf_type: str | None,
+             gguf_importance: bool, calib: str, samples: int, seq_len: int, seed: int, device: str,
+             compute_dtype: str, repo_id: str | None, out: str | None, overwrite: bool, max_shard_size: str,
+             as_json: bool) -> None:
+    """Quantize MODEL (a directory or a repo id in the local hub cache) to a GPTQ checkpoint or a GGUF file."""
     from quantkit.config import CalibSpec, InvalidSetting, QuantSpec
 
     if repo_id and out:
         raise click.UsageError("--repo-id and --out are mutually exclusive")
+    if gguf_type is not None and output_format != "gguf":
+        raise click.UsageError("--gguf-type applies to --format gguf")
+    if output_format == "gguf":
+        gguf_type = (gguf_type or "Q4_K_M").upper()
     if method in BNB_BITS and click.get_current_context().get_parameter_source("bits") is ParameterSource.DEFAULT:
         bits = str(BNB_BITS[method])
     try:
         spec = QuantSpec(bits=int(bits), group_size=group_size, sym=sym, damp=damp, act_order=act_order,
                          static_groups=static_groups, true_sequential=true_sequential, method=method,
                          clip_search=clip_search, skip=tuple(skip), lm_head=lm_head, gptaq=gptaq,
-                         expert_chunk=expert_chunk, expert_min_tokens=expert_min_tokens)
+                         expert_chunk=expert_chunk, expert_min_tokens=expert_min_tokens, gguf_type=gguf_type,
+                         gguf_importance=gguf_importance)
     except InvalidSetting as e:
         raise click.BadParameter(str(e), param_hint=e.flag) from None
     try:
@@ -177,17 +191,20 @@ def quantize(model: str, bits: str, group_size: int, sym: bool, damp: float, act
         return
     gpu = f", peak GPU {result.peak_gpu_mb:.0f} MB" if result.peak_gpu_mb is not None else ""
     click.echo(f"wrote {result.path}  ({result.seconds:.0f}s, peak RSS {result.peak_rss_mb:.0f} MB{gpu})")
-    if result.repo_id:
+    if spec.is_gguf:
+        click.echo(f"run it with: llama-cli -m {result.gguf_file}   (ollama: a Modelfile with FROM {result.gguf_file})")
+    elif result.repo_id:
         click.echo(f"load it with: AutoModelForCausalLM.from_pretrained(\"{result.repo_id}\")")
 
 
 def _register_commands() -> None:
-    from quantkit.cli.tools import cache_group, estimate_command, inspect_command
+    from quantkit.cli.tools import cache_group, convert_command, estimate_command, inspect_command
     from quantkit.cli.verify import verify_command
 
     cli.add_command(verify_command)
     cli.add_command(estimate_command)
     cli.add_command(inspect_command)
+    cli.add_command(convert_command)
     cli.add_command(cache_group)
 
 

@@ -1,4 +1,4 @@
-"""`quantkit estimate`, `quantkit inspect` and `quantkit cache list|rm`: click parsing and output only.
+"""`quantkit estimate`, `inspect`, `convert` and `cache list|rm`: click parsing and output only.
 
 Exit codes: 0 done; 1 the work could not be done (one `Error:` line), or `inspect` found a damaged checkpoint
 (manifest mismatch or unreadable headers); 2 usage errors, from click.
@@ -6,6 +6,7 @@ Exit codes: 0 done; 1 the work could not be done (one `Error:` line), or `inspec
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -71,9 +72,20 @@ def estimate_command(model_or_config: str, bits: tuple[int, ...], group_size: in
 def inspect_command(path_or_repo: str, as_json: bool) -> None:
     """Show what PATH_OR_REPO holds (a directory or a repo id in the local hub cache): quantization settings,
     quantized and float Linears, size and compression vs fp16, manifest status and loader compatibility notes.
-    Reads safetensors headers only. Exit 1 when the manifest does not match or a header is unreadable."""
+    Reads safetensors headers only. A .gguf file: its architecture and sizes, file type, bytes per ggml type and
+    bits per weight, tokenizer, from its header and metadata. Exit 1 when the manifest does not match or a header
+    is unreadable."""
     from quantkit.tools.inspect import format_inspect, inspect
+    from quantkit.tools.inspect_gguf import format_inspect_gguf, inspect_gguf, is_gguf_file
 
+    if is_gguf_file(Path(path_or_repo).expanduser()):
+        gguf_report = inspect_gguf(path_or_repo)
+        click.echo(json.dumps(gguf_report.to_dict()) if as_json else format_inspect_gguf(gguf_report))
+        if gguf_report.errors:
+            if not as_json:
+                click.echo(f"Error: GGUF metadata damaged: {gguf_report.errors[0]}", err=True)
+            raise SystemExit(1)
+        return
     report = inspect(path_or_repo)
     click.echo(json.dumps(report.to_dict()) if as_json else format_inspect(report))
     damaged = report.errors or report.manifest.get("status") in ("mismatch", "invalid")
@@ -82,6 +94,23 @@ def inspect_command(path_or_repo: str, as_json: bool) -> None:
             first = (report.manifest.get("problems") or report.errors or ["manifest invalid"])[0]
             click.echo(f"Error: checkpoint damaged: {first}", err=True)
         raise SystemExit(1)
+
+
+@click.command("convert")
+@click.argument("gptq_checkpoint")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--overwrite", is_flag=True, help="replace OUT when it is an existing GGUF file")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def convert_command(gptq_checkpoint: str, out: str, overwrite: bool, as_json: bool) -> None:
+    """Repack GPTQ_CHECKPOINT (a directory or a repo id in the local hub cache; 4- or 8-bit, any tool's v1 or v2
+    format) into llama.cpp blocks as the GGUF file OUT, without calibration: 4-bit symmetric as Q4_0 and 8-bit
+    symmetric as Q8_0 (bit for bit), 4-bit asymmetric as Q4_1 (the min rounded to float16). Groups must be
+    multiples of 32, whole 32-column blocks under act-order; anything else is refused with the command that
+    works instead."""
+    from quantkit.tools.convert import convert
+
+    result = convert(gptq_checkpoint, out, overwrite=overwrite)
+    click.echo(json.dumps(result.to_dict()) if as_json else result.summary())
 
 
 @click.group("cache")

@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -26,12 +26,14 @@ from quantkit.faults import kill_point
 from quantkit.memory.heap import return_free_heap
 from quantkit.memory.spill import Activations, ActivationsInMemory, ScratchFiles, disk_has_room
 from quantkit.run.experts import ExpertChunks, Loader, loaded_per_chunk
+from quantkit.run.gguf_output import GGUFLayout, linear_types, rounded_on_blocks, solve_on_blocks, step_tensors
 from quantkit.run.model import Skeleton, Source
 from quantkit.run.resume import BackgroundSaves, RunState
 from quantkit.run.stages import layer_stages
 from quantkit.run.step_report import raised_damping, step_report
 from quantkit.run.telemetry import GpuPeaks, StageClock, log_layer
 from quantkit.solve.gptq import GPTQResult, gptq_quantize_shared, rtn_result
+from quantkit.solve.gptq_grids import GridResult
 from quantkit.solve.grid import dequantize_grouped
 from quantkit.source.experts import UnfusedExperts, expert_blocks, only_experts
 from quantkit.source.skeleton import (
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
 log = logging.getLogger("quantkit")
+Result = TypeVar("Result", GPTQResult, GridResult)  # a solve's result for one Linear, GPTQ's grids or llama.cpp's
 
 
 @dataclass
@@ -62,6 +65,7 @@ class LayerJob:
     saves: BackgroundSaves
     gpu_peaks: GpuPeaks
     kept: ScratchFiles | None = None  # where a layer's exit Linears' inputs wait (gptq_layer's spill_dir)
+    gguf: GGUFLayout | None = None  # a GGUF output: the Linears are solved onto llama.cpp's blocks
     # per decoder-layer class and kind (dense, or with experts: DeepSeek's first layers are dense, of the same
     # class): (blocks folded into the inputs, derivable blocks), found once per kind
     class_checks: dict[tuple[type, bool], tuple[set[str], dict]] = field(default_factory=dict)
@@ -142,7 +146,7 @@ def quantize_layer(job: LayerJob, source: Source, skeleton: Skeleton, i: int, st
             materialize(module, f"{where}.{path}", source.checkpoint, job.device, job.compute_dtype, skeleton.names)
         results = gptq_layer(job, layer, where, streams, i, last, stages, out_name, (later, load))
     else:
-        results = rtn_layer(layer, spec, job.fmt, out_name)
+        results = rtn_layer(layer, spec, job.fmt, out_name, job.gguf)
     in_layer = functools.partial(skeleton.name_in_layer, i)
     experts = expert_report(results, expert_blocks(layer), spec, in_layer)
     results = {in_layer(name): res for name, res in results.items()}  # reports use the checkpoint's names
@@ -227,7 +231,7 @@ def gptq_layer(job: LayerJob, layer: nn.Module, where: str, streams: Streams, i:
             clock.lap("hessians")
             for group in stage.groups:
                 results.update(solve_group(where, group, statistics.pop(0), modules, spec, job.fmt, out_name,
-                                           expert=stage.is_expert_stage()))
+                                           expert=stage.is_expert_stage(), gguf=job.gguf))
             clock.lap("solve")
             chunks.leave(stage, stages[k + 1] if k + 1 < len(stages) else None, set(results) | skipped)
             kill_point(f"layer:{i}:stage:{k}")
@@ -288,12 +292,16 @@ def kept_inputs_bytes(batches: Activations, modules: dict[str, nn.Module], hidde
 
 
 def solve_group(where: str, group: list[str], statistics: Statistics, modules: dict[str, nn.Module],
-                spec: QuantSpec, fmt: str, out_name: Callable[[str], str], expert: bool = False) -> dict[str, Solved]:
+                spec: QuantSpec, fmt: str, out_name: Callable[[str], str], expert: bool = False,
+                gguf: GGUFLayout | None = None) -> dict[str, Solved]:
     """GPTQ the Linears sharing a Hessian (consumed), write their dequantized weights back for later stages, and
     keep only their packed tensors: the solve's [N, K] codes and results are freed on return. With a GPTAQ cross
     term the solve targets the weights that reproduce the unquantized model's outputs. The caller hands over its
     only reference to `statistics`. expert: the group is one expert's, rounded to nearest instead when the router
-    sent it fewer than spec.expert_min_tokens tokens (none at all: always)."""
+    sent it fewer than spec.expert_min_tokens tokens (none at all: always). gguf: solve onto llama.cpp's blocks
+    (a GGUF output holds no experts)."""
+    if gguf is not None:
+        return _solved_on_blocks(where, group, statistics, modules, spec, out_name, gguf)
     tokens = statistics.tokens if expert else None
     rounded = tokens is not None and tokens < max(1, spec.expert_min_tokens)
     if rounded:
@@ -308,13 +316,24 @@ def solve_group(where: str, group: list[str], statistics: Statistics, modules: d
             for name, res in zip(group, solved)}
 
 
+def _solved_on_blocks(where: str, group: list[str], statistics: Statistics, modules: dict[str, nn.Module],
+                      spec: QuantSpec, out_name: Callable[[str], str], gguf: GGUFLayout) -> dict[str, Solved]:
+    """solve_group for a GGUF output: each Linear of the group onto its ggml type's blocks."""
+    weights = [weight_matrix(modules[name]) for name in group]
+    types = linear_types(gguf, [out_name(name) for name in group], weights)
+    solved = solve_on_blocks(f"{where}.{group[0]}", weights, statistics.hessian, types, spec, statistics.cross)
+    del statistics, weights
+    solved = _written_back(group, solved, modules)
+    return {name: Solved(step_tensors(out_name(name), res), res.loss, res.damp) for name, res in zip(group, solved)}
+
+
 def _rounded(weight: Tensor, spec: QuantSpec) -> GPTQResult:
     """Round-to-nearest with its dequantized weight, which later stages of the layer compute with."""
     res = rtn_result(weight, spec)
     return replace(res, weight=dequantize_grouped(res.codes, res.scales, res.zeros, res.g_idx).to(weight.device))
 
 
-def _written_back(group: list[str], solved: list[GPTQResult], modules: dict[str, nn.Module]) -> list[GPTQResult]:
+def _written_back(group: list[str], solved: list[Result], modules: dict[str, nn.Module]) -> list[Result]:
     """Each Linear's weight set to its dequantized result (later stages see the quantized weights); the results
     are returned without that float32 copy."""
     for name, res in zip(group, solved):
@@ -324,9 +343,17 @@ def _written_back(group: list[str], solved: list[GPTQResult], modules: dict[str,
     return [replace(res, weight=None) for res in solved]
 
 
-def rtn_layer(layer: nn.Module, spec: QuantSpec, fmt: str, out_name: Callable[[str], str]) -> dict[str, Solved]:
-    return {name: packed(out_name(name), rtn_result(weight_matrix(module), spec), spec, fmt, bias(module))
-            for name, module in linear_modules(layer).items() if not spec.skips(name)}
+def rtn_layer(layer: nn.Module, spec: QuantSpec, fmt: str, out_name: Callable[[str], str],
+              gguf: GGUFLayout | None = None) -> dict[str, Solved]:
+    """Round-to-nearest of every Linear not skipped: GPTQ's grids, or llama.cpp's own for a GGUF output."""
+    modules = {name: module for name, module in linear_modules(layer).items() if not spec.skips(name)}
+    if gguf is None:
+        return {name: packed(out_name(name), rtn_result(weight_matrix(module), spec), spec, fmt, bias(module))
+                for name, module in modules.items()}
+    weights = {name: weight_matrix(module) for name, module in modules.items()}
+    types = linear_types(gguf, [out_name(name) for name in modules], list(weights.values()))
+    results = {name: rounded_on_blocks(weights[name], ggml) for name, ggml in zip(modules, types)}
+    return {name: Solved(step_tensors(out_name(name), res), 0.0, spec.damp) for name, res in results.items()}
 
 
 def expert_report(results: dict[str, Solved], blocks: dict[str, UnfusedExperts], spec: QuantSpec,

@@ -19,7 +19,9 @@ from quantkit.faults import kill_point
 from quantkit.memory.heap import release_large_frees_at_once, return_free_heap
 from quantkit.memory.spill import ScratchFiles
 from quantkit.run.assemble import check_output_tensors, side_files, write_shards, write_side_files
+from quantkit.run.assemble_gguf import check_gguf_layer, write_gguf_output
 from quantkit.run.first_inputs import calibration_tokens, first_inputs, load_tokenizer, storage_dtype
+from quantkit.run.gguf_output import GGUFLayout
 from quantkit.run.layer import LayerJob, Streams, check_packable, quantize_layers
 from quantkit.run.lm_head import head_step
 from quantkit.run.model import Skeleton, Source, check_layer_tensors, layer_tensor_names, opened, skeleton_of
@@ -48,6 +50,7 @@ class QuantizeResult:
     peak_rss_mb: float
     device: str
     compute_dtype: str | None = None  # the calibration forwards' dtype (--compute-dtype); None without them
+    gguf_file: str | None = None  # a GGUF output's file (inside `path` when published into the hub cache)
     peak_gpu_mb: float | None = None  # torch's peak allocation on the GPU, for --device cuda
     layers: list[dict] = field(default_factory=list)
 
@@ -67,6 +70,7 @@ class Run:
     shard_bytes: int
     progress: bool
     gpu_peaks: GpuPeaks
+    gguf: GGUFLayout | None = None  # a GGUF output's layout (spec.gguf_type)
 
     @property
     def steps(self) -> int:
@@ -115,14 +119,17 @@ def quantize(model: str, spec: QuantSpec = DEFAULT_SPEC, calib: CalibSpec = DEFA
         except ValueError as e:
             raise QuantkitError(str(e)) from None
         target = Target(model, source.model_dir, spec, repo_id, Path(out) if out else None, overwrite, work_dir)
-        run = Run(source, spec, calib, dev, forward_dtype, target, shard_bytes, progress, gpu_peaks)
+        gguf = GGUFLayout.of(spec, source.config_dict) if spec.is_gguf else None
+        run = Run(source, spec, calib, dev, forward_dtype, target, shard_bytes, progress, gpu_peaks, gguf)
         with target.lock():
             layers, path = _quantize_and_publish(run)
     return QuantizeResult(repo_id=target.repo_id, path=str(path), bits=spec.bits, group_size=spec.group_size,
                           sym=spec.sym, method=spec.method, checkpoint_format=checkpoint_format(spec),
                           seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(peak_rss_mb(), 1),
                           device=str(dev), layers=layers, peak_gpu_mb=gpu_peaks.overall_mb(),
-                          compute_dtype=_dtype_name(forward_dtype) if spec.method == "gptq" else None)
+                          compute_dtype=_dtype_name(forward_dtype) if spec.method == "gptq" else None,
+                          gguf_file=str(path / target.gguf_name if path.is_dir() else path)
+                          if target.gguf_name is not None else None)
 
 
 def _quantize_and_publish(run: Run) -> tuple[list[dict], Path]:
@@ -171,7 +178,10 @@ def _checked_and_tokenized(run: Run) -> tuple[Skeleton, torch.Tensor | None]:
     check_output_tensors(source, skeleton.prefix, skeleton.discarded)
     source.unmap()  # the small tensors the checks read through the mapping
     for i, layer in enumerate(skeleton.layers):  # MoE models: dense first layers, experts in the later ones
-        check_packable(spec, f"{skeleton.prefix}.{i}", linear_modules(layer))
+        if run.gguf is not None:
+            check_gguf_layer(run.gguf, spec, f"{skeleton.prefix}.{i}", layer)
+        else:
+            check_packable(spec, f"{skeleton.prefix}.{i}", linear_modules(layer))
     input_ids = calibration_tokens(tokenizer, run.calib, source.config) if spec.method == "gptq" else None
     del tokenizer  # read once; it and tokenizing the text leave memory that no later step needs
     return_free_heap()
@@ -195,7 +205,8 @@ def _quantize_steps(run: Run, skeleton: Skeleton, state: RunState, input_ids: to
     """Every step not finished yet: the calibration inputs of the first, each decoder layer, then the head."""
     spec, dev = run.spec, run.device
     saves = BackgroundSaves(enabled=dev.type == "cuda")  # a GPU's layers are short: their saves overlap the next
-    job = LayerJob(spec, checkpoint_format(spec), dev, run.compute_dtype, state, saves, run.gpu_peaks)
+    job = LayerJob(spec, checkpoint_format(spec), dev, run.compute_dtype, state, saves, run.gpu_peaks,
+                   gguf=run.gguf)
     with contextlib.ExitStack() as stores:
         streams = Streams(input_ids)
         if input_ids is not None and state.layers_done < run.steps:
@@ -216,6 +227,9 @@ def _assembled(run: Run, state: RunState, skeleton: Skeleton) -> tuple[list[dict
     """The output in staging, from the finished steps, then everything else; returns (reports, file sha256s)."""
     spec = run.spec
     staging = run.target.fresh_staging()
+    if run.gguf is not None:
+        return state.reports, write_gguf_output(run.source, state, skeleton, run.gguf, run.target.staged_file(),
+                                                run.target.out is None, run.calib, run.target.repo_id, spec)
     weight_bytes = write_shards(run.source, state, run.steps, staging, run.shard_bytes, skeleton.discarded)
     kill_point("assembled")
     reports = state.reports

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import shutil
 import uuid
@@ -13,6 +14,7 @@ from pathlib import Path
 from quantkit.config import CalibSpec, QuantSpec
 from quantkit.errors import QuantkitError
 from quantkit.faults import wait_point
+from quantkit.source.gguf_header import GGUF_MAGIC
 from quantkit.source.hub import cache_id, cached_snapshot, check_repo_folder, hub_cache_dir, validate_repo_id
 from quantkit.untrusted import fsync_dir, not_symlink, private_directory, refuse_destructive_output, remove_tree
 from quantkit.write.manifest import MANIFEST_NAME
@@ -27,13 +29,22 @@ def default_repo_id(model: str, model_dir: Path, spec: QuantSpec) -> str:
     name = re.sub(r"\.\.+", ".", re.sub(r"--+", "-", name)).strip(".-") or "model"  # no '--', '..' (validate_repo_id)
     if spec.is_bnb:
         return f"quantkit/{name}-{spec.method}"
+    if spec.gguf_type is not None:
+        return f"quantkit/{name}-{spec.gguf_type}-gguf{'' if spec.method == 'gptq' else '-rtn'}"
     group = "row" if spec.group_size == -1 else str(spec.group_size)
     return f"quantkit/{name}-{spec.method}-{spec.bits}bit-g{group}{'' if spec.sym else '-asym'}"
 
 
+def gguf_file_name(repo_id: str, spec: QuantSpec) -> str:
+    """The .gguf file's name in a hub-cache repo: the repo's name, with the type, as llama.cpp's files are named."""
+    name = repo_id.split("/")[-1].removesuffix("-gguf")
+    return f"{name}.gguf" if name.endswith(str(spec.gguf_type)) else f"{name}-{spec.gguf_type}.gguf"
+
+
 class Target:
-    """Where the result goes: a repo id in the hub cache, or a plain directory. What can never be an output is
-    refused at once; whether the target is free is checked again under its lock (lock()), before any work."""
+    """Where the result goes: a repo id in the hub cache, a plain directory, or for a GGUF output a .gguf file.
+    What can never be an output is refused at once; whether the target is free is checked again under its lock
+    (lock()), before any work."""
 
     def __init__(self, model: str, model_dir: Path, spec: QuantSpec, repo_id: str | None, out: Path | None,
                  overwrite: bool, work_dir: str | Path | None) -> None:
@@ -41,6 +52,12 @@ class Target:
         self.overwrite = overwrite
         self.repo_id = None if self.out is not None else validate_repo_id(
             repo_id or default_repo_id(model, model_dir, spec))
+        # a GGUF output is one file: --out names it, or it is named after the repo inside the snapshot
+        self.gguf_name: str | None = None
+        if spec.is_gguf:
+            self.gguf_name = self.out.name if self.out is not None else gguf_file_name(self.hub_repo(), spec)
+            if self.out is not None and self.out.suffix != ".gguf":
+                raise QuantkitError(f"--out {self.out}: --format gguf writes one file, named *.gguf")
         if self.out is not None:
             refuse_destructive_output(self.out, model_dir, "the base model's directory", f"--out {self.out}")
             base = self.out.resolve().parent
@@ -72,6 +89,9 @@ class Target:
                                     "pass --overwrite to replace it")
             return
         not_symlink(self.out, "--out")
+        if self.gguf_name is not None:
+            self._refuse_taken_file(self.out)
+            return
         if self.out.exists() and not self.out.is_dir():
             raise QuantkitError(f"--out {self.out} exists and is not a directory")
         if self.out.is_dir() and any(self.out.iterdir()):
@@ -81,6 +101,24 @@ class Target:
                                     f"{MANIFEST_NAME} in it); choose a new or empty directory")
             if not self.overwrite:
                 raise QuantkitError(f"{self.out} already exists and is not empty; pass --overwrite to replace it")
+
+    def _refuse_taken_file(self, out: Path) -> None:
+        """A .gguf file is replaced only with --overwrite, and only a GGUF file (its first bytes say so)."""
+        if out.is_dir():
+            raise QuantkitError(f"--out {out} is a directory; --format gguf writes one file")
+        if not out.exists():
+            return
+        if not self.overwrite:
+            raise QuantkitError(f"{out} already exists; pass --overwrite to replace it")
+        with out.open("rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise QuantkitError(f"--out {out} exists and is not a GGUF file; quantkit replaces only GGUF files")
+
+    def staged_file(self) -> Path:
+        """Where a GGUF output's file is assembled (in staging, beside nothing else for --out)."""
+        if self.gguf_name is None:
+            raise QuantkitError("internal error: a staged .gguf file for a run that writes no GGUF")
+        return self.staging / self.gguf_name
 
     def _work_directories(self) -> None:
         """The work directory (and quantkit's own work root above it), private to this user: created 0o700,
@@ -124,6 +162,10 @@ class Target:
         if self.out is None:
             return publish_snapshot(self.staging, self.hub_repo(), file_hashes)
         self._refuse_taken()
+        if self.gguf_name is not None:  # one file: renamed over the old one, which is atomic
+            os.replace(self.staged_file(), self.out)
+            fsync_dir(self.out.parent)
+            return self.out
         old = None
         if self.out.exists():
             old = self.out.with_name(f".{self.out.name}.replaced-{uuid.uuid4().hex[:8]}")

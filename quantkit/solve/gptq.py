@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -14,9 +13,8 @@ from torch import Tensor
 from quantkit.config import QuantSpec
 from quantkit.errors import NumericalError
 from quantkit.solve.grid import dequantize_codes, group_qparams, rtn_quantize
-from quantkit.solve.inverse_factor import reversed_inverse_factor, upper_rows
-
-SHIFT_ROWS = 1024  # weight rows per step of GPTAQ's shift: its temporaries are [SHIFT_ROWS, K]
+from quantkit.solve.inverse_factor import upper_rows
+from quantkit.solve.prepare import permute_columns_, prepare_solve, row_slices
 
 
 @dataclass(frozen=True)
@@ -163,31 +161,6 @@ class _GraphedSweeps:
         self.graphs[key] = graph
 
 
-PERMUTE_ROWS = 256  # rows per step of an in-place column permutation (a [PERMUTE_ROWS, K] temporary)
-
-
-def _permute_columns_(W: Tensor, order: Tensor) -> None:
-    """W[:, j] ← W[:, order[j]] in place, a block of rows at a time: each row's permutation is its own, so the
-    temporary is [PERMUTE_ROWS, K] rather than a second W (or a second Hessian). W may be a transposed view (then
-    its rows are the memory's columns)."""
-    for start in range(0, W.shape[0], PERMUTE_ROWS):
-        rows = W[start:start + PERMUTE_ROWS]
-        rows.copy_(rows.index_select(1, order))
-
-
-def _shift_to_asymmetric_target_(W: Tensor, cross: Tensor, Xinv: Tensor, order: Tensor) -> None:
-    """W += W·C·H⁻¹ in place, a block of rows at a time. Xinv is the solve's factor of H permuted by `order`
-    (H[order][:, order] = (XinvᵀXinv)⁻¹, reversed_inverse_factor), so for B = W·C,
-    B·H⁻¹ = (B[:, order]·Xinvᵀ·Xinv)[:, order⁻¹]. Xinv is lower triangular with zeros above: plain matmuls."""
-    C = cross.float()
-    for start in range(0, W.shape[0], SHIFT_ROWS):
-        rows = W[start:start + SHIFT_ROWS]
-        shift = (rows @ C)[:, order]
-        shift = (shift @ Xinv.mT) @ Xinv
-        rows.index_add_(1, order, shift)
-        del shift
-
-
 def _block_size(group_size: int, n_in: int) -> int:
     """Lazy-update block size whose starts coincide with group starts, so group params see current weights."""
     if group_size >= n_in:
@@ -221,57 +194,15 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
     the solve damps it (raised damping included) and taken from the solve's own factor: no second Hessian. As W'
     is that least-squares fit, |W·X̃ - Q·X|² = |W·X̃ - W'·X|² + |(W' - Q)·X|² for every Q, so GPTQ on W' minimises
     the error against the unquantized model itself."""
-    H = hessian.float()  # [K, K]
-    if H is hessian and not consume_hessian:
-        H = H.clone()
-    _check_finite(H, cross)
-    dead = H.diagonal() == 0
-    H.diagonal()[dead] = 1.0  # an input that is always zero: its column is zero, any positive curvature will do
-    perm = torch.argsort(H.diagonal(), descending=True) if spec.act_order else None
-    # H in the reverse of the order the columns are solved in (see reversed_inverse_factor), with the act-order
-    # permutation: H[i, j] <- H[order[i], order[j]], in place
-    order = (perm if perm is not None else torch.arange(H.shape[0], device=H.device)).flip(0)
-    _permute_columns_(H, order)
-    _permute_columns_(H.mT, order)  # the rows: a row of H.mT is a column of H
-    Xinv, damp = reversed_inverse_factor(H, spec.damp)
-    del H
-
-    W = _stacked(weights)
-    if cross is not None:
-        _shift_to_asymmetric_target_(W, cross, Xinv, order)
-    W[:, dead] = 0.0
+    prepared = prepare_solve(weights, hessian, spec, consume_hessian, cross)
+    W, perm = prepared.W, prepared.perm
     group = spec.effective_group_size(W.shape[1])
     static_grids = _static_grids(W, group, spec) if spec.static_groups else None
     if perm is not None:
-        _permute_columns_(W, perm)
-    solve = _ColumnSolve(W, Xinv, spec, group, perm, static_grids)
+        permute_columns_(W, perm)
+    solve = _ColumnSolve(W, prepared.Xinv, spec, group, perm, static_grids)
     solve.run()
-    return _results(solve, [w.shape[0] for w in weights], damp)
-
-
-def _check_finite(H: Tensor, cross: Tensor | None) -> None:
-    """Refuse a Hessian or cross term that holds NaN or inf. The largest magnitude is NaN or inf exactly when an
-    entry is: one reduction, where isfinite(H).all() would make temporaries larger than H (abs, boolean masks)."""
-    if not torch.isfinite(torch.linalg.vector_norm(H, float("inf"))):
-        raise NumericalError("the Hessian holds NaN/Inf: this layer's calibration inputs are not finite "
-                             "(activations overflowing float16?)")
-    if cross is not None and not torch.isfinite(torch.linalg.vector_norm(cross, float("inf"))):
-        raise NumericalError("GPTAQ's cross term holds NaN/Inf: the unquantized model's calibration inputs to this "
-                             "layer are not finite (activations overflowing float16?)")
-
-
-def _stacked(weights: list[Tensor]) -> Tensor:
-    """The weights' rows stacked in one float32 [N, K], each copied straight into place."""
-    W = torch.empty(sum(w.shape[0] for w in weights), weights[0].shape[1], device=weights[0].device)
-    for w, rows in zip(weights, _row_slices([w.shape[0] for w in weights])):
-        W[rows].copy_(w)
-    return W
-
-
-def _row_slices(counts: list[int]) -> list[slice]:
-    """Each Linear's rows of the stack, for Linears of `counts` rows."""
-    ends = list(itertools.accumulate(counts))
-    return [slice(end - count, end) for count, end in zip(counts, ends)]
+    return _results(solve, [w.shape[0] for w in weights], prepared.damp)
 
 
 def _static_grids(W: Tensor, group: int, spec: QuantSpec) -> list[tuple[Tensor, Tensor]]:
@@ -365,7 +296,7 @@ def _results(solve: _ColumnSolve, counts: list[int], damp: float) -> list[GPTQRe
     dequantized, col_group = solve.W, solve.col_group
     if solve.perm is not None:
         inverse = torch.argsort(solve.perm)
-        _permute_columns_(dequantized, inverse)
+        permute_columns_(dequantized, inverse)
         col_group = col_group[inverse]
     g_idx = col_group.to(torch.int32)
     total = float(solve.losses.sum())
@@ -375,7 +306,7 @@ def _results(solve: _ColumnSolve, counts: list[int], damp: float) -> list[GPTQRe
     return [GPTQResult(codes=solve.codes[rows], scales=solve.scales[rows], zeros=zeros[rows],
                        g_idx=g_idx if len(counts) == 1 else g_idx.clone(), weight=dequantized[rows],
                        loss=float(solve.losses[rows].sum()), damp=damp)
-            for rows in _row_slices(counts)]
+            for rows in row_slices(counts)]
 
 
 def rtn_result(weight: Tensor, spec: QuantSpec) -> GPTQResult:

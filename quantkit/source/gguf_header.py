@@ -18,6 +18,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from quantkit.errors import QuantkitError
 
+GGUF_MAGIC = b"GGUF"  # a GGUF file's first four bytes
 VERSIONS = (2, 3)  # what the gguf package and transformers read; v1 counted in 32 bits
 MAX_DIMS = 4  # GGML_MAX_DIMS
 DEFAULT_ALIGNMENT = 32
@@ -104,7 +105,7 @@ def read_header(path: Path) -> GGUFHeader:
 
 
 def _walk(w: _Walk) -> GGUFHeader:
-    if w.take(4, "magic") != b"GGUF":
+    if w.take(4, "magic") != GGUF_MAGIC:
         raise w.fail("its first bytes are not 'GGUF'")
     version = w.u32("version")
     if version not in VERSIONS:

@@ -47,7 +47,7 @@ from quantkit.calibrate.batch import MLP_BATCH_TOKENS
 from quantkit.config import DEFAULT_ESTIMATE_BITS, ESTIMATE_BATCH, ESTIMATE_BITS, ESTIMATE_CONTEXT, CalibSpec, QuantSpec
 from quantkit.errors import QuantkitError
 from quantkit.memory import expert_chunks
-from quantkit.solve.gptq import SHIFT_ROWS
+from quantkit.solve.prepare import SHIFT_ROWS
 from quantkit.tools.estimate_shape import LinearShape, ModelShape, count_params
 from quantkit.untrusted import read_json
 

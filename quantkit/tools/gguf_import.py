@@ -24,7 +24,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.gguf import SUPPORTED as SUPPORTED  # the architectures import-gguf converts
 from quantkit.formats.gguf import GGUFPlan, check_supported, read_metadata, tensor_data
 from quantkit.source.checkpoint import INDEX_NAME
-from quantkit.source.gguf_header import read_header
+from quantkit.source.gguf_header import GGUF_MAGIC, read_header
 from quantkit.untrusted import (
     fsync_dir,
     fsync_file,
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("quantkit")
 
-GGUF_MAGIC = b"GGUF"
 DTYPES = {name: getattr(torch, name) for name in IMPORT_DTYPES}
 # what import-gguf writes: --overwrite replaces a directory that holds these files and nothing else
 OWN_FILES = frozenset({"config.json", "generation_config.json", INDEX_NAME, "tokenizer.json",

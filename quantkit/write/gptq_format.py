@@ -30,6 +30,8 @@ def checkpoint_format(spec: QuantSpec) -> str:
     """v1 ("gptq") stores zero-1, which underflows for an asymmetric zero of 0; asymmetric runs use v2."""
     if spec.is_bnb:
         return "bitsandbytes"
+    if spec.is_gguf:
+        return "gguf"
     return "gptq" if spec.sym else "gptq_v2"
 
 

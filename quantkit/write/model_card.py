@@ -68,3 +68,37 @@ def render_model_card(*, repo_id: str | None, source: str, spec: QuantSpec, cali
             name, loss = max(r["losses"].items(), key=lambda kv: kv[1])
             lines.append(f"| {r['index']} | {name} | {loss:.4g} |")
     return "\n".join(lines) + "\n"
+
+
+def render_gguf_card(*, repo_id: str | None, source: str, spec: QuantSpec, calib: CalibSpec | None, version: str,
+                     file_name: str, size_bytes: int, types: dict[str, int]) -> str:
+    """The model card beside a GGUF file quantkit wrote: how its codes were chosen, its tensor types, how to run it."""
+    how = ("GPTQ on llama.cpp's block grids" + (", grids weighted by the calibration inputs' mean square"
+                                                 if spec.gguf_importance else "")
+           if spec.method == "gptq" else "round-to-nearest on llama.cpp's block grids (as llama-quantize)")
+    lines = [
+        "---",
+        f"base_model: {source}",
+        "library_name: gguf",
+        "pipeline_tag: text-generation",
+        f"tags: [gguf, {spec.gguf_type}, quantkit]",
+        "---",
+        f"# {repo_id or file_name}",
+        "",
+        f"{spec.gguf_type} GGUF of `{source}` for llama.cpp and ollama, made with quantkit {version}.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| file | {file_name} ({size_bytes / 2**20:.1f} MiB) |",
+        f"| llama.cpp type | {spec.gguf_type} |",
+        f"| tensors by type | {', '.join(f'{n} {t}' for t, n in sorted(types.items()))} |",
+        f"| codes | {how} |",
+        f"| kept in float16 | {', '.join(f'`{p}`' for p in spec.skip) or 'nothing'} |",
+    ]
+    if calib is not None and spec.method == "gptq":
+        lines += [f"| calibration set | {calib.source} |",
+                  f"| calibration tokens | {calib.samples} x {calib.seq_len} (seed {calib.seed}) |"]
+    lines += ["", "## Run it", "", "```bash", f"llama-cli -m {file_name} -p \"Hello\"", "```", "",
+              f"ollama: a `Modelfile` holding `FROM ./{file_name}`, then `ollama create NAME -f Modelfile`.", "",
+              "Check it against its base model with `quantkit verify`."]
+    return "\n".join(lines) + "\n"
