@@ -15,8 +15,8 @@ from quantkit.calibrate.statistics import Reference, collect_statistics, propaga
 from quantkit.errors import NumericalError
 from quantkit.memory.spill import ActivationsInMemory
 from quantkit.solve.gptq import accumulate_cross, accumulate_hessian, gptq_quantize
-from quantkit.solve.prepare import _shift_to_asymmetric_target_
 from quantkit.solve.inverse_factor import reversed_inverse_factor as _reversed_inverse_factor
+from quantkit.solve.prepare import _shift_to_asymmetric_target_
 from quantkit.source.skeleton import linear_modules
 
 

@@ -38,29 +38,29 @@ def _tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
 def _reference_state(path: Path, model_dir: Path) -> dict[str, torch.Tensor]:
     """The model's tensors decoded by quantkit's own block decoder (not gguf's), under the model's names and
     row order: what quantkit says it wrote."""
+    from quantkit.source.checkpoint import SafetensorsCheckpoint
     from quantkit.write.gguf_file import gguf_tensor_name
 
     config = json.loads((model_dir / "config.json").read_text())
-    from safetensors import safe_open
-
     stored = _tensors(path)
     state = {}
-    with safe_open(model_dir / "model.safetensors", "pt") as f:
-        for name in f.keys():
-            gguf_name = gguf_tensor_name(name, config)
-            if gguf_name is None:
-                continue
-            ggml, data = stored[gguf_name]
-            shape = tuple(f.get_slice(name).get_shape())
-            if ggml in ("F32", "F16"):
-                value = torch.from_numpy(data.astype(np.float32)).reshape(shape)
-            else:
-                codes, grid = unpack(data.reshape(shape[0], -1), ggml, shape[1])
-                value = ggml_dequantize(codes, grid)
-            order = rows_permutation(name, config)
-            if order is not None:  # stored rows are order[j]: put row order[j] back at j
-                value = value[torch.argsort(torch.as_tensor(order))]
-            state[name] = value
+    checkpoint = SafetensorsCheckpoint(model_dir)
+    for name in checkpoint.names():
+        gguf_name = gguf_tensor_name(name, config)
+        if gguf_name is None:
+            continue
+        ggml, data = stored[gguf_name]
+        shape = checkpoint.shape(name)
+        if ggml in ("F32", "F16"):
+            value = torch.from_numpy(data.astype(np.float32)).reshape(shape)
+        else:
+            codes, grid = unpack(data.reshape(shape[0], -1), ggml, shape[1])
+            value = ggml_dequantize(codes, grid)
+        order = rows_permutation(name, config)
+        if order is not None:  # stored rows are order[j]: put row order[j] back at j
+            value = value[torch.argsort(torch.as_tensor(order))]
+        state[name] = value
+    checkpoint.close()
     return state
 
 
@@ -177,3 +177,23 @@ def test_models_llama_cpp_files_cannot_hold_are_refused(tiny_tokenizer, tmp_path
     r = cli_run("quantize", moe, "--format", "gguf", "--method", "rtn", "--out", tmp_path / "m.gguf")
     assert "Mixture-of-Experts" in error_line(r) or "qwen3_moe" in error_line(r)
     assert not (tmp_path / "o.gguf").exists() and not (tmp_path / "m.gguf").exists()
+
+
+def test_the_demo_model_exported_loads_in_transformers_with_quantkits_values(smollm2_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    """SmolLM2 (tied embeddings, 576-wide rows that K-quants fall back from, llama.cpp's tokenizer names): the
+    exported file's logits in transformers' GGUF loader are those of quantkit's own decoding of it."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "smollm2.gguf"
+    r = cli_run("quantize", smollm2_dir, "--format", "gguf", "--gguf-type", "Q4_K_M", "--method", "rtn", "--out", out)
+    assert r.exit_code == 0, r.output
+    types = {name: ggml for name, (ggml, _) in _tensors(out).items()}
+    assert "output.weight" not in types and types["token_embd.weight"] == "Q8_0"  # tied: the head's type
+    assert types["blk.0.attn_q.weight"] == "Q5_0" and types["blk.0.ffn_down.weight"] == "Q6_K"
+    reference = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    reference.load_state_dict(_reference_state(out, smollm2_dir), strict=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    ids = torch.randint(0, reference.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference.eval()(ids).logits, rtol=1e-3, atol=1e-3)
