@@ -16,6 +16,7 @@ BNB_BITS = {"bnb-nf4": 4, "bnb-int8": 8}  # bitsandbytes methods and the bits th
 # them by name (write/gguf_mix.py holds which tensor gets which type)
 GGUF_FILE_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_K_S", "Q4_K_M", "Q5_K_S",
                    "Q5_K_M")
+DEFAULT_GGUF_TYPE = "Q4_K_M"  # --gguf-type unless told; what convert's refusals suggest
 GGUF_METHODS = ("gptq", "rtn")  # the methods that can write GGUF blocks
 
 ESTIMATE_BITS = (2, 3, 4, 8, 16)  # the widths `estimate` sizes (16 = unquantized float16)

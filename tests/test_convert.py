@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import cli_run, error_line, make_tiny_model
+from conftest import cli_run, error_line, listing, make_tiny_model
 from gguf.quants import dequantize as gguf_dequantize
 from safetensors.torch import load_file, save_file
 
@@ -323,3 +323,71 @@ def test_the_output_must_be_a_new_gguf_file_or_replace_one(checkpoints, tmp_path
     assert "already exists; pass --overwrite" in _refused(gptq_dir, taken)
     assert "is not a GGUF file" in _refused(gptq_dir, taken, "--overwrite")
     assert taken.read_text() == "not a gguf file"
+
+
+# ---------------------------------------------------------------- the tokenizer files it reads, its temporary file
+TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+
+
+def _with_template(checkpoint: Path, folder: Path, template: Path | str) -> Path:
+    """A copy of `checkpoint` whose chat template is chat_template.jinja: `template` written in, or a link to it."""
+    shutil.copytree(checkpoint, folder)
+    (folder / "quantkit.json").unlink()  # its file list no longer holds: the copy gains files
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)  # else it, not chat_template.jinja, is the template
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    target = folder / "chat_template.jinja"
+    target.unlink(missing_ok=True)
+    target.symlink_to(template) if isinstance(template, Path) else target.write_text(template)
+    return folder
+
+
+def test_a_chat_template_linking_outside_the_checkpoint_is_refused(checkpoints, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-KEY-0123")
+    folder = _with_template(checkpoints("sym4-g32"), tmp_path / "linked", secret)
+    (tmp_path / "out").mkdir()
+    line = _refused(folder, tmp_path / "out" / "x.gguf")
+    assert line == f"Error: {folder / 'chat_template.jinja'} is a link to {secret}, outside the model; quantkit " \
+                   "copies only files that belong to the model into its output"
+    assert listing(tmp_path / "out") == []
+
+
+def test_the_checkpoints_chat_template_lands_in_the_file_and_nothing_beside_it(checkpoints, tmp_path):
+    folder = _with_template(checkpoints("sym4-g32"), tmp_path / "templated", TEMPLATE)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-KEY-0123")
+    (folder / "additional_chat_templates").mkdir()  # gguf's SpecialVocab reads *.jinja here, links followed
+    (folder / "additional_chat_templates" / "tool_use.jinja").symlink_to(secret)
+    out = tmp_path / "t.gguf"
+    r = cli_run("convert", folder, out)
+    assert r.exit_code == 0, r.output
+    fields = gguf.GGUFReader(out).fields
+    assert fields["tokenizer.chat_template"].contents() == TEMPLATE
+    assert fields["general.name"].contents() == "templated"  # named after the checkpoint, not the copy
+    assert b"SECRET-KEY" not in out.read_bytes()
+
+
+def test_a_killed_converts_partial_file_is_replaced_and_removed(checkpoints, tmp_path):
+    from quantkit.tools.convert import lock_path, partial_path
+
+    out = tmp_path / "model.gguf"
+    partial_path(out).write_bytes(b"GGUF" + bytes(1 << 20))  # what a convert killed while writing leaves
+    r = cli_run("convert", checkpoints("sym4-g32"), out)
+    assert r.exit_code == 0, r.output
+    assert listing(tmp_path) == sorted([out.name, lock_path(out).name])  # the partial is gone; the empty lock stays
+    assert lock_path(out).stat().st_size == 0
+    assert len(gguf.GGUFReader(out).tensors) == 21
+
+
+def test_a_second_convert_to_the_same_file_is_refused_while_one_runs(checkpoints, tmp_path):
+    from quantkit.tools.convert import lock_path
+    from quantkit.write.publish import exclusive
+
+    out = tmp_path / "model.gguf"
+    with exclusive(lock_path(out), "the test's convert"):  # a convert to OUT holds it while it writes
+        r = cli_run("convert", checkpoints("sym4-g32"), out)
+    assert r.exit_code == 1
+    assert error_line(r) == f"Error: another quantkit run is writing {out} (lock {lock_path(out)}); wait for it " \
+                            "to finish"
+    assert listing(tmp_path) == [lock_path(out).name]

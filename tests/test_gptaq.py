@@ -16,7 +16,7 @@ from quantkit.errors import NumericalError
 from quantkit.memory.spill import ActivationsInMemory
 from quantkit.solve.gptq import accumulate_cross, accumulate_hessian, gptq_quantize
 from quantkit.solve.inverse_factor import reversed_inverse_factor as _reversed_inverse_factor
-from quantkit.solve.prepare import _shift_to_asymmetric_target_
+from quantkit.solve.prepare import shift_to_asymmetric_target_
 from quantkit.source.skeleton import linear_modules
 
 
@@ -48,7 +48,7 @@ def test_the_shifted_weights_are_the_least_squares_fit_to_the_unquantized_output
     order = perm.flip(0)
     factor, _ = _reversed_inverse_factor(H[order][:, order].clone(), damp=1e-7)
     shifted = W.clone()
-    _shift_to_asymmetric_target_(shifted, C, factor, order)
+    shift_to_asymmetric_target_(shifted, C, factor, order)
     fit = torch.linalg.lstsq(X.double(), (X_ref.double() @ W.double().T)).solution.T
     torch.testing.assert_close(shifted.double(), fit, rtol=1e-3, atol=1e-3)
 

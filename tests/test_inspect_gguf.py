@@ -1,6 +1,7 @@
 """`quantkit inspect FILE.gguf`: a GGUF file described from its header and metadata, checked against gguf's own
 reader; damaged files and wrongly typed metadata give one line and exit 1."""
 import json
+import logging
 from pathlib import Path
 
 import gguf
@@ -127,3 +128,83 @@ def test_a_garbage_or_empty_gguf_is_one_line(tmp_path, content, message):
 def test_a_checkpoint_directory_is_still_inspected_as_one(converted):
     r = cli_run("inspect", converted.parent / "gptq")
     assert r.exit_code == 0 and "quantization  gptq 4-bit, group 32, sym" in r.output
+
+
+def test_metadata_strings_are_shown_with_control_characters_escaped(tmp_path):
+    forged = "\x1b[2J\nquantization  forged"
+    path = handmade(tmp_path / "forged.gguf", general__name=forged, tokenizer__ggml__model="gpt2\r\x1b[31m",
+                    tokenizer__ggml__pre="pre\u202eevil")
+    r = cli_run("inspect", path)
+    assert r.exit_code == 0, r.output
+    assert "\x1b" not in r.output and "\r" not in r.output and "\u202e" not in r.output
+    lines = r.output.splitlines()
+    assert [line[:14] for line in lines[:5]] == ["path          ", "quantization  ", "model         ",
+                                                 "tokenizer     ", "size on disk  "]
+    assert lines[1] == "quantization  gguf file type not stated, 32.00 bits per weight"
+    assert lines[2].startswith("model         llama (\\x1b[2J\\nquantization  forged): ")
+    assert lines[3] == "tokenizer     gpt2\\r\\x1b[31m (pre pre\\u202eevil), chat template no"
+    data = json.loads(cli_run("inspect", path, "--json").output)  # JSON keeps the strings as they are
+    assert (data["name"], data["tokenizer_model"], data["tokenizer_pre"]) == (forged, "gpt2\r\x1b[31m", "pre\u202eevil")
+
+
+def test_a_folder_holding_one_gguf_and_no_config_is_inspected_as_that_file(tmp_path):
+    folder = tmp_path / "alone"
+    folder.mkdir()
+    handmade(folder / "model.gguf", general__name="alone")
+    r = cli_run("inspect", folder)
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[0] == f"path          {folder / 'model.gguf'}"
+    handmade(folder / "other.gguf")
+    r = cli_run("inspect", folder)
+    assert r.exit_code == 1
+    assert error_line(r) == f"Error: {folder} holds 2 GGUF files (model.gguf, other.gguf) and no config.json; " \
+                            "give the path of one"
+
+
+def test_a_gguf_linking_outside_its_folder_is_refused(tmp_path):
+    secret = handmade(tmp_path / "elsewhere.gguf")
+    folder = tmp_path / "linked"
+    folder.mkdir()
+    (folder / "model.gguf").symlink_to(secret)
+    for command in (("inspect", folder), ("verify", folder, "--base", folder)):
+        r = cli_run(*command)
+        assert r.exit_code == 1
+        assert error_line(r) == f"Error: {folder / 'model.gguf'} is a link to {secret}, outside the model; " \
+                                "quantkit reads only files that belong to it"
+
+
+@pytest.fixture()
+def quantkit_logger():
+    """quantkit's logger as it was: the CLI's quantize points it at the terminal, which later in-process commands
+    (convert logs its summary) would print through."""
+    logger = logging.getLogger("quantkit")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+@pytest.mark.slow
+def test_a_gguf_published_in_the_hub_cache_is_inspected_and_verified_by_repo_id(tiny_tokenizer, tmp_path,
+                                                                                  hub_cache, quantkit_logger):
+    wide = make_tiny_model(tmp_path / "wide", tiny_tokenizer, hidden_size=256, intermediate_size=512)
+    r = cli_run("quantize", wide, "--format", "gguf", "--gguf-type", "Q8_0", "--method", "rtn", "--repo-id",
+                "t/wide-gguf")
+    assert r.exit_code == 0, r.output
+    snapshot = next((hub_cache / "models--t--wide-gguf" / "snapshots").iterdir())
+    (published,) = snapshot.glob("*.gguf")
+    assert published.is_symlink()  # to ../../blobs, inside the repo's folder
+    for given in ("t/wide-gguf", snapshot):
+        r = cli_run("inspect", given)
+        assert r.exit_code == 0, r.output
+        assert r.output.splitlines()[:2] == [f"path          {published}",
+                                             f"quantization  gguf MOSTLY_Q8_0, {inspect_gguf(published).bits_per_weight:.2f}"
+                                             " bits per weight"]
+    v = cli_run("verify", "t/wide-gguf", "--base", wide, "--max-tokens", "256", "--seq-len", "32", "--no-generate",
+                "--json")
+    assert v.exit_code == 0, v.output
+    report = json.loads(v.output)
+    assert report["quantized"]["format"] == "gguf" and report["quantized"]["path"] == str(published)
+    types = {kind: e["tensors"] for kind, e in inspect_gguf(published).tensor_types.items()}
+    assert report["integrity"]["quantization"]["types"] == types and "Q8_0" in types

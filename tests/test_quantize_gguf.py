@@ -149,6 +149,7 @@ def test_a_killed_gguf_run_resumes_to_the_same_bytes(wide_llama: Path, tmp_path:
     (["--format", "gguf", "--gguf-type", "Q3_K"], "'Q3_K' is not one of"),
     (["--format", "gguf", "--lm-head"], "--lm-head applies to GPTQ checkpoints"),
     (["--format", "gguf", "--method", "bnb-nf4"], "GGUF files are written by gptq or rtn"),
+    (["--format", "gguf", "--bits", "8", "--asym"], "--bits, --sym applies to GPTQ checkpoints"),
 ])
 def test_bad_gguf_options_are_one_line(args: list[str], message: str, wide_llama: Path, tmp_path: Path) -> None:
     r = cli_run("quantize", wide_llama, *args, "--out", tmp_path / "x.gguf")
@@ -197,3 +198,14 @@ def test_the_demo_model_exported_loads_in_transformers_with_quantkits_values(smo
     ids = torch.randint(0, reference.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, reference.eval()(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_a_model_llama_cpp_cannot_hold_is_refused_before_any_layer_is_quantized(tiny_tokenizer,
+                                                                               tmp_path: Path) -> None:
+    """A rope kind llama.cpp does not read is found before calibration, not after the last layer."""
+    model = make_tiny_model(tmp_path / "dyn", tiny_tokenizer, layers=2, **WIDE,
+                            rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    r = cli_run("quantize", model, "--format", "gguf", "--out", tmp_path / "d.gguf", *SMALL)
+    assert "dynamic" in error_line(r)
+    assert "layer 1/2" not in r.output
+    assert listing(tmp_path) == [p for p in listing(tmp_path) if not p.startswith(".d.gguf")]

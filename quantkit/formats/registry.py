@@ -8,6 +8,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats import awq, bitsandbytes, compressed_tensors, fp8, gptq
 from quantkit.formats.view import DequantizedCheckpoint, PackedLinears
 from quantkit.source.checkpoint import SafetensorsCheckpoint, read_config
+from quantkit.source.gguf_header import GGUF_SUFFIX as GGUF_SUFFIX
 
 # a format's name -> its layout for the checkpoint's quantization_config (validated); GGUF is a file of its own
 LAYOUTS: dict[str, Callable[[dict], PackedLinears]] = {gptq.FORMAT: gptq.layout,
@@ -16,7 +17,6 @@ LAYOUTS: dict[str, Callable[[dict], PackedLinears]] = {gptq.FORMAT: gptq.layout,
                                                        compressed_tensors.FORMAT: compressed_tensors.layout,
                                                        fp8.FORMAT: fp8.layout}
 GGUF = "gguf"
-GGUF_SUFFIX = ".gguf"
 # quantization_config.quant_method -> the format quantkit reads it as
 QUANT_METHODS = {"gptq": gptq.FORMAT, "bitsandbytes": bitsandbytes.FORMAT, "awq": awq.FORMAT,
                  "compressed-tensors": compressed_tensors.FORMAT, "fp8": fp8.FORMAT}

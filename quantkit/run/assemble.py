@@ -2,8 +2,10 @@
 base tensor as the output stores it), config files, the base's tokenizer files, the model card and the manifest."""
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import Collection
+import tempfile
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -43,6 +45,19 @@ def side_files(model_dir: Path) -> list[Path]:
         if path.is_file():
             found.append(path)
     return found
+
+
+@contextlib.contextmanager
+def tokenizer_copy(model_dir: Path, config: dict) -> Iterator[Path]:
+    """A private temporary folder holding the base's side files (side_files: each checked not to lead outside the
+    model) and its checked config, for readers that open files of their own choosing and follow links
+    (transformers' tokenizer, gguf's SpecialVocab): they read these copies and nothing else of the model's."""
+    with tempfile.TemporaryDirectory(prefix="quantkit-tokenizer-") as folder:
+        copy = Path(folder)
+        for path in side_files(model_dir):
+            shutil.copyfile(path, copy / path.name)
+        write_json(copy / "config.json", config)
+        yield copy
 
 
 def write_shards(source: Source, state: RunState, steps: int, staging: Path, shard_bytes: int,

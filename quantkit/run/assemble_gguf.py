@@ -4,6 +4,7 @@ layers' Linears come as the steps stored their blocks; the other tensors are rea
 rounded to nearest onto llama.cpp's grid for the type the mix gives them (llama-quantize does the same)."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch import nn
 from quantkit import __version__
 from quantkit.config import CalibSpec, QuantSpec
 from quantkit.errors import QuantkitError
+from quantkit.run.assemble import tokenizer_copy
 from quantkit.run.gguf_output import BLOCKS_SUFFIX, TYPE_SUFFIX, GGUFLayout
 from quantkit.run.model import Skeleton, Source
 from quantkit.run.resume import RunState
@@ -24,7 +26,7 @@ from quantkit.source.experts import expert_blocks
 from quantkit.source.skeleton import linear_modules, weight_matrix
 from quantkit.untrusted import sha256_file
 from quantkit.write.ggml_blocks import pack
-from quantkit.write.gguf_file import TORCH_DTYPES, GGUFFileWriter, rows_permutation, tensor_plan
+from quantkit.write.gguf_file import TORCH_DTYPES, GGUFFileWriter, model_name, rows_permutation, tensor_plan
 from quantkit.write.manifest import MANIFEST_NAME, write_manifest
 from quantkit.write.model_card import render_gguf_card
 
@@ -50,12 +52,24 @@ def check_gguf_layer(layout: GGUFLayout, spec: QuantSpec, where: str, layer: nn.
     layout.check_linears(where, shapes, spec)
 
 
+def check_gguf_model(source: Source, skeleton: Skeleton, layout: GGUFLayout, spec: QuantSpec) -> None:
+    """Before any work: every tensor of the file has its GGUF name and a type llama.cpp's blocks hold, and the
+    metadata and tokenizer can be written (a tokenizer llama.cpp's files cannot hold, a rope kind it does not
+    read): what write_gguf_output would refuse after the last layer, refused first."""
+    _plan(source, skeleton, layout, spec, state=None)
+    with tokenizer_copy(source.model_dir, source.config_dict) as tokenizer_dir:
+        GGUFFileWriter.for_model(Path(os.devnull), source.config_dict, tokenizer_dir, layout.file_type,
+                                 name=model_name(source.config_dict, source.model_dir)).close()
+
+
 def write_gguf_output(source: Source, state: RunState, skeleton: Skeleton, layout: GGUFLayout, path: Path,
                       with_side_files: bool, calib: CalibSpec, repo_id: str | None, spec: QuantSpec) -> dict[str, str]:
     """The .gguf file at `path` (in staging), and with_side_files (a hub-cache output) a model card and quantkit's
     manifest beside it; returns the sha256 of every file in its folder that the output holds."""
-    plan = _plan(source, state, skeleton, layout, spec)
-    with GGUFFileWriter.for_model(path, source.config_dict, source.model_dir, layout.file_type) as writer:
+    plan = _plan(source, skeleton, layout, spec, state)
+    name = model_name(source.config_dict, source.model_dir)
+    with tokenizer_copy(source.model_dir, source.config_dict) as tokenizer_dir, \
+            GGUFFileWriter.for_model(path, source.config_dict, tokenizer_dir, layout.file_type, name=name) as writer:
         for t in plan:
             writer.declare(t.name, t.shape, t.ggml)
         writer.start()
@@ -77,31 +91,21 @@ def write_gguf_output(source: Source, state: RunState, skeleton: Skeleton, layou
     return hashes
 
 
-def _plan(source: Source, state: RunState, skeleton: Skeleton, layout: GGUFLayout, spec: QuantSpec) -> list[Planned]:
-    """Every tensor of the file in llama.cpp's layer order (write/gguf_file.tensor_plan), typed: the steps' blocks
-    as they stored them, the base's other tensors as the mix gives them (F16 for Linears --skip keeps)."""
-    from_steps: dict[str, tuple[int, str]] = {}  # base tensor -> (step, ggml type)
-    for i in range(len(skeleton.layers)):
-        tensors = state.layer_tensors(i)
-        for key, type_id in tensors.items():
-            if key.endswith(TYPE_SUFFIX):
-                module = key.removesuffix(TYPE_SUFFIX)
-                ggml = TYPE_NAMES.get(int(type_id.reshape(-1)[0]))
-                if ggml is None or f"{module}{BLOCKS_SUFFIX}" not in tensors:
-                    raise QuantkitError(f"internal error: step {i} holds {key} without blocks of a known type")
-                from_steps[f"{module}.weight"] = (i, ggml)
+def _plan(source: Source, skeleton: Skeleton, layout: GGUFLayout, spec: QuantSpec,
+          state: RunState | None) -> list[Planned]:
+    """Every tensor of the file in llama.cpp's layer order (write/gguf_file.tensor_plan), typed as the mix gives
+    them (F16 for Linears --skip keeps); with the run's state, which step holds each quantized Linear's blocks
+    (its report names them)."""
+    from_steps: dict[str, int] = {}  # base tensor -> the step whose blocks it is
+    for i, report in enumerate(state.reports if state is not None else []):
+        from_steps.update({f"{skeleton.prefix}.{i}.{linear}.weight": i for linear in report["losses"]})
     plan = []
     for p in tensor_plan(layout.config, source.checkpoint):
         if p.hf_name in skeleton.discarded:
             continue
-        if p.hf_name in from_steps:
-            step, ggml = from_steps.pop(p.hf_name)
-            plan.append(Planned(p.hf_name, p.gguf_name, p.shape, ggml, step))
-            continue
-        ggml = layout.type_of(p.hf_name, p.shape)
-        if ggml in GGML_TYPES and p.hf_name.startswith(f"{skeleton.prefix}.") and _skipped(p.hf_name, skeleton, spec):
-            ggml = "F16"
-        plan.append(Planned(p.hf_name, p.gguf_name, p.shape, ggml))
+        in_layer = p.hf_name.startswith(f"{skeleton.prefix}.")
+        ggml = "F16" if in_layer and _skipped(p.hf_name, skeleton, spec) else layout.type_of(p.hf_name, p.shape)
+        plan.append(Planned(p.hf_name, p.gguf_name, p.shape, ggml, from_steps.pop(p.hf_name, None)))
     if from_steps:
         raise QuantkitError(f"internal error: quantized {sorted(from_steps)[0]} is not a tensor of the base")
     return plan
@@ -120,15 +124,33 @@ def _tensor_bytes(plan: list[Planned], source: Source, state: RunState, layout: 
         if t.step is not None:
             if t.step != step:
                 step, tensors = t.step, state.layer_tensors(t.step)
-            data = tensors[f"{t.source.removesuffix('.weight')}{BLOCKS_SUFFIX}"].numpy()
+            data = _step_blocks(tensors, t)
         elif t.ggml in TORCH_DTYPES:
             data = source.checkpoint.get_as(t.source, TORCH_DTYPES[t.ggml]).numpy()
         else:
-            weight = source.checkpoint.get_as(t.source, torch.float32)
-            grid = choose_grid(weight, t.ggml)
-            data = pack(nearest_codes(weight, grid), grid)
+            data = _rounded_rows(source, t)
         order = rows_permutation(t.source, layout.config)
         yield data if order is None else data[order.numpy()]
+
+
+def _step_blocks(tensors: dict[str, torch.Tensor], t: Planned) -> np.ndarray:
+    """A Linear's blocks as its step stored them, which must be of the type the plan gives it."""
+    module = t.source.removesuffix(".weight")
+    blocks, type_id = tensors.get(f"{module}{BLOCKS_SUFFIX}"), tensors.get(f"{module}{TYPE_SUFFIX}")
+    if blocks is None or type_id is None or TYPE_NAMES.get(int(type_id.reshape(-1)[0])) != t.ggml:
+        raise QuantkitError(f"internal error: step {t.step} holds no {t.ggml} blocks for {t.source}")
+    return blocks.numpy()
+
+
+def _rounded_rows(source: Source, t: Planned) -> np.ndarray:
+    """A base tensor rounded to nearest onto llama.cpp's grid for its type, a block of rows at a time (a block's
+    grid depends on its own row alone): neither the float tensor nor its codes are ever held whole."""
+    kind = GGML_TYPES[t.ggml]
+    out = np.empty((t.shape[0], t.shape[1] // kind.block * kind.block_bytes), dtype=np.uint8)
+    for start, rows in source.checkpoint.blocks_as(t.source, torch.float32):
+        grid = choose_grid(rows, t.ggml)
+        out[start:start + len(rows)] = pack(nearest_codes(rows, grid), grid)
+    return out
 
 
 def _type_counts(plan: list[Planned]) -> dict[str, int]:

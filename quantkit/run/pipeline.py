@@ -19,7 +19,7 @@ from quantkit.faults import kill_point
 from quantkit.memory.heap import release_large_frees_at_once, return_free_heap
 from quantkit.memory.spill import ScratchFiles
 from quantkit.run.assemble import check_output_tensors, side_files, write_shards, write_side_files
-from quantkit.run.assemble_gguf import check_gguf_layer, write_gguf_output
+from quantkit.run.assemble_gguf import check_gguf_layer, check_gguf_model, write_gguf_output
 from quantkit.run.first_inputs import calibration_tokens, first_inputs, load_tokenizer, storage_dtype
 from quantkit.run.gguf_output import GGUFLayout
 from quantkit.run.layer import LayerJob, Streams, check_packable, quantize_layers
@@ -50,6 +50,7 @@ class QuantizeResult:
     peak_rss_mb: float
     device: str
     compute_dtype: str | None = None  # the calibration forwards' dtype (--compute-dtype); None without them
+    gguf_type: str | None = None  # a GGUF output's llama.cpp file type (bits, group_size and sym do not apply)
     gguf_file: str | None = None  # a GGUF output's file (inside `path` when published into the hub cache)
     peak_gpu_mb: float | None = None  # torch's peak allocation on the GPU, for --device cuda
     layers: list[dict] = field(default_factory=list)
@@ -128,7 +129,7 @@ def quantize(model: str, spec: QuantSpec = DEFAULT_SPEC, calib: CalibSpec = DEFA
                           seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(peak_rss_mb(), 1),
                           device=str(dev), layers=layers, peak_gpu_mb=gpu_peaks.overall_mb(),
                           compute_dtype=_dtype_name(forward_dtype) if spec.method == "gptq" else None,
-                          gguf_file=str(path / target.gguf_name if path.is_dir() else path)
+                          gguf_type=spec.gguf_type, gguf_file=str(path / target.gguf_name if path.is_dir() else path)
                           if target.gguf_name is not None else None)
 
 
@@ -182,6 +183,8 @@ def _checked_and_tokenized(run: Run) -> tuple[Skeleton, torch.Tensor | None]:
             check_gguf_layer(run.gguf, spec, f"{skeleton.prefix}.{i}", layer)
         else:
             check_packable(spec, f"{skeleton.prefix}.{i}", linear_modules(layer))
+    if run.gguf is not None:
+        check_gguf_model(source, skeleton, run.gguf, spec)
     input_ids = calibration_tokens(tokenizer, run.calib, source.config) if spec.method == "gptq" else None
     del tokenizer  # read once; it and tokenizing the text leave memory that no later step needs
     return_free_heap()

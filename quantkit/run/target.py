@@ -14,7 +14,7 @@ from pathlib import Path
 from quantkit.config import CalibSpec, QuantSpec
 from quantkit.errors import QuantkitError
 from quantkit.faults import wait_point
-from quantkit.source.gguf_header import GGUF_MAGIC
+from quantkit.source.gguf_header import GGUF_MAGIC, GGUF_SUFFIX
 from quantkit.source.hub import cache_id, cached_snapshot, check_repo_folder, hub_cache_dir, validate_repo_id
 from quantkit.untrusted import fsync_dir, not_symlink, private_directory, refuse_destructive_output, remove_tree
 from quantkit.write.manifest import MANIFEST_NAME
@@ -37,8 +37,9 @@ def default_repo_id(model: str, model_dir: Path, spec: QuantSpec) -> str:
 
 def gguf_file_name(repo_id: str, spec: QuantSpec) -> str:
     """The .gguf file's name in a hub-cache repo: the repo's name, with the type, as llama.cpp's files are named."""
-    name = repo_id.split("/")[-1].removesuffix("-gguf")
-    return f"{name}.gguf" if name.endswith(str(spec.gguf_type)) else f"{name}-{spec.gguf_type}.gguf"
+    name = repo_id.split("/")[-1]
+    name = name.split("-gguf")[0]
+    return f"{name}{GGUF_SUFFIX}" if name.endswith(str(spec.gguf_type)) else f"{name}-{spec.gguf_type}{GGUF_SUFFIX}"
 
 
 class Target:
@@ -56,7 +57,7 @@ class Target:
         self.gguf_name: str | None = None
         if spec.is_gguf:
             self.gguf_name = self.out.name if self.out is not None else gguf_file_name(self.hub_repo(), spec)
-            if self.out is not None and self.out.suffix != ".gguf":
+            if self.out is not None and self.out.suffix != GGUF_SUFFIX:
                 raise QuantkitError(f"--out {self.out}: --format gguf writes one file, named *.gguf")
         if self.out is not None:
             refuse_destructive_output(self.out, model_dir, "the base model's directory", f"--out {self.out}")

@@ -42,6 +42,7 @@ from quantkit.solve.ggml_search import (
 )
 
 CHUNK_ELEMENTS = 1 << 18  # weights handled per step: search temporaries of 1 MiB stay in the CPU caches
+CUDA_CHUNK_ELEMENTS = 1 << 24  # on a GPU: chunks large enough that kernel launches do not set the time
 
 
 @dataclass(frozen=True)
@@ -164,8 +165,12 @@ def _check_weights(w: Tensor, what: str) -> Tensor:
     return w
 
 
-def _row_chunks(n: int, k: int) -> list[slice]:
-    rows = max(1, CHUNK_ELEMENTS // k)
+def _chunk_elements(device: torch.device) -> int:
+    return CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
+
+
+def _row_chunks(n: int, k: int, device: torch.device) -> list[slice]:
+    rows = max(1, _chunk_elements(device) // k)
     return [slice(r, min(n, r + rows)) for r in range(0, n, rows)]
 
 
@@ -177,7 +182,7 @@ def _columns(x: Tensor, n: int) -> Tensor:
 def _row_sigma2(w: Tensor) -> Tensor:
     """Per row: sum(x^2)/K accumulated in column order (the legacy imatrix paths' sigma2), [N]."""
     acc = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
-    columns = max(1, CHUNK_ELEMENTS // w.shape[0])  # transposed a slice at a time, so each add is one row
+    columns = max(1, _chunk_elements(w.device) // w.shape[0])  # transposed a slice at a time, so each add is one row
     for c in range(0, w.shape[1], columns):
         part = w[:, c:c + columns].t().contiguous()
         for row in part * part:
@@ -247,7 +252,7 @@ def _kquant_fields(t: GGMLType, w: Tensor, qw: Tensor | None) -> dict[str, Tenso
     n, k = w.shape
     per_block = t.block // t.group
     found: list[dict[str, Tensor]] = []
-    for rows in _row_chunks(n, k):
+    for rows in _row_chunks(n, k, w.device):
         r = rows.stop - rows.start
         qws = None if qw is None else _columns(qw, t.group).repeat(1, r)
         xs = _columns(w[rows], t.group)
@@ -283,7 +288,8 @@ def choose_grid(w: Tensor, type_name: str, importance: Tensor | None = None) -> 
     sigma2 = _row_sigma2(w) if qw is not None and t.block == 32 else None
     if t.block == 256:
         return BlockGrid(t, _kquant_fields(t, w, qw), (n, k))
-    chunks = [_legacy_chunk(t, w[rows], qw, None if sigma2 is None else sigma2[rows]) for rows in _row_chunks(n, k)]
+    chunks = [_legacy_chunk(t, w[rows], qw, None if sigma2 is None else sigma2[rows])
+              for rows in _row_chunks(n, k, w.device)]
     fields = {key: torch.cat([c[0][key] for c in chunks]) for key in chunks[0][0]}
     rounding = {key: torch.cat([c[1][key] for c in chunks]) for key in chunks[0][1]}
     return BlockGrid(t, fields, (n, k), rounding)
@@ -350,7 +356,7 @@ def nearest_codes(w: Tensor, grid: BlockGrid) -> Tensor:
         raise ValueError(f"w has shape {tuple(x.shape)} but the {grid.type.name} grid is for {grid.shape}")
     params = _rounding_params(grid)
     out = torch.empty(grid.shape, dtype=torch.uint8, device=x.device)
-    for rows in _row_chunks(*grid.shape):
+    for rows in _row_chunks(*grid.shape, x.device):
         out[rows] = _codes_chunk(grid.type, x[rows], {key: value[rows] for key, value in params.items()})
     return out
 
@@ -363,7 +369,7 @@ def dequantize(codes: Tensor, grid: BlockGrid) -> Tensor:
     scale, bias = (p.unsqueeze(-1) for p in grid.affine())
     out = torch.empty(grid.shape, dtype=torch.float32, device=codes.device)
     zero = ZERO_CODE.get(grid.type.name)
-    for rows in _row_chunks(n, k):
+    for rows in _row_chunks(n, k, codes.device):
         c = codes[rows].reshape(-1, k // group, group).float()
         value = scale[rows] * (c - zero) if zero is not None else scale[rows] * c + bias[rows]
         out[rows] = value.reshape(-1, k)

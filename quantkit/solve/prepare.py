@@ -25,7 +25,7 @@ def permute_columns_(W: Tensor, order: Tensor) -> None:
         rows.copy_(rows.index_select(1, order))
 
 
-def _shift_to_asymmetric_target_(W: Tensor, cross: Tensor, Xinv: Tensor, order: Tensor) -> None:
+def shift_to_asymmetric_target_(W: Tensor, cross: Tensor, Xinv: Tensor, order: Tensor) -> None:
     """W += W·C·H⁻¹ in place, a block of rows at a time. Xinv is the solve's factor of H permuted by `order`
     (H[order][:, order] = (XinvᵀXinv)⁻¹, reversed_inverse_factor), so for B = W·C,
     B·H⁻¹ = (B[:, order]·Xinvᵀ·Xinv)[:, order⁻¹]. Xinv is lower triangular with zeros above: plain matmuls."""
@@ -73,7 +73,7 @@ def prepare_solve(weights: list[Tensor], hessian: Tensor, spec: QuantSpec, consu
 
     W = _stacked(weights)
     if cross is not None:
-        _shift_to_asymmetric_target_(W, cross, Xinv, order)
+        shift_to_asymmetric_target_(W, cross, Xinv, order)
     W[:, dead] = 0.0
     return PreparedSolve(W=W, Xinv=Xinv, perm=perm, damp=damp, importance=importance)
 

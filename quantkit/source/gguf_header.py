@@ -3,8 +3,9 @@
 The gguf package's reader and transformers' GGUF parsing trust the counts and offsets a header states: an array
 length past the end of the file makes the gguf reader loop over it, and tensor offsets or dimensions that lie are
 only noticed, if at all, deep inside dequantization. This walk reads nothing it has not bounded by the file's size
-and refuses, with one line naming the file, a header whose metadata or tensor table runs past the end, a tensor of
-an unknown type or of impossible dimensions, or tensor data that lies outside the file or overlaps another
+and refuses, with one line naming the file, a header whose metadata or tensor table runs past the end, more
+metadata keys, array elements or tensors than a model's file holds (the gguf reader builds objects for each), a
+tensor of an unknown type or of impossible dimensions, or tensor data that lies outside the file or overlaps another
 tensor's. What it keeps is the architecture and the tensor table.
 """
 from __future__ import annotations
@@ -19,10 +20,19 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from quantkit.errors import QuantkitError
 
 GGUF_MAGIC = b"GGUF"  # a GGUF file's first four bytes
+GGUF_SUFFIX = ".gguf"  # and its name's ending
 VERSIONS = (2, 3)  # what the gguf package and transformers read; v1 counted in 32 bits
 MAX_DIMS = 4  # GGML_MAX_DIMS
 DEFAULT_ALIGNMENT = 32
 MAX_NAME_BYTES = 1 << 16  # a metadata key, tensor name or architecture; GGUF's own limits are lower
+# The gguf package's reader (and transformers' GGUF parsing through it) builds a few numpy objects for every
+# metadata key, array element and tensor, so a small file of many tiny entries would take gigabytes to parse.
+# The largest real vocabularies (about 262k tokens, with their scores and types, and up to about 500k merges)
+# hold about 1.3 million array elements in all; a model file states a few dozen keys and at most tens of thousands
+# of tensors (a MoE's experts are one tensor per layer). Values and strings are bounded by the file's size.
+MAX_ARRAY_ELEMENTS = 2_000_000  # the elements of all metadata arrays together: 1.5x the largest real vocabulary
+MAX_METADATA_KEYS = 1 << 16
+MAX_TENSORS = 1 << 17
 _U32, _STRING, _ARRAY = 4, 8, 9
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF metadata value types
 _KEPT = {"general.architecture": _STRING, "general.alignment": _U32}  # the metadata read here, and its value type
@@ -46,6 +56,7 @@ class _Walk:
 
     def __init__(self, data: mmap.mmap, path: Path) -> None:
         self.data, self.path, self.pos = data, path, 0
+        self.elements = 0  # of the metadata arrays walked so far
 
     def fail(self, what: str) -> QuantkitError:
         return QuantkitError(f"{self.path} is not a valid GGUF file: {what}; download or convert it again")
@@ -82,6 +93,10 @@ class _Walk:
             self.skip(self.u64(f"metadata value {key!r}"), f"metadata value {key!r}")
         elif value_type == _ARRAY:
             element_type, count = self.u32(f"metadata array {key!r}"), self.u64(f"metadata array {key!r}")
+            self.elements += count
+            if self.elements > MAX_ARRAY_ELEMENTS:
+                raise self.fail(f"its metadata array {key!r} holds {count} elements, {self.elements} in its arrays "
+                                f"so far, more than the {MAX_ARRAY_ELEMENTS} a model's vocabulary needs")
             if element_type in _SCALAR_BYTES:
                 self.skip(count * _SCALAR_BYTES[element_type], f"metadata array {key!r}")
             elif element_type == _STRING:
@@ -112,6 +127,9 @@ def _walk(w: _Walk) -> GGUFHeader:
         raise w.fail(f"it is GGUF version {version}; versions {' and '.join(map(str, VERSIONS))}, little-endian, "
                      "are readable")
     tensor_count, kv_count = w.u64("tensor count"), w.u64("metadata count")
+    if kv_count > MAX_METADATA_KEYS or tensor_count > MAX_TENSORS:
+        raise w.fail(f"it states {kv_count} metadata keys and {tensor_count} tensors (a model has at most "
+                     f"{MAX_METADATA_KEYS} and {MAX_TENSORS})")
     architecture, alignment, keys = None, DEFAULT_ALIGNMENT, set()
     for _ in range(kv_count):  # each entry takes at least 12 bytes, so a lying count ends with the file
         key = w.string("metadata key")

@@ -18,14 +18,14 @@ F16, and F32 for 1-D tensors and norms; llama's q/k rows are permuted whole (wri
 The checkpoint is untrusted: verification/integrity.py checks its settings, every quantized Linear's tensor shapes,
 dtypes and g_idx range, and its float tensors, before anything is planned; the layout is read through
 formats/view.py. Every quantized Linear's type is decided from its zero points and g_idx (small tensors) before
-the file's header is written; then each tensor is read, repacked and written in turn, into a temporary file
-beside OUT that is renamed over it at the end.
+the file's header is written; then each tensor is read, repacked and written in turn, into the temporary file
+.OUT.convert-partial beside OUT that is renamed over it at the end, under the lock .OUT.convert-lock (a second
+convert to OUT is refused; one killed leaves its partial file, which the next removes). The tokenizer readers
+(transformers, gguf's SpecialVocab) read private copies of the vetted tokenizer files (run/assemble.tokenizer_copy).
 """
 from __future__ import annotations
 
-import logging
 import os
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +34,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from quantkit.config import DEFAULT_GGUF_TYPE
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf import natural_key
 from quantkit.formats.registry import open_view
 from quantkit.formats.view import DequantizedCheckpoint
+from quantkit.run.assemble import tokenizer_copy
 from quantkit.solve.ggml_grids import GGML_TYPES, ZERO_CODE, BlockGrid
 from quantkit.source.checkpoint import read_config, resolve_model_dir
-from quantkit.source.gguf_header import GGUF_MAGIC
+from quantkit.source.gguf_header import GGUF_MAGIC, GGUF_SUFFIX
 from quantkit.untrusted import fsync_dir, not_symlink
 from quantkit.verification.integrity import check_integrity, raise_for
 from quantkit.write.ggml_blocks import pack
@@ -59,19 +61,29 @@ from quantkit.write.gguf_model import add_model_metadata, extra_tensors, model_s
 from quantkit.write.gguf_vocab import add_tokenizer
 from quantkit.write.gptq_format import zero_offset
 from quantkit.write.packing import unpack_qweight, unpack_qzeros
+from quantkit.write.publish import exclusive
 
-log = logging.getLogger("quantkit")
-
-GGUF_SUFFIX = ".gguf"
 BLOCK = GGML_TYPES["Q4_0"].block  # 32 weights of a row share one d (and m) in every type convert writes
 GPTQ_FORMATS = ("gptq", "gptq_v2")  # checkpoint_format values convert reads (v1 stores zero - 1)
 SYMMETRIC_TYPE = {4: "Q4_0", 8: "Q8_0"}  # bits -> the block type of a grid whose zero is its middle code
 ASYMMETRIC_TYPE = {4: "Q4_1"}  # bits -> the block type with a min; 8 bits has none in llama.cpp's files
 LOW_BITS = (2, 3)  # GPTQ widths whose only llama.cpp blocks (Q2_K/Q3_K) would round the scales
 NEAREST_TYPE = {(4, True): "Q4_0", (4, False): "Q4_1", (8, True): "Q8_0", (8, False): "Q8_0"}
-DEFAULT_NEAREST = "Q4_K_M"  # quantize's default GGUF type, for settings no block type matches
+DEFAULT_NEAREST = DEFAULT_GGUF_TYPE  # for settings no block type matches
 PER_ROW = -1  # GPTQ's group_size for one group per row
 FLOAT_ORDER = ("F16", "F32")  # the summary lists the block types first (most tensors first), then these
+PARTIAL_SUFFIX = ".convert-partial"  # .OUT.convert-partial: the file being written, renamed over OUT when complete
+LOCK_SUFFIX = ".convert-lock"  # .OUT.convert-lock: held while writing, so two converts never write one OUT
+
+
+def partial_path(out: Path) -> Path:
+    """The one temporary file a convert to `out` writes (a killed run's is removed by the next one)."""
+    return out.with_name(f".{out.name}{PARTIAL_SUFFIX}")
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file of converts to `out`; it stays beside OUT, empty, as the lock's (write/publish.exclusive)."""
+    return out.with_name(f".{out.name}{LOCK_SUFFIX}")
 
 
 def nearest_command(bits: object = None, sym: object = True) -> str:
@@ -227,17 +239,22 @@ def convert(model: str | Path, out: str | Path, *, overwrite: bool = False) -> C
     try:
         result = ConvertResult(str(out_path))
         plan = _plan(view, float_config, settings, result)
-        temporary = out_path.with_name(f".{out_path.name}.convert-{uuid.uuid4().hex[:8]}")
-        try:
-            _write(temporary, view, plan, arch, float_config, model_dir, settings)
-            _refuse_out(out_path, overwrite)  # again: the file may have appeared while converting
-            os.replace(temporary, out_path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        partial, lock = partial_path(out_path), lock_path(out_path)
+        # the tokenizer readers get private copies of the vetted side files: a link leading outside the model is
+        # refused here, and nothing else of the checkpoint's folder is theirs to read
+        with tokenizer_copy(model_dir, float_config) as tokenizer_dir, \
+                exclusive(lock, f"{out_path} (lock {lock})"):
+            _refuse_out(out_path, overwrite)  # again, under the lock: another convert may have written it
+            partial.unlink(missing_ok=True)  # a killed convert's leftover; the lock says no live one writes it
+            try:
+                _write(partial, view, plan, arch, float_config, model_dir, tokenizer_dir, settings)
+                _refuse_out(out_path, overwrite)  # again: another program may have made it while converting
+                os.replace(partial, out_path)
+            finally:
+                partial.unlink(missing_ok=True)
         fsync_dir(out_path.parent)
     finally:
         view.close()
-    log.info("%s", result.summary())
     return result
 
 
@@ -298,8 +315,9 @@ def _plan(view: DequantizedCheckpoint, config: dict, settings: Settings, result:
 
 
 def _write(path: Path, view: DequantizedCheckpoint, plan: list[Planned], arch: str, config: dict, model_dir: Path,
-           settings: Settings) -> None:
-    """The GGUF file at `path`: metadata, tokenizer, then each planned tensor read, repacked and written in turn."""
+           tokenizer_dir: Path, settings: Settings) -> None:
+    """The GGUF file at `path`: metadata, tokenizer, then each planned tensor read, repacked and written in turn.
+    model_dir names the model; tokenizer_dir is the private copy of its tokenizer files (tokenizer_copy)."""
     checkpoint = view.checkpoint
     extras = extra_tensors(config)
     quantized = Counter(p.type_name for p in plan if p.quantized).most_common(1)
@@ -308,7 +326,7 @@ def _write(path: Path, view: DequantizedCheckpoint, plan: list[Planned], arch: s
     file_type = file_type_id(quantized[0][0])  # llama.cpp's "mostly" type: that of most quantized tensors
     with GGUFFileWriter(path, arch) as writer:
         add_model_metadata(writer.kv, config, name=model_name(config, model_dir), file_type=file_type)
-        add_tokenizer(writer.kv, model_dir, config, arch)
+        add_tokenizer(writer.kv, tokenizer_dir, config, arch)
         for p in plan:
             writer.declare(p.gguf_name, p.shape, p.type_name)
         for name, values in extras.items():

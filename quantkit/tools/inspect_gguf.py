@@ -3,8 +3,9 @@
 The header is walked first by source/gguf_header.py (every length bounded by the file, the tensor table checked),
 and only then parsed by the gguf package's GGUFReader for the metadata values: the architecture's sizes, the file
 type, the tokenizer. Every value read is checked for its type before it is shown; one of the wrong type is an
-error of the report, never a crash. Sizes come from the tensor table: bytes and elements per ggml type, and the
-bits per weight of the whole file's tensor data.
+error of the report, never a crash; the text report shows strings with their unprintable characters escaped.
+Sizes come from the tensor table: bytes and elements per ggml type, and the bits per weight of the whole file's
+tensor data.
 """
 from __future__ import annotations
 
@@ -14,12 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantkit.errors import QuantkitError, first_line
-from quantkit.source.gguf_header import GGUF_MAGIC, read_header
+from quantkit.source.gguf_header import GGUF_MAGIC, GGUF_SUFFIX, read_header
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
 
-GGUF_SUFFIX = ".gguf"
 QUANT_METHOD = "gguf"  # the report's quant_method, as verify names the format
 # the report's hparams -> the metadata key that holds each ({arch} is general.architecture)
 HPARAM_KEYS = {"layers": "{arch}.block_count", "hidden": "{arch}.embedding_length",
@@ -173,13 +173,13 @@ def format_inspect_gguf(r: GGUFInspectReport) -> str:
     kv = f" ({h['kv_heads']} kv)" if h.get("kv_heads") not in (None, h.get("heads")) else ""
     sizes = (f"{_value(h.get('layers'))} layers, hidden {_value(h.get('hidden'))}, {_value(h.get('heads'))} "
              f"heads{kv}, context {_value(h.get('context'))}, vocab {_value(h.get('vocab'))}")
-    tokenizer = r.tokenizer_model or "none"
+    tokenizer = shown(r.tokenizer_model) if r.tokenizer_model else "none"
     if r.tokenizer_pre:
-        tokenizer += f" (pre {r.tokenizer_pre})"
+        tokenizer += f" (pre {shown(r.tokenizer_pre)})"
     tokenizer += f", chat template {'yes' if r.chat_template else 'no'}"
-    lines = [f"path          {r.path}",
+    lines = [f"path          {shown(r.path)}",
              f"quantization  gguf {r.file_type or 'file type not stated'}, {bpw}",
-             f"model         {r.architecture}{f' ({r.name})' if r.name else ''}: {sizes}",
+             f"model         {shown(r.architecture)}{f' ({shown(r.name)})' if r.name else ''}: {sizes}",
              f"tokenizer     {tokenizer}",
              f"size on disk  {human_size(r.size_on_disk)}  ({human_size(r.tensor_bytes)} of tensor data in "
              f"{r.tensors} tensor{'s' if r.tensors != 1 else ''})"]
@@ -200,6 +200,13 @@ def format_inspect_gguf(r: GGUFInspectReport) -> str:
     lines += [f"error: {e}" for e in r.errors]
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)
+
+
+def shown(text: str) -> str:
+    """A string from the file's metadata as the text report shows it: characters that are not printable (control
+    characters such as ESC and newline, invisible format characters) as Python escapes, so a name cannot move the
+    cursor, clear the terminal or start a line of its own."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _value(v: int | None) -> str:

@@ -9,7 +9,13 @@ import torch
 
 from quantkit.errors import QuantkitError, first_line
 from quantkit.formats.registry import GGUF, GGUF_SUFFIX, open_view
-from quantkit.source.checkpoint import SafetensorsCheckpoint, TensorReader, read_config_dict, resolve_model_dir
+from quantkit.source.checkpoint import (
+    CONFIG_NAME,
+    SafetensorsCheckpoint,
+    TensorReader,
+    read_config_dict,
+    resolve_model_dir,
+)
 from quantkit.source.skeleton import (
     build_skeleton,
     checkpoint_key_renamer,
@@ -17,19 +23,43 @@ from quantkit.source.skeleton import (
     is_conv1d,
     materialize,
 )
+from quantkit.untrusted import inside
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
 
 def artifact_path(quantized: str) -> Path:
-    """QUANTIZED as given: a .gguf file, or a checkpoint directory / cached repo id."""
+    """QUANTIZED as given: a .gguf file, a checkpoint directory / cached repo id, or a directory / cached repo id
+    that holds one GGUF file and no config.json (a GGUF published in the hub cache), as that file (folder_gguf)."""
     if quantized.endswith(GGUF_SUFFIX):
         path = Path(quantized)
         if not path.is_file():
             raise QuantkitError(f"{quantized}: no such GGUF file")
         return path
-    return resolve_model_dir(quantized)
+    folder = resolve_model_dir(quantized)
+    return folder_gguf(folder) or folder
+
+
+def folder_gguf(folder: Path) -> Path | None:
+    """The one .gguf file of `folder` when it holds no config.json; None when it holds a config.json or no GGUF
+    file. Refused (one line) when it holds several, or when the file is a link leading outside the folder (for a
+    hub-cache snapshot, outside its repo folder: snapshot files are links to ../../blobs, as run/assemble.side_files
+    allows)."""
+    if (folder / CONFIG_NAME).exists():
+        return None
+    found = sorted(p for p in folder.iterdir() if p.suffix == GGUF_SUFFIX and p.is_file())
+    if len(found) > 1:
+        raise QuantkitError(f"{folder} holds {len(found)} GGUF files ({', '.join(p.name for p in found[:3])}"
+                            f"{', ...' if len(found) > 3 else ''}) and no config.json; give the path of one")
+    if not found:
+        return None
+    in_cache = folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
+    path = found[0]
+    if path.is_symlink() and not inside(path, folder.parent.parent if in_cache else folder):
+        raise QuantkitError(f"{path} is a link to {path.resolve()}, outside the model; quantkit reads only files "
+                            "that belong to it")
+    return path
 
 
 def model_config(model_dir: Path) -> PretrainedConfig:

@@ -110,7 +110,7 @@ def tensor_type(file_type: str, gguf_name: str, n_layers: int, row_length: int, 
     dimensions) in a `file_type` file of a model with `n_layers` layers and `n_experts` experts per MoE layer;
     "F32" for the tensors it never quantizes. `tied_embeddings`: the file has no output.weight; `imatrix`: the
     weights are quantized with an importance matrix; `type_70b`: llama.cpp classes the model LLM_TYPE_70B
-    (gguf_file.is_type_70b)."""
+    (gguf_model.is_type_70b)."""
     check_file_type(file_type)
     if kept_unquantized(gguf_name, n_dims):
         return UNQUANTIZED
