@@ -64,8 +64,19 @@ def _reference_state(path: Path, model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_a_q4_k_m_file_loads_in_transformers_with_quantkits_values(wide_llama: Path, tmp_path: Path) -> None:
+def _assert_transformers_reads_quantkits_values(out: Path, model_dir: Path, tolerance: float) -> None:
+    """transformers' GGUF loader gives the logits of the model holding quantkit's own decoding of `out`."""
     from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    reference.load_state_dict(_reference_state(out, model_dir), strict=False)
+    loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32)
+    ids = torch.randint(0, reference.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference.eval()(ids).logits, rtol=tolerance, atol=tolerance)
+
+
+def test_a_q4_k_m_file_loads_in_transformers_with_quantkits_values(wide_llama: Path, tmp_path: Path) -> None:
 
     out = tmp_path / "model.gguf"
     r = cli_run("quantize", wide_llama, "--format", "gguf", "--gguf-type", "Q4_K_M", "--out", out, *SMALL)
@@ -79,12 +90,7 @@ def test_a_q4_k_m_file_loads_in_transformers_with_quantkits_values(wide_llama: P
     assert types["blk.0.attn_v.weight"] == types["blk.0.attn_q.weight"] == types["blk.1.ffn_up.weight"] == "Q4_K"
     assert types["output.weight"] == "Q6_K" and types["blk.0.attn_norm.weight"] == "F32"
 
-    reference = AutoModelForCausalLM.from_pretrained(wide_llama, dtype=torch.float32)
-    reference.load_state_dict(_reference_state(out, wide_llama), strict=False)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
-    ids = torch.randint(0, reference.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, reference.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+    _assert_transformers_reads_quantkits_values(out, wide_llama, tolerance=1e-4)
 
 
 @pytest.mark.parametrize("gguf_type", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_K_S",
@@ -184,7 +190,6 @@ def test_the_demo_model_exported_loads_in_transformers_with_quantkits_values(smo
                                                                              tmp_path: Path) -> None:
     """SmolLM2 (tied embeddings, 576-wide rows that K-quants fall back from, llama.cpp's tokenizer names): the
     exported file's logits in transformers' GGUF loader are those of quantkit's own decoding of it."""
-    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "smollm2.gguf"
     r = cli_run("quantize", smollm2_dir, "--format", "gguf", "--gguf-type", "Q4_K_M", "--method", "rtn", "--out", out)
@@ -192,12 +197,7 @@ def test_the_demo_model_exported_loads_in_transformers_with_quantkits_values(smo
     types = {name: ggml for name, (ggml, _) in _tensors(out).items()}
     assert "output.weight" not in types and types["token_embd.weight"] == "Q8_0"  # tied: the head's type
     assert types["blk.0.attn_q.weight"] == "Q5_0" and types["blk.0.ffn_down.weight"] == "Q6_K"
-    reference = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    reference.load_state_dict(_reference_state(out, smollm2_dir), strict=False)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
-    ids = torch.randint(0, reference.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, reference.eval()(ids).logits, rtol=1e-3, atol=1e-3)
+    _assert_transformers_reads_quantkits_values(out, smollm2_dir, tolerance=1e-3)
 
 
 def test_a_model_llama_cpp_cannot_hold_is_refused_before_any_layer_is_quantized(tiny_tokenizer,

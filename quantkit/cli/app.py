@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -194,8 +195,10 @@ def quantize(model: str, bits: str, group_size: int, sym: bool, damp: float, act
         return
     gpu = f", peak GPU {result.peak_gpu_mb:.0f} MB" if result.peak_gpu_mb is not None else ""
     click.echo(f"wrote {result.path}  ({result.seconds:.0f}s, peak RSS {result.peak_rss_mb:.0f} MB{gpu})")
-    if spec.is_gguf:
-        click.echo(f"run it with: llama-cli -m {result.gguf_file}   (ollama: a Modelfile with FROM {result.gguf_file})")
+    if spec.is_gguf and result.gguf_file is not None:
+        # ollama reads a bare name after FROM as a model to pull: a relative path must start with ./
+        local = result.gguf_file if Path(result.gguf_file).is_absolute() else f"./{result.gguf_file}"
+        click.echo(f"run it with: llama-cli -m {result.gguf_file}   (ollama: a Modelfile with FROM {local})")
     elif result.repo_id:
         click.echo(f"load it with: AutoModelForCausalLM.from_pretrained(\"{result.repo_id}\")")
 
