@@ -175,7 +175,12 @@ class QuantSpec:
             raise QuantkitError(f"--skip {' '.join(self.skip)} leaves no Linear to quantize")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "skip": list(self.skip)}
+        """The settings as the manifest and the resume state record them; a GPTQ run's leave out the GGUF ones,
+        which do not apply to it."""
+        settings = {**asdict(self), "skip": list(self.skip)}
+        if not self.is_gguf:
+            del settings["gguf_type"], settings["gguf_importance"]
+        return settings
 
 
 @dataclass(frozen=True)
