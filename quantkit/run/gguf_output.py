@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from quantkit.config import QuantSpec
-from quantkit.errors import QuantkitError
+from quantkit.errors import NumericalError, QuantkitError
 from quantkit.solve.ggml_grids import GGML_TYPES, choose_grid, nearest_codes
 from quantkit.solve.gptq_grids import GridResult, gptq_on_grids, grid_values
 from quantkit.write.ggml_blocks import pack
@@ -68,8 +68,6 @@ def linear_types(layout: GGUFLayout, out_names: list[str], weights: list[Tensor]
 def solve_on_blocks(label: str, weights: list[Tensor], hessian: Tensor, types: list[str], spec: QuantSpec,
                     cross: Tensor | None) -> list[GridResult]:
     """GPTQ of Linears sharing `hessian` (consumed) onto their types' blocks; a failure is named after `label`."""
-    from quantkit.errors import NumericalError
-
     try:
         return gptq_on_grids(weights, hessian, types, spec, consume_hessian=True, cross=cross,
                              weighted=spec.gguf_importance)
