@@ -10,7 +10,8 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from quantkit.config import QuantSpec
 from quantkit.solve.ggml_grids import GGML_TYPES, choose_grid, nearest_codes
-from quantkit.solve.gptq_grids import gptq_on_grids, grid_values
+from quantkit.solve.ggml_grids import dequantize as grid_values
+from quantkit.solve.gptq_grids import gptq_on_grids
 from quantkit.write.ggml_blocks import pack
 
 TYPES = sorted(GGML_TYPES)

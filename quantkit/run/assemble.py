@@ -17,6 +17,7 @@ from quantkit.run.model import Source
 from quantkit.run.resume import RunState
 from quantkit.run.step_report import without_timings
 from quantkit.source.checkpoint import SafetensorsCheckpoint
+from quantkit.source.hub import model_root
 from quantkit.untrusted import inside, sha256_file
 from quantkit.write.gptq_format import checkpoint_format, quantization_config
 from quantkit.write.manifest import MANIFEST_NAME, write_manifest
@@ -34,8 +35,7 @@ def side_files(model_dir: Path) -> list[Path]:
     """The tokenizer, chat template and generation files of the base that the output carries, each refused (one
     line) when it is a link leading outside the model: the base's folder, or for a hub-cache snapshot its repo
     folder (whose snapshot files are links to ../../blobs). A link to a file elsewhere would be published."""
-    in_cache = model_dir.parent.name == "snapshots" and model_dir.parent.parent.name.startswith("models--")
-    root = model_dir.parent.parent if in_cache else model_dir
+    root = model_root(model_dir)
     found = []
     for name in SIDE_FILES:
         path = model_dir / name

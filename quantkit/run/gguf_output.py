@@ -9,8 +9,8 @@ from torch import Tensor
 
 from quantkit.config import QuantSpec
 from quantkit.errors import NumericalError, QuantkitError
-from quantkit.solve.ggml_grids import GGML_TYPES, choose_grid, nearest_codes
-from quantkit.solve.gptq_grids import GridResult, gptq_on_grids, grid_values
+from quantkit.solve.ggml_grids import GGML_TYPES, choose_grid, dequantize, nearest_codes
+from quantkit.solve.gptq_grids import GridResult, gptq_on_grids
 from quantkit.write.ggml_blocks import pack
 from quantkit.write.gguf_file import gguf_tensor_name
 from quantkit.write.gguf_mix import tensor_type
@@ -79,7 +79,7 @@ def rounded_on_blocks(weight: Tensor, ggml: str) -> GridResult:
     """Round-to-nearest onto llama.cpp's own grid for `weight`: what llama-quantize writes without an imatrix."""
     grid = choose_grid(weight.float(), ggml)
     codes = nearest_codes(weight.float(), grid)
-    return GridResult(codes=codes, grid=grid, weight=grid_values(codes, grid), loss=0.0, damp=0.0)
+    return GridResult(codes=codes, grid=grid, weight=dequantize(codes, grid), loss=0.0, damp=0.0)
 
 
 def step_tensors(out_name: str, result: GridResult) -> dict[str, Tensor]:

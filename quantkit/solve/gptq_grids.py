@@ -32,13 +32,6 @@ class GridResult:
     damp: float  # damping actually used
 
 
-def grid_values(codes: Tensor, grid: BlockGrid) -> Tensor:
-    """float32 [N, K]: each code's value on its block's grid."""
-    scale, bias = (_per_unit(t, grid) for t in grid.affine())
-    unit = torch.arange(codes.shape[1], device=codes.device) // UNIT
-    return codes.float() * scale[:, unit] + bias[:, unit]
-
-
 @torch.no_grad()
 def gptq_on_grids(weights: list[Tensor], hessian: Tensor, types: list[str], spec: QuantSpec,
                   consume_hessian: bool = False, cross: Tensor | None = None,
@@ -55,8 +48,9 @@ def gptq_on_grids(weights: list[Tensor], hessian: Tensor, types: list[str], spec
     slices = row_slices([w.shape[0] for w in weights])
     importance = prepared.importance if weighted else None
     grids = [choose_grid(W[rows], name, importance) for rows, name in zip(slices, types)]
-    scale = torch.cat([_per_unit(g.affine()[0], g) for g in grids]).to(W.device)
-    bias = torch.cat([_per_unit(g.affine()[1], g) for g in grids]).to(W.device)
+    affine = [g.affine() for g in grids]
+    scale = torch.cat([_per_unit(s, g) for (s, _), g in zip(affine, grids)]).to(W.device)
+    bias = torch.cat([_per_unit(b, g) for (_, b), g in zip(affine, grids)]).to(W.device)
     maxq = torch.cat([torch.full((rows.stop - rows.start,), float(g.type.maxq)) for rows, g in zip(slices, grids)])
     if perm is not None:
         permute_columns_(W, perm)

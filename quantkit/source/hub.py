@@ -28,6 +28,13 @@ log = logging.getLogger("quantkit")
 _REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_-])?")
 
 
+def model_root(model_dir: Path) -> Path:
+    """The folder a model's files may link into: the model's own, or for a hub-cache snapshot its repo folder
+    (snapshot files are links to ../../blobs)."""
+    in_cache = model_dir.parent.name == "snapshots" and model_dir.parent.parent.name.startswith("models--")
+    return model_dir.parent.parent if in_cache else model_dir
+
+
 def hub_cache_dir() -> Path:
     """HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub (read at call time, like huggingface_hub)."""
     if os.environ.get("HF_HUB_CACHE"):

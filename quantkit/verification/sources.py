@@ -16,6 +16,7 @@ from quantkit.source.checkpoint import (
     read_config_dict,
     resolve_model_dir,
 )
+from quantkit.source.hub import model_root
 from quantkit.source.skeleton import (
     build_skeleton,
     checkpoint_key_renamer,
@@ -44,8 +45,7 @@ def artifact_path(quantized: str) -> Path:
 def folder_gguf(folder: Path) -> Path | None:
     """The one .gguf file of `folder` when it holds no config.json; None when it holds a config.json or no GGUF
     file. Refused (one line) when it holds several, or when the file is a link leading outside the folder (for a
-    hub-cache snapshot, outside its repo folder: snapshot files are links to ../../blobs, as run/assemble.side_files
-    allows)."""
+    hub-cache snapshot, outside its repo folder: source/hub.model_root)."""
     if (folder / CONFIG_NAME).exists():
         return None
     found = sorted(p for p in folder.iterdir() if p.suffix == GGUF_SUFFIX and p.is_file())
@@ -54,9 +54,8 @@ def folder_gguf(folder: Path) -> Path | None:
                             f"{', ...' if len(found) > 3 else ''}) and no config.json; give the path of one")
     if not found:
         return None
-    in_cache = folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
     path = found[0]
-    if path.is_symlink() and not inside(path, folder.parent.parent if in_cache else folder):
+    if path.is_symlink() and not inside(path, model_root(folder)):
         raise QuantkitError(f"{path} is a link to {path.resolve()}, outside the model; quantkit reads only files "
                             "that belong to it")
     return path
