@@ -76,3 +76,68 @@ def test_hf_dataset_offline_fails_with_one_line():
 def test_evaluation_windows_are_consecutive(tiny_tokenizer):
     w = evaluation_windows(tiny_tokenizer, "pydocs-eval", 64, max_tokens=64 * 5)
     assert w.shape == (5, 64)
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _trained(pre_tokenizer, decoder):
+    """A small BPE tokenizer with the given pre-tokenizer, trained on the calibration text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizer, decoder
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(load_documents("pydocs-calib")[:200], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def _tokenizers():
+    from tokenizers import Regex, decoders, pre_tokenizers
+
+    return {
+        "gpt2": (pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()),
+        "llama3": (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+                                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+                   decoders.ByteLevel()),
+        "prefix-space": (pre_tokenizers.ByteLevel(add_prefix_space=True), decoders.ByteLevel()),
+        "sentencepiece": (pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+                          decoders.Metaspace(replacement="▁", prepend_scheme="first")),
+    }
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama3", "prefix-space", "sentencepiece"])
+def test_long_text_is_tokenized_in_pieces_with_the_whole_texts_ids(kind, monkeypatch):
+    """A long text is tokenized a piece at a time (the tokenizer's per-token bookkeeping stays bounded), cut only
+    where that changes no id: the ids equal one call on the whole text, for byte-level BPE tokenizers (cut) and for
+    those that mark the start of every call (a prefix space, SentencePiece's "▁", which the seam's space makes a
+    no-op)."""
+    from quantkit.source import calibration
+
+    tokenizer = _trained(*_tokenizers()[kind])
+    monkeypatch.setattr(calibration, "PIECE_CHARS", 20_000)
+    monkeypatch.setattr(calibration, "SEAM_SEARCH", 2_000)
+    docs = load_documents("pydocs-calib")[:400]
+    text = "\n\n".join(d for d in docs if d.strip())
+    calls: list[int] = []
+    real = calibration._ids
+    monkeypatch.setattr(calibration, "_ids", lambda tok, t: calls.append(len(t)) or real(tok, t))
+    stream = calibration.token_stream(tokenizer, docs)
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert stream.tolist() == whole
+    assert max(calls) <= 22_000 and len(calibration._pieces(tokenizer, text)) > 10  # pieces, not one call
+
+
+def test_text_with_no_checked_seam_is_tokenized_whole(tiny_tokenizer, monkeypatch):
+    """Where no seam passes the check (here: text without spaces), the text goes to the tokenizer in one call."""
+    from quantkit.source import calibration
+
+    monkeypatch.setattr(calibration, "PIECE_CHARS", 2_000)
+    monkeypatch.setattr(calibration, "SEAM_SEARCH", 500)
+    text = "x" * 10_000
+    assert calibration._pieces(tiny_tokenizer, text) == [0, len(text)]
+    assert calibration.token_stream(tiny_tokenizer, [text]).tolist() == \
+        tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
