@@ -43,6 +43,12 @@ def test_json_result_schema(quantized):
     assert set(res["layers"][-1]["stage_seconds"]) == {"load", "hessians", "solve"}
     assert all(v >= 0 for layer in res["layers"] for v in layer["stage_seconds"].values())
     assert not any("stage_peak_gpu_mb" in layer for layer in res["layers"])  # a GPU run's only
+    # where the run's time went, phase by phase, in order; the phases account for the run's seconds
+    from quantkit.run.pipeline import PHASES
+
+    assert list(res["phase_seconds"]) == list(PHASES)
+    assert sum(res["phase_seconds"].values()) <= res["seconds"] + 0.01
+    assert res["phase_seconds"]["layers"] >= sum(layer["seconds"] for layer in res["layers"]) - 0.01
 
 
 def test_published_into_hub_cache_layout(quantized):

@@ -5,6 +5,7 @@ import contextlib
 import errno
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,10 +54,21 @@ class QuantizeResult:
     gguf_type: str | None = None  # a GGUF output's llama.cpp file type (bits, group_size and sym do not apply)
     gguf_file: str | None = None  # a GGUF output's file (inside `path` when published into the hub cache)
     peak_gpu_mb: float | None = None  # torch's peak allocation on the GPU, for --device cuda
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # where `seconds` went, phase by phase (PHASES)
     layers: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+# quantize()'s phases in order, as QuantizeResult.phase_seconds names them
+PHASES = ("open",          # the base's config and headers opened, the output's target chosen
+          "check",         # the tokenizer loaded, every tensor the run reads or copies checked
+          "calibration",   # the calibration text read and tokenized into windows
+          "first_inputs",  # the windows through the embeddings: the first layer's inputs
+          "layers",        # the decoder layers (and the head), each step's own times in `layers`
+          "assemble",      # the output's files written in staging
+          "publish")       # staging renamed into place (hub cache or --out)
 
 
 @dataclass
@@ -72,6 +84,16 @@ class Run:
     progress: bool
     gpu_peaks: GpuPeaks
     gguf: GGUFLayout | None = None  # a GGUF output's layout (spec.gguf_type)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Adds the block's wall time to phase `name` (one of PHASES)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[name] = round(self.phase_seconds.get(name, 0.0) + time.perf_counter() - start, 3)
 
     @property
     def steps(self) -> int:
@@ -122,12 +144,14 @@ def quantize(model: str, spec: QuantSpec = DEFAULT_SPEC, calib: CalibSpec = DEFA
         target = Target(model, source.model_dir, spec, repo_id, Path(out) if out else None, overwrite, work_dir)
         gguf = GGUFLayout.of(spec, source.config_dict) if spec.is_gguf else None
         run = Run(source, spec, calib, dev, forward_dtype, target, shard_bytes, progress, gpu_peaks, gguf)
+        run.phase_seconds["open"] = round(time.perf_counter() - t0, 3)
         with target.lock():
             layers, path = _quantize_and_publish(run)
     return QuantizeResult(repo_id=target.repo_id, path=str(path), bits=spec.bits, group_size=spec.group_size,
                           sym=spec.sym, method=spec.method, checkpoint_format=checkpoint_format(spec),
                           seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(peak_rss_mb(), 1),
                           device=str(dev), layers=layers, peak_gpu_mb=gpu_peaks.overall_mb(),
+                          phase_seconds={p: run.phase_seconds[p] for p in PHASES if p in run.phase_seconds},
                           compute_dtype=_dtype_name(forward_dtype) if spec.method == "gptq" else None,
                           gguf_type=spec.gguf_type, gguf_file=str(path / target.gguf_name if path.is_dir() else path)
                           if target.gguf_name is not None else None)
@@ -140,7 +164,8 @@ def _quantize_and_publish(run: Run) -> tuple[list[dict], Path]:
     try:
         try:
             layers, files = _bnb(run) if run.spec.is_bnb else _gptq(run)
-            path = target.publish(files)
+            with run.phase("publish"):
+                path = target.publish(files)
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
@@ -166,26 +191,29 @@ def _gptq(run: Run) -> tuple[list[dict], dict[str, str]]:
         state = _resumable_state(run, skeleton, input_ids)
         _quantize_steps(run, skeleton, state, input_ids)
         return_free_heap()
-        return _assembled(run, state, skeleton)
+        with run.phase("assemble"):
+            return _assembled(run, state, skeleton)
 
 
 def _checked_and_tokenized(run: Run) -> tuple[Skeleton, torch.Tensor | None]:
     """The tokenizer loaded, the base model checked from its headers (and the tensors copied into the output as
     they are, for finite values in float16), then the calibration tokens (GPTQ only): failures come before work."""
     source, spec = run.source, run.spec
-    tokenizer = load_tokenizer(source.model_dir)
-    skeleton = skeleton_of(source)
-    check_layer_tensors(source, skeleton)
-    check_output_tensors(source, skeleton.prefix, skeleton.discarded)
-    source.unmap()  # the small tensors the checks read through the mapping
-    for i, layer in enumerate(skeleton.layers):  # MoE models: dense first layers, experts in the later ones
+    with run.phase("check"):
+        tokenizer = load_tokenizer(source.model_dir)
+        skeleton = skeleton_of(source)
+        check_layer_tensors(source, skeleton)
+        check_output_tensors(source, skeleton.prefix, skeleton.discarded)
+        source.unmap()  # the small tensors the checks read through the mapping
+        for i, layer in enumerate(skeleton.layers):  # MoE models: dense first layers, experts in the later ones
+            if run.gguf is not None:
+                check_gguf_layer(run.gguf, spec, f"{skeleton.prefix}.{i}", layer)
+            else:
+                check_packable(spec, f"{skeleton.prefix}.{i}", linear_modules(layer))
         if run.gguf is not None:
-            check_gguf_layer(run.gguf, spec, f"{skeleton.prefix}.{i}", layer)
-        else:
-            check_packable(spec, f"{skeleton.prefix}.{i}", linear_modules(layer))
-    if run.gguf is not None:
-        check_gguf_model(source, skeleton, run.gguf, spec)
-    input_ids = calibration_tokens(tokenizer, run.calib, source.config) if spec.method == "gptq" else None
+            check_gguf_model(source, skeleton, run.gguf, spec)
+    with run.phase("calibration"):
+        input_ids = calibration_tokens(tokenizer, run.calib, source.config) if spec.method == "gptq" else None
     del tokenizer  # read once; it and tokenizing the text leave memory that no later step needs
     return_free_heap()
     return skeleton, input_ids
@@ -213,16 +241,18 @@ def _quantize_steps(run: Run, skeleton: Skeleton, state: RunState, input_ids: to
     with contextlib.ExitStack() as stores:
         streams = Streams(input_ids)
         if input_ids is not None and state.layers_done < run.steps:
-            streams = first_inputs(job, run.source, skeleton, input_ids, run.calib, stores, run.target.work,
-                                   storage_dtype(torch_dtype_of(run.source.config_dict), run.compute_dtype))
+            with run.phase("first_inputs"):
+                streams = first_inputs(job, run.source, skeleton, input_ids, run.calib, stores, run.target.work,
+                                       storage_dtype(torch_dtype_of(run.source.config_dict), run.compute_dtype))
         bar = progress_bar(run.steps, run.progress)
         bar.update(state.layers_done)
         # on a CPU, o_proj's and down_proj's inputs wait in scratch files that every layer rewrites in place
         if dev.type == "cpu":
             job.kept = stores.enter_context(contextlib.closing(ScratchFiles(run.target.work)))
-        quantize_layers(job, run.source, skeleton, streams, bar)
-        if spec.lm_head and state.layers_done == len(skeleton.layers):
-            head_step(job, run.source, skeleton, streams, bar)
+        with run.phase("layers"):
+            quantize_layers(job, run.source, skeleton, streams, bar)
+            if spec.lm_head and state.layers_done == len(skeleton.layers):
+                head_step(job, run.source, skeleton, streams, bar)
         bar.close()
 
 
@@ -251,9 +281,11 @@ def _bnb(run: Run) -> tuple[list[dict], dict[str, str]]:
 
     staging = run.target.fresh_staging()
     log.info("quantizing with bitsandbytes (%s) on %s", run.spec.method, run.device)
-    weight_bytes = quantize_bnb(run.source.model_dir, run.source.config, run.spec, staging, run.device)
+    with run.phase("layers"):
+        weight_bytes = quantize_bnb(run.source.model_dir, run.source.config, run.spec, staging, run.device)
     kill_point("assembled")
-    return [], write_side_files(run.source, run.spec, None, staging, run.target.repo_id, [], weight_bytes)
+    with run.phase("assemble"):
+        return [], write_side_files(run.source, run.spec, None, staging, run.target.repo_id, [], weight_bytes)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -69,21 +70,49 @@ class Measured:
         return self
 
 
+# Linux gives an exec'd child the peak RSS of the process it was forked from (the mm it replaced), so a command
+# started straight from a benchmark that holds a model would report that model's size as its own floor. The
+# command is started from this small launcher instead, whose own size is all it inherits; it reports the
+# command's peak (wait4's ru_maxrss, in KiB) into the file named by its first argument.
+LAUNCHER = """
+import os, signal, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
 def run(cmd: list[str], log: Path, env: dict[str, str] | None = None, timeout: float | None = None) -> Measured:
     """Run cmd in log's folder (GPTQModel writes a logs/ folder into its working directory), its output into log,
     killed after timeout seconds if given. Paths in cmd should be absolute."""
+    peak_file = log.with_name(log.name + ".peak")
+    peak_file.unlink(missing_ok=True)
     with log.open("w") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env or bench_env(), cwd=log.parent)
-        timer = threading.Timer(timeout, proc.kill) if timeout else None
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", LAUNCHER, str(peak_file), *cmd], stdout=out,
+                                stderr=subprocess.STDOUT, env=env or bench_env(), cwd=log.parent,
+                                start_new_session=True)  # its own process group: a timeout kills the command too
+        timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL)) if timeout else None
         if timer:
             timer.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc.wait()
         wall = time.perf_counter() - start
         if timer:
             timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait for it again
-    return Measured(cmd, proc.returncode, wall, usage.ru_maxrss / 1024, log)
+    rss_kb = int(peak_file.read_text()) if peak_file.is_file() else 0  # absent: the launcher itself was killed
+    peak_file.unlink(missing_ok=True)
+    return Measured(cmd, proc.returncode, wall, rss_kb / 1024, log)
 
 
 def quantkit_json(args: list[str], env: dict[str, str] | None = None, ok: tuple[int, ...] = (0,)) -> dict:

@@ -6,7 +6,15 @@ the same calibration windows (written once to a safetensors file) in its own pro
 scripts/bench/measure.py (wall clock and peak RSS of the whole command, imports included). The tools alternate
 order between rounds. Each output's perplexity is then computed by scripts/bench/peer_runners/perplexity.py in the
 tool's own environment, loading the checkpoint through transformers as its users would, on the same evaluation
-windows. Takes about 15 minutes a round for SmolLM2-135M on 2 CPU cores (quantkit about 2, each peer about 5),
+windows.
+
+Two setups (--setup demo,user runs both, one after the other, each with its own table):
+- demo: the float32 checkpoint `quantkit import-gguf` makes, quantkit calibrating on its built-in set;
+- user: what a new user does: a bfloat16 checkpoint made by transformers' own GGUF loader from the same file, a
+  plain-text calibration file (--calib-text, else one written from Python's reference prose and the built-in
+  docstrings), and quantkit's command as typed (`--calib FILE.txt --repo-id NS/NAME --json`, published into a
+  hub cache in the work directory), with no tokenizer setting in the environment.
+Takes about 15 minutes a round and setup for SmolLM2-135M on 2 CPU cores (quantkit about 2, each peer about 5),
 plus the peers' installs on the first run.
 """
 from __future__ import annotations
@@ -19,13 +27,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from measure import QUANTKIT, bench_env, last_json, run
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNERS = Path(__file__).resolve().parent / "peer_runners"
-MARK_START, MARK_END = "<!-- bench_peers:start -->", "<!-- bench_peers:end -->"
 
 
 def perplexity(python: str, model_dir: Path, eval_file: Path, env: dict) -> float:
@@ -36,11 +44,78 @@ def perplexity(python: str, model_dir: Path, eval_file: Path, env: dict) -> floa
     return last_json(proc.stdout.splitlines())["ppl"]
 
 
+MARKS = {"demo": ("<!-- bench_peers:start -->", "<!-- bench_peers:end -->"),
+         "user": ("<!-- bench_peers_user:start -->", "<!-- bench_peers_user:end -->")}
+SETUP_TEXT = {
+    "demo": "the float32 checkpoint `quantkit import-gguf` makes, calibration windows from the built-in "
+            "`pydocs-calib` set",
+    "user": "a bfloat16 checkpoint made by transformers' GGUF loader, calibration windows from the plain-text file "
+            "{calib} (quantkit: `--calib FILE.txt --repo-id NS/NAME --json`, publishing into a hub cache)",
+}
+
+
+@dataclass
+class Setup:
+    """One benchmark setup: the checkpoint every tool quantizes, quantkit's calibration option, the environment."""
+    name: str
+    model: Path
+    calib: list[str]  # quantkit's calibration options
+    calib_source: str  # the CalibSpec source the shared windows are cut from
+    env: dict[str, str]
+
+
+def user_base(gguf: Path, out: Path) -> Path:
+    """A bfloat16 checkpoint of `gguf` made as a transformers user makes one: its GGUF loader, dequantized, saved."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16,
+                                                 quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True))
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(out))
+    return out
+
+
+def user_text(out: Path) -> Path:
+    """A plain-text calibration file of English prose and docstrings: Python's language reference topics (from the
+    standard library's pydoc_data) followed by the built-in calibration docstrings."""
+    import pydoc_data.topics
+
+    from quantkit.config import DEFAULT_CALIB
+    from quantkit.source.calibration import load_documents
+
+    out.write_text("\n\n".join([*pydoc_data.topics.topics.values(), *load_documents(DEFAULT_CALIB)]))
+    return out
+
+
+def setups(args: argparse.Namespace, work: Path) -> list[Setup]:
+    out = []
+    for name in args.setup.split(","):
+        if name == "demo":
+            out.append(Setup("demo", args.model, [], "pydocs-calib", bench_env()))
+        elif name == "user":
+            if args.gguf is None:
+                sys.exit("--setup user needs --gguf FILE (the GGUF the bfloat16 checkpoint is made from)")
+            text = args.calib_text.resolve() if args.calib_text else user_text(work / "calib.txt")
+            env = {k: v for k, v in bench_env(HF_HUB_CACHE=str(work / "hub")).items() if k != "TOKENIZERS_PARALLELISM"}
+            out.append(Setup("user", user_base(args.gguf.resolve(), work / "base-bf16"), ["--calib", str(text)],
+                             str(text), env))
+        else:
+            sys.exit(f"unknown setup {name!r}: use demo, user or both (demo,user)")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", type=Path, help="unquantized checkpoint directory")
+    ap.add_argument("model", type=Path, help="unquantized checkpoint directory (the demo setup's)")
     ap.add_argument("--llmcompressor-python", required=True)
     ap.add_argument("--gptqmodel-python", required=True)
+    ap.add_argument("--setup", default="demo", help="demo, user, or demo,user (see above)")
+    ap.add_argument("--gguf", type=Path, help="the GGUF the user setup's bfloat16 checkpoint is made from")
+    ap.add_argument("--calib-text", type=Path, help="the user setup's calibration text file (default: one written "
+                                                     "from Python's reference prose and the built-in docstrings)")
     ap.add_argument("--tools", default="quantkit,llmcompressor,gptqmodel")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
@@ -49,80 +124,104 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--work", type=Path, help="where outputs go (default: a temporary directory)")
-    ap.add_argument("--write-docs", action="store_true", help="replace the bench_peers section of docs/BENCHMARKS.md")
+    ap.add_argument("--write-docs", action="store_true",
+                    help="replace each setup's section of docs/BENCHMARKS.md")
     ap.add_argument("--reuse", action="store_true",
                     help="with --work: keep runs already finished there (same tokens), run only the missing ones")
     args = ap.parse_args()
     args.model = args.model.resolve()  # the tools run inside the work directory
+    work = (args.work or Path(tempfile.mkdtemp(prefix="quantkit-bench-peers-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    for setup in setups(args, work):
+        bench_setup(args, setup, work / setup.name)
 
+
+def bench_setup(args: argparse.Namespace, setup: Setup, work: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     from quantkit.config import CalibSpec
     from quantkit.source.calibration import calibration_batch, evaluation_windows
 
-    work = (args.work or Path(tempfile.mkdtemp(prefix="quantkit-bench-peers-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
-    calib = calibration_batch(tokenizer, CalibSpec(samples=args.samples, seq_len=args.seq_len))
+    print(f"setup {setup.name}: {setup.model}", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(setup.model))
+    calib = calibration_batch(tokenizer, CalibSpec(source=setup.calib_source, samples=args.samples,
+                                                   seq_len=args.seq_len))
     windows = evaluation_windows(tokenizer, "pydocs-eval", args.seq_len, args.eval_tokens)
     save_file({"input_ids": calib.contiguous()}, str(work / "calib.safetensors"))
     save_file({"input_ids": windows.contiguous()}, str(work / "eval.safetensors"))
-    env = bench_env(GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
+    env = {**setup.env, "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2")}
     q = ["--bits", str(args.bits), "--group-size", str(args.group_size)]
+
+    def quantkit(out: Path) -> list[str]:
+        # quantkit tokenizes the calibration set itself, with the same function and seed as above
+        where = ["--repo-id", f"bench/{out.name}"] if setup.name == "user" else ["--out", str(out)]
+        return [*QUANTKIT, "quantize", str(setup.model), *q, "--sym", "--samples", str(args.samples),
+                "--seq-len", str(args.seq_len), *setup.calib, *where, "--overwrite", "--json"]
+
     commands = {
-        # quantkit tokenizes the built-in calibration set itself, with the same function and seed as above
-        "quantkit": lambda out: [*QUANTKIT, "quantize", str(args.model), "--out", str(out), "--overwrite", "--json",
-                                 "--samples", str(args.samples), "--seq-len", str(args.seq_len), *q],
+        "quantkit": quantkit,
         "llmcompressor": lambda out: [args.llmcompressor_python, str(RUNNERS / "llmcompressor_gptq.py"),
-                                      str(args.model), str(work / "calib.safetensors"), str(out), *q],
-        "gptqmodel": lambda out: [args.gptqmodel_python, str(RUNNERS / "gptqmodel_gptq.py"), str(args.model),
+                                      str(setup.model), str(work / "calib.safetensors"), str(out), *q],
+        "gptqmodel": lambda out: [args.gptqmodel_python, str(RUNNERS / "gptqmodel_gptq.py"), str(setup.model),
                                   str(work / "calib.safetensors"), str(out), *q],
     }
     pythons = {"quantkit": sys.executable, "llmcompressor": args.llmcompressor_python,
                "gptqmodel": args.gptqmodel_python}
     tools = args.tools.split(",")
     runs: dict[str, list[tuple[float, float]]] = {t: [] for t in tools}
+    outputs: dict[str, Path] = {}
     for r in range(args.rounds):
         order = tools[r % len(tools):] + tools[:r % len(tools)]  # alternate who goes first
         for tool in order:
             out = work / f"{tool}-r{r}"
             timefile = work / f"{tool}-r{r}.time"
-            if args.reuse and timefile.is_file() and (out / "config.json").is_file():
-                wall, rss_kb = timefile.read_text().split()[-2:]
-                runs[tool].append((float(wall), int(rss_kb) / 1024))
-                print(f"round {r + 1}: {tool:14s} {float(wall):8.1f} s  {int(rss_kb) / 1024:7.0f} MB  (reused)")
-                continue
+            if args.reuse and timefile.is_file():
+                wall, rss_kb, where = timefile.read_text().split()[-3:]
+                if (Path(where) / "config.json").is_file():
+                    runs[tool].append((float(wall), int(rss_kb) / 1024))
+                    outputs.setdefault(tool, Path(where))
+                    print(f"round {r + 1}: {tool:14s} {float(wall):8.1f} s  {int(rss_kb) / 1024:7.0f} MB  (reused)")
+                    continue
             m = run(commands[tool](out), work / f"{tool}-r{r}.log", env).check()
             wall, rss = m.wall_s, m.peak_rss_mb
-            timefile.write_text(f"{wall:.2f} {round(rss * 1024)}\n")  # seconds and KB, read back by --reuse
+            where = Path(m.report().get("path", out)) if tool == "quantkit" else out  # a published snapshot
+            timefile.write_text(f"{wall:.2f} {round(rss * 1024)} {where}\n")  # read back by --reuse
             runs[tool].append((wall, rss))
+            outputs.setdefault(tool, where)
             print(f"round {r + 1}: {tool:14s} {wall:8.1f} s  {rss:7.0f} MB", flush=True)
 
-    base_ppl = perplexity(sys.executable, args.model, work / "eval.safetensors", env)
+    base_ppl = perplexity(sys.executable, setup.model, work / "eval.safetensors", env)
     rows = []
     for tool in tools:
-        ppl = perplexity(pythons[tool], work / f"{tool}-r0", work / "eval.safetensors", env)
+        ppl = perplexity(pythons[tool], outputs[tool], work / "eval.safetensors", env)
         rows.append({"tool": tool, "wall_s": statistics.median(w for w, _ in runs[tool]),
                      "peak_rss_mb": max(m for _, m in runs[tool]), "ppl": ppl})
     versions = {t: subprocess.run([pythons[t], "-c", f"import importlib.metadata as m; print(m.version('{t}'))"],
                                   capture_output=True, text=True).stdout.strip() for t in tools}
-    table = render(rows, base_ppl, versions, args, windows.numel())
+    what = SETUP_TEXT[setup.name].format(calib=f"`{Path(setup.calib_source).name}`")
+    table = render(rows, base_ppl, versions, args, windows.numel(), setup.name, what)
+    if "quantkit" in tools:
+        table += "\n\n" + time_split(work / "quantkit-r0.log", runs["quantkit"][0][0])
     print(table)
     if args.write_docs:
+        start, end = MARKS[setup.name]
         doc = ROOT / "docs" / "BENCHMARKS.md"
         text = doc.read_text()
-        section = f"{MARK_START}\n{table}\n{MARK_END}"
-        text = re.sub(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), lambda _: section, text, flags=re.S) \
-            if MARK_START in text else text.rstrip() + "\n\n" + section + "\n"
+        section = f"{start}\n{table}\n{end}"
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S) \
+            if start in text else text.rstrip() + "\n\n" + section + "\n"
         doc.write_text(text)
         print(f"wrote {doc}")
 
 
-def render(rows: list[dict], base_ppl: float, versions: dict, args, eval_tokens: int) -> str:
+def render(rows: list[dict], base_ppl: float, versions: dict, args: argparse.Namespace, eval_tokens: int,
+           setup: str, what: str) -> str:
     by = {r["tool"]: r for r in rows}
-    lines = [f"Measured {time.strftime('%Y-%m-%d')}, one run of `scripts/bench/peers.sh` ({args.rounds} round(s), "
-             f"tools alternating), {args.bits}-bit, group {args.group_size}, symmetric, {args.samples} x "
+    lines = [f"Measured {time.strftime('%Y-%m-%d')}, one run of `scripts/bench/peers.sh --setup {args.setup}`, setup "
+             f"**{setup}** ({what}); {args.rounds} round(s), "
+             f"tools alternating, {args.bits}-bit, group {args.group_size}, symmetric, {args.samples} x "
              f"{args.seq_len} calibration tokens (the same windows for every tool), perplexity on {eval_tokens} "
              f"`pydocs-eval` tokens loaded through transformers; unquantized perplexity {base_ppl:.3f}.", "",
              "| tool | version | wall s | peak RSS MB | perplexity | vs unquantized |", "|---|---|---|---|---|---|"]
@@ -136,6 +235,25 @@ def render(rows: list[dict], base_ppl: float, versions: dict, args, eval_tokens:
             lines.append(f"| {r['tool']} | {q['wall_s'] / r['wall_s']:.2f} | "
                          f"{q['peak_rss_mb'] / r['peak_rss_mb']:.2f} | {q['ppl'] / r['ppl']:.3f} |")
         lines += targets(q, peers)
+    return "\n".join(lines)
+
+
+def time_split(log: Path, wall: float) -> str:
+    """quantkit's wall time (round 1), phase by phase from its --json report; the layers' by their stages."""
+    report = last_json(log.read_text(errors="replace").splitlines()) or {}
+    phases, layers = report.get("phase_seconds", {}), report.get("layers", [])
+    stages: dict[str, float] = {}
+    for layer in layers:
+        for k, v in layer.get("stage_seconds", {}).items():
+            stages[k] = stages.get(k, 0.0) + v
+    rows = [("start-up: imports, command line", wall - report.get("seconds", wall)),
+            *((f"{name}" + (f" ({len(layers)} steps)" if name == "layers" else ""), sec)
+              for name, sec in phases.items())]
+    lines = ["Where quantkit's wall time went (round 1; phases from its `--json` report's `phase_seconds`, the "
+             "layers' stages summed from `layers[].stage_seconds`):", "", "| phase | s | share |", "|---|---:|---:|"]
+    lines += [f"| {name} | {sec:.1f} | {100 * sec / wall:.0f}% |" for name, sec in rows]
+    lines += [f"| &nbsp;&nbsp;layers: {k} | {v:.1f} | {100 * v / wall:.0f}% |" for k, v in stages.items()]
+    lines.append(f"| **whole command** | **{wall:.1f}** | |")
     return "\n".join(lines)
 
 

