@@ -118,14 +118,14 @@ def test_out_of_space_stops_cleanly_keeps_work_and_resumes(tiny4, tmp_path, monk
     import quantkit.run.resume as resume
     from quantkit.cli.app import cli
 
-    real_save = resume.RunState.save_layer
+    real_write = resume.RunState.write_layer
 
     def full_disk_at_layer_2(self, index, *args, **kwargs):
         if index == 2:
             raise OSError(errno.ENOSPC, "No space left on device", str(self.layer_file(index)))
-        return real_save(self, index, *args, **kwargs)
+        return real_write(self, index, *args, **kwargs)
 
-    monkeypatch.setattr(resume.RunState, "save_layer", full_disk_at_layer_2)
+    monkeypatch.setattr(resume.RunState, "write_layer", full_disk_at_layer_2)
     out = tmp_path / "q"
     r = CliRunner().invoke(cli, ["quantize", str(tiny4), "--out", str(out), *ARGS])
     assert r.exit_code == 1 and "no space left on the device writing" in r.output and "GiB free now" in r.output
@@ -133,7 +133,7 @@ def test_out_of_space_stops_cleanly_keeps_work_and_resumes(tiny4, tmp_path, monk
     work = tmp_path / ".q.quantkit-work"
     assert len(json.loads((work / "state" / "state.json").read_text())["layers"]) == 2
 
-    monkeypatch.setattr(resume.RunState, "save_layer", real_save)
+    monkeypatch.setattr(resume.RunState, "write_layer", real_write)
     r = CliRunner().invoke(cli, ["quantize", str(tiny4), "--out", str(out), *ARGS])
     assert r.exit_code == 0, r.output
     assert (out / "config.json").is_file() and not work.exists()
@@ -168,52 +168,91 @@ class _AlwaysInBackground:
 
 
 def test_background_saves_write_the_same_bytes(tiny4, tmp_path, monkeypatch):
-    """A GPU run saves each layer while the next computes; on the CPU twin every saved file (the activations a
-    resume starts from, too) and the output are the synchronous run's. Each background save waits first, so the
-    next layer is computing (and folding records into its inputs) while the save reads them."""
+    """A GPU run saves each layer while the next computes; a CPU run writes each layer's files at once and syncs
+    them (its commit) while the next computes. Every saved file (the activations a resume starts from, too) and the
+    output are those of a run whose saves end before the next layer starts, with the saves or commits held back
+    so that the next layer is computing (and folding records into its inputs) meanwhile."""
     import time
 
     from quantkit.config import CalibSpec, QuantSpec
     from quantkit.run import pipeline
     from quantkit.run.resume import RunState
 
-    save_layer = RunState.save_layer
+    write_layer = RunState.write_layer
 
     def run(out: Path, delay: float) -> tuple[dict, list[str]]:
         saved = []
 
-        def recording_save(self, index, tensors, report, activations):
-            time.sleep(delay)
-            save_layer(self, index, tensors, report, activations)
-            files = [self.layer_file(index), self.activations_file(index + 1)]
-            saved.extend(hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file())
+        def recording_write(self, index, tensors, report, activations):
+            commit = write_layer(self, index, tensors, report, activations)
 
-        monkeypatch.setattr(RunState, "save_layer", recording_save)
+            def recorded_commit():
+                time.sleep(delay)
+                commit()
+                files = [self.layer_file(index), self.activations_file(index + 1)]
+                saved.extend(hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file())
+            return recorded_commit
+
+        monkeypatch.setattr(RunState, "write_layer", recording_write)
         result = pipeline.quantize(str(tiny4), spec, calib, out=out)
         return _file_hashes(Path(result.path)), saved
 
     spec, calib = QuantSpec(bits=4, group_size=32), CalibSpec(samples=8, seq_len=32)
-    synchronous = run(tmp_path / "sync", delay=0)
+    immediate = run(tmp_path / "sync", delay=0)
+    committed_behind = run(tmp_path / "behind", delay=0.5)  # the CPU's: the commit overlaps the next layer
     monkeypatch.setattr(pipeline, "BackgroundSaves", _AlwaysInBackground)
-    background = run(tmp_path / "background", delay=0.5)
-    assert len(synchronous[1]) == 7  # 4 layers' tensors, the inputs of layers 1-3
-    assert background == synchronous
+    background = run(tmp_path / "background", delay=0.5)  # the GPU's: the whole save overlaps the next layer
+    assert len(immediate[1]) == 7  # 4 layers' tensors, the inputs of layers 1-3
+    assert committed_behind == immediate and background == immediate
 
 
-def test_a_failed_background_save_fails_the_run_and_keeps_its_work(tiny4, tmp_path, monkeypatch):
+def test_state_on_disk_changes_only_when_a_layer_is_committed(tmp_path):
+    """A layer written but not committed (a kill while its files sync) leaves the previous state on disk, which
+    a resume continues from; its commit makes the files and state.json durable and deletes the used inputs."""
+    import torch
+
+    from quantkit.memory.spill import ActivationsInMemory
+    from quantkit.run.resume import RunState
+
+    work = tmp_path / "work"
+    state = RunState(work, "fingerprint")
+
+    def report(i: int) -> dict:
+        return {"index": i, "seconds": 0.0, "losses": {}}
+
+    state.save_layer(0, {"w": torch.ones(2)}, report(0), [ActivationsInMemory([torch.ones(2, 4)])])
+    commit = state.write_layer(1, {"w": torch.zeros(2)}, report(1), [ActivationsInMemory([torch.zeros(2, 4)])])
+    assert state.layers_done == 2
+    before = RunState(work, "fingerprint")  # what a resume would find now
+    assert before.layers_done == 1 and not state.layer_file(1).exists() and state.activations_file(1).is_file()
+    commit()
+    after = RunState(work, "fingerprint")
+    assert after.layers_done == 2 and state.layer_file(1).is_file()
+    assert state.activations_file(2).is_file() and not state.activations_file(1).exists()
+
+
+@pytest.mark.parametrize("where", ["commit", "background save"])
+def test_a_failed_background_save_fails_the_run_and_keeps_its_work(where, tiny4, tmp_path, monkeypatch):
+    """A save that fails on the worker thread (a CPU run's commit, a GPU run's whole save) fails the run with
+    its one-line reason at the next layer, and the layers committed before it stay for a resume."""
     from quantkit.config import CalibSpec, QuantSpec
     from quantkit.run import pipeline
     from quantkit.run.resume import RunState
 
-    save_layer = RunState.save_layer
+    write_layer = RunState.write_layer
 
     def full_disk_at_layer_2(self, index, *args):
-        if index == 2:
-            raise OSError(28, "No space left on device", "activations-00003.safetensors")
-        return save_layer(self, index, *args)
+        commit = write_layer(self, index, *args)
 
-    monkeypatch.setattr(pipeline, "BackgroundSaves", _AlwaysInBackground)
-    monkeypatch.setattr(RunState, "save_layer", full_disk_at_layer_2)
+        def failing_commit():
+            if index == 2:
+                raise OSError(28, "No space left on device", "activations-00003.safetensors")
+            commit()
+        return failing_commit
+
+    if where == "background save":
+        monkeypatch.setattr(pipeline, "BackgroundSaves", _AlwaysInBackground)
+    monkeypatch.setattr(RunState, "write_layer", full_disk_at_layer_2)
     work = tmp_path / "work"
     with pytest.raises(pipeline.QuantkitError, match="no space left"):
         pipeline.quantize(str(tiny4), QuantSpec(bits=4, group_size=32), CalibSpec(samples=8, seq_len=32),

@@ -165,17 +165,28 @@ def quantize_layer(job: LayerJob, source: Source, skeleton: Skeleton, i: int, st
 def save_layer(job: LayerJob, i: int, tensors: dict[str, Tensor], report: dict, streams: Streams, source: Source,
                with_inputs: bool) -> None:
     """Hand step i to job.saves, with the next layer's inputs (both streams under GPTAQ) when with_inputs. A
-    background save reads the batches while the next layer replaces them in the store, so it gets a copy of the
-    list; a synchronous save writes them before anything changes."""
+    background save (a GPU's) reads the batches while the next layer replaces them in the store, so it gets a
+    copy of the list. Otherwise the files are written now, before anything changes, and only their commit
+    (syncing them to disk, then state.json) overlaps the next layer."""
     stores = [s for s in (streams.batches, streams.reference) if s is not None]
     inputs = [ActivationsInMemory(s) if job.saves.enabled else s for s in stores] if with_inputs else None
     job.state.note_base(i, source.reads.digests)  # the base tensors this layer (and, first, the calibration) read
-    job.saves.submit(functools.partial(_save_step, job.state, i, tensors, report, inputs))
+    if job.saves.enabled:
+        job.saves.submit(functools.partial(_save_step, job.state, i, tensors, report, inputs))
+        return
+    job.saves.wait()  # the previous layer's commit, before this layer's files are written
+    commit = job.state.write_layer(i, tensors, report, inputs)
+    job.saves.submit(functools.partial(_commit_step, commit, i), background=True)
 
 
 def _save_step(state: RunState, i: int, tensors: dict[str, Tensor], report: dict,
                activations: list[Activations] | None) -> None:
     state.save_layer(i, tensors, report, activations)
+    kill_point(f"layer:{i}:saved")
+
+
+def _commit_step(commit: Callable[[], None], i: int) -> None:
+    commit()
     kill_point(f"layer:{i}:saved")
 
 

@@ -110,12 +110,22 @@ class HashedReads:
 
 def _write_atomically(path: Path, write: Callable[[Path], T]) -> T:
     """write(temporary path), then the rename to `path`; returns what `write` returned."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _temporary(path)
     result = write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())  # the rename must never expose a file whose data is not on disk yet
-    os.replace(tmp, path)
+    _make_durable(tmp, path)
     return result
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _make_durable(tmp: Path, path: Path) -> None:
+    """tmp's data onto the disk, then tmp renamed to `path`: the rename never exposes a file whose data is not on
+    disk yet."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _record_of(path: Path) -> dict:
@@ -229,33 +239,46 @@ class RunState:
 
     def save_layer(self, index: int, tensors: dict[str, Tensor], report: dict,
                    activations: Sequence[Activations] | None) -> None:
-        """Record layer `index` as finished: its tensors and the next layer's inputs first, state.json last, with
-        the sha256 and size of both files and the base tensors the layer came from (note_base).
-        activations: the next layer's input streams (spill.Activations), saved one after another.
+        """Record layer `index` as finished, on disk before it returns (write_layer, then its commit)."""
+        self.write_layer(index, tensors, report, activations)()
 
-        A kill between any two steps leaves either the old state (redo this layer from its kept inputs) or
+    def write_layer(self, index: int, tensors: dict[str, Tensor], report: dict,
+                    activations: Sequence[Activations] | None) -> Callable[[], None]:
+        """Record layer `index` as finished: its tensors and the next layer's inputs written (read from
+        `activations` now, so the caller may change them once this returns), and this state updated; returns the
+        commit, which makes it durable: both files synced to disk and renamed into place, then state.json, with
+        the sha256 and size of both files and the base tensors the layer came from (note_base), then the layer's
+        own inputs deleted. The commit may run on another thread while the next layer computes; the next
+        write_layer must wait for it. activations: the next layer's input streams (spill.Activations), saved one
+        after another.
+
+        A kill before or during the commit leaves the old state (redo this layer from its kept inputs), after it
         the new one (continue with the next layer's inputs): each layer's inputs live in their own file.
         """
         from safetensors.torch import save_file
 
         if index != self.layers_done:
             raise QuantkitError(f"internal error: layer {index} saved after {self.layers_done} finished layers")
-        _write_atomically(self.layer_file(index),
-                          lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
-        step = _record_of(self.layer_file(index))
-        saved_inputs = None
-        if activations is not None:
-            saved_inputs = _write_atomically(self.activations_file(index + 1),
-                                             lambda p: _save_batches(p, activations))
+        layer_file = self.layer_file(index)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(_temporary(layer_file)))
+        step = _record_of(_temporary(layer_file))
+        inputs_file = self.activations_file(index + 1)
+        saved_inputs = _save_batches(_temporary(inputs_file), activations) if activations is not None else None
         recorded = {name for done in self.steps for name in done["base"]}
         step["base"] = {n: d for n, d in self._base_read.pop(index, {}).items() if n not in recorded}
         self.reports.append(report)
         self.steps.append(step)
         self.activations = saved_inputs
-        _write_atomically(self.work / STATE, lambda p: p.write_text(json.dumps(
-            {"format": STATE_FORMAT, "fingerprint": self.fingerprint, "layers": self.reports, "steps": self.steps,
-             "activations": self.activations}, indent=1)))
-        self.activations_file(index).unlink(missing_ok=True)  # this layer's inputs are no longer needed
+        state = json.dumps({"format": STATE_FORMAT, "fingerprint": self.fingerprint, "layers": self.reports,
+                            "steps": self.steps, "activations": self.activations}, indent=1)
+
+        def commit() -> None:
+            _make_durable(_temporary(layer_file), layer_file)
+            if saved_inputs is not None:
+                _make_durable(_temporary(inputs_file), inputs_file)
+            _write_atomically(self.work / STATE, lambda p: p.write_text(state))
+            self.activations_file(index).unlink(missing_ok=True)  # this layer's inputs are no longer needed
+        return commit
 
     def activations_file(self, index: int) -> Path:
         return self.work / f"activations-{index:05d}.safetensors"
@@ -363,8 +386,9 @@ def _load_batches(path: Path, streams: Sequence[Activations]) -> None:
 class BackgroundSaves:
     """Layer saves run one at a time on a worker thread while the next layer computes (on a GPU, writing and
     syncing a layer's activations is a large share of the layer's time). Saves keep their order:
-    each waits for the one before. Disabled, `submit` saves at once (the CPU's way: there the write is a small
-    share of a layer, and a second copy of the activations would count against the run's memory).
+    each waits for the one before. Disabled, `submit` saves at once (the CPU's way: a second copy of the
+    activations would count against the run's memory), unless asked for `background` (the CPU's commits,
+    RunState.write_layer: syncing files a layer already wrote, which needs no copy).
     The caller must not change the saved tensors in place until `wait` (see calibrate.memo.BlockMemo.fold_into)."""
 
     def __init__(self, enabled: bool) -> None:
@@ -372,9 +396,9 @@ class BackgroundSaves:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def submit(self, save: Callable[[], None]) -> None:
+    def submit(self, save: Callable[[], None], background: bool = False) -> None:
         self.wait()
-        if not self.enabled:
+        if not (self.enabled or background):
             save()
             return
 

@@ -252,6 +252,8 @@ def time_split(log: Path, wall: float) -> str:
     lines = ["Where quantkit's wall time went (round 1; phases from its `--json` report's `phase_seconds`, the "
              "layers' stages summed from `layers[].stage_seconds`):", "", "| phase | s | share |", "|---|---:|---:|"]
     lines += [f"| {name} | {sec:.1f} | {100 * sec / wall:.0f}% |" for name, sec in rows]
+    if "layers" in phases:  # what the stages do not count: each step's save, and the steps' bookkeeping
+        stages["saving and the rest"] = phases["layers"] - sum(stages.values())
     lines += [f"| &nbsp;&nbsp;layers: {k} | {v:.1f} | {100 * v / wall:.0f}% |" for k, v in stages.items()]
     lines.append(f"| **whole command** | **{wall:.1f}** | |")
     return "\n".join(lines)
