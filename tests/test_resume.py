@@ -300,3 +300,33 @@ def test_saved_activations_are_a_safetensors_file_and_load_back_exactly(kept, tm
     state.activations_file(1).write_bytes(state.activations_file(1).read_bytes()[:-8])  # cut short
     with pytest.raises(QuantkitError, match="is damaged .* remove .* to start over"):
         state.load_activations([[]])
+
+
+def test_a_used_inputs_file_is_written_over_by_a_later_layers_and_never_through_a_link(tmp_path):
+    """Each committed layer's own inputs file becomes the spare that a later layer's inputs are written over in
+    place (the same size: no new pages to allocate); a link planted as the spare is replaced, never followed."""
+    import torch
+    from safetensors.torch import load_file
+
+    from quantkit.memory.spill import ActivationsInMemory
+    from quantkit.run.resume import RunState
+
+    state = RunState(tmp_path / "work", "fingerprint")
+
+    def save(i: int) -> None:
+        state.save_layer(i, {"w": torch.full((2,), float(i))}, {"index": i, "seconds": 0.0, "losses": {}},
+                         [ActivationsInMemory([torch.full((2, 4), float(i))])])
+
+    save(0)
+    save(1)  # layer 1's inputs (saved by layer 0) are used: they become the spare
+    assert state.spare_file.is_file() and not state.activations_file(1).exists()
+    spare_inode = state.spare_file.stat().st_ino
+    save(2)
+    assert state.activations_file(3).stat().st_ino == spare_inode  # written over, not a new file
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    state.spare_file.unlink(missing_ok=True)
+    state.spare_file.symlink_to(victim)
+    save(3)
+    assert victim.read_bytes() == b"keep" and not state.activations_file(4).is_symlink()
+    assert torch.equal(load_file(str(state.activations_file(4)))["batch.00000"], torch.full((2, 4), 3.0))

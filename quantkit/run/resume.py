@@ -263,7 +263,12 @@ class RunState:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(_temporary(layer_file)))
         step = _record_of(_temporary(layer_file))
         inputs_file = self.activations_file(index + 1)
-        saved_inputs = _save_batches(_temporary(inputs_file), activations) if activations is not None else None
+        saved_inputs = None
+        if activations is not None:
+            if self.spare_file.is_file() and not self.spare_file.is_symlink():  # written over in place: a new
+                # file's pages cost the file system several times more
+                os.replace(self.spare_file, _temporary(inputs_file))
+            saved_inputs = _save_batches(_temporary(inputs_file), activations)
         recorded = {name for done in self.steps for name in done["base"]}
         step["base"] = {n: d for n, d in self._base_read.pop(index, {}).items() if n not in recorded}
         self.reports.append(report)
@@ -277,8 +282,14 @@ class RunState:
             if saved_inputs is not None:
                 _make_durable(_temporary(inputs_file), inputs_file)
             _write_atomically(self.work / STATE, lambda p: p.write_text(state))
-            self.activations_file(index).unlink(missing_ok=True)  # this layer's inputs are no longer needed
+            if self.activations_file(index).is_file():  # this layer's inputs are no longer needed: the next's file
+                os.replace(self.activations_file(index), self.spare_file)
         return commit
+
+    @property
+    def spare_file(self) -> Path:
+        """A finished layer's inputs file, kept to be written over by a later layer's (the same size)."""
+        return self.work / ".activations.spare"
 
     def activations_file(self, index: int) -> Path:
         return self.work / f"activations-{index:05d}.safetensors"
@@ -356,7 +367,10 @@ def _save_batches(path: Path, streams: Sequence[Activations]) -> dict:
             offset += size
     head = header_bytes(header)
     digest = hashlib.sha256(head)  # of the file, as it is written: an activations file can be GBs
-    with open(path, "wb") as f:
+    if path.is_symlink():  # quantkit's own name: never written through
+        path.unlink()
+    # an existing file (the spare) is written over, then cut to size
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666), "r+b") as f:
         f.write(head)
         at = f.tell()
         for stream in streams:
@@ -365,6 +379,7 @@ def _save_batches(path: Path, streams: Sequence[Activations]) -> dict:
                 write_tensor_at(f, at, data)
                 digest.update(_raw_bytes(data))
                 at += data.numel() * data.element_size()
+        f.truncate(at)
     return {"sha256": digest.hexdigest(), "size": at}
 
 
