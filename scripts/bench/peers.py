@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from measure import QUANTKIT, bench_env, last_json, run
+from measure import QUANTKIT, bench_env, last_json, quantkit_json, run
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNERS = Path(__file__).resolve().parent / "peer_runners"
@@ -196,8 +196,13 @@ def bench_setup(args: argparse.Namespace, setup: Setup, work: Path) -> None:
     rows = []
     for tool in tools:
         ppl = perplexity(pythons[tool], outputs[tool], work / "eval.safetensors", env)
+        # a second view of quality: KL divergence from the base and top-1 agreement (quantkit verify, which reads
+        # every tool's GPTQ checkpoint; exit 1 only means its default thresholds were not all met)
+        kl = quantkit_json(["verify", str(outputs[tool]), "--base", str(setup.model), "--no-generate"], env,
+                           ok=(0, 1))
         rows.append({"tool": tool, "wall_s": statistics.median(w for w, _ in runs[tool]),
-                     "peak_rss_mb": max(m for _, m in runs[tool]), "ppl": ppl})
+                     "peak_rss_mb": max(m for _, m in runs[tool]), "ppl": ppl, "kl": kl["kl_mean"],
+                     "top1": kl["top1_agreement"]})
     versions = {t: subprocess.run([pythons[t], "-c", f"import importlib.metadata as m; print(m.version('{t}'))"],
                                   capture_output=True, text=True).stdout.strip() for t in tools}
     what = SETUP_TEXT[setup.name].format(calib=f"`{Path(setup.calib_source).name}`")
@@ -223,17 +228,20 @@ def render(rows: list[dict], base_ppl: float, versions: dict, args: argparse.Nam
              f"**{setup}** ({what}); {args.rounds} round(s), "
              f"tools alternating, {args.bits}-bit, group {args.group_size}, symmetric, {args.samples} x "
              f"{args.seq_len} calibration tokens (the same windows for every tool), perplexity on {eval_tokens} "
-             f"`pydocs-eval` tokens loaded through transformers; unquantized perplexity {base_ppl:.3f}.", "",
-             "| tool | version | wall s | peak RSS MB | perplexity | vs unquantized |", "|---|---|---|---|---|---|"]
+             f"`pydocs-eval` tokens loaded through transformers; unquantized perplexity {base_ppl:.3f}. KL and top-1: "
+             "`quantkit verify OUTPUT --base BASE --no-generate` (its own `pydocs-eval` windows).", "",
+             "| tool | version | wall s | peak RSS MB | perplexity | vs unquantized | KL mean | top-1 |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['tool']} | {versions.get(r['tool'], '?')} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['ppl']:.3f} | {r['ppl'] / base_ppl:.3f} |")
+                     f"{r['ppl']:.3f} | {r['ppl'] / base_ppl:.3f} | {r['kl']:.4f} | {r['top1']:.3f} |")
     if "quantkit" in by:
         q, peers = by["quantkit"], [r for r in rows if r["tool"] != "quantkit"]
-        lines += ["", "| quantkit / peer | wall time | peak RSS | perplexity |", "|---|---|---|---|"]
+        lines += ["", "| quantkit / peer | wall time | peak RSS | perplexity | KL mean |", "|---|---|---|---|---|"]
         for r in peers:
             lines.append(f"| {r['tool']} | {q['wall_s'] / r['wall_s']:.2f} | "
-                         f"{q['peak_rss_mb'] / r['peak_rss_mb']:.2f} | {q['ppl'] / r['ppl']:.3f} |")
+                         f"{q['peak_rss_mb'] / r['peak_rss_mb']:.2f} | {q['ppl'] / r['ppl']:.3f} | "
+                         f"{q['kl'] / r['kl']:.2f} |")
         lines += targets(q, peers)
     return "\n".join(lines)
 
@@ -267,7 +275,8 @@ def targets(q: dict, peers: list[dict]) -> list[str]:
     lines = ["", "Against the best peer on each measure (the Performance issue's bar):", ""]
     for key, shown, bound, what in (("wall_s", "{:.0f} s", 0.5, "wall time"),
                                     ("peak_rss_mb", "{:.0f} MB", 0.5, "peak RSS"),
-                                    ("ppl", "{:.3f}", 1.0, "perplexity")):
+                                    ("ppl", "{:.3f}", 1.0, "perplexity"),
+                                    ("kl", "{:.4f}", 1.0, "KL mean from the base (a second view of quality)")):
         best = min(peers, key=lambda r: r[key])
         ratio = q[key] / best[key]
         lines.append(f"- {what}: {shown.format(q[key])} against {best['tool']}'s {shown.format(best[key])}, "
