@@ -248,9 +248,9 @@ class RunState:
         `activations` now, so the caller may change them once this returns), and this state updated; returns the
         commit, which makes it durable: both files synced to disk and renamed into place, then state.json, with
         the sha256 and size of both files and the base tensors the layer came from (note_base), then the layer's
-        own inputs deleted. The commit may run on another thread while the next layer computes; the next
-        write_layer must wait for it. activations: the next layer's input streams (spill.Activations), saved one
-        after another.
+        own inputs file kept as the spare (spare_file). The commit may run on another thread while the next
+        layer computes; the next write_layer must wait for it. activations: the next layer's input streams
+        (spill.Activations), saved one after another.
 
         A kill before or during the commit leaves the old state (redo this layer from its kept inputs), after it
         the new one (continue with the next layer's inputs): each layer's inputs live in their own file.

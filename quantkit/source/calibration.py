@@ -178,7 +178,7 @@ def _read_hf_dataset(spec: str) -> Iterator[str]:
 
 # Long text is tokenized a piece at a time: a fast tokenizer keeps several hundred bytes of bookkeeping per token
 # (offsets, token strings, alignments) until a call returns, 170 MB for 1.4 MB of English. Pieces are cut only at
-# seams where cutting provably changes nothing (see _seam), so the ids equal those of the whole text.
+# seams checked to change no id (see _seam), so the ids are those of the whole text.
 PIECE_CHARS = 1 << 18          # characters per tokenizer call (about 30 MB of its bookkeeping)
 SEAM_WINDOW = 1 << 10          # characters each side of a seam that are tokenized both whole and cut to check it
 SEAM_SEARCH = 1 << 14          # how far past a piece's nominal end a seam is looked for
@@ -215,9 +215,9 @@ def _pieces(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 def _seam(tokenizer: PreTrainedTokenizerBase, text: str, start: int) -> int | None:
     """The first position at or after `start` where the text may be cut: a space between a letter or digit and a
     letter, where the tokens of SEAM_WINDOW characters either side equal those of the two sides tokenized apart.
-    Pre-tokenizers split there (GPT-2's and Llama 3's regexes; SentencePiece's "▁" words), and both sides then
-    tokenize as they do in the whole text; a tokenizer that tokenizes a seam differently fails the check at every
-    candidate, and its text is tokenized whole."""
+    Pre-tokenizers split there (GPT-2's and Llama 3's regexes; SentencePiece's "▁" words) and never look back
+    across a split, so tokens that agree over a window each side agree over the whole text; a tokenizer that
+    tokenizes the seams differently fails SEAM_TRIES checks, and its text is tokenized whole."""
     pos, tries, end = start, 0, min(len(text) - 1, start + SEAM_SEARCH)
     while tries < SEAM_TRIES:
         pos = text.find(" ", pos, end)
