@@ -162,7 +162,7 @@ class _AlwaysInBackground:
     """pipeline.BackgroundSaves as a GPU run has it (saves on a worker thread, batches folded into new tensors)."""
 
     def __new__(cls, enabled):
-        from quantkit.run.resume import BackgroundSaves
+        from quantkit.run.saves import BackgroundSaves
 
         return BackgroundSaves(enabled=True)
 

@@ -202,7 +202,7 @@ def add_into_batch(batches: Activations, i: int, record: Tensor, read: Tensor | 
         batches[i] = folded
     elif in_place:
         batches[i].add_(record)
-    else:  # the old tensor may still be being saved (resume.BackgroundSaves): a new one, same sum,
+    else:  # the old tensor may still be being saved (saves.BackgroundSaves): a new one, same sum,
         # pinned like the old (its later copies to the GPU then stay asynchronous)
         old = batches[i]
         batches[i] = torch.add(old, record, out=torch.empty(old.shape, dtype=old.dtype, pin_memory=old.is_pinned()))

@@ -28,7 +28,8 @@ from quantkit.memory.spill import Activations, ActivationsInMemory, ScratchFiles
 from quantkit.run.experts import ExpertChunks, Loader, loaded_per_chunk
 from quantkit.run.gguf_output import GGUFLayout, linear_types, rounded_on_blocks, solve_on_blocks, step_tensors
 from quantkit.run.model import Skeleton, Source
-from quantkit.run.resume import BackgroundSaves, RunState
+from quantkit.run.resume import RunState
+from quantkit.run.saves import BackgroundSaves
 from quantkit.run.stages import layer_stages
 from quantkit.run.step_report import raised_damping, step_report
 from quantkit.run.telemetry import GpuPeaks, StageClock, log_layer

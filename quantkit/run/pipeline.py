@@ -26,7 +26,8 @@ from quantkit.run.gguf_output import GGUFLayout
 from quantkit.run.layer import LayerJob, Streams, check_packable, quantize_layers
 from quantkit.run.lm_head import head_step
 from quantkit.run.model import Skeleton, Source, check_layer_tensors, layer_tensor_names, opened, skeleton_of
-from quantkit.run.resume import STATE, BackgroundSaves, ResumeRefused, RunState, model_fingerprint, run_fingerprint
+from quantkit.run.resume import STATE, ResumeRefused, RunState, model_fingerprint, run_fingerprint
+from quantkit.run.saves import BackgroundSaves
 from quantkit.run.target import Target
 from quantkit.run.telemetry import GpuPeaks, peak_rss_mb, progress_bar
 from quantkit.source.checkpoint import torch_dtype_of

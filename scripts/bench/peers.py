@@ -273,10 +273,12 @@ def targets(q: dict, peers: list[dict]) -> list[str]:
     if not peers:
         return []
     lines = ["", "Against the best peer on each measure (the Performance issue's bar):", ""]
-    for key, shown, bound, what in (("wall_s", "{:.0f} s", 0.5, "wall time"),
-                                    ("peak_rss_mb", "{:.0f} MB", 0.5, "peak RSS"),
-                                    ("ppl", "{:.3f}", 1.0, "perplexity"),
-                                    ("kl", "{:.4f}", 1.0, "KL mean from the base (a second view of quality)")):
+    measures = [m for m in (("wall_s", "{:.0f} s", 0.5, "wall time"),
+                            ("peak_rss_mb", "{:.0f} MB", 0.5, "peak RSS"),
+                            ("ppl", "{:.3f}", 1.0, "perplexity"),
+                            ("kl", "{:.4f}", 1.0, "KL mean from the base (a second view of quality)"))
+                if m[0] in q]  # KL only where it was measured
+    for key, shown, bound, what in measures:
         best = min(peers, key=lambda r: r[key])
         ratio = q[key] / best[key]
         lines.append(f"- {what}: {shown.format(q[key])} against {best['tool']}'s {shown.format(best[key])}, "
