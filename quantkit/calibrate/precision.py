@@ -69,7 +69,7 @@ def onednn_float32_matmuls_are_accurate() -> bool:
         fast = _onednn_product(a, b)
     except (RuntimeError, ValueError):  # a torch build whose oneDNN refuses the mode
         return False
-    # checked 256 rows at a time: the float64 reference of the whole product would be a 100 MB peak at start-up
+    # checked 256 rows at a time: a float64 reference of the whole product would be the start-up's largest allocation
     return all(bool(matmul_errors(fast[i:i + 256], a[i:i + 256], b).max() < FLOAT32_ACCURACY)
                for i in range(0, a.shape[0], 256))
 

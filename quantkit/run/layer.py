@@ -175,7 +175,7 @@ def save_layer(job: LayerJob, i: int, tensors: dict[str, Tensor], report: dict, 
     if job.saves.enabled:
         job.saves.submit(functools.partial(_save_step, job.state, i, tensors, report, inputs))
         return
-    job.saves.wait()  # the previous layer's commit, before this layer's files are written
+    job.saves.wait()  # one commit in flight at most: this layer's write follows the previous layer's commit
     commit = job.state.write_layer(i, tensors, report, inputs)
     job.saves.submit(functools.partial(_commit_step, commit, i), background=True)
 

@@ -177,9 +177,9 @@ def _read_hf_dataset(spec: str) -> Iterator[str]:
 
 
 # Long text is tokenized a piece at a time: a fast tokenizer keeps several hundred bytes of bookkeeping per token
-# (offsets, token strings, alignments) until a call returns, 170 MB for 1.4 MB of English. Pieces are cut only at
-# seams checked to change no id (see _seam), so the ids are those of the whole text.
-PIECE_CHARS = 1 << 18          # characters per tokenizer call (about 30 MB of its bookkeeping)
+# (offsets, token strings, alignments) until a call returns, so one call on a long text holds many times the text.
+# Pieces are cut only at seams checked to change no id (see _seam), so the ids are those of the whole text.
+PIECE_CHARS = 1 << 18          # characters per tokenizer call: its bookkeeping stays small beside a layer's
 SEAM_WINDOW = 1 << 10          # characters each side of a seam that are tokenized both whole and cut to check it
 SEAM_SEARCH = 1 << 14          # how far past a piece's nominal end a seam is looked for
 SEAM_TRIES = 16                # candidate seams checked per piece before the text is tokenized whole
