@@ -21,6 +21,7 @@ GGUF_METHODS = ("gptq", "rtn")  # the methods that can write GGUF blocks
 
 ESTIMATE_BITS = (2, 3, 4, 8, 16)  # the widths `estimate` sizes (16 = unquantized float16)
 DEFAULT_ESTIMATE_BITS = (16, 8, 4, 3, 2)  # and the ones it shows unless told
+ESTIMATE_DEVICES = ("auto", "cpu", "cuda")  # the quantize modes `estimate` sizes: auto = a CPU run and GPU runs
 IMPORT_DTYPES = ("float32", "float16", "bfloat16")  # import-gguf's output dtypes (float32 keeps GGUF values exactly)
 ESTIMATE_CONTEXT = 4096  # tokens of KV cache per sequence `estimate` sizes unless told
 ESTIMATE_BATCH = 1  # and concurrent sequences

@@ -12,6 +12,7 @@ import quantkit
 from quantkit.cli.app import cli
 from quantkit.errors import QuantkitError
 from quantkit.tools.estimate import BUILTIN_CONFIGS
+from quantkit.tools.estimate_memory import Calibration, layer_passes
 
 GIB = 2**30
 TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -87,8 +88,8 @@ def test_the_built_in_moe_configs_match_their_published_sizes():
 
 def test_per_expert_sizes_and_the_layer_with_experts_quantize_peak():
     """Qwen3-30B-A3B: experts of 2048 -> 768 -> 2048; 128 Hessians of 2048^2 float32 fit the 2 GiB budget, so one
-    pass takes every expert of a layer; the layer term holds that chunk's experts, attention and the router, and the
-    activations term the experts' summed outputs (float32, a hidden-wide row per calibration token)."""
+    pass takes every expert of a layer; the experts' pass holds that chunk's experts and the router, and a GPU run's
+    host the experts' summed outputs (a hidden-wide row per calibration token, pinned)."""
     e = quantkit.estimate("qwen3-30b-a3b", bits=[16, 4], group_size=128)
     expert = 3 * 2048 * 768
     assert e.experts.params == expert and e.experts.bytes[16] == 2 * expert
@@ -97,16 +98,20 @@ def test_per_expert_sizes_and_the_layer_with_experts_quantize_peak():
     down = 768 * 2048 // 2 + 6 * 2048 * 2.5 + 768 * 4
     assert e.experts.bytes[4] == 2 * gate + down
     assert (e.experts.chunk, e.experts.chunk_hessian_bytes) == (128, 128 * 2048**2 * 4)
-    q = e.quantize_peak
-    attention = 2048 * 4096 * 2 + 2048 * 512 * 2
-    layer = attention + 128 * expert + 128 * 2048 + 2 * 2048 + 2 * 128  # + router, norms, q/k norms
-    assert q["layer_fp32"] == layer * 4
-    assert q["hessian"] == 128 * 2048**2 * 4
-    assert q["mlp_activation"] == 4096 * 8 * 768 * 4  # a mini-batch's tokens through their 8 experts each
-    assert q["activations"] == 2 * 128 * 512 * 2048 * 2 + 128 * 512 * 2048 * 4
-    # the largest solve: o_proj (2048 rows x 4096 inputs) factorizing, or an expert's while 127 Hessians wait
-    assert q["solve"] == max(2 * 4096**2 * 4, 127 * 2048**2 * 4 + 2 * 2048**2 * 4)
-    assert q["total"] == q["layer_fp32"] + q["activations"] + max(q["hessian"] + q["mlp_activation"], q["solve"])
+    cpu = next(m for m in e.modes if m.mode == "cpu")
+    assert cpu.parts["layer"] == layer_passes(e.shape, True, Calibration(128, 512), 4, 1024, on_gpu=False)
+    # the moment of the experts' pass: attention released; the chunk's experts, router and norms in float32, the
+    # chunk's Hessians, a mini-batch of 1024 tokens and the routed MLP temporaries (8 active experts x 768)
+    layer = 128 * expert + 128 * 2048 + 2 * 2048 + 2 * 128  # + router, norms, q/k norms
+    assert cpu.parts["layer"]["weights"] == layer * 4
+    assert cpu.parts["layer"]["hessians"] == 128 * 2048**2 * 4
+    assert cpu.parts["layer"]["forward"] == 1024 * 2048 * 4 + 3 * 1024 * 8 * 768 * 4
+    # an expert's solve while the chunk's other 127 Hessians wait; the pass summing all 128 is the larger moment
+    p = cpu.parts["layer"]
+    assert p["solve"] == 127 * 2048**2 * 4 + 2 * 2048**2 * 4 < p["hessians"] + p["forward"]
+    assert p["total"] == layer * 4 + p["hessians"] + p["forward"]
+    gpu = next(m for m in e.modes if m.mode == "1 gpu")
+    assert gpu.parts["host"]["expert_sums"] == 128 * 512 * 2048 * 2  # summed outputs, pinned, 16-bit
 
 
 def test_the_expert_chunk_bounds_the_hessians_whatever_the_number_of_experts():
@@ -114,14 +119,14 @@ def test_the_expert_chunk_bounds_the_hessians_whatever_the_number_of_experts():
     e = quantkit.estimate("deepseek-v3", bits=[4])
     h = 7168**2 * 4
     assert e.experts.chunk == 10 and e.experts.chunk_hessian_bytes == 10 * h
-    assert e.quantize_peak["hessian"] == max(10 * h, (128 * 128) ** 2 * 4)  # or o_proj's 16384 inputs
     more = dict(TINY_MOE["qwen3_moe"], num_experts=64, hidden_size=2048, moe_intermediate_size=1024)
     fewer = dict(more, num_experts=8)
-    peaks = [quantkit.estimate(c, bits=[4], expert_chunk=4).quantize_peak for c in (more, fewer)]
-    assert peaks[0]["hessian"] == peaks[1]["hessian"] == 4 * 2048**2 * 4
+    peaks = [next(m for m in quantkit.estimate(c, bits=[4], expert_chunk=4).modes if m.mode == "cpu").parts["layer"]
+             for c in (more, fewer)]
+    assert peaks[0]["hessians"] == peaks[1]["hessians"] == 4 * 2048**2 * 4
     assert peaks[0]["solve"] == peaks[1]["solve"]
     # the weights too: a chunk of experts is loaded at a time; only the routers' rows grow
-    assert peaks[0]["layer_fp32"] - peaks[1]["layer_fp32"] == 56 * 2048 * 4
+    assert peaks[0]["weights"] - peaks[1]["weights"] == 56 * 2048 * 4
     assert peaks[0]["total"] - peaks[1]["total"] == 56 * 2048 * 4
     r = run("estimate", "deepseek-v3", "--bits", "4", "--expert-chunk", "4", "--json")
     assert r.exit_code == 0, r.output

@@ -75,19 +75,18 @@ def test_llama2_70b_fits_one_80gb_gpu_only_when_quantized():
     assert e.kv_cache_bytes == 2 * 80 * 8 * 128 * 4096 * 1 * 2  # K and V, 80 layers, 8 KV heads, fp16
     gpu80 = next(g for g in e.gpus if g["gpu_gb"] == 80)
     assert gpu80["run"][16] is False and gpu80["run"][4] is True
-    # quantize peak: layer fp32 + 2 x 128x512x8192 in the model's fp16 (layer inputs and o_proj's kept inputs)
-    # + the larger of the 28672-wide Hessian with one mini-batch's MLP activation (4096x28672 fp32) and the largest
-    # solve: down_proj (8192 rows x 28672 inputs) while factorizing: the Hessian and its copy for a retry
-    layer = (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192) * 4
-    solve = 2 * 28672**2 * 4
-    sweeps = [28672**2 + 8192 * 28672 * 5 // 4, 8192**2 + 2 * 28672 * 8192 * 5 // 4]  # inverse + weight + codes
-    assert all(solve > s * 4 for s in sweeps)  # the sweeps hold less
-    activations = 2 * 128 * 512 * 8192 * 2
-    assert e.quantize_peak == {"layer_fp32": layer, "activations": activations, "hessian": 28672**2 * 4,
-                               "mlp_activation": 4096 * 28672 * 4, "solve": solve,
-                               "total": layer + activations + solve}
-    # on disk (CPU runs): down_proj's inputs in float32 and the activations in the model's float16
-    assert e.quantize_scratch_bytes == 128 * 512 * (28672 * 4 + 8192 * 2)
+    # quantize on one GPU: the largest moment is down_proj's solve (8192 rows x 28672 inputs): the MLP's weights
+    # in the model's float16 (the attention's are released after its stages), the Hessian in which the inverse
+    # factor is made (its retry copy waits in pinned host memory), the float32 weight and its uint8 codes
+    gpu = next(m for m in e.modes if m.mode == "1 gpu")
+    mlp = (3 * 8192 * 28672 + 2 * 8192) * 2
+    assert gpu.parts["layer"]["weights"] == mlp
+    assert gpu.gpu_allocated == mlp + 28672**2 * 4 + 8192 * 28672 * 5
+    # a CPU run: the same moment with the layer in float32 and the Hessian's retry copy beside it
+    cpu = next(m for m in e.modes if m.mode == "cpu")
+    assert cpu.parts["layer"]["total"] == 2 * mlp + 2 * 28672**2 * 4
+    # on disk (CPU runs): the activations in the model's float16 and down_proj's inputs in float32
+    assert cpu.parts["disk"]["scratch"] == 128 * 512 * (28672 * 4 + 8192 * 2)
     d = e.to_dict()
     assert json.loads(json.dumps(d))["gpus"][-1]["run"] == {"16": False, "8": True, "4": True, "3": True, "2": True}
 
@@ -95,12 +94,18 @@ def test_llama2_70b_fits_one_80gb_gpu_only_when_quantized():
 def test_the_gptaq_estimate_holds_two_streams_and_the_cross_term():
     """quantize --gptaq: the unquantized copy of the layer and its activations, the cross term beside the Hessian,
     and while a solve factorizes the Hessian, its retry copy and the cross term (3 x 28672^2 floats, 70B down_proj)."""
-    plain, gptaq = quantkit.estimate("llama-2-70b").quantize_peak, quantkit.estimate("llama-2-70b", gptaq=True)
-    q = gptaq.quantize_peak
-    assert q["layer_fp32"] == 2 * plain["layer_fp32"] and q["activations"] == 2 * plain["activations"]
-    assert q["hessian"] == 2 * 28672**2 * 4 and q["solve"] == 3 * 28672**2 * 4
-    assert q["total"] == q["layer_fp32"] + q["activations"] + q["solve"]
-    assert gptaq.quantize_scratch_bytes == 2 * 128 * 512 * (28672 * 4 + 8192 * 2)
+    def layer(e, mode):
+        return next(m for m in e.modes if m.mode == mode).parts["layer"]
+
+    plain, gptaq = quantkit.estimate("llama-2-70b"), quantkit.estimate("llama-2-70b", gptaq=True)
+    q = layer(gptaq, "cpu")
+    assert q["weights"] == 2 * layer(plain, "cpu")["weights"]
+    assert q["hessians"] == 2 * 28672**2 * 4 and q["solve"] == 3 * 28672**2 * 4
+    assert q["total"] == q["weights"] + q["solve"]
+    cpu = [next(m for m in e.modes if m.mode == "cpu").parts["disk"]["scratch"] for e in (plain, gptaq)]
+    assert cpu[1] == 2 * cpu[0] == 2 * 128 * 512 * (28672 * 4 + 8192 * 2)
+    gpu = [next(m for m in e.modes if m.mode == "1 gpu").parts["host"]["activations"] for e in (plain, gptaq)]
+    assert gpu[1] == 2 * gpu[0] == 2 * 128 * 512 * 8192 * 2
     r = run("estimate", "llama-2-7b", "--bits", "4", "--gptaq", "--json")
     assert r.exit_code == 0 and json.loads(r.output)["calibration"]["gptaq"] is True, r.output
 

@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING
 
 import click
 
-from quantkit.config import DEFAULT_ESTIMATE_BITS, ESTIMATE_BATCH, ESTIMATE_BITS, ESTIMATE_CONTEXT, CalibSpec, QuantSpec
+from quantkit.config import (
+    DEFAULT_ESTIMATE_BITS,
+    ESTIMATE_BATCH,
+    ESTIMATE_BITS,
+    ESTIMATE_CONTEXT,
+    ESTIMATE_DEVICES,
+    CalibSpec,
+    QuantSpec,
+)
 
 if TYPE_CHECKING:
     from quantkit.tools.cache import CachedModel
@@ -34,6 +42,17 @@ def _group_size(ctx: click.Context, param: click.Parameter, value: int) -> int:
     return value
 
 
+def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from quantkit.tools.estimate_memory import parse_memory_size
+
+    if value is None:
+        return None
+    try:
+        return parse_memory_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @click.command("estimate")
 @click.argument("model_or_config")
 @click.option("--bits", default=",".join(map(str, DEFAULT_ESTIMATE_BITS)), show_default=True, callback=_bits,
@@ -51,18 +70,27 @@ def _group_size(ctx: click.Context, param: click.Parameter, value: int) -> int:
 @click.option("--gptaq", is_flag=True, help="size the quantize peak of quantize --gptaq")
 @click.option("--expert-chunk", type=click.IntRange(min=0), default=QuantSpec.expert_chunk, show_default=True,
               help="Mixture-of-Experts: size the quantize peak of quantize --expert-chunk N (0 = automatic)")
+@click.option("--device", type=click.Choice(ESTIMATE_DEVICES), default="auto", show_default=True,
+              help="the quantize modes to size: auto = a CPU run and GPU runs")
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
+              help="also size a torchrun --nproc-per-node N run (per process)")
+@click.option("--gpu-mem", callback=_memory, help="one GPU's memory, e.g. 24GB (a 'N GB' card is N GiB): fits?")
+@click.option("--host-mem", callback=_memory, help="the host's memory, e.g. 64GB (binary units): fits?")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def estimate_command(model_or_config: str, bits: tuple[int, ...], group_size: int, context: int, batch: int,
-                     samples: int, seq_len: int, gptaq: bool, expert_chunk: int, as_json: bool) -> None:
+                     samples: int, seq_len: int, gptaq: bool, expert_chunk: int, device: str, gpus: int,
+                     gpu_mem: int | None, host_mem: int | None, as_json: bool) -> None:
     """Memory needed to run and to quantize MODEL_OR_CONFIG, from its config alone: a directory, a config.json,
     a repo id in the local hub cache, or a built-in name (llama-2-7b, llama-2-13b, llama-2-70b, mistral-7b,
-    llama-3-8b, llama-3-70b, qwen2.5-7b, smollm2-135m, qwen3-30b-a3b, mixtral-8x7b, deepseek-v3). Sizes in GiB
-    (2**30 bytes)."""
+    llama-3-8b, llama-3-70b, qwen2.5-7b, smollm2-135m, qwen3-30b-a3b, mixtral-8x7b, deepseek-v3). Quantize's
+    memory per mode (a CPU run, one GPU, N GPUs): GPU allocation and nvidia-smi's figure, host, disk; with
+    --gpu-mem/--host-mem, whether each fits. Sizes in GiB (2**30 bytes)."""
     from quantkit.tools.estimate import estimate
     from quantkit.tools.estimate_text import format_estimate
 
     result = estimate(model_or_config, bits=bits, group_size=group_size, context=context, batch=batch,
-                      samples=samples, seq_len=seq_len, gptaq=gptaq, expert_chunk=expert_chunk)
+                      samples=samples, seq_len=seq_len, gptaq=gptaq, expert_chunk=expert_chunk, device=device,
+                      gpus=gpus, gpu_mem=gpu_mem, host_mem=host_mem)
     click.echo(json.dumps(result.to_dict()) if as_json else format_estimate(result))
 
 

@@ -10,31 +10,11 @@ Embeddings, lm_head, norms and the routers of Mixture-of-Experts layers stay fp1
 every tensor is fp16.
 KV cache: 2 (K and V) * layers * kv_heads * head_dim * context * batch * 2 bytes (fp16); with DeepSeek's latent
 attention, the latent transformers caches: layers * (kv_lora_rank + qk_rope_head_dim) * context * batch * 2.
-Quantize peak (what quantkit holds at once): one decoder layer's weights in float32; the calibration activations
-(samples * seq_len * hidden, twice: the layer inputs and o_proj's inputs, both alive between o_proj's Hessian and
-the gate/up stage; 2 bytes each in a 16-bit model, 4 in a float32 one); and the larger of a forward's own
-needs (the Hessian being collected, in_features^2 * 4 bytes, plus one intermediate MLP activation of a 4096-token
-mini-batch, 4096 * intermediate * 4 bytes) and a GPTQ solve's (Linears reading one input are solved stacked, N
-rows by K inputs: while factorizing, the Hessian, in whose memory the factor and its inverse are made, and its
-copy kept for a retry with more damping, 2*K^2 floats; then the inverse factor, the float32 weight, which the
-dequantized result overwrites, and its uint8 codes, K^2 + 1.25*N*K floats. On a GPU the copy waits in host
-memory, and while a layer's save overlaps the next layer a second copy of the activations is held there: GPU
-runs only, not counted below).
-Quantize scratch (CPU runs only, on disk in the work directory, not in memory): the calibration activations
-themselves (spill.ActivationsOnDisk: only the mini-batch being worked on is in memory), and the widest Linear's
-inputs (down_proj's, samples * seq_len * intermediate, in the compute dtype: float32, or bfloat16 for a bfloat16
-model on a CPU with AVX512-BF16/AMX, where this overstates by 2x) from its Hessian to the propagation. The
-pipeline sizes these by the widest Linear the model has, which for a dense model is this. o_proj's
-inputs go there too on a CPU, so the peak above (one formula for every device, sized for a GPU run, whose
-activations wait in host memory) overstates a CPU run by the activations term.
+Quantize: where a run's memory lives (GPU allocation, what nvidia-smi shows, host, disk) for a CPU run, one GPU
+and N GPUs, each term from the pipeline's own steps: estimate_memory.py's docstring. Given a card's and a host's
+size (`gpu_mem`, `host_mem`), each mode says whether the run fits on each.
 Mixture-of-Experts (estimate_shape.MoEShape): parameters count every expert; "active" ones leave out the routed
-experts a token does not run. A layer with experts holds one chunk of them in its layer term (they load a chunk
-at a time, run/experts.py), and the experts' outputs summed per calibration token. A calibration pass sums
-the Hessians of a chunk of its experts (memory/expert_chunks.py: --expert-chunk, or as many as
-EXPERT_HESSIAN_BUDGET holds), each [in, in] of the widest expert input, in place of the dense forward's one
-Hessian, beside the mini-batch's routed activation (4096 * active experts * expert intermediate * 4 bytes); the
-chunk's experts are then solved one after another while the chunk's other Hessians wait. Where a model has both
-kinds of layer, the peak is that of the kind that needs more.
+experts a token does not run; a calibration pass holds a chunk of the experts (memory/expert_chunks.py).
 """
 from __future__ import annotations
 
@@ -43,17 +23,25 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantkit.calibrate.batch import MLP_BATCH_TOKENS
-from quantkit.config import DEFAULT_ESTIMATE_BITS, ESTIMATE_BATCH, ESTIMATE_BITS, ESTIMATE_CONTEXT, CalibSpec, QuantSpec
+from quantkit.calibrate.precision import cpu_has_native_bf16
+from quantkit.config import (
+    DEFAULT_ESTIMATE_BITS,
+    ESTIMATE_BATCH,
+    ESTIMATE_BITS,
+    ESTIMATE_CONTEXT,
+    ESTIMATE_DEVICES,
+    CalibSpec,
+    QuantSpec,
+)
 from quantkit.errors import QuantkitError
 from quantkit.memory import expert_chunks
-from quantkit.solve.prepare import SHIFT_ROWS
+from quantkit.tools.estimate_memory import Calibration, ModeMemory, cpu_mode, gpu_mode
 from quantkit.tools.estimate_shape import LinearShape, ModelShape, count_params
 from quantkit.untrusted import read_json
 
 GIB = 2**30
 GPU_SIZES_GB = (16, 24, 40, 48, 80)
-OVERHEAD = 0.10           # CUDA context, allocator fragmentation, temporary buffers
+OVERHEAD = 0.10           # running a model: CUDA context, allocator fragmentation, temporary buffers
 
 # Real config.json numbers of well-known checkpoints (hidden, intermediate, layers, heads, KV heads, vocab, tied;
 # the experts of Mixture-of-Experts ones, and DeepSeek-V3's latent attention; its multi-token-prediction layer,
@@ -162,9 +150,11 @@ class Estimate:
     kv_cache_bytes: int
     samples: int
     seq_len: int
-    quantize_peak: dict[str, int]   # layer_fp32, activations, hessian, mlp_activation, solve, total
-    quantize_scratch_bytes: int = 0  # on disk, CPU runs only
-    gpus: list[dict] = field(default_factory=list)   # {gpu_gb, run: {bits: bool}, quantize: bool}
+    modes: list[ModeMemory] = field(default_factory=list)  # quantize's memory: a CPU run, 1 GPU, N GPUs
+    quantize_bits: int = QuantSpec.bits  # the width whose output the modes' disk figures size
+    gpu_mem: int | None = None      # the card (bytes) the modes' fits_gpu answer for
+    host_mem: int | None = None     # the host (bytes) the modes' fits_host answer for
+    gpus: list[dict] = field(default_factory=list)   # {gpu_gb, run: {bits: bool}, quantize: bool (1 GPU)}
     overhead: float = OVERHEAD
     gptaq: bool = False             # the quantize peak is that of quantize --gptaq
     experts: ExpertEstimate | None = None  # Mixture-of-Experts models only
@@ -189,12 +179,11 @@ class Estimate:
             "group_size": self.group_size, "context": self.context, "batch": self.batch,
             "kv_cache_bytes": self.kv_cache_bytes, "kv_cache_gib": self.kv_cache_bytes / GIB,
             "calibration": {"samples": self.samples, "seq_len": self.seq_len, "gptaq": self.gptaq},
-            "quantize_peak": dict(self.quantize_peak),
-            "quantize_peak_gib": self.quantize_peak["total"] / GIB,
-            "quantize_scratch_disk_bytes": self.quantize_scratch_bytes,
+            "quantize": {"bits": self.quantize_bits, "gpu_mem": self.gpu_mem, "host_mem": self.host_mem,
+                         "modes": [m.to_dict() for m in self.modes]},
             "gpus": [{**g, "run": {str(b): ok for b, ok in g["run"].items()}} for g in self.gpus],
             "overhead": self.overhead,
-            "units": "bytes; *_gib = bytes / 2**30; a 'N GB' GPU is counted as N GiB",
+            "units": "bytes; *_gib = bytes / 2**30; a 'N GB' GPU (and --gpu-mem/--host-mem N GB) is N GiB",
             **moe,
         }
 
@@ -248,10 +237,14 @@ def kv_cache_bytes(shape: ModelShape, context: int, batch: int) -> int:
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * context * batch * 2
 
 
+def model_dtype(config: dict) -> str:
+    """The checkpoint's dtype as config.json names it (float16 where it names none)."""
+    return str(config.get("torch_dtype") or config.get("dtype") or "float16")
+
+
 def activation_bytes(config: dict) -> int:
     """Bytes per stored calibration activation: quantkit keeps them in the model's dtype when it is 16-bit."""
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")
-    return 4 if dtype == "float32" else 2
+    return 4 if model_dtype(config) == "float32" else 2
 
 
 def expert_pass(shape: ModelShape, chosen: int = 0) -> tuple[int, int]:
@@ -262,64 +255,6 @@ def expert_pass(shape: ModelShape, chosen: int = 0) -> tuple[int, int]:
     widest = max(shape.hidden, shape.moe.expert_intermediate)
     chunk = expert_chunks.expert_chunk(shape.moe.experts, widest, chosen)
     return chunk, chunk * expert_chunks.expert_hessian_bytes(widest)
-
-
-def _solve_floats(solves: list[tuple[int, int]], gptaq: bool) -> int:
-    """Floats the largest of these GPTQ solves holds at once (module docstring); with GPTAQ, the cross term beside
-    every phase, and while W is shifted, two blocks of rows times C."""
-    if gptaq:
-        return max(max(3 * k * k, 2 * k * k + n * k + n * k // 4 + 2 * min(n, SHIFT_ROWS) * k) for n, k in solves)
-    return max(max(2 * k * k, k * k + n * k + n * k // 4) for n, k in solves)
-
-
-def layer_peak_bytes(shape: ModelShape, experts: bool, samples: int, seq_len: int, act_bytes: int = 2,
-                     gptaq: bool = False, chosen_chunk: int = 0) -> dict[str, int]:
-    """The parts of quantkit's peak while quantizing a dense layer, or one with experts, and their total (module
-    docstring). GPTAQ doubles the layer (its unquantized copy) and the activations (the unquantized model's), and
-    sums a cross term of each Hessian's size beside it, which a solve holds throughout
-    (gptq.gptq_quantize_shared's `cross`)."""
-    streams, solves = (2 if gptaq else 1), shape.solves(experts)
-    layer_params = sum(lin.params for lin in shape.layer_linears(experts)) + shape.layer_norm_params()
-    hessian, solve = max(k for _, k in solves) ** 2 * 4, _solve_floats(solves, gptaq) * 4
-    mlp_width, sums = shape.intermediate, 0
-    if experts and shape.moe is not None:
-        moe = shape.moe
-        chunk, chunk_hessians = expert_pass(shape, chosen_chunk)
-        # the experts load a chunk at a time (run/experts.py), and their outputs are summed per mini-batch in float32
-        layer_params += chunk * sum(lin.params for lin in shape.expert_linears()) + shape.router_params()
-        sums = streams * samples * seq_len * shape.hidden * 4
-        hessian = max(hessian, chunk_hessians)
-        mlp_width = max(moe.shared_intermediate, moe.active * moe.expert_intermediate)
-        waiting = streams * (chunk_hessians - chunk_hessians // chunk)  # the chunk's other experts' Hessians
-        solve = max(solve, _solve_floats(shape.expert_solves(), gptaq) * 4 + waiting)
-    peak = {"layer_fp32": streams * layer_params * 4,
-            "activations": streams * 2 * samples * seq_len * shape.hidden * act_bytes + sums,
-            "hessian": streams * hessian,
-            "mlp_activation": MLP_BATCH_TOKENS * mlp_width * 4,
-            "solve": solve}
-    peak["total"] = (peak["layer_fp32"] + peak["activations"]
-                     + max(peak["hessian"] + peak["mlp_activation"], peak["solve"]))
-    return peak
-
-
-def quantize_peak_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes: int = 2,
-                        gptaq: bool = False, chosen_chunk: int = 0) -> dict[str, int]:
-    """The peak of the kind of decoder layer (dense, with experts) that needs more."""
-    dense, sparse = shape.layer_counts()
-    peaks = [layer_peak_bytes(shape, experts, samples, seq_len, act_bytes, gptaq, chosen_chunk)
-             for experts, n in ((False, dense), (True, sparse)) if n]
-    return max(peaks, key=lambda p: p["total"])
-
-
-def quantize_scratch_bytes(shape: ModelShape, samples: int, seq_len: int, act_bytes: int = 2,
-                           gptaq: bool = False) -> int:
-    """Disk a CPU run borrows: the calibration activations, and per layer the widest Linear's inputs (float32,
-    as the pipeline keeps them); GPTAQ keeps the unquantized model's of both too."""
-    dense, sparse = shape.layer_counts()
-    lins = (shape.layer_linears() if dense else []) + (
-        shape.layer_linears(experts=True) + shape.expert_linears() if sparse else [])
-    per_token = max(lin.in_features for lin in lins) * 4 + shape.hidden * act_bytes
-    return (2 if gptaq else 1) * samples * seq_len * per_token
 
 
 def expert_estimate(shape: ModelShape, bits: Iterable[int], group_size: int, chosen_chunk: int = 0
@@ -338,30 +273,57 @@ def _fits(need: int, gpu_gb: int) -> bool:
     return need <= gpu_gb * GIB
 
 
-def estimate(model_or_config: str | Path | dict, bits: Iterable[int] = DEFAULT_ESTIMATE_BITS,
-             group_size: int = QuantSpec.group_size, context: int = ESTIMATE_CONTEXT, batch: int = ESTIMATE_BATCH,
-             samples: int = CalibSpec.samples, seq_len: int = CalibSpec.seq_len, gptaq: bool = False,
-             expert_chunk: int = QuantSpec.expert_chunk) -> Estimate:
-    """Parameter count, weight memory per bit width, KV cache, quantize peak and GPU fit, from config.json alone.
+def quantize_modes(shape: ModelShape, cal: Calibration, device: str, gpus: int, output_bytes: int,
+                   packed_bytes: int, gpu_mem: int | None, host_mem: int | None) -> list[ModeMemory]:
+    """The modes shown: a CPU run (device "cpu" or "auto"), one GPU and, for gpus > 1, N GPUs (device "cuda" or
+    "auto"); each with its fits answered where a size is given."""
+    modes = [cpu_mode(shape, cal, output_bytes, packed_bytes)] if device in ("auto", "cpu") else []
+    if device in ("auto", "cuda"):
+        modes += [gpu_mode(shape, cal, n, output_bytes, packed_bytes) for n in dict.fromkeys((1, gpus))]
+    for m in modes:
+        m.fits_host = None if host_mem is None else m.host_total <= host_mem
+        m.fits_gpu = None if gpu_mem is None or m.gpu_total is None else m.gpu_total <= gpu_mem
+    return modes
 
-    :param model_or_config: a directory with config.json, a config.json path, a repo id in the local hub cache,
-        a built-in name (llama-2-7b, llama-2-70b, mistral-7b, llama-3-8b, qwen2.5-7b, smollm2-135m,
-        qwen3-30b-a3b, mixtral-8x7b, deepseek-v3, ...) or a dict.
-    :param gptaq: size the quantize peak of `quantize --gptaq`.
-    :param expert_chunk: size the quantize peak of `quantize --expert-chunk N` (0: as many experts per pass as
-        the Hessian budget holds).
-    """
-    bits = tuple(dict.fromkeys(int(b) for b in bits))
+
+def _check_settings(bits: tuple[int, ...], group_size: int, sizes: dict[str, int], expert_chunk: int,
+                    device: str) -> None:
     bad = [b for b in bits if b not in ESTIMATE_BITS]
     if bad or not bits:
         raise QuantkitError(f"bits must be among {', '.join(map(str, ESTIMATE_BITS))}, got {bad or 'none'}")
     if group_size != -1 and group_size <= 0:
         raise QuantkitError(f"group size must be -1 (per row) or positive, got {group_size}")
-    for name, value in (("context", context), ("batch", batch), ("samples", samples), ("seq_len", seq_len)):
+    for name, value in sizes.items():
         if value <= 0:
             raise QuantkitError(f"{name} must be positive, got {value}")
     if expert_chunk < 0:
         raise QuantkitError(f"expert chunk must be 0 (automatic) or positive, got {expert_chunk}")
+    if device not in ESTIMATE_DEVICES:
+        raise QuantkitError(f"device must be one of {', '.join(ESTIMATE_DEVICES)}, got {device!r}")
+
+
+def estimate(model_or_config: str | Path | dict, bits: Iterable[int] = DEFAULT_ESTIMATE_BITS,
+             group_size: int = QuantSpec.group_size, context: int = ESTIMATE_CONTEXT, batch: int = ESTIMATE_BATCH,
+             samples: int = CalibSpec.samples, seq_len: int = CalibSpec.seq_len, gptaq: bool = False,
+             expert_chunk: int = QuantSpec.expert_chunk, device: str = "auto", gpus: int = 1,
+             gpu_mem: int | None = None, host_mem: int | None = None, cpu_bf16: bool | None = None) -> Estimate:
+    """Parameter count, weight memory per bit width, KV cache, and quantize's memory per mode, from config.json.
+
+    :param model_or_config: a directory with config.json, a config.json path, a repo id in the local hub cache,
+        a built-in name (llama-2-7b, llama-2-70b, mistral-7b, llama-3-8b, qwen2.5-7b, smollm2-135m,
+        qwen3-30b-a3b, mixtral-8x7b, deepseek-v3, ...) or a dict.
+    :param gptaq: size `quantize --gptaq`.
+    :param expert_chunk: size `quantize --expert-chunk N` (0: as many experts per pass as the Hessian budget holds).
+    :param device: the modes sized: "auto" (a CPU run and GPU runs), "cpu" or "cuda".
+    :param gpus: also size a `torchrun --nproc-per-node N` run on N GPUs (per process).
+    :param gpu_mem: bytes of one GPU, :param host_mem: bytes of the host: each mode says whether it fits them.
+    :param cpu_bf16: whether the CPU multiplies bfloat16 natively (a bfloat16 model then computes in it); None:
+        this machine's CPU.
+    """
+    bits = tuple(dict.fromkeys(int(b) for b in bits))
+    sizes = {"context": context, "batch": batch, "samples": samples, "seq_len": seq_len, "gpus": gpus,
+             **{k: v for k, v in (("gpu_mem", gpu_mem), ("host_mem", host_mem)) if v is not None}}
+    _check_settings(bits, group_size, sizes, expert_chunk, device)
     label, source, path, cfg = load_model_config(model_or_config)
     if path is None:
         where = label
@@ -378,13 +340,18 @@ def estimate(model_or_config: str | Path | dict, bits: Iterable[int] = DEFAULT_E
         weights.append(WeightEstimate(bits=b, group_size=None if b == 16 else group_size, linear_bytes=linears,
                                       fp16_bytes=fp16_rest, total_bytes=total, kv_cache_bytes=kv,
                                       run_bytes=math.ceil((total + kv) * (1 + OVERHEAD))))
-    peak = quantize_peak_bytes(shape, samples, seq_len, activation_bytes(cfg), gptaq, expert_chunk)
-    quantize_need = math.ceil(peak["total"] * (1 + OVERHEAD))
-    gpus = [{"gpu_gb": g, "run": {w.bits: _fits(w.run_bytes, g) for w in weights},
-             "quantize": _fits(quantize_need, g)} for g in GPU_SIZES_GB]
+    widths = [b for b in bits if b != 16]
+    qbits = QuantSpec.bits if QuantSpec.bits in widths or not widths else widths[0]
+    packed = decoder_linear_bytes(shape, qbits, group_size)
+    if cpu_bf16 is None:
+        cpu_bf16 = cpu_has_native_bf16()
+    cal = Calibration(samples, seq_len, gptaq, expert_chunk, activation_bytes(cfg),
+                      cpu_bf16 and model_dtype(cfg) == "bfloat16")
+    modes = quantize_modes(shape, cal, device, gpus, packed + fp16_rest, packed, gpu_mem, host_mem)
+    one_gpu = gpu_mode(shape, cal, 1, packed + fp16_rest, packed).gpu_total or 0
+    table = [{"gpu_gb": g, "run": {w.bits: _fits(w.run_bytes, g) for w in weights}, "quantize": _fits(one_gpu, g)}
+             for g in GPU_SIZES_GB]
     return Estimate(model=label, source=source, path=path, shape=shape, params=params, weights=weights,
                     group_size=group_size, context=context, batch=batch, kv_cache_bytes=kv, samples=samples,
-                    seq_len=seq_len, quantize_peak=peak, gpus=gpus,
-                    quantize_scratch_bytes=quantize_scratch_bytes(shape, samples, seq_len, activation_bytes(cfg),
-                                                                          gptaq), gptaq=gptaq,
-                    experts=expert_estimate(shape, bits, group_size, expert_chunk))
+                    seq_len=seq_len, modes=modes, quantize_bits=qbits, gpu_mem=gpu_mem, host_mem=host_mem,
+                    gpus=table, gptaq=gptaq, experts=expert_estimate(shape, bits, group_size, expert_chunk))

@@ -79,27 +79,50 @@ def format_estimate(e: Estimate) -> str:
         sizes = ", ".join(f"{_mib(n)} {_width(b, e.group_size)}" for b, n in e.experts.bytes.items())
         lines.append(f"one routed expert: {_count(e.experts.params)} parameters, {sizes}")
     lines.append("")
-    q = e.quantize_peak
-    lines += [f"KV cache        {_gib(e.kv_cache_bytes)} GiB  (context {e.context} x batch {e.batch}, fp16)",
-              f"quantize peak   {_gib(q['total'])} GiB = decoder layer fp32 {_gib(q['layer_fp32'])} + calibration "
-              f"activations {_gib(q['activations'])} + the larger of the largest GPTQ solve {_gib(q['solve'])} and "
-              f"a forward's Hessian + MLP activation {_gib(q['hessian'] + q['mlp_activation'])}  "
-              f"({e.samples} x {e.seq_len} calibration tokens{', GPTAQ' if e.gptaq else ''}; a CPU run keeps the "
-              "activations on disk instead)",
-              f"quantize disk   {_gib(e.quantize_scratch_bytes)} GiB of scratch in the work directory on a CPU (the "
-              "calibration activations, and down_proj's inputs kept for the propagation; without twice that free, "
-              "the activations stay in memory and down_proj's inputs are not kept)"]
+    lines += [f"KV cache        {_gib(e.kv_cache_bytes)} GiB  (context {e.context} x batch {e.batch}, fp16)", ""]
+    lines += _quantize_lines(e)
     if e.experts is not None and e.shape.moe is not None:
         widest = max(e.shape.hidden, e.shape.moe.expert_intermediate)
         lines.append(f"expert chunk    {e.experts.chunk} experts per calibration pass (of {e.shape.moe.experts}; "
-                     f"--expert-chunk sets it): only their weights are in the decoder layer term, and their "
+                     f"--expert-chunk sets it): only their weights are held in a pass, and their "
                      f"Hessians, float32 [{widest}, {widest}] each, {_gib(e.experts.chunk_hessian_bytes)} GiB, are "
-                     "the peak's Hessian term where they outweigh the layer's others")
+                     "the passes' Hessian term where they outweigh the layer's others")
     lines.append("")
     header = ["fits one GPU?"] + [("fp16" if w.bits == 16 else f"{w.bits}-bit") for w in e.weights] + ["quantize"]
     rows = [header] + [[f"{g['gpu_gb']} GB"] + ["yes" if g["run"][w.bits] else "no" for w in e.weights]
                        + ["yes" if g["quantize"] else "no"] for g in e.gpus]
     lines += _table(rows, indent="")
-    lines.append(f"run = (weights + KV cache) x {1 + e.overhead:.2f}; quantize = peak x {1 + e.overhead:.2f}; "
+    lines.append(f"run = (weights + KV cache) x {1 + e.overhead:.2f}; quantize = one GPU's nvidia-smi figure above; "
                  "a 'N GB' card counted as N GiB")
     return "\n".join(lines)
+
+
+def _fit(ok: bool | None) -> str:
+    return "-" if ok is None else "yes" if ok else "no"
+
+
+def _quantize_lines(e: Estimate) -> list[str]:
+    """quantize's memory per mode: GPU allocation and nvidia-smi's figure, host, disk, and the fits asked for."""
+    what = f"{e.samples} x {e.seq_len} calibration tokens{', GPTAQ' if e.gptaq else ''}"
+    lines = [f"quantize memory (GiB; {what}; per process; disk at {_width(e.quantize_bits, e.group_size)})"]
+    asked = e.gpu_mem is not None or e.host_mem is not None
+    header = ["mode", "compute", "GPU alloc", "GPU nvidia-smi", "host", "host (all)", "disk work", "disk out"]
+    if asked:
+        header += [f"fits GPU {_gib(e.gpu_mem)}" if e.gpu_mem else "fits GPU",
+                   f"fits host {_gib(e.host_mem)}" if e.host_mem else "fits host"]
+    rows = [header]
+    for m in e.modes:
+        row = [m.mode, m.compute_dtype, "-" if m.gpu_allocated is None else _gib(m.gpu_allocated),
+               "-" if m.gpu_total is None else _gib(m.gpu_total), _gib(m.host), _gib(m.host_total),
+               _gib(m.disk_work), _gib(m.disk_output)]
+        rows.append(row + ([_fit(m.fits_gpu), _fit(m.fits_host)] if asked else []))
+    lines += _table(rows, indent="  ", right=frozenset(range(2, 8)))
+    lines.append("  cpu: the layer in float32 (bfloat16 for a bfloat16 model on a CPU with native bfloat16 matmuls); "
+                 "the activations and kept inputs sit in scratch files (page cache, counted as disk work)")
+    if any(m.gpus for m in e.modes):
+        lines.append("  gpu: the layer in the model's 16-bit dtype; nvidia-smi = allocation + CUDA context + the "
+                     "allocator's reserve (a floor); host holds the activations in pinned memory")
+    if any(m.gpus > 1 for m in e.modes):
+        lines.append("  N gpus (torchrun): each rank 1/N of the activations, a whole layer and the full solves; "
+                     "host (all) = every rank's, rank 0 assembling the output")
+    return lines
