@@ -2,6 +2,7 @@
 and the locks survive real processes.
 
 Set QUANTKIT_KILL_AT to a point's name (e.g. "layer:2:saved", "publish:ref"); unset, each point costs one lookup.
+Under torchrun, QUANTKIT_KILL_RANK names the one process (its RANK) killed there; unset, every process is.
 Set QUANTKIT_WAIT_AT to a wait point's name (e.g. "target:locked") and QUANTKIT_WAIT_FILE to a path: there the
 process creates that file and waits until it is deleted (at most WAIT_LIMIT_S), so a test can start a second run
 while the first is held at a known step.
@@ -17,7 +18,8 @@ WAIT_LIMIT_S = 120.0
 
 
 def kill_point(name: str) -> None:
-    if os.environ.get("QUANTKIT_KILL_AT") == name:
+    if os.environ.get("QUANTKIT_KILL_AT") == name and \
+            os.environ.get("QUANTKIT_KILL_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -190,6 +190,8 @@ def quantize(model: str, bits: str, group_size: int, sym: bool, damp: float, act
 
     result = run_quantize(model, spec, calib_spec, repo_id=repo_id, out=out, overwrite=overwrite, device=device,
                           max_shard_size=max_shard_size, progress=not as_json, compute_dtype=compute_dtype)
+    if result.rank != 0:  # under torchrun, process 0 reports the run
+        return
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return

@@ -85,8 +85,9 @@ def first_inputs(job: LayerJob, source: Source, skeleton: Skeleton, input_ids: T
     for a resumed run read back from its saved inputs, after the call arguments are taken), with under GPTAQ the
     unquantized model's own stream beside them."""
     spec, state = job.spec, job.state
-    log.info("calibration: %d x %d tokens from %s, forwards in %s on %s", calib.samples, calib.seq_len,
-             calib.source, str(job.compute_dtype).removeprefix("torch."), job.device)
+    share = f" ({len(input_ids)} of them in this process of {job.ranks.world})" if job.ranks.distributed else ""
+    log.info("calibration: %d x %d tokens from %s%s, forwards in %s on %s", calib.samples, calib.seq_len,
+             calib.source, share, str(job.compute_dtype).removeprefix("torch."), job.device)
     new_store = activation_store(stores, work, not job.saves.enabled, (1 + spec.gptaq) * input_ids.numel()
                                  * source.config.hidden_size * activations_dtype.itemsize)
     batches, calls = layer_zero_inputs(skeleton.model, skeleton.layers, skeleton.prefix, source.checkpoint, input_ids,

@@ -9,8 +9,8 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -18,40 +18,35 @@ from torch import Tensor, nn
 from quantkit.calibrate.forward import LayerCall
 from quantkit.calibrate.memo import BlockMemo
 from quantkit.calibrate.probes import derivable_blocks, discover_groups, foldable_blocks
-from quantkit.calibrate.statistics import Reference, Statistics, collect_statistics, propagate
+from quantkit.calibrate.statistics import Reference, collect_statistics, propagate
 from quantkit.calibrate.transfer import wait_for_copies
 from quantkit.config import QuantSpec
-from quantkit.errors import NumericalError, QuantkitError
+from quantkit.errors import QuantkitError
 from quantkit.faults import kill_point
 from quantkit.memory.heap import return_free_heap
 from quantkit.memory.spill import Activations, ActivationsInMemory, ScratchFiles, disk_has_room
 from quantkit.run.experts import ExpertChunks, Loader, loaded_per_chunk
-from quantkit.run.gguf_output import GGUFLayout, linear_types, rounded_on_blocks, solve_on_blocks, step_tensors
+from quantkit.run.gguf_output import GGUFLayout
 from quantkit.run.model import Skeleton, Source
+from quantkit.run.ranks import Ranks
 from quantkit.run.resume import RunState
 from quantkit.run.saves import BackgroundSaves
+from quantkit.run.solves import Solved, rtn_layer, solve_stage
 from quantkit.run.stages import layer_stages
 from quantkit.run.step_report import raised_damping, step_report
 from quantkit.run.telemetry import GpuPeaks, StageClock, log_layer
-from quantkit.solve.gptq import GPTQResult, gptq_quantize_shared, rtn_result
-from quantkit.solve.gptq_grids import GridResult
-from quantkit.solve.grid import dequantize_grouped
 from quantkit.source.experts import UnfusedExperts, expert_blocks, only_experts
 from quantkit.source.skeleton import (
     in_features,
     linear_modules,
     materialize,
     release,
-    set_weight_matrix,
-    weight_matrix,
 )
-from quantkit.write.gptq_format import module_tensors
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
 log = logging.getLogger("quantkit")
-Result = TypeVar("Result", GPTQResult, GridResult)  # a solve's result for one Linear, GPTQ's grids or llama.cpp's
 
 
 @dataclass
@@ -67,6 +62,7 @@ class LayerJob:
     gpu_peaks: GpuPeaks
     kept: ScratchFiles | None = None  # where a layer's exit Linears' inputs wait (gptq_layer's spill_dir)
     gguf: GGUFLayout | None = None  # a GGUF output: the Linears are solved onto llama.cpp's blocks
+    ranks: Ranks = field(default_factory=Ranks.single)  # the run's processes (one, unless under torchrun)
     # per decoder-layer class and kind (dense, or with experts: DeepSeek's first layers are dense, of the same
     # class): (blocks folded into the inputs, derivable blocks), found once per kind
     class_checks: dict[tuple[type, bool], tuple[set[str], dict]] = field(default_factory=dict)
@@ -79,41 +75,6 @@ class Streams:
     batches: Activations | None = None  # the quantized model's inputs to the next layer
     calls: list[LayerCall] | None = None  # each layer's call arguments besides the hidden states
     reference: Activations | None = None  # GPTAQ: the unquantized model's inputs to the next layer
-
-
-@dataclass
-class Solved:
-    tensors: dict[str, Tensor]  # one Linear's checkpoint tensors (qweight, qzeros, scales, ...), on the CPU
-    loss: float
-    damp: float
-    tokens: int | None = None  # an expert's: the calibration tokens the router sent it
-    rounded: bool = False  # an expert with too few tokens, rounded to nearest (QuantSpec.expert_min_tokens)
-
-
-def packed(name: str, res: GPTQResult, spec: QuantSpec, fmt: str, bias: Tensor | None) -> Solved:
-    """Pack where the solve ran (on a GPU, in a small fraction of the CPU's time), then keep only the packed
-    tensors: a layer's int32 codes are never all held at once."""
-    tensors = module_tensors(name, res, spec.bits, fmt, bias)
-    return Solved({k: v.cpu() for k, v in tensors.items()}, res.loss, res.damp)
-
-
-def solve(label: str, weights: list[Tensor], hessian: Tensor, spec: QuantSpec,
-          cross: Tensor | None = None) -> list[GPTQResult]:
-    """GPTQ of weights that share `hessian` (consumed); a numerical failure is named after `label`."""
-    try:
-        return gptq_quantize_shared(weights, hessian, spec, consume_hessian=True, cross=cross)
-    except NumericalError as e:
-        raise NumericalError(f"{label}: {e}") from None
-
-
-def check_packable(spec: QuantSpec, where: str, modules: dict[str, nn.Module]) -> None:
-    """qweight packs input channels and qzeros output channels 32/bits to a word (3-bit: 32 values in 3 words)."""
-    step = 32 if spec.bits == 3 else 32 // spec.bits
-    for name, module in modules.items():
-        n_out, n_in = weight_matrix(module).shape
-        if not spec.skips(name) and (n_in % step or n_out % step):
-            raise QuantkitError(f"{spec.bits}-bit GPTQ needs every quantized Linear's input and output sizes divisible "
-                                f"by {step}; {where}.{name} is {n_in} -> {n_out}. Use --bits 4 or 8, or --skip {name}")
 
 
 def quantize_layers(job: LayerJob, source: Source, skeleton: Skeleton, streams: Streams, bar: tqdm) -> None:
@@ -177,7 +138,8 @@ def save_layer(job: LayerJob, i: int, tensors: dict[str, Tensor], report: dict, 
         return
     job.saves.wait()  # one commit in flight at most: this layer's write follows the previous layer's commit
     commit = job.state.write_layer(i, tensors, report, inputs)
-    job.saves.submit(functools.partial(_commit_step, commit, i), background=True)
+    # the commit of a run of several processes holds collectives: it runs here, in order with the others
+    job.saves.submit(functools.partial(_commit_step, commit, i), background=not job.ranks.distributed)
 
 
 def _save_step(state: RunState, i: int, tensors: dict[str, Tensor], report: dict,
@@ -241,9 +203,8 @@ def gptq_layer(job: LayerJob, layer: nn.Module, where: str, streams: Streams, i:
                         block in ref_memo.replayed_from_now_on(len(batches)):
                     release(reference.layer.get_submodule(block))
             clock.lap("hessians")
-            for group in stage.groups:
-                results.update(solve_group(where, group, statistics.pop(0), modules, spec, job.fmt, out_name,
-                                           expert=stage.is_expert_stage(), gguf=job.gguf))
+            results.update(solve_stage(job.ranks, where, stage.groups, statistics, modules, spec, job.fmt,
+                                       out_name, stage.is_expert_stage(), job.gguf))
             clock.lap("solve")
             chunks.leave(stage, stages[k + 1] if k + 1 < len(stages) else None, set(results) | skipped)
             kill_point(f"layer:{i}:stage:{k}")
@@ -303,71 +264,6 @@ def kept_inputs_bytes(batches: Activations, modules: dict[str, nn.Module], hidde
     return tokens * width * dtype.itemsize
 
 
-def solve_group(where: str, group: list[str], statistics: Statistics, modules: dict[str, nn.Module],
-                spec: QuantSpec, fmt: str, out_name: Callable[[str], str], expert: bool = False,
-                gguf: GGUFLayout | None = None) -> dict[str, Solved]:
-    """GPTQ the Linears sharing a Hessian (consumed), write their dequantized weights back for later stages, and
-    keep only their packed tensors: the solve's [N, K] codes and results are freed on return. With a GPTAQ cross
-    term the solve targets the weights that reproduce the unquantized model's outputs. The caller hands over its
-    only reference to `statistics`. expert: the group is one expert's, rounded to nearest instead when the router
-    sent it fewer than spec.expert_min_tokens tokens (none at all: always). gguf: solve onto llama.cpp's blocks
-    (a GGUF output holds no experts)."""
-    if gguf is not None:
-        return _solved_on_blocks(where, group, statistics, modules, spec, out_name, gguf)
-    tokens = statistics.tokens if expert else None
-    rounded = tokens is not None and tokens < max(1, spec.expert_min_tokens)
-    if rounded:
-        del statistics
-        solved = [_rounded(weight_matrix(modules[name]), spec) for name in group]
-    else:
-        solved = solve(f"{where}.{group[0]}", [weight_matrix(modules[name]) for name in group], statistics.hessian,
-                       spec, statistics.cross)  # the group shares its Hessian: a failure is named after its first
-        del statistics  # the spent Hessian (and cross term) is freed before packing, which would otherwise hold it
-    solved = _written_back(group, solved, modules)
-    return {name: replace(packed(out_name(name), res, spec, fmt, bias(modules[name])), tokens=tokens, rounded=rounded)
-            for name, res in zip(group, solved)}
-
-
-def _solved_on_blocks(where: str, group: list[str], statistics: Statistics, modules: dict[str, nn.Module],
-                      spec: QuantSpec, out_name: Callable[[str], str], gguf: GGUFLayout) -> dict[str, Solved]:
-    """solve_group for a GGUF output: each Linear of the group onto its ggml type's blocks."""
-    weights = [weight_matrix(modules[name]) for name in group]
-    types = linear_types(gguf, [out_name(name) for name in group], weights)
-    solved = solve_on_blocks(f"{where}.{group[0]}", weights, statistics.hessian, types, spec, statistics.cross)
-    del statistics, weights
-    solved = _written_back(group, solved, modules)
-    return {name: Solved(step_tensors(out_name(name), res), res.loss, res.damp) for name, res in zip(group, solved)}
-
-
-def _rounded(weight: Tensor, spec: QuantSpec) -> GPTQResult:
-    """Round-to-nearest with its dequantized weight, which later stages of the layer compute with."""
-    res = rtn_result(weight, spec)
-    return replace(res, weight=dequantize_grouped(res.codes, res.scales, res.zeros, res.g_idx).to(weight.device))
-
-
-def _written_back(group: list[str], solved: list[Result], modules: dict[str, nn.Module]) -> list[Result]:
-    """Each Linear's weight set to its dequantized result (later stages see the quantized weights); the results
-    are returned without that float32 copy."""
-    for name, res in zip(group, solved):
-        if res.weight is None:
-            raise QuantkitError(f"internal error: the solve of {name} returned no weight")
-        set_weight_matrix(modules[name], res.weight)
-    return [replace(res, weight=None) for res in solved]
-
-
-def rtn_layer(layer: nn.Module, spec: QuantSpec, fmt: str, out_name: Callable[[str], str],
-              gguf: GGUFLayout | None = None) -> dict[str, Solved]:
-    """Round-to-nearest of every Linear not skipped: GPTQ's grids, or llama.cpp's own for a GGUF output."""
-    modules = {name: module for name, module in linear_modules(layer).items() if not spec.skips(name)}
-    if gguf is None:
-        return {name: packed(out_name(name), rtn_result(weight_matrix(module), spec), spec, fmt, bias(module))
-                for name, module in modules.items()}
-    weights = {name: weight_matrix(module) for name, module in modules.items()}
-    types = linear_types(gguf, [out_name(name) for name in modules], list(weights.values()))
-    results = {name: rounded_on_blocks(weights[name], ggml) for name, ggml in zip(modules, types)}
-    return {name: Solved(step_tensors(out_name(name), res), 0.0, spec.damp) for name, res in results.items()}
-
-
 def expert_report(results: dict[str, Solved], blocks: dict[str, UnfusedExperts], spec: QuantSpec,
                   in_layer: Callable[[str], str]) -> dict:
     """Per MoE block (named as the checkpoint names it, through in_layer): the calibration tokens the router sent
@@ -391,9 +287,3 @@ def expert_report(results: dict[str, Solved], blocks: dict[str, UnfusedExperts],
             "rounded": sorted(rounded), "min_tokens": spec.expert_min_tokens,
             "skipped": sorted(e for e in range(block.num_experts) if e not in tokens)}
     return report
-
-
-def bias(module: nn.Module) -> Tensor | None:
-    """A Linear's (or Conv1D's) bias, None when it has none."""
-    b = module.bias
-    return b if isinstance(b, Tensor) else None

@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from quantkit.calibrate.head import collect_head_hessian
+from quantkit.config import QuantSpec
 from quantkit.errors import QuantkitError
 from quantkit.faults import kill_point
-from quantkit.run.layer import LayerJob, Solved, Streams, packed, solve
+from quantkit.run.layer import LayerJob, Streams
 from quantkit.run.model import Skeleton, Source
+from quantkit.run.solves import Solved, packed, solve
 from quantkit.run.step_report import step_report
-from quantkit.solve.gptq import rtn_result
+from quantkit.solve.gptq import GPTQResult, rtn_result
 from quantkit.source.checkpoint import SafetensorsCheckpoint
 from quantkit.source.skeleton import outer_modules_materialized
 
@@ -51,12 +53,26 @@ def quantize_head(job: LayerJob, source: Source, skeleton: Skeleton, streams: St
         with outer_modules_materialized(model, skeleton.prefix, checkpoint, job.device, job.compute_dtype):
             H = collect_head_hessian(model, skeleton.layers, model.get_output_embeddings(), streams.input_ids,
                                      streams.batches, job.device, job.compute_dtype)
-        # packed on the CPU: a large vocabulary's codes and packing temporaries would add to the GPU's peak
-        res = solve(head_name, [weight], H, spec)[0].cpu()
-    else:
-        res = rtn_result(weight, spec)
+        # several processes: the Hessian summed over their windows on process 0, which solves; the others get
+        # the result (the head is the last step: no later forward needs its quantized weight)
+        ranks, tokens = job.ranks, streams.input_ids.numel()
+        summed = ranks.mean_to(head_name, 0, H, tokens, ranks.token_totals(head_name, [tokens])[0])
+        del H
+        solved = None
+        if summed is not None:
+            # packed on the CPU: a large vocabulary's codes and packing temporaries would add to the GPU's peak
+            res = solve(head_name, [weight], summed, spec)[0].cpu()
+            del summed
+            solved = _packed_head(checkpoint, head_name, res, spec, job.fmt)
+        return head_name, ranks.from_rank(head_name, 0, solved)
+    return head_name, _packed_head(checkpoint, head_name, rtn_result(weight, spec), spec, job.fmt)
+
+
+def _packed_head(checkpoint: SafetensorsCheckpoint, head_name: str, res: GPTQResult, spec: QuantSpec,
+                 fmt: str) -> Solved:
+    """The head's result packed, with its bias (a head with one) as the checkpoint holds it."""
     bias = checkpoint.get(f"{head_name}.bias") if f"{head_name}.bias" in checkpoint else None
-    return head_name, packed(head_name, res, spec, job.fmt, bias)
+    return packed(head_name, res, spec, fmt, bias)
 
 
 def head_step(job: LayerJob, source: Source, skeleton: Skeleton, streams: Streams, bar: tqdm) -> None:

@@ -23,11 +23,13 @@ from quantkit.run.assemble import check_output_tensors, side_files, write_shards
 from quantkit.run.assemble_gguf import check_gguf_layer, check_gguf_model, write_gguf_output
 from quantkit.run.first_inputs import calibration_tokens, first_inputs, load_tokenizer, storage_dtype
 from quantkit.run.gguf_output import GGUFLayout
-from quantkit.run.layer import LayerJob, Streams, check_packable, quantize_layers
+from quantkit.run.layer import LayerJob, Streams, quantize_layers
 from quantkit.run.lm_head import head_step
 from quantkit.run.model import Skeleton, Source, check_layer_tensors, layer_tensor_names, opened, skeleton_of
+from quantkit.run.ranks import Ranks, window_share
 from quantkit.run.resume import STATE, ResumeRefused, RunState, model_fingerprint, run_fingerprint
 from quantkit.run.saves import BackgroundSaves
+from quantkit.run.solves import check_packable
 from quantkit.run.target import Target
 from quantkit.run.telemetry import GpuPeaks, peak_rss_mb, progress_bar
 from quantkit.source.checkpoint import torch_dtype_of
@@ -56,6 +58,8 @@ class QuantizeResult:
     gguf_file: str | None = None  # a GGUF output's file (inside `path` when published into the hub cache)
     peak_gpu_mb: float | None = None  # torch's peak allocation on the GPU, for --device cuda
     phase_seconds: dict[str, float] = field(default_factory=dict)  # where `seconds` went, phase by phase (PHASES)
+    processes: int = 1  # the torchrun processes that ran it (peak_rss_mb and peak_gpu_mb: the largest process's)
+    rank: int = 0  # this process's (0 writes and publishes the output)
     layers: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -85,6 +89,7 @@ class Run:
     progress: bool
     gpu_peaks: GpuPeaks
     gguf: GGUFLayout | None = None  # a GGUF output's layout (spec.gguf_type)
+    ranks: Ranks = field(default_factory=Ranks.single)  # the run's processes (one, unless under torchrun)
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @contextlib.contextmanager
@@ -133,9 +138,26 @@ def quantize(model: str, spec: QuantSpec = DEFAULT_SPEC, calib: CalibSpec = DEFA
     """
     t0 = time.perf_counter()
     release_large_frees_at_once()  # else freed layers stay resident and peak memory creeps with depth
+    ranks = Ranks.from_environment(device)
+    try:
+        return _quantize(t0, ranks, model, spec, calib, repo_id, out, overwrite, device, max_shard_size, work_dir,
+                         progress, compute_dtype)
+    finally:
+        ranks.close()
+
+
+def _quantize(t0: float, ranks: Ranks, model: str, spec: QuantSpec, calib: CalibSpec, repo_id: str | None,
+              out: str | Path | None, overwrite: bool, device: str, max_shard_size: str,
+              work_dir: str | Path | None, progress: bool, compute_dtype: str) -> QuantizeResult:
+    """quantize() in this process, one of `ranks`."""
+    if not ranks.is_main:
+        log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))  # process 0 tells the run's progress
+    if ranks.distributed and spec.is_bnb:
+        raise QuantkitError(f"--method {spec.method} quantizes in one process (transformers loads the model "
+                            "whole); run it without torchrun")
     with opened(model) as source:
         side_files(source.model_dir)  # a link leading outside the model is refused before any work
-        dev = resolve_device(device)
+        dev = ranks.device or resolve_device(device)
         forward_dtype = choose_compute_dtype(compute_dtype, torch_dtype_of(source.config_dict), dev)
         gpu_peaks = GpuPeaks(dev)
         try:
@@ -144,29 +166,50 @@ def quantize(model: str, spec: QuantSpec = DEFAULT_SPEC, calib: CalibSpec = DEFA
             raise QuantkitError(str(e)) from None
         target = Target(model, source.model_dir, spec, repo_id, Path(out) if out else None, overwrite, work_dir)
         gguf = GGUFLayout.of(spec, source.config_dict) if spec.is_gguf else None
-        run = Run(source, spec, calib, dev, forward_dtype, target, shard_bytes, progress, gpu_peaks, gguf)
+        run = Run(source, spec, calib, dev, forward_dtype, target, shard_bytes, progress and ranks.is_main,
+                  gpu_peaks, gguf, ranks)
         run.phase_seconds["open"] = round(time.perf_counter() - t0, 3)
-        with target.lock():
+        with _held(target, ranks):
             layers, path = _quantize_and_publish(run)
+    peaks = ranks.gathered("the end of the run", (peak_rss_mb(), gpu_peaks.overall_mb()))
+    gpu_mb = [p[1] for p in peaks if p[1] is not None]
     return QuantizeResult(repo_id=target.repo_id, path=str(path), bits=spec.bits, group_size=spec.group_size,
                           sym=spec.sym, method=spec.method, checkpoint_format=checkpoint_format(spec),
-                          seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(peak_rss_mb(), 1),
-                          device=str(dev), layers=layers, peak_gpu_mb=gpu_peaks.overall_mb(),
+                          seconds=round(time.perf_counter() - t0, 2),
+                          peak_rss_mb=round(max(p[0] for p in peaks), 1), processes=ranks.world, rank=ranks.rank,
+                          device=str(dev), layers=layers, peak_gpu_mb=max(gpu_mb) if gpu_mb else None,
                           phase_seconds={p: run.phase_seconds[p] for p in PHASES if p in run.phase_seconds},
                           compute_dtype=_dtype_name(forward_dtype) if spec.method == "gptq" else None,
                           gguf_type=spec.gguf_type, gguf_file=str(path / target.gguf_name if path.is_dir() else path)
                           if target.gguf_name is not None else None)
 
 
+@contextlib.contextmanager
+def _held(target: Target, ranks: Ranks) -> Iterator[None]:
+    """The target's lock, taken by process 0 for the whole run; the others start once it holds it (and its work
+    directory exists)."""
+    if not ranks.is_main:
+        ranks.barrier("the start")
+        yield
+        return
+    with target.lock():
+        ranks.barrier("the start")
+        yield
+
+
 def _quantize_and_publish(run: Run) -> tuple[list[dict], Path]:
     """Under the target's lock: the output made in staging and published, then the work directory removed. A
-    killed or failed run keeps its finished layers for a resume, else leaves nothing behind."""
-    target = run.target
+    killed or failed run keeps its finished layers for a resume, else leaves nothing behind. Under several
+    processes, process 0 assembles, publishes and removes; the others wait for its published path."""
+    target, ranks = run.target, run.ranks
     try:
         try:
             layers, files = _bnb(run) if run.spec.is_bnb else _gptq(run)
-            with run.phase("publish"):
-                path = target.publish(files)
+            published = None
+            if ranks.is_main:
+                with run.phase("publish"):
+                    published = target.publish(files)
+            path = ranks.from_rank("the publish", 0, published)
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
@@ -177,10 +220,11 @@ def _quantize_and_publish(run: Run) -> tuple[list[dict], Path]:
             pass  # a state this run must not continue stays as it is; its message says what to do
         elif (target.state_dir / STATE).is_file():
             log.error("work directory kept for resuming: %s (rerun the same command to continue)", target.work)
-        else:
+        elif ranks.is_main:
             target.remove_work()
         raise
-    target.remove_work()
+    if ranks.is_main:
+        target.remove_work()
     return layers, path
 
 
@@ -192,6 +236,8 @@ def _gptq(run: Run) -> tuple[list[dict], dict[str, str]]:
         state = _resumable_state(run, skeleton, input_ids)
         _quantize_steps(run, skeleton, state, input_ids)
         return_free_heap()
+        if not run.ranks.is_main:
+            return state.reports, {}
         with run.phase("assemble"):
             return _assembled(run, state, skeleton)
 
@@ -223,11 +269,12 @@ def _checked_and_tokenized(run: Run) -> tuple[Skeleton, torch.Tensor | None]:
 def _resumable_state(run: Run, skeleton: Skeleton, input_ids: torch.Tensor | None) -> RunState:
     """The run's state in its work directory: a new one, or an unfinished run of the same command and base
     weights to continue (checked before any work)."""
+    processes = {"processes": run.ranks.world} if run.ranks.distributed else {}  # each saved its windows' inputs
     state = RunState(run.target.state_dir, run_fingerprint(
         model=model_fingerprint(run.source.model_dir), spec=run.spec.to_dict(), calibration=input_ids,
         quantkit=__version__, torch=torch.__version__, device=run.device.type, compute_dtype=str(run.compute_dtype),
-        float32_matmuls=float32_matmul_path(run.device)))
-    if state.layers_done:  # before any work: the finished steps' base tensors are the ones there now
+        float32_matmuls=float32_matmul_path(run.device), **processes), run.ranks)
+    if state.layers_done and run.ranks.is_main:  # before any work: the finished steps' base tensors are unchanged
         state.check_base(run.source.reads, layer_tensor_names(run.source, skeleton), run.steps)
         log.info("resuming after layer %d/%d from %s", state.layers_done, len(skeleton.layers), run.target.work)
     return state
@@ -235,10 +282,16 @@ def _resumable_state(run: Run, skeleton: Skeleton, input_ids: torch.Tensor | Non
 
 def _quantize_steps(run: Run, skeleton: Skeleton, state: RunState, input_ids: torch.Tensor | None) -> None:
     """Every step not finished yet: the calibration inputs of the first, each decoder layer, then the head."""
-    spec, dev = run.spec, run.device
-    saves = BackgroundSaves(enabled=dev.type == "cuda")  # a GPU's layers are short: their saves overlap the next
+    spec, dev, ranks = run.spec, run.device, run.ranks
+    # a GPU's layers are short: their saves overlap the next (a run of several processes saves together, in order)
+    saves = BackgroundSaves(enabled=dev.type == "cuda" and not ranks.distributed)
     job = LayerJob(spec, checkpoint_format(spec), dev, run.compute_dtype, state, saves, run.gpu_peaks,
-                   gguf=run.gguf)
+                   gguf=run.gguf, ranks=ranks)
+    if input_ids is not None and ranks.distributed:  # each process calibrates on its own windows
+        if len(input_ids) < ranks.world:
+            raise QuantkitError(f"--samples {len(input_ids)} gives fewer calibration windows than the run's "
+                                f"{ranks.world} processes; use --samples {ranks.world} or more")
+        input_ids = input_ids[window_share(len(input_ids), ranks.rank, ranks.world)]
     with contextlib.ExitStack() as stores:
         streams = Streams(input_ids)
         if input_ids is not None and state.layers_done < run.steps:

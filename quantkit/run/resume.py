@@ -5,7 +5,9 @@ Layout of the work directory (every file written under a temporary name, then re
                               step, the sha256 and size of its file and the sha256 of each base tensor it was
                               computed from; the sha256 and size of the activations file (written last)
   layers/layer-00012.safetensors   the packed tensors of finished layer 12
-  activations-00013.safetensors    the calibration activations entering layer 13 (the next one)
+  activations-00013.safetensors    the calibration activations entering layer 13 (the next one); in a run of
+                              several processes (run/ranks.py) each saves its own windows' inputs,
+                              activations-00013.<rank>-of-<processes>.safetensors, and state.json records each
 A restart with the same command finds state.json, checks the fingerprint (model, settings, calibration tokens,
 quantkit and torch versions, device) and continues after the last finished layer. Because the activations are
 restored bit for bit, the finished files are byte-identical to those of an uninterrupted run.
@@ -31,7 +33,8 @@ from torch import Tensor
 
 from quantkit.errors import QuantkitError, first_line
 from quantkit.memory.spill import Activations, read_tensor_at, write_tensor_at
-from quantkit.run.step_report import EXPERT_FIELDS, REPORT_FIELDS, REPORT_REQUIRED
+from quantkit.run.ranks import Ranks
+from quantkit.run.step_report import check_report
 from quantkit.source.checkpoint import SafetensorsCheckpoint
 from quantkit.source.safetensors_header import TORCH_DTYPES, read_header
 from quantkit.untrusted import field, file_record, read_json, sha256_digest, sha256_file
@@ -134,13 +137,18 @@ def _record_of(path: Path) -> dict:
 
 class RunState:
     """The resumable state of one quantize run in `work` (created if missing). A state found there is validated,
-    and every file it names checked, before anything uses it; `check_base` checks the base model against it."""
+    and every file it names checked, before anything uses it; `check_base` checks the base model against it.
 
-    def __init__(self, work: Path, fingerprint: str) -> None:
+    In a run of several processes (`ranks`) every process keeps the same state, and process 0 alone writes
+    state.json and the finished steps' files; each process saves and checks its own windows' inputs."""
+
+    def __init__(self, work: Path, fingerprint: str, ranks: Ranks | None = None) -> None:
         self.work, self.fingerprint = Path(work), fingerprint
+        self.ranks = ranks if ranks is not None else Ranks.single()
         self.reports: list[dict] = []
         self.steps: list[dict] = []  # per finished step: its file's sha256 and size, and its base tensors' sha256s
-        self.activations: dict | None = None  # sha256 and size of the saved inputs of step layers_done
+        # sha256 and size of the saved inputs of step layers_done: one record, or one per process
+        self.activations: dict | list[dict] | None = None
         self._base_read: dict[int, dict[str, str]] = {}  # note_base's, until their step is saved
         state = self.work / STATE
         if state.exists() or state.is_symlink():
@@ -150,11 +158,20 @@ class RunState:
                                     "calibration; remove that directory to start over, or rerun the original "
                                     "command to resume it")
             self.reports, self.steps, self.activations = saved["layers"], saved["steps"], saved.get("activations")
-            for i, step in enumerate(self.steps):
+            if isinstance(self.activations, list) != self.ranks.distributed or \
+                    isinstance(self.activations, list) and len(self.activations) != self.ranks.world:
+                raise self._damaged(f"{state} records the inputs of another number of processes")
+            for i, step in enumerate(self.steps if self.ranks.is_main else []):
                 self._check_file(self.layer_file(i), step)
-            if self.activations is not None:
-                self._check_file(self.activations_file(self.layers_done), self.activations)
-        (self.work / "layers").mkdir(parents=True, exist_ok=True)
+            if self.own_activations is not None:
+                self._check_file(self.activations_file(self.layers_done), self.own_activations)
+        if self.ranks.is_main:
+            (self.work / "layers").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def own_activations(self) -> dict | None:
+        """The record of this process's saved inputs (the only one in a single process's state)."""
+        return self.activations[self.ranks.rank] if isinstance(self.activations, list) else self.activations
 
     def _damaged(self, why: str) -> ResumeRefused:
         return ResumeRefused(f"{why}: the unfinished run's state in {self.work} is damaged; remove that directory to "
@@ -175,16 +192,23 @@ class RunState:
             if len(steps) != len(reports):
                 raise QuantkitError(f"{path} records {len(reports)} layers' reports but {len(steps)} steps")
             for i, (report, step) in enumerate(zip(reports, steps)):
-                _check_report({f"layers[{i}]": report}, i, where)
+                check_report({f"layers[{i}]": report}, i, where)
                 step = field({f"steps[{i}]": step}, f"steps[{i}]", dict, where)
                 file_record(step, f"{where}: steps[{i}]")
                 for name, digest in field(step, "base", dict, f"{where}: steps[{i}]").items():
                     sha256_digest(digest, f"{where}: steps[{i}]: base tensor {name}")
             if saved.get("activations") is not None:
-                file_record(field(saved, "activations", dict, where), f"{where}: activations")
+                self._check_activations_record(saved, where)
         except QuantkitError as e:
             raise self._damaged(str(e)) from None
         return saved
+
+    def _check_activations_record(self, saved: dict, where: str) -> None:
+        """The saved inputs' record: one file's, or from a run of several processes one per process (how many
+        is checked once the fingerprint, which counts them, matches)."""
+        records = field(saved, "activations", (dict, list), where)
+        for rank, record in enumerate(records if isinstance(records, list) else [records]):
+            file_record(field({"record": record}, "record", dict, where), f"{where}: activations[{rank}]")
 
     def _check_file(self, path: Path, record: dict) -> None:
         """path holds what `record` says: its size, then its sha256."""
@@ -252,15 +276,20 @@ class RunState:
         (spill.Activations), saved one after another.
 
         A kill before or during the commit leaves the old state (redo this layer from its kept inputs), after it
-        the new one (continue with the next layer's inputs): each layer's inputs live in their own file.
+        the new one (continue with the next layer's inputs): each layer's inputs live in their own file. Several
+        processes commit together (collectives, so in the caller's thread): every process's files on disk, then
+        process 0's state.json, then the old inputs given up.
         """
         from safetensors.torch import save_file
 
         if index != self.layers_done:
             raise QuantkitError(f"internal error: layer {index} saved after {self.layers_done} finished layers")
+        main, ranks = self.ranks.is_main, self.ranks
         layer_file = self.layer_file(index)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(_temporary(layer_file)))
-        step = _record_of(_temporary(layer_file))
+        step: dict = {}
+        if main:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(_temporary(layer_file)))
+            step = _record_of(_temporary(layer_file))
         inputs_file = self.activations_file(index + 1)
         saved_inputs = None
         if activations is not None:
@@ -268,19 +297,25 @@ class RunState:
                 # file's pages cost the file system several times more
                 os.replace(self.spare_file, _temporary(inputs_file))
             saved_inputs = _save_batches(_temporary(inputs_file), activations)
-        recorded = {name for done in self.steps for name in done["base"]}
+        records = ranks.gathered(f"the save of layer {index}", saved_inputs)
+        recorded = {name for done in self.steps for name in done.get("base", {})}
         step["base"] = {n: d for n, d in self._base_read.pop(index, {}).items() if n not in recorded}
         self.reports.append(report)
         self.steps.append(step)
-        self.activations = saved_inputs
+        self.activations = [r for r in records if r is not None] if ranks.distributed and saved_inputs is not None \
+            else saved_inputs
         state = json.dumps({"format": STATE_FORMAT, "fingerprint": self.fingerprint, "layers": self.reports,
                             "steps": self.steps, "activations": self.activations}, indent=1)
 
         def commit() -> None:
-            _make_durable(_temporary(layer_file), layer_file)
+            if main:
+                _make_durable(_temporary(layer_file), layer_file)
             if saved_inputs is not None:
                 _make_durable(_temporary(inputs_file), inputs_file)
-            _write_atomically(self.work / STATE, lambda p: p.write_text(state))
+            ranks.barrier(f"the save of layer {index}")
+            if main:
+                _write_atomically(self.work / STATE, lambda p: p.write_text(state))
+            ranks.barrier(f"the save of layer {index}")
             if self.activations_file(index).is_file():  # this layer's inputs are no longer needed: the next's file
                 os.replace(self.activations_file(index), self.spare_file)
         return commit
@@ -288,16 +323,19 @@ class RunState:
     @property
     def spare_file(self) -> Path:
         """A finished layer's inputs file, kept to be written over by a later layer's (the same size)."""
-        return self.work / ".activations.spare"
+        own = f".{self.ranks.rank}-of-{self.ranks.world}" if self.ranks.distributed else ""
+        return self.work / f".activations{own}.spare"
 
     def activations_file(self, index: int) -> Path:
-        return self.work / f"activations-{index:05d}.safetensors"
+        """Where the inputs of layer `index` are saved (this process's share of them, in a run of several)."""
+        own = f".{self.ranks.rank}-of-{self.ranks.world}" if self.ranks.distributed else ""
+        return self.work / f"activations-{index:05d}{own}.safetensors"
 
     def load_activations(self, streams: Sequence[Activations]) -> None:
         """The saved inputs of layer `layers_done`, as the mini-batches they were, appended to `streams` (empty
         spill.Activations) in the order they were saved, an equal share each."""
         path = self.activations_file(self.layers_done)
-        if self.activations is None:
+        if self.own_activations is None:
             raise self._damaged(f"{self.work / STATE} records no saved inputs of layer {self.layers_done}")
         if not path.is_file():
             raise ResumeRefused(f"{path} is missing, so the run cannot resume; remove {self.work} to start over")
@@ -314,41 +352,6 @@ class RunState:
 
         self._check_file(self.layer_file(index), self.steps[index])
         return load_file(str(self.layer_file(index)))
-
-
-def _check_report(holder: dict, index: int, where: str) -> None:
-    """A finished layer's report (the only value of `holder`, keyed by where it is in state.json) holds the
-    fields a layer report has, of their types, numbers in its tables, and its own index."""
-    key = next(iter(holder))
-    report = field(holder, key, dict, where)
-    at = f"{where}: {key}"
-    for name in REPORT_REQUIRED:
-        field(report, name, REPORT_FIELDS[name], at)
-    for name, value in report.items():
-        if name not in REPORT_FIELDS:
-            raise QuantkitError(f"{at}: {name!r} is not a field of a layer's report")
-        field(report, name, REPORT_FIELDS[name], at)
-        if name == "experts":
-            for block in value:
-                _check_expert_record(field(value, block, dict, f"{at}: experts"), f"{at}: experts: {block}")
-        elif isinstance(value, dict):
-            for entry in value:
-                field(value, entry, (int, float), f"{at}: {name}")
-    if report["index"] != index:
-        raise QuantkitError(f"{at}: 'index' is {report['index']}, expected {index}")
-
-
-def _check_expert_record(record: dict, at: str) -> None:
-    """One MoE block's record in a report (step_report.EXPERT_FIELDS): its fields, counts and expert indices."""
-    if set(record) != set(EXPERT_FIELDS):
-        raise QuantkitError(f"{at}: fields are {sorted(record)}, expected {sorted(EXPERT_FIELDS)}")
-    for key, kind in EXPERT_FIELDS.items():
-        field(record, key, kind, at)
-    n = record["experts"]
-    tokens, indices = record["tokens"], record["rounded"] + record["skipped"]
-    if not all(type(v) is int and v >= 0 for v in (n, record["min_tokens"], *tokens)) or len(tokens) != n \
-            or not all(type(e) is int and 0 <= e < n for e in indices):
-        raise QuantkitError(f"{at}: expected {n} token counts and expert indices below {n}")
 
 
 def _save_batches(path: Path, streams: Sequence[Activations]) -> dict:

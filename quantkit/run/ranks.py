@@ -1,0 +1,203 @@
+"""The processes of one run under torchrun (torch.distributed): which one this is, its share of the calibration
+windows, the Hessians summed across processes, each solve given to one process by its cost, and the results sent
+from the process that solved them to all others.
+
+Every process runs the same steps on the same layer: the forwards (and Hessians) on its own windows, the solves of
+the groups it owns, then the others' results received, so each holds the same quantized layer before it
+propagates its windows to the next. Process 0 writes the finished steps and the output; the others write only
+their windows' inputs for a resume. Without torchrun (WORLD_SIZE unset or 1) `Ranks.single()` stands in: every
+method is then the identity, and nothing imports torch.distributed.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from quantkit.errors import QuantkitError, first_line
+
+log = logging.getLogger("quantkit")
+T = TypeVar("T")
+
+
+class RankFailed(QuantkitError):
+    """Another process of the run stopped (killed, or failed with its own error): this one cannot go on."""
+
+
+def spread_by_cost(costs: Sequence[float], load: list[float]) -> list[int]:
+    """Each job (costs, in order) given to a process: the costliest first, each to the process with the least load
+    so far (ties to the lowest rank). `load`, one entry per process, is updated in place, so that a run's
+    successive calls keep evening out. Deterministic: every process computes the same answer."""
+    owners = [0] * len(costs)
+    for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        rank = min(range(len(load)), key=lambda r: (load[r], r))
+        owners[job] = rank
+        load[rank] += costs[job]
+    return owners
+
+
+def solve_cost(in_features: int, out_features: int) -> float:
+    """A GPTQ solve's relative cost: the Hessian's factorization (K^3) and the sweep over the rows (N·K^2)."""
+    return float(in_features) ** 3 + float(out_features) * in_features**2
+
+
+def window_share(samples: int, rank: int, world: int) -> slice:
+    """Process `rank`'s calibration windows: a contiguous slice, the shares differing by one window at most."""
+    return slice(samples * rank // world, samples * (rank + 1) // world)
+
+
+def _backend_reason(error: BaseException) -> str:
+    """The process group's error, short: its first sentence, without the source location gloo puts first."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error))
+    return text.split(". ", 1)[0].rstrip(".")
+
+
+@dataclass
+class Ranks:
+    """This process's place in the run (rank of world) and the collectives it takes part in."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device | None = None  # the GPU a torchrun process uses (LOCAL_RANK), None on a CPU
+    load: list[float] = field(default_factory=lambda: [0.0])  # the solve cost given to each process so far
+    joined: bool = False  # this run joined the process group (and leaves it on close)
+    on_term: Any = None  # SIGTERM's handler before the run's own (restored on close)
+
+    @classmethod
+    def single(cls) -> Ranks:
+        return cls()
+
+    @classmethod
+    def from_environment(cls, device: str) -> Ranks:
+        """Under torchrun (WORLD_SIZE > 1): the process group joined (gloo on a CPU, NCCL for GPUs, one GPU per
+        process), else the single process."""
+        world = int(os.environ.get("WORLD_SIZE", "1") or "1")
+        if world <= 1:
+            return cls.single()
+        import torch.distributed as dist
+
+        rank = int(os.environ.get("RANK", "0"))
+        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else None
+        if gpu is not None:
+            torch.cuda.set_device(gpu)
+        joined = not dist.is_initialized()
+        if joined:
+            try:
+                dist.init_process_group("cpu:gloo,cuda:nccl" if gpu is not None else "gloo")
+            except (RuntimeError, ValueError) as e:
+                raise QuantkitError(f"cannot join the torchrun run as process {rank} of {world}: {first_line(e)}"
+                                    ) from None
+        if (dist.get_rank(), dist.get_world_size()) != (rank, world):
+            raise QuantkitError(f"the process group ({dist.get_rank()} of {dist.get_world_size()}) disagrees with "
+                                f"torchrun's RANK {rank} and WORLD_SIZE {world}")
+        ranks = cls(rank, world, gpu, [0.0] * world, joined)
+        if threading.current_thread() is threading.main_thread():
+            ranks.on_term = signal.signal(signal.SIGTERM, ranks._stopped)
+        return ranks
+
+    def _stopped(self, signum: int, frame: Any) -> None:
+        """SIGTERM, which torchrun sends the other processes when one fails: this one's error line, its work
+        directory kept (the pipeline's error path), then the exit."""
+        raise RankFailed(f"process {self.rank} of {self.world}: stopped by torchrun, because another process of "
+                         "the run failed; nothing was published, and the finished layers are kept: rerun the same "
+                         "command to resume")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def _call(self, what: str, collective: Callable[[], T]) -> T:
+        """A collective whose failure (a peer gone: its connection closed, or a timeout) is one line."""
+        try:
+            return collective()
+        except RuntimeError as e:
+            raise RankFailed(f"process {self.rank} of {self.world}: another process of this torchrun run stopped "
+                             f"during {what} ({_backend_reason(e)}); nothing was published, and the finished "
+                             "layers are kept: rerun the same command to resume") from None
+
+    def barrier(self, what: str) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            self._call(what, dist.barrier)
+
+    def gathered(self, what: str, value: T) -> list[T]:
+        """Every process's `value` (picklable), in rank order, on every process."""
+        if not self.distributed:
+            return [value]
+        import torch.distributed as dist
+
+        values: list[Any] = [None] * self.world
+        self._call(what, lambda: dist.all_gather_object(values, value))
+        return values
+
+    def from_rank(self, what: str, owner: int, value: T | None) -> T:
+        """`value` (picklable) as process `owner` has it, on every process."""
+        if not self.distributed:
+            if value is None:
+                raise QuantkitError(f"internal error: nothing to share for {what}")
+            return value
+        import torch.distributed as dist
+
+        box: list[Any] = [value if self.rank == owner else None]
+        self._call(what, lambda: dist.broadcast_object_list(box, src=owner))
+        return box[0]
+
+    def token_totals(self, what: str, tokens: Sequence[int]) -> list[int]:
+        """Each count summed over the processes."""
+        if not self.distributed:
+            return list(tokens)
+        import torch.distributed as dist
+
+        counts = torch.tensor(list(tokens), dtype=torch.float64, device=self.device)
+        self._call(what, lambda: dist.all_reduce(counts))
+        return [int(c) for c in counts.tolist()]
+
+    def mean_to(self, what: str, owner: int, mean: Tensor, tokens: int, total: int) -> Tensor | None:
+        """The mean over every process's tokens, on process `owner` (None elsewhere): each process's mean over its
+        own `tokens` weighted by its share of `total`, then summed there (accumulate_hessian's running means)."""
+        if not self.distributed:
+            return mean
+        import torch.distributed as dist
+
+        mean.mul_(tokens / total if total else 0.0)
+        self._call(what, lambda: dist.reduce(mean, dst=owner))
+        return mean if self.rank == owner else None
+
+    def weights_from(self, what: str, owner: int, modules: Sequence[nn.Module],
+                     read: Callable[[nn.Module], Tensor], write: Callable[[nn.Module, Tensor], None]) -> None:
+        """Each module's weight as process `owner` has it (its solve wrote the quantized one back), on every
+        process."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        for module in modules:
+            weight = read(module).contiguous()
+            self._call(what, functools.partial(dist.broadcast, weight, src=owner))
+            if self.rank != owner:
+                write(module, weight)
+
+    def close(self) -> None:
+        """Leave the process group this run joined; SIGTERM's handler as it was."""
+        if self.on_term is not None:
+            signal.signal(signal.SIGTERM, self.on_term)
+            self.on_term = None
+        if self.joined:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()

@@ -1,0 +1,160 @@
+"""A decoder layer's groups of Linears solved: GPTQ (or llama.cpp's blocks) on each group's Hessian, or
+round-to-nearest; the dequantized weights written back for later stages, only the packed tensors kept; under
+several processes (run.ranks) each group solved by one, its results sent to the others."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from torch import Tensor, nn
+
+from quantkit.calibrate.statistics import Statistics
+from quantkit.config import QuantSpec
+from quantkit.errors import NumericalError, QuantkitError
+from quantkit.run.gguf_output import GGUFLayout, linear_types, rounded_on_blocks, solve_on_blocks, step_tensors
+from quantkit.run.ranks import Ranks, solve_cost, spread_by_cost
+from quantkit.solve.gptq import GPTQResult, gptq_quantize_shared, rtn_result
+from quantkit.solve.gptq_grids import GridResult
+from quantkit.solve.grid import dequantize_grouped
+from quantkit.source.skeleton import in_features, linear_modules, set_weight_matrix, weight_matrix
+from quantkit.write.gptq_format import module_tensors
+
+Result = TypeVar("Result", GPTQResult, GridResult)  # a solve's result for one Linear, GPTQ's grids or llama.cpp's
+
+
+@dataclass
+class Solved:
+    tensors: dict[str, Tensor]  # one Linear's checkpoint tensors (qweight, qzeros, scales, ...), on the CPU
+    loss: float
+    damp: float
+    tokens: int | None = None  # an expert's: the calibration tokens the router sent it
+    rounded: bool = False  # an expert with too few tokens, rounded to nearest (QuantSpec.expert_min_tokens)
+
+
+def packed(name: str, res: GPTQResult, spec: QuantSpec, fmt: str, bias: Tensor | None) -> Solved:
+    """Pack where the solve ran (on a GPU, in a small fraction of the CPU's time), then keep only the packed
+    tensors: a layer's int32 codes are never all held at once."""
+    tensors = module_tensors(name, res, spec.bits, fmt, bias)
+    return Solved({k: v.cpu() for k, v in tensors.items()}, res.loss, res.damp)
+
+
+def solve(label: str, weights: list[Tensor], hessian: Tensor, spec: QuantSpec,
+          cross: Tensor | None = None) -> list[GPTQResult]:
+    """GPTQ of weights that share `hessian` (consumed); a numerical failure is named after `label`."""
+    try:
+        return gptq_quantize_shared(weights, hessian, spec, consume_hessian=True, cross=cross)
+    except NumericalError as e:
+        raise NumericalError(f"{label}: {e}") from None
+
+
+def check_packable(spec: QuantSpec, where: str, modules: dict[str, nn.Module]) -> None:
+    """qweight packs input channels and qzeros output channels 32/bits to a word (3-bit: 32 values in 3 words)."""
+    step = 32 if spec.bits == 3 else 32 // spec.bits
+    for name, module in modules.items():
+        n_out, n_in = weight_matrix(module).shape
+        if not spec.skips(name) and (n_in % step or n_out % step):
+            raise QuantkitError(f"{spec.bits}-bit GPTQ needs every quantized Linear's input and output sizes divisible "
+                                f"by {step}; {where}.{name} is {n_in} -> {n_out}. Use --bits 4 or 8, or --skip {name}")
+
+
+def solve_stage(ranks: Ranks, where: str, groups: list[list[str]], statistics: list[Statistics],
+                modules: dict[str, nn.Module], spec: QuantSpec, fmt: str, out_name: Callable[[str], str],
+                expert: bool = False, gguf: GGUFLayout | None = None) -> dict[str, Solved]:
+    """A stage's groups solved (solve_group), `statistics` handed over one per group. Under several processes
+    each group's Hessian is summed on the process that owns its solve (run.ranks, by cost); each process solves
+    its own groups, then every result and quantized weight is sent from its owner to the others."""
+    owners = spread_by_cost([solve_cost(in_features(modules[g[0]]), sum(weight_matrix(modules[n]).shape[0]
+                                                                             for n in g)) for g in groups],
+                            ranks.load) if ranks.distributed else [0] * len(groups)
+    what = f"the solves of {where}"
+    totals = ranks.token_totals(what, [s.tokens for s in statistics])
+    summed: list[Statistics | None] = []
+    for k, owner in enumerate(owners):
+        s = statistics[k]
+        hessian = ranks.mean_to(what, owner, s.hessian, s.tokens, totals[k])
+        cross = ranks.mean_to(what, owner, s.cross, s.tokens, totals[k]) if s.cross is not None else None
+        summed.append(Statistics(hessian, cross, totals[k]) if hessian is not None else None)
+    statistics.clear()  # the list held the only other reference: each Hessian is freed by its solve
+    mine: dict[int, dict[str, Solved]] = {}
+    for k, group in enumerate(groups):
+        mine_k, summed[k] = summed[k], None
+        if mine_k is not None:
+            mine[k] = solve_group(where, group, mine_k, modules, spec, fmt, out_name, expert=expert, gguf=gguf)
+            del mine_k
+    results: dict[str, Solved] = {}
+    for k, group in enumerate(groups):
+        results.update(ranks.from_rank(what, owners[k], mine.pop(k, None)))
+        ranks.weights_from(what, owners[k], [modules[n] for n in group], weight_matrix, set_weight_matrix)
+    return results
+
+
+def solve_group(where: str, group: list[str], statistics: Statistics, modules: dict[str, nn.Module],
+                spec: QuantSpec, fmt: str, out_name: Callable[[str], str], expert: bool = False,
+                gguf: GGUFLayout | None = None) -> dict[str, Solved]:
+    """GPTQ the Linears sharing a Hessian (consumed), write their dequantized weights back for later stages, and
+    keep only their packed tensors: the solve's [N, K] codes and results are freed on return. With a GPTAQ cross
+    term the solve targets the weights that reproduce the unquantized model's outputs. The caller hands over its
+    only reference to `statistics`. expert: the group is one expert's, rounded to nearest instead when the router
+    sent it fewer than spec.expert_min_tokens tokens (none at all: always). gguf: solve onto llama.cpp's blocks
+    (a GGUF output holds no experts)."""
+    if gguf is not None:
+        return _solved_on_blocks(where, group, statistics, modules, spec, out_name, gguf)
+    tokens = statistics.tokens if expert else None
+    rounded = tokens is not None and tokens < max(1, spec.expert_min_tokens)
+    if rounded:
+        del statistics
+        solved = [_rounded(weight_matrix(modules[name]), spec) for name in group]
+    else:
+        solved = solve(f"{where}.{group[0]}", [weight_matrix(modules[name]) for name in group], statistics.hessian,
+                       spec, statistics.cross)  # the group shares its Hessian: a failure is named after its first
+        del statistics  # the spent Hessian (and cross term) is freed before packing, which would otherwise hold it
+    solved = _written_back(group, solved, modules)
+    return {name: replace(packed(out_name(name), res, spec, fmt, bias(modules[name])), tokens=tokens, rounded=rounded)
+            for name, res in zip(group, solved)}
+
+
+def _solved_on_blocks(where: str, group: list[str], statistics: Statistics, modules: dict[str, nn.Module],
+                      spec: QuantSpec, out_name: Callable[[str], str], gguf: GGUFLayout) -> dict[str, Solved]:
+    """solve_group for a GGUF output: each Linear of the group onto its ggml type's blocks."""
+    weights = [weight_matrix(modules[name]) for name in group]
+    types = linear_types(gguf, [out_name(name) for name in group], weights)
+    solved = solve_on_blocks(f"{where}.{group[0]}", weights, statistics.hessian, types, spec, statistics.cross)
+    del statistics, weights
+    solved = _written_back(group, solved, modules)
+    return {name: Solved(step_tensors(out_name(name), res), res.loss, res.damp) for name, res in zip(group, solved)}
+
+
+def _rounded(weight: Tensor, spec: QuantSpec) -> GPTQResult:
+    """Round-to-nearest with its dequantized weight, which later stages of the layer compute with."""
+    res = rtn_result(weight, spec)
+    return replace(res, weight=dequantize_grouped(res.codes, res.scales, res.zeros, res.g_idx).to(weight.device))
+
+
+def _written_back(group: list[str], solved: list[Result], modules: dict[str, nn.Module]) -> list[Result]:
+    """Each Linear's weight set to its dequantized result (later stages see the quantized weights); the results
+    are returned without that float32 copy."""
+    for name, res in zip(group, solved):
+        if res.weight is None:
+            raise QuantkitError(f"internal error: the solve of {name} returned no weight")
+        set_weight_matrix(modules[name], res.weight)
+    return [replace(res, weight=None) for res in solved]
+
+
+def rtn_layer(layer: nn.Module, spec: QuantSpec, fmt: str, out_name: Callable[[str], str],
+              gguf: GGUFLayout | None = None) -> dict[str, Solved]:
+    """Round-to-nearest of every Linear not skipped: GPTQ's grids, or llama.cpp's own for a GGUF output."""
+    modules = {name: module for name, module in linear_modules(layer).items() if not spec.skips(name)}
+    if gguf is None:
+        return {name: packed(out_name(name), rtn_result(weight_matrix(module), spec), spec, fmt, bias(module))
+                for name, module in modules.items()}
+    weights = {name: weight_matrix(module) for name, module in modules.items()}
+    types = linear_types(gguf, [out_name(name) for name in modules], list(weights.values()))
+    results = {name: rounded_on_blocks(weights[name], ggml) for name, ggml in zip(modules, types)}
+    return {name: Solved(step_tensors(out_name(name), res), 0.0, spec.damp) for name, res in results.items()}
+
+
+def bias(module: nn.Module) -> Tensor | None:
+    """A Linear's (or Conv1D's) bias, None when it has none."""
+    b = module.bias
+    return b if isinstance(b, Tensor) else None
