@@ -44,7 +44,8 @@ step is not modelled, so this figure is a floor (docs/BENCHMARKS.md).
 N GPUs (torchrun --nproc-per-node N): each rank runs the forwards on 1/N of the calibration windows, so its
 activations (host, and a GPU mini-batch where fewer windows than a batch's remain) are 1/N; it holds a whole
 decoder layer and sums every Hessian locally, and the solves are spread over the ranks, so the GPU's solve term is
-unchanged. Rank 0 also assembles the output.
+unchanged. Its saves run in order with the other ranks' (no second copy of the activations). Rank 0 also
+assembles the output.
 
 Disk: the work directory (each finished layer's packed tensors; the current and next layer's saved inputs; on a CPU
 also the scratch files above), and the output (written into staging while the work directory still exists).
@@ -226,7 +227,9 @@ def gpu_mode(shape: ModelShape, cal: Calibration, gpus: int, output_bytes: int, 
     kept = batches * pow2(per_batch * o_in * cal.model_bytes) if o_in <= shape.hidden else 0
     sums = cal.streams * batches * pow2(per_batch * shape.hidden * compute) if shape.moe is not None else 0
     k = widest_input(shape)
-    pinned = {"activations": activations, "saved_copy": activations, "kept_inputs": kept, "expert_sums": sums,
+    # one GPU: a layer's save reads a copy of its inputs while the next layer runs; N GPUs save together, in order
+    pinned = {"activations": activations, "saved_copy": activations if gpus == 1 else 0, "kept_inputs": kept,
+              "expert_sums": sums,
               "hessian_copy": pow2(k * k * 4)}
     assembly = shape.vocab * shape.hidden * 2
     host = RUNTIME_HOST_BYTES + CUDA_HOST_BYTES + sum(pinned.values()) + assembly

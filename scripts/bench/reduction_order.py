@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""How far GPTQ's output moves when only the order in which a Hessian is summed changes: one process's running
+mean over every mini-batch against the token-weighted mean of two halves (what two torchrun processes sum).
+
+    python scripts/bench/reduction_order.py demo/SmolLM2-135M-Instruct --layer 0
+
+Runs the first --samples calibration windows through the model (float32, transformers), keeps the inputs of
+o_proj and down_proj in decoder layer --layer, sums each Linear's Hessian both ways, solves GPTQ on each (4-bit,
+group 128, with and without act-order), and prints the largest difference between the two Hessians, the share of
+codes alike, and each solve's output error on the calibration inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # quantkit from this checkout
+
+from quantkit.config import CalibSpec, QuantSpec  # noqa: E402
+from quantkit.solve.gptq import accumulate_hessian, gptq_quantize_shared  # noqa: E402
+from quantkit.source.calibration import calibration_batch  # noqa: E402
+
+LINEARS = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def running_mean(batches: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    k = batches[0].shape[-1]
+    hessian, tokens = torch.zeros(k, k), 0
+    for x in batches:
+        hessian, tokens = accumulate_hessian(hessian, tokens, x)
+    return hessian, tokens
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--layer", type=int, default=0)
+    ap.add_argument("--samples", type=int, default=32)
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    ids = calibration_batch(AutoTokenizer.from_pretrained(args.model), CalibSpec(samples=args.samples, seq_len=512))
+    layer = model.model.layers[args.layer]
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in LINEARS}
+    for name in LINEARS:
+        layer.get_submodule(name).register_forward_pre_hook(lambda m, i, n=name: inputs[n].append(i[0].detach()))
+    with torch.no_grad():
+        for start in range(0, args.samples, 2):  # the CPU pipeline's mini-batches: two 512-token windows
+            model(ids[start:start + 2])
+    for name in LINEARS:
+        batches = inputs[name]
+        one, _ = running_mean(batches)
+        half = len(batches) // 2
+        (a, ta), (b, tb) = running_mean(batches[:half]), running_mean(batches[half:])
+        two = a * (ta / (ta + tb)) + b * (tb / (ta + tb))
+        weight = layer.get_submodule(name).weight.detach().float()
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in batches])
+        print(f"layer {args.layer} {name}: largest |difference| of the Hessians / their largest entry "
+              f"{((one - two).abs().max() / one.abs().max()).item():.2e}")
+        for act_order in (True, False):
+            spec = QuantSpec(bits=4, group_size=128, act_order=act_order)
+            r1 = gptq_quantize_shared([weight.clone()], one.clone(), spec)[0]
+            r2 = gptq_quantize_shared([weight.clone()], two.clone(), spec)[0]
+            error = [((x @ (r.weight - weight).T) ** 2).mean().item() for r in (r1, r2)]
+            print(f"  act-order {act_order}: codes alike {(r1.codes == r2.codes).float().mean().item():.4f}, "
+                  f"g_idx alike {torch.equal(r1.g_idx, r2.g_idx)}, output error {error[0]:.5g} against {error[1]:.5g}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
