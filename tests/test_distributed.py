@@ -118,6 +118,7 @@ def solve_stage_in_process(rank: int, world: int, port: int, out: Path) -> None:
                 "weights": {n: m.weight.detach() for n, m in modules.items()}, "load": ranks.load},
                out / f"{rank}.pt")
     ranks.close()
+    os._exit(0)  # as quantkit's command does under torchrun: a gloo process's C++ static destructors can abort it
 
 
 def test_the_summed_hessians_are_solved_once_and_every_process_ends_with_the_same_layer(tmp_path):
@@ -159,7 +160,7 @@ def single_and_two(tiny_llama_dir, tmp_path_factory):
     r1 = quantize(tiny_llama_dir, one, "--json", processes=1)
     r2 = quantize(tiny_llama_dir, two, "--json")
     assert r1.returncode == 0, r1.stderr[-2000:]
-    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert r2.returncode == 0, r2.stderr
     return one, two, json.loads(r1.stdout), json.loads(r2.stdout.strip().splitlines()[-1])
 
 
@@ -240,3 +241,15 @@ def test_fewer_windows_than_processes_is_one_line(tiny_llama_dir, tmp_path):
     r = quantize(tiny_llama_dir, tmp_path / "out", "--samples", "1", processes=2)
     assert r.returncode != 0
     assert "Error: --samples 1 gives fewer calibration windows than the run's 2 processes" in r.stderr
+
+
+def test_a_damaged_inputs_file_of_one_process_is_refused(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    r = quantize(tiny_llama_dir, out, env={"QUANTKIT_KILL_AT": "layer:1:start"})
+    assert r.returncode != 0
+    saved = tmp_path / ".out.quantkit-work" / "state" / "activations-00001.1-of-2.safetensors"
+    saved.write_bytes(saved.read_bytes()[:-8])
+    r = quantize(tiny_llama_dir, out)
+    assert r.returncode != 0 and not out.exists()
+    assert f"Error: {saved} is " in r.stderr and "remove that directory to start over" in r.stderr
+    assert saved.is_file()  # the state is left as it is, for the user to remove

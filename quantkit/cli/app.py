@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -234,7 +235,22 @@ _register_commands()
 
 
 def main() -> None:
-    cli(prog_name="quantkit")
+    from quantkit.run.ranks import under_torchrun
+
+    if not under_torchrun():
+        cli(prog_name="quantkit")
+        return
+    # a torchrun process ends without C++'s static destructors: with a gloo process group they can abort the
+    # process after its work is done (std::terminate, "terminate called without an active exception"), which
+    # torchrun would report as the run's failure
+    try:
+        cli(prog_name="quantkit")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -140,10 +140,16 @@ def quantize(model: str, spec: QuantSpec = DEFAULT_SPEC, calib: CalibSpec = DEFA
     release_large_frees_at_once()  # else freed layers stay resident and peak memory creeps with depth
     ranks = Ranks.from_environment(device)
     try:
-        return _quantize(t0, ranks, model, spec, calib, repo_id, out, overwrite, device, max_shard_size, work_dir,
-                         progress, compute_dtype)
+        result = _quantize(t0, ranks, model, spec, calib, repo_id, out, overwrite, device, max_shard_size,
+                           work_dir, progress, compute_dtype)
+    except BaseException:
+        # the process group is left to the process's exit: tearing it down beside a process that stopped can
+        # abort this one before its error is told
+        ranks.failed = True
+        raise
     finally:
         ranks.close()
+    return result
 
 
 def _quantize(t0: float, ranks: Ranks, model: str, spec: QuantSpec, calib: CalibSpec, repo_id: str | None,
@@ -155,6 +161,9 @@ def _quantize(t0: float, ranks: Ranks, model: str, spec: QuantSpec, calib: Calib
     if ranks.distributed and spec.is_bnb:
         raise QuantkitError(f"--method {spec.method} quantizes in one process (transformers loads the model "
                             "whole); run it without torchrun")
+    if ranks.distributed and spec.method == "gptq" and calib.samples < ranks.world:
+        raise QuantkitError(f"--samples {calib.samples} gives fewer calibration windows than the run's "
+                            f"{ranks.world} processes; use --samples {ranks.world} or more")
     with opened(model) as source:
         side_files(source.model_dir)  # a link leading outside the model is refused before any work
         dev = ranks.device or resolve_device(device)
@@ -288,9 +297,6 @@ def _quantize_steps(run: Run, skeleton: Skeleton, state: RunState, input_ids: to
     job = LayerJob(spec, checkpoint_format(spec), dev, run.compute_dtype, state, saves, run.gpu_peaks,
                    gguf=run.gguf, ranks=ranks)
     if input_ids is not None and ranks.distributed:  # each process calibrates on its own windows
-        if len(input_ids) < ranks.world:
-            raise QuantkitError(f"--samples {len(input_ids)} gives fewer calibration windows than the run's "
-                                f"{ranks.world} processes; use --samples {ranks.world} or more")
         input_ids = input_ids[window_share(len(input_ids), ranks.rank, ranks.world)]
     with contextlib.ExitStack() as stores:
         streams = Streams(input_ids)

@@ -33,6 +33,11 @@ class RankFailed(QuantkitError):
     """Another process of the run stopped (killed, or failed with its own error): this one cannot go on."""
 
 
+def under_torchrun() -> bool:
+    """This process is one of several that torchrun started (its WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or "1") > 1
+
+
 def spread_by_cost(costs: Sequence[float], load: list[float]) -> list[int]:
     """Each job (costs, in order) given to a process: the costliest first, each to the process with the least load
     so far (ties to the lowest rank). `load`, one entry per process, is updated in place, so that a run's
@@ -69,7 +74,8 @@ class Ranks:
     device: torch.device | None = None  # the GPU a torchrun process uses (LOCAL_RANK), None on a CPU
     load: list[float] = field(default_factory=lambda: [0.0])  # the solve cost given to each process so far
     joined: bool = False  # this run joined the process group (and leaves it on close)
-    on_term: Any = None  # SIGTERM's handler before the run's own (restored on close)
+    on_term: Any = None  # SIGTERM's handler before the run's own (restored on close, unless the run failed)
+    failed: bool = False  # another process stopped: this one is on its way out
 
     @classmethod
     def single(cls) -> Ranks:
@@ -79,9 +85,9 @@ class Ranks:
     def from_environment(cls, device: str) -> Ranks:
         """Under torchrun (WORLD_SIZE > 1): the process group joined (gloo on a CPU, NCCL for GPUs, one GPU per
         process), else the single process."""
-        world = int(os.environ.get("WORLD_SIZE", "1") or "1")
-        if world <= 1:
+        if not under_torchrun():
             return cls.single()
+        world = int(os.environ["WORLD_SIZE"])
         import torch.distributed as dist
 
         rank = int(os.environ.get("RANK", "0"))
@@ -107,6 +113,7 @@ class Ranks:
     def _stopped(self, signum: int, frame: Any) -> None:
         """SIGTERM, which torchrun sends the other processes when one fails: this one's error line, its work
         directory kept (the pipeline's error path), then the exit."""
+        self._failing()
         raise RankFailed(f"process {self.rank} of {self.world}: stopped by torchrun, because another process of "
                          "the run failed; nothing was published, and the finished layers are kept: rerun the same "
                          "command to resume")
@@ -124,9 +131,17 @@ class Ranks:
         try:
             return collective()
         except RuntimeError as e:
+            self._failing()
             raise RankFailed(f"process {self.rank} of {self.world}: another process of this torchrun run stopped "
                              f"during {what} ({_backend_reason(e)}); nothing was published, and the finished "
                              "layers are kept: rerun the same command to resume") from None
+
+    def _failing(self) -> None:
+        """This process fails: torchrun's SIGTERM, which follows, no longer interrupts its error path (the work
+        directory kept, its one error line), which ends in the process's exit."""
+        self.failed = True
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def barrier(self, what: str) -> None:
         if self.distributed:
@@ -192,7 +207,10 @@ class Ranks:
                 write(module, weight)
 
     def close(self) -> None:
-        """Leave the process group this run joined; SIGTERM's handler as it was."""
+        """After a run that ended well: the process group this run joined left, SIGTERM's handler as it was. After
+        a failure both stay: the process is on its way out."""
+        if self.failed:
+            return
         if self.on_term is not None:
             signal.signal(signal.SIGTERM, self.on_term)
             self.on_term = None
