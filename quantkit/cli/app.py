@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -243,14 +244,20 @@ def main() -> None:
     # a torchrun process ends without C++'s static destructors: with a gloo process group they can abort the
     # process after its work is done (std::terminate, "terminate called without an active exception"), which
     # torchrun would report as the run's failure
+    code = 1
     try:
         cli(prog_name="quantkit")
         code = 0
     except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    except BaseException:  # --debug's traceback
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def first_inputs(job: LayerJob, source: Source, skeleton: Skeleton, input_ids: T
     share = f" ({len(input_ids)} of them in this process of {job.ranks.world})" if job.ranks.distributed else ""
     log.info("calibration: %d x %d tokens from %s%s, forwards in %s on %s", calib.samples, calib.seq_len,
              calib.source, share, str(job.compute_dtype).removeprefix("torch."), job.device)
-    new_store = activation_store(stores, work, not job.saves.enabled, (1 + spec.gptaq) * input_ids.numel()
+    new_store = activation_store(stores, work, job.device.type == "cpu" and not job.saves.enabled,
+                                 (1 + spec.gptaq) * input_ids.numel()
                                  * source.config.hidden_size * activations_dtype.itemsize)
     batches, calls = layer_zero_inputs(skeleton.model, skeleton.layers, skeleton.prefix, source.checkpoint, input_ids,
                                        job.device, job.compute_dtype, activations_dtype, new_store())

@@ -129,7 +129,8 @@ def save_layer(job: LayerJob, i: int, tensors: dict[str, Tensor], report: dict, 
     """Hand step i to job.saves, with the next layer's inputs (both streams under GPTAQ) when with_inputs. A
     background save (a GPU's) reads the batches while the next layer replaces them in the store, so it gets a
     copy of the list. Otherwise the files are written now, before anything changes, and only their commit
-    (syncing them to disk, then state.json) overlaps the next layer."""
+    (syncing them to disk, then state.json) overlaps the next layer; in a run of several processes the commit
+    holds collectives, so it runs here, before the next layer."""
     stores = [s for s in (streams.batches, streams.reference) if s is not None]
     inputs = [ActivationsInMemory(s) if job.saves.enabled else s for s in stores] if with_inputs else None
     job.state.note_base(i, source.reads.digests)  # the base tensors this layer (and, first, the calibration) read

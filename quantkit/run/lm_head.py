@@ -19,7 +19,7 @@ from quantkit.errors import QuantkitError
 from quantkit.faults import kill_point
 from quantkit.run.layer import LayerJob, Streams
 from quantkit.run.model import Skeleton, Source
-from quantkit.run.solves import Solved, packed, solve
+from quantkit.run.solves import Solved, packed, solve, without_tensors
 from quantkit.run.step_report import step_report
 from quantkit.solve.gptq import GPTQResult, rtn_result
 from quantkit.source.checkpoint import SafetensorsCheckpoint
@@ -46,26 +46,28 @@ def quantize_head(job: LayerJob, source: Source, skeleton: Skeleton, streams: St
     returns (its module name, its packed tensors and result)."""
     spec, checkpoint, model = job.spec, source.checkpoint, skeleton.model
     head_name, weight_name = head_names(model, checkpoint)
-    weight = checkpoint.get(weight_name).to(job.device, torch.float32)
-    if spec.method == "gptq":
-        if streams.input_ids is None or streams.batches is None:
-            raise QuantkitError(f"internal error: GPTQ of {head_name} without the final hidden states")
-        with outer_modules_materialized(model, skeleton.prefix, checkpoint, job.device, job.compute_dtype):
-            H = collect_head_hessian(model, skeleton.layers, model.get_output_embeddings(), streams.input_ids,
-                                     streams.batches, job.device, job.compute_dtype)
-        # several processes: the Hessian summed over their windows on process 0, which solves; the others get
-        # the result (the head is the last step: no later forward needs its quantized weight)
-        ranks, tokens = job.ranks, streams.input_ids.numel()
-        summed = ranks.mean_to(head_name, 0, H, tokens, ranks.token_totals(head_name, [tokens])[0])
-        del H
-        solved = None
-        if summed is not None:
-            # packed on the CPU: a large vocabulary's codes and packing temporaries would add to the GPU's peak
-            res = solve(head_name, [weight], summed, spec)[0].cpu()
-            del summed
-            solved = _packed_head(checkpoint, head_name, res, spec, job.fmt)
-        return head_name, ranks.from_rank(head_name, 0, solved)
-    return head_name, _packed_head(checkpoint, head_name, rtn_result(weight, spec), spec, job.fmt)
+    if spec.method != "gptq":
+        weight = checkpoint.get(weight_name).to(job.device, torch.float32)
+        return head_name, _packed_head(checkpoint, head_name, rtn_result(weight, spec), spec, job.fmt)
+    if streams.input_ids is None or streams.batches is None:
+        raise QuantkitError(f"internal error: GPTQ of {head_name} without the final hidden states")
+    with outer_modules_materialized(model, skeleton.prefix, checkpoint, job.device, job.compute_dtype):
+        H = collect_head_hessian(model, skeleton.layers, model.get_output_embeddings(), streams.input_ids,
+                                 streams.batches, job.device, job.compute_dtype)
+    # several processes: the Hessian reduced over their windows onto process 0, which solves and writes the head;
+    # the others get the result for the step's report (no later forward needs the quantized head)
+    ranks, tokens = job.ranks, streams.input_ids.numel()
+    summed = ranks.mean_to(head_name, 0, H, tokens, ranks.token_totals(head_name, [tokens])[0])
+    del H
+    solved = None
+    if summed is not None:
+        weight = checkpoint.get(weight_name).to(job.device, torch.float32)
+        # packed on the CPU: a large vocabulary's codes and packing temporaries would add to the GPU's peak
+        res = solve(head_name, [weight], summed, spec)[0].cpu()
+        del summed, weight
+        solved = _packed_head(checkpoint, head_name, res, spec, job.fmt)
+    told = ranks.from_rank(head_name, 0, None if solved is None else without_tensors(solved))
+    return head_name, solved if solved is not None else told
 
 
 def _packed_head(checkpoint: SafetensorsCheckpoint, head_name: str, res: GPTQResult, spec: QuantSpec,

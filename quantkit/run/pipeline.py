@@ -91,6 +91,7 @@ class Run:
     gguf: GGUFLayout | None = None  # a GGUF output's layout (spec.gguf_type)
     ranks: Ranks = field(default_factory=Ranks.single)  # the run's processes (one, unless under torchrun)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    peaks: list[tuple[float, float | None]] | None = None  # several processes: each one's peak RSS and GPU MB
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -138,17 +139,21 @@ def quantize(model: str, spec: QuantSpec = DEFAULT_SPEC, calib: CalibSpec = DEFA
     """
     t0 = time.perf_counter()
     release_large_frees_at_once()  # else freed layers stay resident and peak memory creeps with depth
-    ranks = Ranks.from_environment(device)
+    ranks = Ranks.from_environment(resolve_device(device))
+    level = log.level
+    if not ranks.is_main:
+        log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))  # process 0 tells the run's progress
     try:
         result = _quantize(t0, ranks, model, spec, calib, repo_id, out, overwrite, device, max_shard_size,
                            work_dir, progress, compute_dtype)
     except BaseException:
         # the process group is left to the process's exit: tearing it down beside a process that stopped can
         # abort this one before its error is told
-        ranks.failed = True
+        ranks.failing()
         raise
     finally:
         ranks.close()
+        log.setLevel(level)
     return result
 
 
@@ -156,8 +161,6 @@ def _quantize(t0: float, ranks: Ranks, model: str, spec: QuantSpec, calib: Calib
               out: str | Path | None, overwrite: bool, device: str, max_shard_size: str,
               work_dir: str | Path | None, progress: bool, compute_dtype: str) -> QuantizeResult:
     """quantize() in this process, one of `ranks`."""
-    if not ranks.is_main:
-        log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))  # process 0 tells the run's progress
     if ranks.distributed and spec.is_bnb:
         raise QuantkitError(f"--method {spec.method} quantizes in one process (transformers loads the model "
                             "whole); run it without torchrun")
@@ -180,7 +183,7 @@ def _quantize(t0: float, ranks: Ranks, model: str, spec: QuantSpec, calib: Calib
         run.phase_seconds["open"] = round(time.perf_counter() - t0, 3)
         with _held(target, ranks):
             layers, path = _quantize_and_publish(run)
-    peaks = ranks.gathered("the end of the run", (peak_rss_mb(), gpu_peaks.overall_mb()))
+    peaks = run.peaks or [(peak_rss_mb(), gpu_peaks.overall_mb())]
     gpu_mb = [p[1] for p in peaks if p[1] is not None]
     return QuantizeResult(repo_id=target.repo_id, path=str(path), bits=spec.bits, group_size=spec.group_size,
                           sym=spec.sym, method=spec.method, checkpoint_format=checkpoint_format(spec),
@@ -198,11 +201,11 @@ def _held(target: Target, ranks: Ranks) -> Iterator[None]:
     """The target's lock, taken by process 0 for the whole run; the others start once it holds it (and its work
     directory exists)."""
     if not ranks.is_main:
-        ranks.barrier("the start")
+        ranks.barrier("the start", after="nothing was written")
         yield
         return
     with target.lock():
-        ranks.barrier("the start")
+        ranks.barrier("the start", after="nothing was written")
         yield
 
 
@@ -214,11 +217,14 @@ def _quantize_and_publish(run: Run) -> tuple[list[dict], Path]:
     try:
         try:
             layers, files = _bnb(run) if run.spec.is_bnb else _gptq(run)
+            if ranks.distributed:  # each process's peaks, before the publish: nothing may fail after it
+                run.peaks = ranks.gathered("the end of the run", (peak_rss_mb(), run.gpu_peaks.overall_mb()))
             published = None
             if ranks.is_main:
-                with run.phase("publish"):
+                with ranks.uninterrupted("the output was published"), run.phase("publish"):
                     published = target.publish(files)
-            path = ranks.from_rank("the publish", 0, published)
+            path = ranks.from_rank("the publish", 0, published, after="process 0 may have published the output: "
+                                                                       "look before rerunning")
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
@@ -227,13 +233,16 @@ def _quantize_and_publish(run: Run) -> tuple[list[dict], Path]:
     except BaseException as e:
         if isinstance(e, ResumeRefused):
             pass  # a state this run must not continue stays as it is; its message says what to do
+        elif not ranks.is_main:
+            pass  # process 0 keeps or removes the work directory, and says so
         elif (target.state_dir / STATE).is_file():
             log.error("work directory kept for resuming: %s (rerun the same command to continue)", target.work)
-        elif ranks.is_main:
+        else:
             target.remove_work()
         raise
     if ranks.is_main:
-        target.remove_work()
+        with ranks.uninterrupted("the output was published"):
+            target.remove_work()
     return layers, path
 
 
@@ -279,12 +288,22 @@ def _resumable_state(run: Run, skeleton: Skeleton, input_ids: torch.Tensor | Non
     """The run's state in its work directory: a new one, or an unfinished run of the same command and base
     weights to continue (checked before any work)."""
     processes = {"processes": run.ranks.world} if run.ranks.distributed else {}  # each saved its windows' inputs
-    state = RunState(run.target.state_dir, run_fingerprint(
-        model=model_fingerprint(run.source.model_dir), spec=run.spec.to_dict(), calibration=input_ids,
-        quantkit=__version__, torch=torch.__version__, device=run.device.type, compute_dtype=str(run.compute_dtype),
-        float32_matmuls=float32_matmul_path(run.device), **processes), run.ranks)
-    if state.layers_done and run.ranks.is_main:  # before any work: the finished steps' base tensors are unchanged
-        state.check_base(run.source.reads, layer_tensor_names(run.source, skeleton), run.steps)
+    state, refusal = None, None
+    try:
+        state = RunState(run.target.state_dir, run_fingerprint(
+            model=model_fingerprint(run.source.model_dir), spec=run.spec.to_dict(), calibration=input_ids,
+            quantkit=__version__, torch=torch.__version__, device=run.device.type,
+            compute_dtype=str(run.compute_dtype), float32_matmuls=float32_matmul_path(run.device), **processes),
+            run.ranks)
+        if state.layers_done and run.ranks.is_main:  # before any work: the finished steps' base tensors unchanged
+            state.check_base(run.source.reads, layer_tensor_names(run.source, skeleton), run.steps)
+    except ResumeRefused as e:
+        refusal = str(e)
+    # every process refuses with the first refusal (one process's inputs file may be the damaged one)
+    refusals = [r for r in run.ranks.gathered("the check of the work directory", refusal) if r is not None]
+    if refusals or state is None:
+        raise ResumeRefused(refusals[0] if refusals else "internal error: no resume state")
+    if state.layers_done:
         log.info("resuming after layer %d/%d from %s", state.layers_done, len(skeleton.layers), run.target.work)
     return state
 

@@ -10,13 +10,15 @@ method is then the identity, and nothing imports torch.distributed.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import functools
 import logging
 import os
 import re
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -27,6 +29,10 @@ from quantkit.errors import QuantkitError, first_line
 
 log = logging.getLogger("quantkit")
 T = TypeVar("T")
+# how long a process waits in a collective for the others: process 0 assembles and publishes the whole output
+# alone, and on a resume re-reads the finished steps' base tensors alone, while the others wait; a process that
+# dies closes its connections, which the others see at once
+COLLECTIVE_TIMEOUT_HOURS = 24
 
 
 class RankFailed(QuantkitError):
@@ -75,30 +81,35 @@ class Ranks:
     load: list[float] = field(default_factory=lambda: [0.0])  # the solve cost given to each process so far
     joined: bool = False  # this run joined the process group (and leaves it on close)
     on_term: Any = None  # SIGTERM's handler before the run's own (restored on close, unless the run failed)
-    failed: bool = False  # another process stopped: this one is on its way out
+    failed: bool = False  # this process fails: it is on its way out
 
     @classmethod
     def single(cls) -> Ranks:
         return cls()
 
     @classmethod
-    def from_environment(cls, device: str) -> Ranks:
+    def from_environment(cls, device: torch.device) -> Ranks:
         """Under torchrun (WORLD_SIZE > 1): the process group joined (gloo on a CPU, NCCL for GPUs, one GPU per
-        process), else the single process."""
+        process: LOCAL_RANK's), else the single process. device: the run's (resolved: "cpu" or "cuda")."""
         if not under_torchrun():
             return cls.single()
         world = int(os.environ["WORLD_SIZE"])
         import torch.distributed as dist
 
-        rank = int(os.environ.get("RANK", "0"))
-        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else None
-        if gpu is not None:
+        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        gpu = None
+        if device.type == "cuda":
+            if local >= torch.cuda.device_count():
+                raise QuantkitError(f"process {rank} of {world} is local process {local} of its node, which sees "
+                                    f"{torch.cuda.device_count()} GPU(s): start at most one process per GPU "
+                                    "(torchrun --nproc-per-node)")
+            gpu = torch.device("cuda", local)
             torch.cuda.set_device(gpu)
         joined = not dist.is_initialized()
         if joined:
-            try:
-                dist.init_process_group("cpu:gloo,cuda:nccl" if gpu is not None else "gloo")
+            try:  # a process waits in a collective while process 0 alone assembles and publishes a large output
+                dist.init_process_group("cpu:gloo,cuda:nccl" if gpu is not None else "gloo",
+                                        timeout=datetime.timedelta(hours=COLLECTIVE_TIMEOUT_HOURS))
             except (RuntimeError, ValueError) as e:
                 raise QuantkitError(f"cannot join the torchrun run as process {rank} of {world}: {first_line(e)}"
                                     ) from None
@@ -106,17 +117,35 @@ class Ranks:
             raise QuantkitError(f"the process group ({dist.get_rank()} of {dist.get_world_size()}) disagrees with "
                                 f"torchrun's RANK {rank} and WORLD_SIZE {world}")
         ranks = cls(rank, world, gpu, [0.0] * world, joined)
-        if threading.current_thread() is threading.main_thread():
+        if joined and threading.current_thread() is threading.main_thread():
             ranks.on_term = signal.signal(signal.SIGTERM, ranks._stopped)
         return ranks
 
     def _stopped(self, signum: int, frame: Any) -> None:
-        """SIGTERM, which torchrun sends the other processes when one fails: this one's error line, its work
-        directory kept (the pipeline's error path), then the exit."""
-        self._failing()
-        raise RankFailed(f"process {self.rank} of {self.world}: stopped by torchrun, because another process of "
-                         "the run failed; nothing was published, and the finished layers are kept: rerun the same "
-                         "command to resume")
+        """SIGTERM, which torchrun sends the other processes when one fails (or the run is interrupted): this
+        one's error line, its work directory kept (the pipeline's error path), then the exit."""
+        self.failing()
+        raise RankFailed(f"process {self.rank} of {self.world}: stopped by torchrun (another process of the run "
+                         "failed, or the run was interrupted); the finished layers are kept: rerun the same command "
+                         "to resume")
+
+    @contextlib.contextmanager
+    def uninterrupted(self, done: str) -> Iterator[None]:
+        """A block that torchrun's SIGTERM does not cut short (a publish's renames, the work directory's removal):
+        a SIGTERM in it is told once the block has ended, as stopping this process after `done`."""
+        if self.on_term is None or self.failed or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        pending: list[int] = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: pending.append(signum))
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, self._stopped)
+        if pending:
+            self.failing()
+            raise RankFailed(f"process {self.rank} of {self.world}: stopped by torchrun (another process of the run "
+                             f"failed, or the run was interrupted) after {done}")
 
     @property
     def is_main(self) -> bool:
@@ -126,28 +155,35 @@ class Ranks:
     def distributed(self) -> bool:
         return self.world > 1
 
-    def _call(self, what: str, collective: Callable[[], T]) -> T:
-        """A collective whose failure (a peer gone: its connection closed, or a timeout) is one line."""
+    def _call(self, what: str, collective: Callable[[], T],
+              after: str = "nothing was published, and the finished layers are kept: rerun the same command to "
+                           "resume") -> T:
+        """A collective whose failure (a peer gone: its connection closed, or a timeout) is one line, ending with
+        `after` (what that leaves, at this point of the run). Running out of GPU memory is this process's own
+        failure, raised as it is."""
         try:
             return collective()
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as e:
-            self._failing()
+            self.failing()
             raise RankFailed(f"process {self.rank} of {self.world}: another process of this torchrun run stopped "
-                             f"during {what} ({_backend_reason(e)}); nothing was published, and the finished "
-                             "layers are kept: rerun the same command to resume") from None
+                             f"during {what} ({_backend_reason(e)}); {after}") from None
 
-    def _failing(self) -> None:
-        """This process fails: torchrun's SIGTERM, which follows, no longer interrupts its error path (the work
-        directory kept, its one error line), which ends in the process's exit."""
+    def failing(self) -> None:
+        """This process of several fails: torchrun's SIGTERM, which follows, no longer interrupts its error path
+        (the work directory kept, its one error line), which ends in the process's exit."""
+        if not self.distributed:
+            return
         self.failed = True
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    def barrier(self, what: str) -> None:
+    def barrier(self, what: str, after: str | None = None) -> None:
         if self.distributed:
             import torch.distributed as dist
 
-            self._call(what, dist.barrier)
+            self._call(what, dist.barrier, *([after] if after is not None else []))
 
     def gathered(self, what: str, value: T) -> list[T]:
         """Every process's `value` (picklable), in rank order, on every process."""
@@ -159,7 +195,7 @@ class Ranks:
         self._call(what, lambda: dist.all_gather_object(values, value))
         return values
 
-    def from_rank(self, what: str, owner: int, value: T | None) -> T:
+    def from_rank(self, what: str, owner: int, value: T | None, after: str | None = None) -> T:
         """`value` (picklable) as process `owner` has it, on every process."""
         if not self.distributed:
             if value is None:
@@ -168,8 +204,22 @@ class Ranks:
         import torch.distributed as dist
 
         box: list[Any] = [value if self.rank == owner else None]
-        self._call(what, lambda: dist.broadcast_object_list(box, src=owner))
+        self._call(what, lambda: dist.broadcast_object_list(box, src=owner), *([after] if after is not None else []))
         return box[0]
+
+    def to_main(self, what: str, owner: int, value: T | None) -> T | None:
+        """`value` (picklable) from process `owner` to process 0 alone (None on the others)."""
+        if not self.distributed or owner == 0:
+            return value if self.is_main else None
+        import torch.distributed as dist
+
+        box: list[Any] = [value]
+        if self.rank == owner:
+            self._call(what, lambda: dist.send_object_list(box, dst=0))
+        elif self.is_main:
+            self._call(what, lambda: dist.recv_object_list(box, src=owner))
+            return box[0]
+        return None
 
     def token_totals(self, what: str, tokens: Sequence[int]) -> list[int]:
         """Each count summed over the processes."""
@@ -183,7 +233,8 @@ class Ranks:
 
     def mean_to(self, what: str, owner: int, mean: Tensor, tokens: int, total: int) -> Tensor | None:
         """The mean over every process's tokens, on process `owner` (None elsewhere): each process's mean over its
-        own `tokens` weighted by its share of `total`, then summed there (accumulate_hessian's running means)."""
+        own `tokens` weighted by its share of `total`, then summed there (accumulate_hessian's running means).
+        `mean` is scaled in place, and on the other processes left meaningless: the caller drops it."""
         if not self.distributed:
             return mean
         import torch.distributed as dist

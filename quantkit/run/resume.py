@@ -5,9 +5,8 @@ Layout of the work directory (every file written under a temporary name, then re
                               step, the sha256 and size of its file and the sha256 of each base tensor it was
                               computed from; the sha256 and size of the activations file (written last)
   layers/layer-00012.safetensors   the packed tensors of finished layer 12
-  activations-00013.safetensors    the calibration activations entering layer 13 (the next one); in a run of
-                              several processes (run/ranks.py) each saves its own windows' inputs,
-                              activations-00013.<rank>-of-<processes>.safetensors, and state.json records each
+  activations-00013.safetensors    the calibration activations entering layer 13 (the next one); several
+                              processes (run/ranks.py) each save theirs, activations-00013.<rank>-of-<N>.safetensors
 A restart with the same command finds state.json, checks the fingerprint (model, settings, calibration tokens,
 quantkit and torch versions, device) and continues after the last finished layer. Because the activations are
 restored bit for bit, the finished files are byte-identical to those of an uninterrupted run.
@@ -158,8 +157,9 @@ class RunState:
                                     "calibration; remove that directory to start over, or rerun the original "
                                     "command to resume it")
             self.reports, self.steps, self.activations = saved["layers"], saved["steps"], saved.get("activations")
-            if isinstance(self.activations, list) != self.ranks.distributed or \
-                    isinstance(self.activations, list) and len(self.activations) != self.ranks.world:
+            per_process = isinstance(self.activations, list)
+            if self.activations is not None and (per_process != self.ranks.distributed or
+                                                 per_process and len(self.activations) != self.ranks.world):
                 raise self._damaged(f"{state} records the inputs of another number of processes")
             for i, step in enumerate(self.steps if self.ranks.is_main else []):
                 self._check_file(self.layer_file(i), step)

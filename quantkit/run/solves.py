@@ -62,8 +62,9 @@ def solve_stage(ranks: Ranks, where: str, groups: list[list[str]], statistics: l
                 modules: dict[str, nn.Module], spec: QuantSpec, fmt: str, out_name: Callable[[str], str],
                 expert: bool = False, gguf: GGUFLayout | None = None) -> dict[str, Solved]:
     """A stage's groups solved (solve_group), `statistics` handed over one per group. Under several processes
-    each group's Hessian is summed on the process that owns its solve (run.ranks, by cost); each process solves
-    its own groups, then every result and quantized weight is sent from its owner to the others."""
+    each group's Hessian is reduced (the token-weighted mean) onto the process that owns its solve (run.ranks, by
+    cost); each process solves its own groups, then every quantized weight is sent from its owner to the others,
+    the packed tensors to process 0, and the rest of each result to all."""
     owners = spread_by_cost([solve_cost(in_features(modules[g[0]]), sum(weight_matrix(modules[n]).shape[0]
                                                                              for n in g)) for g in groups],
                             ranks.load) if ranks.distributed else [0] * len(groups)
@@ -84,9 +85,22 @@ def solve_stage(ranks: Ranks, where: str, groups: list[list[str]], statistics: l
             del mine_k
     results: dict[str, Solved] = {}
     for k, group in enumerate(groups):
-        results.update(ranks.from_rank(what, owners[k], mine.pop(k, None)))
+        solved = mine.pop(k, None)
+        if ranks.distributed:  # the packed tensors go to process 0, which writes them; every process gets the rest
+            for_main = ranks.to_main(what, owners[k], solved)
+            told = ranks.from_rank(what, owners[k], None if solved is None else
+                                   {name: without_tensors(res) for name, res in solved.items()})
+            solved = for_main if ranks.is_main else told
+        if solved is None:
+            raise QuantkitError(f"internal error: no result of {where}.{group[0]}")
+        results.update(solved)
         ranks.weights_from(what, owners[k], [modules[n] for n in group], weight_matrix, set_weight_matrix)
     return results
+
+
+def without_tensors(solved: Solved) -> Solved:
+    """A result as the processes that do not write it need it: for the step's report."""
+    return replace(solved, tensors={})
 
 
 def solve_group(where: str, group: list[str], statistics: Statistics, modules: dict[str, nn.Module],
