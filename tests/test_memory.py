@@ -71,7 +71,8 @@ def test_the_spent_hessian_and_float32_results_are_freed_before_packing(monkeypa
 
     from quantkit.calibrate.statistics import Statistics
     from quantkit.config import QuantSpec
-    from quantkit.run import layer
+    from quantkit.run import solves
+    from quantkit.run.ranks import Ranks
     from quantkit.write.gptq_format import dequantize_module
 
     torch.manual_seed(0)
@@ -80,15 +81,16 @@ def test_the_spent_hessian_and_float32_results_are_freed_before_packing(monkeypa
     statistics = [Statistics(hessian=2 * x.T @ x / x.shape[0])]
     hessian_alive = weakref.ref(statistics[0].hessian)
     at_packing = []
-    real_module_tensors = layer.module_tensors
+    real_module_tensors = solves.module_tensors
 
     def spy(name, result, *args, **kwargs):
         at_packing.append((name, hessian_alive() is not None, result.weight is not None))
         return real_module_tensors(name, result, *args, **kwargs)
 
-    monkeypatch.setattr(layer, "module_tensors", spy)
-    packed = layer.solve_group("model.layers.0.mlp", ["a", "b"], statistics.pop(0), modules,
-                               QuantSpec(bits=4, group_size=32), "gptq", lambda n: f"model.layers.0.mlp.{n}")
+    monkeypatch.setattr(solves, "module_tensors", spy)
+    spec = QuantSpec(bits=4, group_size=32)
+    packed = solves.solve_stage(Ranks.single(), "model.layers.0.mlp", [["a", "b"]], statistics, modules, spec,
+                                "gptq", lambda n: f"model.layers.0.mlp.{n}")
     assert at_packing == [("model.layers.0.mlp.a", False, False), ("model.layers.0.mlp.b", False, False)]
     for name, module in modules.items():
         t = {k.rsplit(".", 1)[1]: v for k, v in packed[name].tensors.items()}

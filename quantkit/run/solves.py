@@ -69,20 +69,12 @@ def solve_stage(ranks: Ranks, where: str, groups: list[list[str]], statistics: l
                                                                              for n in g)) for g in groups],
                             ranks.load) if ranks.distributed else [0] * len(groups)
     what = f"the solves of {where}"
-    totals = ranks.token_totals(what, [s.tokens for s in statistics])
-    summed: list[Statistics | None] = []
-    for k, owner in enumerate(owners):
-        s = statistics[k]
-        hessian = ranks.mean_to(what, owner, s.hessian, s.tokens, totals[k])
-        cross = ranks.mean_to(what, owner, s.cross, s.tokens, totals[k]) if s.cross is not None else None
-        summed.append(Statistics(hessian, cross, totals[k]) if hessian is not None else None)
-    statistics.clear()  # the list held the only other reference: each Hessian is freed by its solve
+    reduced = _reduced(ranks, what, statistics, owners)
     mine: dict[int, dict[str, Solved]] = {}
     for k, group in enumerate(groups):
-        mine_k, summed[k] = summed[k], None
-        if mine_k is not None:
-            mine[k] = solve_group(where, group, mine_k, modules, spec, fmt, out_name, expert=expert, gguf=gguf)
-            del mine_k
+        if reduced[k] is not None:  # handed over: the solve frees the Hessian before packing
+            mine[k] = solve_group(where, group, _taken(reduced, k), modules, spec, fmt, out_name, expert=expert,
+                                  gguf=gguf)
     results: dict[str, Solved] = {}
     for k, group in enumerate(groups):
         solved = mine.pop(k, None)
@@ -96,6 +88,28 @@ def solve_stage(ranks: Ranks, where: str, groups: list[list[str]], statistics: l
         results.update(solved)
         ranks.weights_from(what, owners[k], [modules[n] for n in group], weight_matrix, set_weight_matrix)
     return results
+
+
+def _reduced(ranks: Ranks, what: str, statistics: list[Statistics], owners: list[int]) -> list[Statistics | None]:
+    """Each group's statistics reduced onto its owner (None on the other processes); `statistics` is emptied, so
+    that the returned list holds the only reference to each Hessian."""
+    totals = ranks.token_totals(what, [s.tokens for s in statistics])
+    reduced: list[Statistics | None] = []
+    for k, owner in enumerate(owners):
+        s = statistics[k]
+        hessian = ranks.mean_to(what, owner, s.hessian, s.tokens, totals[k])
+        cross = ranks.mean_to(what, owner, s.cross, s.tokens, totals[k]) if s.cross is not None else None
+        reduced.append(Statistics(hessian, cross, totals[k]) if hessian is not None else None)
+    statistics.clear()
+    return reduced
+
+
+def _taken(items: list[Statistics | None], k: int) -> Statistics:
+    """items[k], taken out of the list (None left in its place)."""
+    item, items[k] = items[k], None
+    if item is None:
+        raise QuantkitError("internal error: statistics taken twice")
+    return item
 
 
 def without_tensors(solved: Solved) -> Solved:
