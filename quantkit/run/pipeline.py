@@ -139,13 +139,14 @@ def quantize(model: str, spec: QuantSpec = DEFAULT_SPEC, calib: CalibSpec = DEFA
     """
     t0 = time.perf_counter()
     release_large_frees_at_once()  # else freed layers stay resident and peak memory creeps with depth
-    ranks = Ranks.from_environment(resolve_device(device))
+    dev = resolve_device(device)
+    ranks = Ranks.from_environment(dev)
     level = log.level
     if not ranks.is_main:
         log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))  # process 0 tells the run's progress
     try:
-        result = _quantize(t0, ranks, model, spec, calib, repo_id, out, overwrite, device, max_shard_size,
-                           work_dir, progress, compute_dtype)
+        result = _quantize(t0, ranks, ranks.device or dev, model, spec, calib, repo_id, out, overwrite,
+                           max_shard_size, work_dir, progress, compute_dtype)
     except BaseException:
         # the process group is left to the process's exit: tearing it down beside a process that stopped can
         # abort this one before its error is told
@@ -157,10 +158,10 @@ def quantize(model: str, spec: QuantSpec = DEFAULT_SPEC, calib: CalibSpec = DEFA
     return result
 
 
-def _quantize(t0: float, ranks: Ranks, model: str, spec: QuantSpec, calib: CalibSpec, repo_id: str | None,
-              out: str | Path | None, overwrite: bool, device: str, max_shard_size: str,
+def _quantize(t0: float, ranks: Ranks, dev: torch.device, model: str, spec: QuantSpec, calib: CalibSpec,
+              repo_id: str | None, out: str | Path | None, overwrite: bool, max_shard_size: str,
               work_dir: str | Path | None, progress: bool, compute_dtype: str) -> QuantizeResult:
-    """quantize() in this process, one of `ranks`."""
+    """quantize() in this process, one of `ranks`, on `dev` (this process's GPU under torchrun)."""
     if ranks.distributed and spec.is_bnb:
         raise QuantkitError(f"--method {spec.method} quantizes in one process (transformers loads the model "
                             "whole); run it without torchrun")
@@ -169,7 +170,6 @@ def _quantize(t0: float, ranks: Ranks, model: str, spec: QuantSpec, calib: Calib
                             f"{ranks.world} processes; use --samples {ranks.world} or more")
     with opened(model) as source:
         side_files(source.model_dir)  # a link leading outside the model is refused before any work
-        dev = ranks.device or resolve_device(device)
         forward_dtype = choose_compute_dtype(compute_dtype, torch_dtype_of(source.config_dict), dev)
         gpu_peaks = GpuPeaks(dev)
         try:

@@ -33,6 +33,8 @@ T = TypeVar("T")
 # alone, and on a resume re-reads the finished steps' base tensors alone, while the others wait; a process that
 # dies closes its connections, which the others see at once
 COLLECTIVE_TIMEOUT_HOURS = 24
+# what a failed collective leaves, at most points of a run
+LAYERS_KEPT = "nothing was published, and the finished layers are kept: rerun the same command to resume"
 
 
 class RankFailed(QuantkitError):
@@ -155,9 +157,7 @@ class Ranks:
     def distributed(self) -> bool:
         return self.world > 1
 
-    def _call(self, what: str, collective: Callable[[], T],
-              after: str = "nothing was published, and the finished layers are kept: rerun the same command to "
-                           "resume") -> T:
+    def _call(self, what: str, collective: Callable[[], T], after: str = LAYERS_KEPT) -> T:
         """A collective whose failure (a peer gone: its connection closed, or a timeout) is one line, ending with
         `after` (what that leaves, at this point of the run). Running out of GPU memory is this process's own
         failure, raised as it is."""
@@ -179,11 +179,11 @@ class Ranks:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    def barrier(self, what: str, after: str | None = None) -> None:
+    def barrier(self, what: str, after: str = LAYERS_KEPT) -> None:
         if self.distributed:
             import torch.distributed as dist
 
-            self._call(what, dist.barrier, *([after] if after is not None else []))
+            self._call(what, dist.barrier, after)
 
     def gathered(self, what: str, value: T) -> list[T]:
         """Every process's `value` (picklable), in rank order, on every process."""
@@ -195,7 +195,7 @@ class Ranks:
         self._call(what, lambda: dist.all_gather_object(values, value))
         return values
 
-    def from_rank(self, what: str, owner: int, value: T | None, after: str | None = None) -> T:
+    def from_rank(self, what: str, owner: int, value: T | None, after: str = LAYERS_KEPT) -> T:
         """`value` (picklable) as process `owner` has it, on every process."""
         if not self.distributed:
             if value is None:
@@ -204,7 +204,7 @@ class Ranks:
         import torch.distributed as dist
 
         box: list[Any] = [value if self.rank == owner else None]
-        self._call(what, lambda: dist.broadcast_object_list(box, src=owner), *([after] if after is not None else []))
+        self._call(what, lambda: dist.broadcast_object_list(box, src=owner), after)
         return box[0]
 
     def to_main(self, what: str, owner: int, value: T | None) -> T | None:
