@@ -1,15 +1,13 @@
 """Peak memory must not grow with the model's depth: one decoder layer is in memory at a time."""
 import json
 import os
-import resource
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import peak_rss_growth, proc_status_kb
+from conftest import peak_rss_growth
 
-from quantkit.memory import heap
 from quantkit.tools.synthetic import shape_config, write_synthetic_checkpoint
 
 # a Llama shape whose layers are big enough (50 MB each in float32) that holding several would show
@@ -120,28 +118,50 @@ def test_a_tensor_converted_for_the_output_is_read_a_block_of_rows_at_a_time(tmp
     assert growth < 32 * 2**20 + 16 * 2**20, f"{growth / 2**20:.0f} MB for a 32 MB float16 result"
 
 
+REUSE_WINDOW_PROBE = """
+import json, resource, sys
+import torch
+from quantkit.memory import heap
+
+def rss_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+
+if not heap.release_large_frees_at_once():  # as quantize() sets it
+    print(json.dumps(None))
+    sys.exit()
+x = torch.ones(1024, 1536)  # a SmolLM2 MLP activation of a 1024-token mini-batch: 6 MiB
+
+def faults_of_forty_temporaries():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(40):
+        torch.mul(x, 2)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+torch.mul(x, 2)  # torch's one-time set-up of the operation (thread pool, dispatch) is not the window's
+resident = rss_kb()
+with heap.reusing_freed_memory(x.nbytes):
+    torch.mul(x, 2)  # the first one is paid for
+    inside = faults_of_forty_temporaries()
+print(json.dumps({"inside": inside, "kept_after": rss_kb() - resident,
+                  "fresh": 40 * x.nbytes // resource.getpagesize()}))  # forty fresh mappings fault once per page
+"""
+
+
 def test_the_reuse_window_keeps_freed_temporaries_for_the_next_batch_and_returns_them_after():
     """Within heap.reusing_freed_memory, a mini-batch's temporaries reuse the last one's memory (few page faults
     against one fault per page for fresh mappings), and what the window kept is handed back to the system after it.
     (After the window, whether a temporary is a fresh mapping or a free heap block whose pages were handed back
-    depends on the heap's layout, which the rest of the process decides; either way nothing stays resident.)"""
-    if not sys.platform.startswith("linux") or not heap.release_large_frees_at_once():  # as quantize() sets it
+    depends on the heap's layout, which the rest of the process decides; either way nothing stays resident.)
+    Measured in a fresh process: the test runner's own heap and threads, which earlier tests shape, would count."""
+    if not sys.platform.startswith("linux"):
         pytest.skip("glibc's malloc only")
-    x = torch.ones(1024, 1536)  # a SmolLM2 MLP activation of a 1024-token mini-batch: 6 MiB
-
-    def faults_of_forty_temporaries() -> int:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(40):
-            torch.mul(x, 2)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    fresh = 40 * x.nbytes // resource.getpagesize()  # forty fresh mappings fault once per page
-    torch.mul(x, 2)  # torch's one-time set-up of the operation (thread pool, dispatch) is not the window's
-    resident = proc_status_kb("VmRSS")
-    with heap.reusing_freed_memory(x.nbytes):
-        torch.mul(x, 2)  # the first one is paid for
-        inside = faults_of_forty_temporaries()
-    kept_after = proc_status_kb("VmRSS") - resident
+    found = json.loads(subprocess.run([sys.executable, "-c", REUSE_WINDOW_PROBE], capture_output=True, text=True,
+                                      check=True).stdout)
+    if found is None:
+        pytest.skip("glibc's malloc only")
+    inside, kept_after, fresh = found["inside"], found["kept_after"], found["fresh"]
     # the heap may grow a few times first, then serves every temporary from memory already faulted in
     assert inside < fresh / 4, f"{inside} page faults for 40 temporaries inside the window; fresh mappings: {fresh}"
     assert kept_after < 2 * 1024, f"{kept_after} kB still resident after the window"
