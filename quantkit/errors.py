@@ -6,7 +6,12 @@ class QuantkitError(Exception):
 
 
 class NumericalError(QuantkitError):
-    """The solver could not produce finite results (e.g. a Hessian that stays singular)."""
+    """The solver could not produce finite results (e.g. a Hessian that stays singular). solve: which solve of a
+    batch (gptq.gptq_quantize_batched) failed, None for a single solve."""
+
+    def __init__(self, message: str, solve: int | None = None) -> None:
+        super().__init__(message)
+        self.solve = solve
 
 
 class CalibrationError(QuantkitError):

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -7,7 +8,7 @@ from safetensors.torch import save_file
 
 from quantkit.config import QuantSpec
 from quantkit.errors import NumericalError
-from quantkit.solve.gptq import accumulate_hessian, gptq_quantize, gptq_quantize_shared
+from quantkit.solve.gptq import accumulate_hessian, gptq_quantize, gptq_quantize_batched, gptq_quantize_shared
 from quantkit.solve.grid import (
     _clip_search_batched,
     dequantize_grouped,
@@ -22,6 +23,45 @@ def _correlated(n_out=64, n_in=128, tokens=1024, seed=0):
     W = torch.randn(n_out, n_in, generator=g)
     X = torch.randn(tokens, n_in, generator=g) @ torch.randn(n_in, n_in, generator=g)
     return W, X, 2 * X.T @ X / X.shape[0]
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec(bits=4, group_size=32),
+    QuantSpec(bits=4, group_size=32, act_order=True, clip_search=True),
+    QuantSpec(bits=3, group_size=-1, sym=False, act_order=True),
+    QuantSpec(bits=8, group_size=64, sym=False),
+], ids=["g32", "act-order+clip", "3bit-asym-per-channel", "8bit-g64"])
+def test_a_batch_of_solves_gives_each_solve_its_own_bits(spec):
+    """Experts solved together (one column sweep for the batch) get what each solved alone gets, bit for bit: codes,
+    grids, g_idx, dequantized weights, losses and damping. Two Linears per solve (gate/up share a Hessian), 200
+    inputs (a partial last block), and one solve whose Hessian needs more damping than asked."""
+    solves = []
+    for seed in range(3):
+        W, X, H = _correlated(44, 200, 600, seed=seed)  # 44 rows: no multiple of a vector width
+        if seed == 1:
+            X[:, 7] = X[:, 8]  # two identical inputs: H is singular, so its damping is raised
+            H = 2 * X.T @ X / X.shape[0]
+        solves.append(([W[:24], W[24:]], H))
+    spec = dataclasses.replace(spec, damp=1e-9)
+    alone = [gptq_quantize_shared(ws, H.clone(), spec) for ws, H in solves]
+    hessians = [H.clone() for _, H in solves]
+    together = gptq_quantize_batched([ws for ws, _ in solves], hessians, spec)
+    assert hessians == []  # consumed
+    assert len({r[0].damp for r in alone}) == 2  # the singular one was damped more
+    for one, batched in zip(alone, together):
+        for a, b in zip(one, batched):
+            for field in ("codes", "scales", "zeros", "g_idx", "weight"):
+                assert torch.equal(getattr(a, field), getattr(b, field)), field
+            assert (a.loss, a.damp) == (b.loss, b.damp)
+
+
+def test_a_failing_solve_of_a_batch_is_named_by_its_index():
+    W, _, H = _correlated(16, 64, 256)
+    bad = H.clone()
+    bad[3, 3] = float("nan")
+    with pytest.raises(NumericalError, match="NaN/Inf") as e:
+        gptq_quantize_batched([[W], [W], [W]], [H.clone(), bad, H.clone()], QuantSpec(bits=4, group_size=32))
+    assert e.value.solve == 1
 
 
 @pytest.mark.parametrize("width", [16, 600])  # 600: wider than a block of the lower-triangle product, not a multiple

@@ -19,14 +19,15 @@ CLIP_NORM = 2.4        # error norm of the search (GPTQ reference implementation
 
 
 def group_qparams(w: Tensor, bits: int, sym: bool, clip_search: bool = False) -> tuple[Tensor, Tensor]:
-    """Per-row grid parameters for w [rows, cols] -> (scale [rows] float32, zero [rows] float32 integer-valued).
+    """Per-row grid parameters for w [..., rows, cols] -> (scale [..., rows] float32, zero [..., rows] float32
+    integer-valued); leading dimensions are a batch of independent matrices.
 
     With clip_search, each row's range is shrunk by the factor (1, 0.99, ..., 0.81) whose rounding error
     sum |w - q(w)|^2.4 is smallest: clipping a few outliers buys a finer grid for all other weights.
     """
     w = w.float()
-    xmin = w.min(dim=1).values.clamp(max=0)
-    xmax = w.max(dim=1).values.clamp(min=0)
+    xmin = w.min(dim=-1).values.clamp(max=0)
+    xmax = w.max(dim=-1).values.clamp(min=0)
     if not clip_search:
         return _range_qparams(xmin, xmax, bits, sym)
     search = _clip_search_batched if w.is_cuda else _clip_search_sequential
@@ -54,20 +55,20 @@ def _clip_search_sequential(w: Tensor, xmin: Tensor, xmax: Tensor, bits: int, sy
 
 
 def _clip_search_batched(w: Tensor, xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
-    """Every shrink factor at once ([S, rows]): a few dozen kernels instead of hundreds. GPTQ calls this once per
-    group, so on a GPU the launches would cost more than the arithmetic. The same result as the sequential
+    """Every shrink factor at once ([S, ..., rows]): a few dozen kernels instead of hundreds. GPTQ calls this once
+    per group, so on a GPU the launches would cost more than the arithmetic. The same result as the sequential
     search: the factors are rounded from double as `tensor * python_float` rounds them, and argmin takes the
     first smallest."""
-    shrink = torch.tensor(_shrink_factors(), dtype=torch.float32, device=w.device).unsqueeze(1)
+    shrink = torch.tensor(_shrink_factors(), dtype=torch.float32, device=w.device).view(-1, *[1] * xmin.dim())
     scales, zeros = _range_qparams(xmin * shrink, xmax * shrink, bits, sym)
-    best = _rounding_error(w, scales, zeros, bits, sym).argmin(dim=0)
-    rows = torch.arange(w.shape[0], device=w.device)
-    return scales[best, rows], zeros[best, rows]
+    best = _rounding_error(w, scales, zeros, bits, sym).argmin(dim=0, keepdim=True)
+    return scales.gather(0, best).squeeze(0), zeros.gather(0, best).squeeze(0)
 
 
 def _rounding_error(w: Tensor, scale: Tensor, zero: Tensor, bits: int, sym: bool,
                     buffer: Tensor | None = None) -> Tensor:
-    """sum |w - q(w)|^CLIP_NORM per row, for w [rows, cols] and parameters [..., rows], computed in one buffer.
+    """sum |w - q(w)|^CLIP_NORM per row, for w [..., rows, cols] and parameters [..., rows] (broadcast against w's
+    rows: a leading dimension of shrink factors), computed in one buffer.
 
     q(w) - w = scale * clamp(round(w / scale), -zero, maxq - zero) - w, which is the format's dequantization
     scale * (code - zero) minus w exactly: codes and zero points are small whole numbers. The power is most of

@@ -69,6 +69,7 @@ def _invert_lower_in_place(L: Tensor) -> None:
 
 
 def upper_rows(X: Tensor, i1: int, i2: int) -> Tensor:
-    """Rows i1..i2-1, columns i1.. of U = J·X·J (the upper Cholesky factor of H⁻¹; X from reversed_inverse_factor)."""
-    k = X.shape[0]
-    return X[k - i2:k - i1, :k - i1].flip(0, 1)
+    """Rows i1..i2-1, columns i1.. of U = J·X·J (the upper Cholesky factor of H⁻¹; X from reversed_inverse_factor),
+    of each factor in a batch [..., K, K]."""
+    k = X.shape[-1]
+    return X[..., k - i2:k - i1, :k - i1].flip(-2, -1)
