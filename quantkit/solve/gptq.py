@@ -219,7 +219,8 @@ def gptq_quantize_batched(weights: list[list[Tensor]], hessians: list[Tensor],
     rows, n_in, device = sum(w.shape[0] for w in weights[0]), weights[0][0].shape[1], weights[0][0].device
     W = torch.empty(len(weights), rows, n_in, device=device)
     Xinv = torch.empty(len(weights), n_in, n_in, device=device)
-    perms, damps = [], []
+    perms: list[Tensor] = []
+    damps: list[float] = []
     for b, group in enumerate(weights):
         try:
             p = prepare_solve(group, hessians.pop(0), spec, consume_hessian=True)
@@ -227,10 +228,11 @@ def gptq_quantize_batched(weights: list[list[Tensor]], hessians: list[Tensor],
             raise NumericalError(str(e), solve=b) from None
         W[b].copy_(p.W)
         Xinv[b].copy_(p.Xinv)
-        perms.append(p.perm)
+        if p.perm is not None:
+            perms.append(p.perm)
         damps.append(p.damp)
         del p  # its Hessian's memory (Xinv) and W, before the next solve's
-    perm = torch.stack(perms) if spec.act_order else None
+    perm = torch.stack(perms) if perms else None
     return _swept(W, Xinv, perm, [w.shape[0] for w in weights[0]], damps, spec)
 
 
