@@ -158,6 +158,28 @@ def test_expert_chunks_change_memory_not_results(model_type, extra, skip, tiny_t
     assert all(r["skipped"] == ([3] if skip else []) for r in records)
 
 
+def test_experts_solved_as_a_batch_write_what_solving_each_alone_writes(qwen3_moe, tmp_path, monkeypatch):
+    """Experts of one shape are solved together (one column sweep for the batch); the tensors and every reported
+    loss equal those of solving each expert alone, bit for bit."""
+    from quantkit.run import solves
+
+    sizes = []
+    batched = solves.gptq_quantize_batched
+    monkeypatch.setattr(solves, "gptq_quantize_batched", lambda w, h, s: sizes.append(len(w)) or batched(w, h, s))
+    _quantize(qwen3_moe, tmp_path / "batched", "--expert-chunk", "0")
+    assert sizes and max(sizes) == 4  # the four experts' gate/up, then their downs
+    monkeypatch.setattr(solves, "BATCH_BYTES", 0)
+    sizes.clear()
+    _quantize(qwen3_moe, tmp_path / "alone", "--expert-chunk", "0")
+    assert sizes == []
+    together, alone = _tensors(tmp_path / "batched"), _tensors(tmp_path / "alone")
+    assert together.keys() == alone.keys()
+    assert [n for n in together if not torch.equal(together[n], alone[n])] == []
+    losses = [[r["losses"] for r in json.loads((tmp_path / d / "quantkit.json").read_text())["layers"]]
+              for d in ("batched", "alone")]
+    assert losses[0] == losses[1]
+
+
 def test_deepseek_routing_bias_is_read_from_the_checkpoint(tiny_tokenizer, tmp_path):
     """DeepSeek-V3's router adds a per-expert bias (a buffer, e_score_correction_bias) before its top-k: with a
     large bias on experts 0 and 1, every token goes to them, and calibration must see that routing."""

@@ -14,13 +14,18 @@ from quantkit.config import QuantSpec
 from quantkit.errors import NumericalError, QuantkitError
 from quantkit.run.gguf_output import GGUFLayout, linear_types, rounded_on_blocks, solve_on_blocks, step_tensors
 from quantkit.run.ranks import Ranks, solve_cost, spread_by_cost
-from quantkit.solve.gptq import GPTQResult, gptq_quantize_shared, rtn_result
+from quantkit.solve.gptq import GPTQResult, gptq_quantize_batched, gptq_quantize_shared, rtn_result
 from quantkit.solve.gptq_grids import GridResult
 from quantkit.solve.grid import dequantize_grouped
 from quantkit.source.skeleton import in_features, linear_modules, set_weight_matrix, weight_matrix
 from quantkit.write.gptq_format import module_tensors
 
 Result = TypeVar("Result", GPTQResult, GridResult)  # a solve's result for one Linear, GPTQ's grids or llama.cpp's
+
+# Experts' solves of one shape run as a batch (gptq_quantize_batched): one chain of small kernels for the batch.
+BATCH_BYTES = 128 << 20  # what a batch holds beyond one solve: its weights in float32 and their uint8 codes
+CPU_BATCH_ELEMENTS = 1 << 20  # on a CPU, only solves of at most this many weights gain (the Python steps that
+# batching saves outweigh the arithmetic only for small matrices); a GPU's column steps are launch-bound at any size
 
 
 @dataclass
@@ -71,9 +76,13 @@ def solve_stage(ranks: Ranks, where: str, groups: list[list[str]], statistics: l
     what = f"the solves of {where}"
     reduced = _reduced(ranks, what, statistics, owners)
     mine: dict[int, dict[str, Solved]] = {}
-    for k, group in enumerate(groups):
-        if reduced[k] is not None:  # handed over: the solve frees the Hessian before packing
-            mine[k] = solve_group(where, group, _taken(reduced, k), modules, spec, fmt, out_name, expert=expert,
+    for batch in _batches(groups, reduced, modules, spec, expert and gguf is None):
+        if len(batch) > 1:
+            mine.update(zip(batch, solve_batch(where, [groups[k] for k in batch], [_taken(reduced, k) for k in batch],
+                                               modules, spec, fmt, out_name)))
+        else:  # handed over: the solve frees the Hessian before packing
+            k = batch[0]
+            mine[k] = solve_group(where, groups[k], _taken(reduced, k), modules, spec, fmt, out_name, expert=expert,
                                   gguf=gguf)
     results: dict[str, Solved] = {}
     for k, group in enumerate(groups):
@@ -104,6 +113,39 @@ def _reduced(ranks: Ranks, what: str, statistics: list[Statistics], owners: list
     return reduced
 
 
+def _batches(groups: list[list[str]], reduced: list[Statistics | None], modules: dict[str, nn.Module],
+             spec: QuantSpec, experts: bool) -> list[list[int]]:
+    """The groups this process solves (reduced[k] set), as batches of group indices: experts' GPTQ solves of one
+    shape together (none rounded to nearest, no GPTAQ cross term, no static groups), up to BATCH_BYTES beyond the
+    first and, on a CPU, only small ones (CPU_BATCH_ELEMENTS); every other group alone. In the groups' order."""
+    batches: list[list[int]] = []
+    open_batch: dict[tuple[int, ...], list[int]] = {}  # shape (K, N_1, N_2, ...) -> the batch being filled
+    for k, statistics in enumerate(reduced):
+        if statistics is None:
+            continue
+        weights = [weight_matrix(modules[n]) for n in groups[k]]
+        rows, n_in = sum(w.shape[0] for w in weights), weights[0].shape[1]
+        limit = 1 + BATCH_BYTES // (5 * rows * n_in)
+        if not weights[0].is_cuda and rows * n_in > CPU_BATCH_ELEMENTS:
+            limit = 1
+        if not experts or spec.static_groups or statistics.cross is not None or \
+                _rounded_expert(statistics.tokens, spec) or limit == 1:
+            batches.append([k])
+            continue
+        shape = (n_in, *(w.shape[0] for w in weights))
+        batch = open_batch.get(shape)
+        if batch is None or len(batch) >= limit:
+            batch = open_batch[shape] = []
+            batches.append(batch)
+        batch.append(k)
+    return batches
+
+
+def _rounded_expert(tokens: int, spec: QuantSpec) -> bool:
+    """Whether an expert the router sent `tokens` calibration tokens is rounded to nearest instead of solved."""
+    return tokens < max(1, spec.expert_min_tokens)
+
+
 def _taken(items: list[Statistics | None], k: int) -> Statistics:
     """items[k], taken out of the list (None left in its place)."""
     item, items[k] = items[k], None
@@ -129,7 +171,7 @@ def solve_group(where: str, group: list[str], statistics: Statistics, modules: d
     if gguf is not None:
         return _solved_on_blocks(where, group, statistics, modules, spec, out_name, gguf)
     tokens = statistics.tokens if expert else None
-    rounded = tokens is not None and tokens < max(1, spec.expert_min_tokens)
+    rounded = tokens is not None and _rounded_expert(tokens, spec)
     if rounded:
         del statistics
         solved = [_rounded(weight_matrix(modules[name]), spec) for name in group]
@@ -137,6 +179,28 @@ def solve_group(where: str, group: list[str], statistics: Statistics, modules: d
         solved = solve(f"{where}.{group[0]}", [weight_matrix(modules[name]) for name in group], statistics.hessian,
                        spec, statistics.cross)  # the group shares its Hessian: a failure is named after its first
         del statistics  # the spent Hessian (and cross term) is freed before packing, which would otherwise hold it
+    return _kept(group, solved, modules, spec, fmt, out_name, tokens, rounded)
+
+
+def solve_batch(where: str, groups: list[list[str]], statistics: list[Statistics], modules: dict[str, nn.Module],
+                spec: QuantSpec, fmt: str, out_name: Callable[[str], str]) -> list[dict[str, Solved]]:
+    """Experts' groups of one shape solved as one batch (gptq_quantize_batched: the same bits as solve_group
+    gives each), their statistics handed over (consumed); then each written back and packed as solve_group does.
+    A numerical failure is named after the failing group's first Linear."""
+    tokens = [s.tokens for s in statistics]
+    hessians = [s.hessian for s in statistics]
+    statistics.clear()
+    try:
+        solved = gptq_quantize_batched([[weight_matrix(modules[n]) for n in g] for g in groups], hessians, spec)
+    except NumericalError as e:
+        raise NumericalError(f"{where}.{groups[e.solve or 0][0]}: {e}") from None
+    return [_kept(group, solved.pop(0), modules, spec, fmt, out_name, count, False)
+            for group, count in zip(groups, tokens)]
+
+
+def _kept(group: list[str], solved: list[GPTQResult], modules: dict[str, nn.Module], spec: QuantSpec, fmt: str,
+          out_name: Callable[[str], str], tokens: int | None, rounded: bool) -> dict[str, Solved]:
+    """A group's results written back (_written_back) and packed: only the packed tensors are kept."""
     solved = _written_back(group, solved, modules)
     return {name: replace(packed(out_name(name), res, spec, fmt, bias(modules[name])), tokens=tokens, rounded=rounded)
             for name, res in zip(group, solved)}
