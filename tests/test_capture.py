@@ -190,7 +190,7 @@ def test_head_hessian_equals_the_one_of_a_real_forward(tiny_llama_dir, tiny_toke
     from transformers import AutoModelForCausalLM
 
     from quantkit.calibrate.head import collect_head_hessian
-    from quantkit.solve.gptq import accumulate_hessian
+    from quantkit.solve.hessian import accumulate_hessian
     from quantkit.source.calibration import evaluation_windows
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()

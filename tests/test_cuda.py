@@ -7,8 +7,9 @@ from quantkit.calibrate.transfer import move as _move
 from quantkit.calibrate.transfer import wait_for_copies
 from quantkit.config import CalibSpec, QuantSpec
 from quantkit.run.pipeline import quantize
-from quantkit.solve.gptq import accumulate_hessian, gptq_quantize
+from quantkit.solve.gptq import gptq_quantize
 from quantkit.solve.grid import _clip_search_sequential, group_qparams
+from quantkit.solve.hessian import accumulate_hessian
 from quantkit.verification.dequantized import load_dequantized
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

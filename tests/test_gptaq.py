@@ -14,7 +14,8 @@ from quantkit.calibrate.probes import derivable_blocks
 from quantkit.calibrate.statistics import Reference, collect_statistics, propagate
 from quantkit.errors import NumericalError
 from quantkit.memory.spill import ActivationsInMemory
-from quantkit.solve.gptq import accumulate_cross, accumulate_hessian, gptq_quantize
+from quantkit.solve.gptq import gptq_quantize
+from quantkit.solve.hessian import accumulate_cross, accumulate_hessian
 from quantkit.solve.inverse_factor import reversed_inverse_factor as _reversed_inverse_factor
 from quantkit.solve.prepare import shift_to_asymmetric_target_
 from quantkit.source.skeleton import linear_modules

@@ -8,13 +8,14 @@ from safetensors.torch import save_file
 
 from quantkit.config import QuantSpec
 from quantkit.errors import NumericalError
-from quantkit.solve.gptq import accumulate_hessian, gptq_quantize, gptq_quantize_batched, gptq_quantize_shared
+from quantkit.solve.gptq import gptq_quantize, gptq_quantize_batched, gptq_quantize_shared
 from quantkit.solve.grid import (
     _clip_search_batched,
     dequantize_grouped,
     group_qparams,
     rtn_quantize,
 )
+from quantkit.solve.hessian import accumulate_hessian
 from quantkit.write.gptq_format import dequantize_module, module_tensors
 
 

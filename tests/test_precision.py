@@ -9,7 +9,7 @@ from quantkit.calibrate.precision import (
     lists_bf16_instructions,
 )
 from quantkit.errors import QuantkitError
-from quantkit.solve.gptq import accumulate_hessian
+from quantkit.solve.hessian import accumulate_hessian
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 ZEN4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\nbugs\t\t: sysret_ss_attrs\n"

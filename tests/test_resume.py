@@ -21,11 +21,15 @@ def tiny4(tiny_tokenizer, tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny4"), tiny_tokenizer, layers=4)
 
 
-def quantize(model_dir: Path, cache: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+def quantize(model_dir: Path, cache: Path, *extra: str, kill_at: str | None = None,
+             prefetch: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     env.pop("QUANTKIT_KILL_AT", None)
+    env.pop("QUANTKIT_PREFETCH", None)
     if kill_at:
         env["QUANTKIT_KILL_AT"] = kill_at
+    if prefetch:  # the GPU's default, on the CPU
+        env["QUANTKIT_PREFETCH"] = "1"
     cmd = [sys.executable, "-m", "quantkit", "quantize", str(model_dir), *ARGS, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
@@ -75,6 +79,27 @@ def test_killed_run_resumes_to_identical_files(kill_at, tiny4, reference, tmp_pa
         assert f"resuming after layer {expected_done}/4" in resumed.stderr
     assert published(cache) == reference
     assert not work.exists()  # finished: the work directory is gone
+
+
+@pytest.mark.parametrize("kill_at", [None, "layer:2:saved"])
+def test_layers_read_ahead_write_the_same_bytes_and_base_records(kill_at, tiny4, reference, tmp_path):
+    """Each next layer's base tensors read and hashed on a background thread while the current layer computes (a
+    GPU run's default, forced here): the same published files as reading each layer when it starts, through a
+    kill and resume too, and the same record of which base tensors each finished layer came from."""
+    def killed_state(prefetch: bool) -> list[dict]:
+        cache = tmp_path / f"hub-{prefetch}"
+        assert quantize(tiny4, cache, "--repo-id", REPO_ID, kill_at=kill_at, prefetch=prefetch).returncode == -9
+        work = tmp_path / "quantkit-work" / f".{REPO_ID.replace('/', '--')}.{cache_id(cache)}.quantkit-work"
+        return [step["base"] for step in json.loads((work / "state" / "state.json").read_text())["steps"]]
+
+    cache = tmp_path / "hub"
+    if kill_at:
+        bases = killed_state(True)
+        assert bases == killed_state(False) and len(bases) == 3 and all(bases)
+        cache = tmp_path / "hub-True"
+    r = quantize(tiny4, cache, "--repo-id", REPO_ID, prefetch=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert published(cache) == reference
 
 
 def test_a_killed_gptaq_run_resumes_to_identical_files(tiny4, tmp_path):

@@ -18,7 +18,7 @@ from quantkit.calibrate.memo import BlockMemo
 from quantkit.calibrate.transfer import move
 from quantkit.memory.heap import reusing_freed_memory
 from quantkit.memory.spill import Activations
-from quantkit.solve.gptq import accumulate_cross, accumulate_hessian
+from quantkit.solve.hessian import accumulate_cross, accumulate_hessian
 from quantkit.source.skeleton import in_features, linear_modules, weight_matrix
 
 
@@ -38,7 +38,7 @@ class Reference:
 @dataclass
 class Statistics:
     """What one calibration pass gathers for a group of Linears sharing an input: the Hessian, and with a
-    reference the cross term of GPTAQ (gptq.accumulate_cross)."""
+    reference the cross term of GPTAQ (hessian.accumulate_cross)."""
     hessian: Tensor
     cross: Tensor | None = None
     tokens: int = 0  # the inputs summed (for an expert: the tokens routed to it)
@@ -46,7 +46,7 @@ class Statistics:
 
 @dataclass
 class HessianSum:
-    """A running float32 Hessian of a Linear's inputs (gptq.accumulate_hessian), and the tokens summed so far."""
+    """A running float32 Hessian of a Linear's inputs (hessian.accumulate_hessian), and the tokens summed so far."""
     hessian: Tensor
     tokens: int = 0
     cross: Tensor | None = field(default=None)  # GPTAQ's cross term, summed over the same tokens

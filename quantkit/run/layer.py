@@ -28,6 +28,7 @@ from quantkit.memory.spill import Activations, ActivationsInMemory, ScratchFiles
 from quantkit.run.experts import ExpertChunks, Loader, loaded_per_chunk
 from quantkit.run.gguf_output import GGUFLayout
 from quantkit.run.model import Skeleton, Source
+from quantkit.run.prefetch import LayerPrefetch, prefetch_wanted
 from quantkit.run.ranks import Ranks
 from quantkit.run.resume import RunState
 from quantkit.run.saves import BackgroundSaves
@@ -40,6 +41,7 @@ from quantkit.source.skeleton import (
     in_features,
     linear_modules,
     materialize,
+    read_now,
     release,
 )
 
@@ -81,23 +83,35 @@ def quantize_layers(job: LayerJob, source: Source, skeleton: Skeleton, streams: 
     """Quantize the decoder layers not finished yet, one in memory at a time; streams.batches end as the last
     layer's outputs. Each finished layer is saved through job.saves; on failure the save in flight is awaited
     (the work directory must not change under the caller's clean-up)."""
+    prefetch = LayerPrefetch(source.model_dir, source.reads, pin=job.device.type == "cuda") \
+        if prefetch_wanted(job.device) else None
     try:
         for i in range(job.state.layers_done, len(skeleton.layers)):
-            quantize_layer(job, source, skeleton, i, streams)
+            quantize_layer(job, source, skeleton, i, streams, prefetch)
             bar.update(1)
     except BaseException:
         job.saves.wait(raise_error=False)
         raise
+    finally:
+        if prefetch is not None:
+            prefetch.close()
     job.saves.wait()
 
 
-def quantize_layer(job: LayerJob, source: Source, skeleton: Skeleton, i: int, streams: Streams) -> None:
-    """Load layer i, solve and pack its Linears, carry the calibration batches through it, save it."""
+def quantize_layer(job: LayerJob, source: Source, skeleton: Skeleton, i: int, streams: Streams,
+                   prefetch: LayerPrefetch | None = None) -> None:
+    """Load layer i (read ahead by `prefetch`, which then starts on layer i + 1), solve and pack its Linears,
+    carry the calibration batches through it, save it."""
     spec, layer, where = job.spec, skeleton.layers[i], f"{skeleton.prefix}.{i}"
     t_layer = time.perf_counter()
     kill_point(f"layer:{i}:start")
     later = loaded_per_chunk(layer, spec)  # experts whose weights load a chunk at a time
-    materialize(layer, where, source.checkpoint, job.device, job.compute_dtype, skeleton.names, later=later)
+    reader = prefetch.reader(i) if prefetch is not None else source.checkpoint
+    materialize(layer, where, reader, job.device, job.compute_dtype, skeleton.names, later=later)
+    if prefetch is not None and i + 1 < len(skeleton.layers):
+        ahead, ahead_name = skeleton.layers[i + 1], f"{skeleton.prefix}.{i + 1}"
+        prefetch.start(i + 1, [full for _, full, _, _ in read_now(ahead, ahead_name, source.checkpoint, skeleton.names,
+                                                                   loaded_per_chunk(ahead, spec))])
     stages = StageClock(job.device, load=t_layer, gpu_peaks=job.gpu_peaks)
     if i == 0:
         spec.check_skip_patterns(dict.fromkeys(n for lay in skeleton.layers for n in linear_modules(lay)))

@@ -124,21 +124,26 @@ def _batches(groups: list[list[str]], reduced: list[Statistics | None], modules:
         if statistics is None:
             continue
         weights = [weight_matrix(modules[n]) for n in groups[k]]
-        rows, n_in = sum(w.shape[0] for w in weights), weights[0].shape[1]
-        limit = 1 + BATCH_BYTES // (5 * rows * n_in)
-        if not weights[0].is_cuda and rows * n_in > CPU_BATCH_ELEMENTS:
-            limit = 1
+        limit = batch_limit(sum(w.shape[0] for w in weights), weights[0].shape[1], weights[0].is_cuda)
         if not experts or spec.static_groups or statistics.cross is not None or \
                 _rounded_expert(statistics.tokens, spec) or limit == 1:
             batches.append([k])
             continue
-        shape = (n_in, *(w.shape[0] for w in weights))
+        shape = (weights[0].shape[1], *(w.shape[0] for w in weights))
         batch = open_batch.get(shape)
         if batch is None or len(batch) >= limit:
             batch = open_batch[shape] = []
             batches.append(batch)
         batch.append(k)
     return batches
+
+
+def batch_limit(rows: int, n_in: int, on_gpu: bool) -> int:
+    """How many solves of `rows` stacked rows and n_in inputs one batch takes: those whose float32 weights and uint8
+    codes fit in BATCH_BYTES beyond the first; on a CPU one, unless the solve is small (CPU_BATCH_ELEMENTS)."""
+    if not on_gpu and rows * n_in > CPU_BATCH_ELEMENTS:
+        return 1
+    return 1 + BATCH_BYTES // (5 * rows * n_in)
 
 
 def _rounded_expert(tokens: int, spec: QuantSpec) -> bool:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 from dataclasses import dataclass
@@ -31,68 +30,6 @@ class GPTQResult:
         """What is kept after solving: the packed parts on CPU, without the dequantized weight."""
         return GPTQResult(codes=self.codes.cpu(), scales=self.scales.cpu(), zeros=self.zeros.cpu(),
                           g_idx=self.g_idx.cpu(), weight=None, loss=self.loss, damp=self.damp)
-
-
-SYMMETRIC_BLOCK = 256  # row-block width of the lower-triangle product below
-GRAM_ROWS = 1024  # Hessian rows per 16-bit product on a GPU
-
-
-@functools.cache
-def _has_16bit_gram(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch multiplies 16-bit matrices into a float32 result on this GPU (`mm(..., out_dtype=)`)."""
-    try:
-        probe = torch.ones(2, 2, device=device, dtype=dtype)
-        torch.mm(probe, probe, out_dtype=torch.float32)
-        return True
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
-
-
-def accumulate_hessian(H: Tensor, n_seen: int, x: Tensor) -> tuple[Tensor, int]:
-    """Running mean of 2·XᵀX over tokens, in place. x: [..., in_features]; H: float32 [in, in]."""
-    x = x.reshape(-1, x.shape[-1])
-    n_new = n_seen + x.shape[0]
-    H.mul_(n_seen / n_new)
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _has_16bit_gram(x.device, x.dtype):
-        # products of 16-bit numbers are exact in float32, and cuBLAS sums them in float32: the float32 product's
-        # result at the 16-bit tensor cores' speed, well above the float32 rate. A block of rows at a time: the
-        # product's temporary is [GRAM_ROWS, K], not a second [K, K] beside H
-        for start in range(0, H.shape[0], GRAM_ROWS):
-            rows = slice(start, start + GRAM_ROWS)
-            H[rows].add_(torch.mm(x[:, rows].t(), x, out_dtype=torch.float32), alpha=2.0 / n_new)
-        return H, n_new
-    x = x.to(H.dtype)
-    if H.device.type == "cpu" and H.shape[0] > SYMMETRIC_BLOCK:
-        _add_gram_lower(H, x, alpha=2.0 / n_new)
-    else:
-        H.addmm_(x.t(), x, alpha=2.0 / n_new)
-    return H, n_new
-
-
-def accumulate_cross(C: Tensor, n_seen: int, x_ref: Tensor, x: Tensor) -> Tensor:
-    """Running mean of 2·(X̃ - X)ᵀX over tokens, in place, scaled like `accumulate_hessian`'s H (n_seen: the tokens
-    summed so far, the Hessian's count before this batch): x_ref [..., K] is the unquantized model's input to a
-    Linear, x the quantized model's input for the same tokens. C[i, j] sums (x̃ - x)_i·x_j, the term by which W·X̃
-    differs from what W applied to the quantized inputs explains."""
-    x = x.reshape(-1, x.shape[-1]).to(C.dtype)
-    drift = x_ref.reshape(-1, x_ref.shape[-1]).to(C.dtype) - x
-    n_new = n_seen + x.shape[0]
-    C.mul_(n_seen / n_new)
-    C.addmm_(drift.t(), x, alpha=2.0 / n_new)
-    return C
-
-
-def _add_gram_lower(H: Tensor, x: Tensor, alpha: float) -> None:
-    """H += alpha·xᵀx computing only the lower triangle's row blocks, then mirroring it: (k+1)/2k of the FLOPs for
-    k blocks. The Hessian products are the largest matmuls of a layer after its forward; torch exposes no syrk."""
-    n, b = H.shape[0], SYMMETRIC_BLOCK
-    starts = range(0, n, b)
-    for start in starts:
-        end = min(start + b, n)
-        H[start:end, :end].addmm_(x[:, start:end].t(), x[:, :end], alpha=alpha)
-    for start in starts:  # mirror block by block: no index tensors or temporaries of H's size
-        end = min(start + b, n)
-        H[start:end, end:].copy_(H[end:, start:end].t())
 
 
 def _sweep_columns(W1: Tensor, Q1: Tensor, Err1: Tensor, Hinv1: Tensor, scale: Tensor, zero: Tensor,
@@ -200,7 +137,7 @@ def gptq_quantize_shared(weights: list[Tensor], hessian: Tensor, spec: QuantSpec
     the error against the unquantized model itself."""
     p = prepare_solve(weights, hessian, spec, consume_hessian, cross)
     perm = None if p.perm is None else p.perm.unsqueeze(0)
-    return _swept(p.W.unsqueeze(0), p.Xinv.unsqueeze(0), perm, [w.shape[0] for w in weights], [p.damp], spec)[0]
+    return _swept(p.W.unsqueeze(0), [p.Xinv], perm, [w.shape[0] for w in weights], [p.damp], spec)[0]
 
 
 @torch.no_grad()
@@ -208,8 +145,9 @@ def gptq_quantize_batched(weights: list[list[Tensor]], hessians: list[Tensor],
                           spec: QuantSpec) -> list[list[GPTQResult]]:
     """gptq_quantize_shared of B independent solves of one shape at once: a Mixture-of-Experts block's experts, the
     same Linears with a Hessian each. weights[b]: solve b's Linears (each [N_i, K], the same N_i in every solve);
-    hessians[b]: its float32 [K, K] Hessian, consumed (the list is emptied as each is factored, so the batch
-    holds one Hessian's copy at a time beyond the stack). The column sweep's small steps then run on every solve
+    hessians[b]: its float32 [K, K] Hessian, consumed (the list is emptied as each is factored in its own memory).
+    The weights are stacked in float32, [B, N, K]: that and the codes are what a batch holds beyond one solve.
+    The column sweep's small steps then run on every solve
     together, one chain of kernels for the batch instead of one per solve, with the same bits as solving each
     alone. Each solve keeps its own damping and act-order. Static groups follow each solve's own column order
     at every column: a batch of several needs spec.static_groups off. A solve that fails raises NumericalError
@@ -218,7 +156,7 @@ def gptq_quantize_batched(weights: list[list[Tensor]], hessians: list[Tensor],
         raise ValueError("static groups are solved one at a time (gptq_quantize_shared)")
     rows, n_in, device = sum(w.shape[0] for w in weights[0]), weights[0][0].shape[1], weights[0][0].device
     W = torch.empty(len(weights), rows, n_in, device=device)
-    Xinv = torch.empty(len(weights), n_in, n_in, device=device)
+    factors: list[Tensor] = []  # each solve's inverse factor, in its Hessian's memory
     perms: list[Tensor] = []
     damps: list[float] = []
     for b, group in enumerate(weights):
@@ -227,19 +165,20 @@ def gptq_quantize_batched(weights: list[list[Tensor]], hessians: list[Tensor],
         except NumericalError as e:
             raise NumericalError(str(e), solve=b) from None
         W[b].copy_(p.W)
-        Xinv[b].copy_(p.Xinv)
+        factors.append(p.Xinv)
         if p.perm is not None:
             perms.append(p.perm)
         damps.append(p.damp)
-        del p  # its Hessian's memory (Xinv) and W, before the next solve's
+        del p  # its float32 W, before the next solve's
     perm = torch.stack(perms) if perms else None
-    return _swept(W, Xinv, perm, [w.shape[0] for w in weights[0]], damps, spec)
+    return _swept(W, factors, perm, [w.shape[0] for w in weights[0]], damps, spec)
 
 
-def _swept(W: Tensor, Xinv: Tensor, perm: Tensor | None, counts: list[int], damps: list[float],
+def _swept(W: Tensor, Xinv: list[Tensor], perm: Tensor | None, counts: list[int], damps: list[float],
            spec: QuantSpec) -> list[list[GPTQResult]]:
-    """The column sweep of a batch of prepared solves (W [B, N, K] in original column order, Xinv [B, K, K] in
-    solve order, perm [B, K] or None); each solve's results split into its Linears' rows (`counts`)."""
+    """The column sweep of a batch of prepared solves (W [B, N, K] in original column order, each solve's inverse
+    factor [K, K] in solve order, perm [B, K] or None); each solve's results split into its Linears' rows
+    (`counts`)."""
     group = spec.effective_group_size(W.shape[-1])
     static_grids = _static_grids(W, group, spec) if spec.static_groups else None
     if perm is not None:
@@ -258,6 +197,13 @@ def _static_grids(W: Tensor, group: int, spec: QuantSpec) -> list[tuple[Tensor, 
             for g in range(n_groups)]
 
 
+def _factor_rows(factors: list[Tensor], i1: int, i2: int) -> Tensor:
+    """Rows i1..i2-1 of each solve's upper factor (upper_rows), stacked [B, i2 - i1, K - i1]: a block's rows at a
+    time, so that a batch never holds a second copy of its factors (a single solve's rows are not copied again)."""
+    rows = [upper_rows(X, i1, i2) for X in factors]
+    return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
+
+
 def _by_column(params: Tensor, groups: Tensor) -> Tensor:
     """Per-group parameters [B, N, G] read at each column's group: `groups` [C] shared by the batch, or [B, C]
     per solve -> [B, N, C]."""
@@ -272,7 +218,7 @@ class _ColumnSolve:
     finished block's columns of W are read no more: the dequantized weight (what the files reproduce) takes
     their place, so the solve holds no [B, N, K] tensors beyond W and the codes."""
 
-    def __init__(self, W: Tensor, Xinv: Tensor, spec: QuantSpec, group: int, perm: Tensor | None,
+    def __init__(self, W: Tensor, Xinv: list[Tensor], spec: QuantSpec, group: int, perm: Tensor | None,
                  static_grids: list[tuple[Tensor, Tensor]] | None) -> None:
         batch, n_out, n_in = W.shape
         n_groups = math.ceil(n_in / group)
@@ -305,7 +251,7 @@ class _ColumnSolve:
 
     def _solve_block(self, i1: int, i2: int) -> None:
         W = self.W
-        Hrows = upper_rows(self.Xinv, i1, i2)  # [B, block, K - i1]: this block's rows of the inverse Hessian's factor
+        Hrows = _factor_rows(self.Xinv, i1, i2)  # [B, block, K - i1]: the block's rows of each inverse factor
         # The block is held column first, [columns, B, N]: each column's steps then read and write contiguous memory
         # (a column of an [N, block] tensor touches one cache line per row, which is slow on a CPU).
         Hinv1 = Hrows[:, :, :i2 - i1].permute(1, 2, 0).unsqueeze(-1)  # [block, block, B, 1]

@@ -189,6 +189,13 @@ def stored_tensors(module: nn.Module, prefix: str, checkpoint: TensorReader,
     return found
 
 
+def read_now(module: nn.Module, prefix: str, checkpoint: TensorReader, names: Callable[[str], str] = _same,
+             later: AbstractSet[str] = frozenset()) -> list[tuple[str, str, Tensor, bool]]:
+    """stored_tensors without those of the submodules in `later` (paths within `module`): what materialize reads."""
+    return [entry for entry in stored_tensors(module, prefix, checkpoint, names)
+            if not (later and entry[0].rpartition(".")[0] and any(entry[0].startswith(f"{m}.") for m in later))]
+
+
 def check_tensors(module: nn.Module, prefix: str, checkpoint: TensorReader,
                   names: Callable[[str], str] = _same) -> None:
     """Every tensor `module` reads (stored_tensors) is in the checkpoint with the shape config.json implies
@@ -210,9 +217,7 @@ def materialize(module: nn.Module, prefix: str, checkpoint: TensorReader, device
     later: submodules (paths within `module`) left on the meta device, loaded on their own when needed."""
     from accelerate.utils import set_module_tensor_to_device
 
-    for pname, full, current, is_param in stored_tensors(module, prefix, checkpoint, names):
-        if later and pname.rpartition(".")[0] and any(pname.startswith(f"{m}.") for m in later):
-            continue
+    for pname, full, current, is_param in read_now(module, prefix, checkpoint, names, later):
         tensor = checkpoint.get(full)
         _check_shape(full, tensor.shape, current.shape)
         if tensor.is_floating_point():

@@ -20,8 +20,9 @@ A layer's passes, per solve (rows N, inputs K), the larger of:
     result overwrites, and its uint8 codes, N*K*5 bytes. A copy of the Hessian for a retry with more damping is
     held while factorizing: beside it on a CPU, in pinned host memory on a GPU. GPTAQ adds the cross term and
     while the weight is shifted two blocks of rows times C.
-  Mixture-of-Experts layers: a pass sums a chunk of experts' Hessians; the chunk's experts are then solved one after
-  another while the others' Hessians wait (memory/expert_chunks.py).
+  Mixture-of-Experts layers: a pass sums a chunk of experts' Hessians; the chunk's experts are then solved while
+  the others' Hessians wait (memory/expert_chunks.py), in batches of one shape (run/solves.py batch_limit: the
+  other experts' float32 weights and codes up to BATCH_BYTES; on a CPU only small experts batch).
 
 Host memory of a CPU run: RUNTIME_HOST_BYTES, plus the largest of the phases: the first layer's inputs (the
 embeddings materialized in the compute dtype), a layer's passes (above), and the assembly (the embeddings read in
@@ -33,8 +34,9 @@ Host memory of a GPU run: RUNTIME_HOST_BYTES + CUDA_HOST_BYTES, and torch's pinn
 allocator rounds each block up to a power of two and keeps it for reuse until the process ends: the activations
 (their mini-batches), a second copy of them (a layer's save reads its inputs on a worker thread while the next
 layer replaces them), o_proj's inputs kept in memory for the next stage (when no wider than the hidden states),
-an MoE block's summed expert outputs, the largest Hessian's retry copy; and at the end the embeddings in float16
-for the output shard.
+an MoE block's summed expert outputs, the largest Hessian's retry copy, the next decoder layer's tensors read
+ahead in the model's dtype (run/prefetch.py; an MoE layer's routed experts load a chunk at a time instead); and at
+the end the embeddings in float16 for the output shard.
 
 GPU: torch's peak allocation (the passes above); what nvidia-smi shows adds CUDA_CONTEXT_BYTES and the caching
 allocator's reserve: the blocks of the largest stacked solve before the largest Hessian (its float32 weight and
@@ -58,6 +60,7 @@ from dataclasses import dataclass, field
 
 from quantkit.calibrate.batch import CPU_BATCH_TOKENS, MLP_BATCH_TOKENS
 from quantkit.memory import expert_chunks
+from quantkit.run.solves import batch_limit
 from quantkit.solve.prepare import SHIFT_ROWS
 from quantkit.tools.estimate_shape import ModelShape
 
@@ -136,6 +139,23 @@ def _solve_bytes(n: int, k: int, gptaq: bool, backup_beside: bool) -> int:
     return 4 * max(factor, sweep)
 
 
+def _batched_beyond_one(n: int, k: int, chunk: int, on_gpu: bool) -> int:
+    """What a batch of a chunk's experts of one shape (run/solves.py) holds beyond one expert's solve: the other
+    experts' float32 weights and uint8 codes, as many as fit in BATCH_BYTES (their Hessians are factored in their
+    own memory, already counted as waiting)."""
+    return (min(chunk, batch_limit(n, k, on_gpu)) - 1) * 5 * n * k
+
+
+def read_ahead_bytes(shape: ModelShape, model_bytes: int) -> int:
+    """A decoder layer's tensors read ahead into pinned memory (run/prefetch.py), each block rounded up to a power
+    of two: the larger of a dense layer's and an MoE layer's without its routed experts."""
+    dense, sparse = shape.layer_counts()
+    kinds = [experts for experts, count in ((False, dense), (True, sparse)) if count]
+    norms = pow2(shape.hidden * model_bytes) * 2  # the two layer norms (q/k norms and MLA's are smaller still)
+    return max(sum(pow2(lin.params * model_bytes) for lin in shape.layer_linears(experts)) + norms +
+               (pow2(shape.router_params() * model_bytes) if experts else 0) for experts in kinds)
+
+
 def layer_passes(shape: ModelShape, experts: bool, cal: Calibration, compute_bytes: int, batch_tokens: int,
                  on_gpu: bool) -> dict[str, int]:
     """The largest moment of a layer's passes on the compute device (module docstring): {weights, hessians,
@@ -164,7 +184,8 @@ def layer_passes(shape: ModelShape, experts: bool, cal: Calibration, compute_byt
                         "solve": _solve_bytes(n, k, cal.gptaq, not on_gpu)})
     if chunk:
         weights = s * (mlp + norms) * compute_bytes
-        expert_solve = max(_solve_bytes(n, k, False, not on_gpu) for n, k in shape.expert_solves())
+        expert_solve = max(_solve_bytes(n, k, False, not on_gpu) + _batched_beyond_one(n, k, chunk, on_gpu)
+                           for n, k in shape.expert_solves())
         moments.append({"weights": weights, "hessians": s * chunk_hessians, "forward": batch + temporaries,
                         "solve": s * waiting + expert_solve})
     for m in moments:
@@ -229,8 +250,8 @@ def gpu_mode(shape: ModelShape, cal: Calibration, gpus: int, output_bytes: int, 
     k = widest_input(shape)
     # one GPU: a layer's save reads a copy of its inputs while the next layer runs; N GPUs save together, in order
     pinned = {"activations": activations, "saved_copy": activations if gpus == 1 else 0, "kept_inputs": kept,
-              "expert_sums": sums,
-              "hessian_copy": pow2(k * k * 4)}
+              "expert_sums": sums, "hessian_copy": pow2(k * k * 4),
+              "next_layer": read_ahead_bytes(shape, cal.model_bytes)}
     assembly = shape.vocab * shape.hidden * 2
     host = RUNTIME_HOST_BYTES + CUDA_HOST_BYTES + sum(pinned.values()) + assembly
     rank = host - assembly

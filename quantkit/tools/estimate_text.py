@@ -121,7 +121,8 @@ def _quantize_lines(e: Estimate) -> list[str]:
                  "the activations and kept inputs sit in scratch files (page cache, counted as disk work)")
     if any(m.gpus for m in e.modes):
         lines.append("  gpu: the layer in the model's 16-bit dtype; nvidia-smi = allocation + CUDA context + the "
-                     "allocator's reserve (a floor); host holds the activations in pinned memory")
+                     "allocator's reserve (a floor); host holds the activations and the next layer read ahead in "
+                     "pinned memory")
     if any(m.gpus > 1 for m in e.modes):
         lines.append("  N gpus (torchrun): each rank 1/N of the activations, a whole layer and the full solves; "
                      "host (all) = every rank's, rank 0 assembling the output")

@@ -8,14 +8,16 @@ forms (run.solves: experts of one shape together, one column sweep per batch), s
 For --experts of the shape's experts (random weights, Hessians of 2048 random tokens each; GPTQ's cost depends
 on the shapes, not the values) it times the gate/up solves and the down solves both ways, checks that both give
 the same codes, and prints one JSON line per kind of solve with both times and their ratio. The batch sizes are
-the pipeline's own (run.solves.BATCH_BYTES; on a CPU only experts of at most CPU_BATCH_ELEMENTS weights batch).
+the pipeline's own (run.solves.batch_limit: on a CPU only small experts batch).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,26 +25,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # quantkit from this checkout
 
 from quantkit.config import QuantSpec  # noqa: E402
-from quantkit.run.solves import BATCH_BYTES, CPU_BATCH_ELEMENTS  # noqa: E402
+from quantkit.run.solves import batch_limit  # noqa: E402
 from quantkit.solve.gptq import gptq_quantize_batched, gptq_quantize_shared  # noqa: E402
 from quantkit.tools.estimate import ModelShape, load_model_config  # noqa: E402
 
 
-def timed(device: torch.device, solve: object) -> tuple[float, object]:
+def timed(device: torch.device, solve: Callable[[], list]) -> tuple[float, list]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    out = solve()  # type: ignore[operator]
+    out = solve()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start, out
 
 
-def batch_size(rows: int, n_in: int, device: torch.device) -> int:
-    """The pipeline's batch for experts of this shape (run.solves._batches' limit)."""
-    if device.type != "cuda" and rows * n_in > CPU_BATCH_ELEMENTS:
-        return 1
-    return 1 + BATCH_BYTES // (5 * rows * n_in)
+def each_alone(weights: list[list[torch.Tensor]], hessians: list[torch.Tensor], spec: QuantSpec) -> list:
+    return [gptq_quantize_shared(w, h.clone(), spec, consume_hessian=True) for w, h in zip(weights, hessians)]
+
+
+def in_batches(weights: list[list[torch.Tensor]], hessians: list[torch.Tensor], spec: QuantSpec, size: int) -> list:
+    return [r for s in range(0, len(weights), size)
+            for r in gptq_quantize_batched(weights[s:s + size], [h.clone() for h in hessians[s:s + size]], spec)]
 
 
 def main() -> int:
@@ -73,13 +77,10 @@ def main() -> int:
         for _ in range(args.experts):
             x = torch.randn(2048, n_in, generator=g, device=device)
             hessians.append(2 * x.t() @ x / x.shape[0])
-        size = batch_size(rows, n_in, device)
-        alone_s, alone = timed(device, lambda: [gptq_quantize_shared(w, h.clone(), spec, consume_hessian=True)
-                                                for w, h in zip(weights, hessians)])
-        batches = [list(range(s, min(s + size, args.experts))) for s in range(0, args.experts, size)]
-        batched_s, batched = timed(device, lambda: [r for b in batches for r in gptq_quantize_batched(
-            [weights[k] for k in b], [hessians[k].clone() for k in b], spec)])
-        same = all(torch.equal(a[0].codes, b[0].codes) for a, b in zip(alone, batched))  # type: ignore[union-attr]
+        size = batch_limit(rows, n_in, device.type == "cuda")
+        alone_s, alone = timed(device, functools.partial(each_alone, weights, hessians, spec))
+        batched_s, batched = timed(device, functools.partial(in_batches, weights, hessians, spec, size))
+        same = all(torch.equal(a[0].codes, b[0].codes) for a, b in zip(alone, batched))
         print(json.dumps({"solve": name, "experts": args.experts, "rows": rows, "in_features": n_in,
                           "batch": size, "device": device.type, "alone_s": round(alone_s, 3),
                           "batched_s": round(batched_s, 3), "speedup": round(alone_s / batched_s, 2),

@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # quantkit from this checkout
 
 from quantkit.config import CalibSpec, QuantSpec  # noqa: E402
-from quantkit.solve.gptq import accumulate_hessian, gptq_quantize_shared  # noqa: E402
+from quantkit.solve.gptq import gptq_quantize_shared  # noqa: E402
+from quantkit.solve.hessian import accumulate_hessian  # noqa: E402
 from quantkit.source.calibration import calibration_batch  # noqa: E402
 
 LINEARS = ("self_attn.o_proj", "mlp.down_proj")
