@@ -112,3 +112,24 @@ def test_a_solve_needs_no_second_hessian_of_gpu_memory():
     extra = torch.cuda.max_memory_allocated() - before
     weight_and_codes = weight.numel() * (4 + 1)
     assert extra <= weight_and_codes + 0.5 * hessian.numel() * 4, extra / 2**20
+
+
+def test_a_stages_packed_tensors_reach_the_host_pinned_and_equal_to_the_cpus(tiny_llama_dir):
+    """The packed tensors are copied to pinned host memory without a wait per tensor; the stage waits once."""
+    from quantkit.calibrate.statistics import Statistics
+    from quantkit.run.ranks import Ranks
+    from quantkit.run.solves import solve_stage
+
+    spec = QuantSpec(bits=4, group_size=32)
+    W = torch.randn(64, 64)
+    X = torch.randn(512, 64)
+    H = 2 * X.T @ X / X.shape[0]
+    results = {}
+    for device in (torch.device("cpu"), GPU):
+        modules = {"q": torch.nn.Linear(64, 64, bias=False).to(device)}
+        modules["q"].weight.data.copy_(W)
+        results[device.type] = solve_stage(Ranks.single(), "layer", [["q"]], [Statistics(H.to(device), None, 512)],
+                                           modules, spec, "gptq", lambda n: n)["q"].tensors
+    assert all(t.is_pinned() for t in results["cuda"].values())
+    same = (results["cuda"]["q.qweight"] == results["cpu"]["q.qweight"]).float().mean().item()
+    assert same > 0.95

@@ -56,6 +56,37 @@ def test_a_batch_of_solves_gives_each_solve_its_own_bits(spec):
             assert (a.loss, a.damp) == (b.loss, b.damp)
 
 
+class _HostWaits(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that make a GPU's host wait: a tensor read as a Python number, and indexing by a boolean mask
+    (the host needs the mask's count of True entries to size the result)."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        operands = torch.utils._pytree.tree_flatten((args, kwargs))[0]
+        if name in ("_local_scalar_dense", "nonzero") or (name.startswith("index") and any(
+                isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in operands)):
+            self.waits.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=64),
+                                  QuantSpec(bits=4, group_size=64, act_order=True, clip_search=True, sym=False),
+                                  QuantSpec(bits=4, group_size=64, static_groups=True)])
+def test_a_solve_waits_for_its_device_twice_whatever_its_size(spec):
+    """Only the Hessian's finiteness and the factorization's success are read back to decide anything (the losses
+    come back with the results, in one copy): no wait per block or column, nor for always-zero inputs."""
+    W, X, _ = _correlated(64, 256, 1024)
+    X[:, 3] = 0  # an input that is always zero
+    H = 2 * X.T @ X / X.shape[0]
+    with _HostWaits() as alone:
+        gptq_quantize_shared([W[:32], W[32:]], H.clone(), spec)
+    assert alone.waits == ["_local_scalar_dense"] * 2
+
+
 def test_a_failing_solve_of_a_batch_is_named_by_its_index():
     W, _, H = _correlated(16, 64, 256)
     bad = H.clone()

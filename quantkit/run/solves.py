@@ -7,9 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from quantkit.calibrate.statistics import Statistics
+from quantkit.calibrate.transfer import move, wait_for_copies
 from quantkit.config import QuantSpec
 from quantkit.errors import NumericalError, QuantkitError
 from quantkit.run.gguf_output import GGUFLayout, linear_types, rounded_on_blocks, solve_on_blocks, step_tensors
@@ -20,6 +22,7 @@ from quantkit.solve.grid import dequantize_grouped
 from quantkit.source.skeleton import in_features, linear_modules, set_weight_matrix, weight_matrix
 from quantkit.write.gptq_format import module_tensors
 
+CPU = torch.device("cpu")
 Result = TypeVar("Result", GPTQResult, GridResult)  # a solve's result for one Linear, GPTQ's grids or llama.cpp's
 
 # Experts' solves of one shape run as a batch (gptq_quantize_batched): one chain of small kernels for the batch.
@@ -39,9 +42,11 @@ class Solved:
 
 def packed(name: str, res: GPTQResult, spec: QuantSpec, fmt: str, bias: Tensor | None) -> Solved:
     """Pack where the solve ran (on a GPU, in a small fraction of the CPU's time), then keep only the packed
-    tensors: a layer's int32 codes are never all held at once."""
+    tensors: a layer's int32 codes are never all held at once. From a GPU the copies to the host run
+    asynchronously (calibrate.transfer.move): whoever reads the tensors on the CPU first waits for them
+    (wait_for_copies), once for many Linears instead of a round trip per tensor."""
     tensors = module_tensors(name, res, spec.bits, fmt, bias)
-    return Solved({k: v.cpu() for k, v in tensors.items()}, res.loss, res.damp)
+    return Solved({k: move(v, CPU, v.dtype) for k, v in tensors.items()}, res.loss, res.damp)
 
 
 def solve(label: str, weights: list[Tensor], hessian: Tensor, spec: QuantSpec,
@@ -84,6 +89,7 @@ def solve_stage(ranks: Ranks, where: str, groups: list[list[str]], statistics: l
             k = batch[0]
             mine[k] = solve_group(where, groups[k], _taken(reduced, k), modules, spec, fmt, out_name, expert=expert,
                                   gguf=gguf)
+    wait_for_copies(weight_matrix(modules[groups[0][0]]).device)  # the packed tensors, on the host from here on
     results: dict[str, Solved] = {}
     for k, group in enumerate(groups):
         solved = mine.pop(k, None)
@@ -243,6 +249,7 @@ def rtn_layer(layer: nn.Module, spec: QuantSpec, fmt: str, out_name: Callable[[s
     """Round-to-nearest of every Linear not skipped: GPTQ's grids, or llama.cpp's own for a GGUF output."""
     modules = {name: module for name, module in linear_modules(layer).items() if not spec.skips(name)}
     if gguf is None:
+        # rtn_result hands back its codes on the host: packed on the CPU, nothing to wait for
         return {name: packed(out_name(name), rtn_result(weight_matrix(module), spec), spec, fmt, bias(module))
                 for name, module in modules.items()}
     weights = {name: weight_matrix(module) for name, module in modules.items()}

@@ -61,7 +61,7 @@ def prepare_solve(weights: list[Tensor], hessian: Tensor, spec: QuantSpec, consu
     _check_finite(H, cross)
     importance = H.diagonal().clone()
     dead = importance == 0
-    H.diagonal()[dead] = 1.0  # an input that is always zero: its column is zero, any positive curvature will do
+    H.diagonal().masked_fill_(dead, 1.0)  # an input always zero: its column is zero, any positive curvature will do
     perm = torch.argsort(H.diagonal(), descending=True) if spec.act_order else None
     # H in the reverse of the order the columns are solved in (see reversed_inverse_factor), with the act-order
     # permutation: H[i, j] <- H[order[i], order[j]], in place
@@ -74,7 +74,7 @@ def prepare_solve(weights: list[Tensor], hessian: Tensor, spec: QuantSpec, consu
     W = _stacked(weights)
     if cross is not None:
         shift_to_asymmetric_target_(W, cross, Xinv, order)
-    W[:, dead] = 0.0
+    W.masked_fill_(dead, 0.0)  # a mask, not an index: no wait on a GPU for the count of dead inputs
     return PreparedSolve(W=W, Xinv=Xinv, perm=perm, damp=damp, importance=importance)
 
 

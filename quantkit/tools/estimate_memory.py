@@ -35,8 +35,9 @@ allocator rounds each block up to a power of two and keeps it for reuse until th
 (their mini-batches), a second copy of them (a layer's save reads its inputs on a worker thread while the next
 layer replaces them), o_proj's inputs kept in memory for the next stage (when no wider than the hidden states),
 an MoE block's summed expert outputs, the largest Hessian's retry copy, the next decoder layer's tensors read
-ahead in the model's dtype (run/prefetch.py; an MoE layer's routed experts load a chunk at a time instead); and at
-the end the embeddings in float16 for the output shard.
+ahead in the model's dtype (run/prefetch.py; an MoE layer's routed experts load a chunk at a time instead), the
+packed tensors of two layers (the one solved and the one being saved); and at the end the embeddings in float16
+for the output shard.
 
 GPU: torch's peak allocation (the passes above); what nvidia-smi shows adds CUDA_CONTEXT_BYTES and the caching
 allocator's reserve: the blocks of the largest stacked solve before the largest Hessian (its float32 weight and
@@ -251,7 +252,10 @@ def gpu_mode(shape: ModelShape, cal: Calibration, gpus: int, output_bytes: int, 
     # one GPU: a layer's save reads a copy of its inputs while the next layer runs; N GPUs save together, in order
     pinned = {"activations": activations, "saved_copy": activations if gpus == 1 else 0, "kept_inputs": kept,
               "expert_sums": sums, "hessian_copy": pow2(k * k * 4),
-              "next_layer": read_ahead_bytes(shape, cal.model_bytes)}
+              "next_layer": read_ahead_bytes(shape, cal.model_bytes),
+              # the packed tensors of the layer being solved and of the one a background save holds, the layer's
+              # sum rounded up (at least the pinned allocator's rounding of each tensor)
+              "packed_layers": 2 * pow2(math.ceil(packed_bytes / shape.layers))}
     assembly = shape.vocab * shape.hidden * 2
     host = RUNTIME_HOST_BYTES + CUDA_HOST_BYTES + sum(pinned.values()) + assembly
     rank = host - assembly
