@@ -2,7 +2,14 @@
 """quantkit against llm-compressor on one NVIDIA GPU, on a 7B-shaped synthetic checkpoint, side by side.
 
     python scripts/bench/gpu.py --work /tmp/bench-gpu --layers 8 --tools quantkit,llmcompressor
-    python scripts/bench/gpu.py --work /tmp/bench-gpu --layers 32 --tools quantkit
+    python scripts/bench/gpu.py --work /tmp/bench-gpu --layers 32 --tools quantkit,quantkit-noprefetch
+    python scripts/bench/gpu.py --work /tmp/bench-gpu --shape llama-2-70b --layers 3 --tools quantkit --gpu-mem-cap 24
+
+Tools: quantkit; quantkit-noprefetch (the same with QUANTKIT_PREFETCH=0: each layer read when it starts, not
+while the previous one computes); llmcompressor. --gpu-mem-cap GB caps torch's allocations on the GPU at GB
+(10^9 bytes; torch.cuda.set_per_process_memory_fraction), as a card of that size would. Beside the measured
+peaks it prints what `quantkit estimate` says for the same checkpoint and calibration (GPU allocation, nvidia-smi,
+host) and the ratio of each.
 
 Writes the checkpoint (random weights: GPTQ's cost does not depend on their values) with the numbers drawn on
 the GPU, tokenizes the calibration windows once, then runs each tool in its own process on those tokens:
@@ -37,7 +44,10 @@ QUANTKIT_RUN = """
 import json, logging, sys
 from quantkit import CalibSpec, QuantSpec, quantize
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-model, out, device, samples, seq_len, bits, group = sys.argv[1:]
+model, out, device, samples, seq_len, bits, group, cap_gb = sys.argv[1:]
+if float(cap_gb) > 0:
+    import torch
+    torch.cuda.set_per_process_memory_fraction(float(cap_gb) * 1e9 / torch.cuda.get_device_properties(0).total_memory)
 r = quantize(model, QuantSpec(bits=int(bits), group_size=int(group)),
              CalibSpec(samples=int(samples), seq_len=int(seq_len)), out=out, overwrite=True, device=device)
 print(json.dumps(r.to_dict()))
@@ -79,12 +89,29 @@ def run_tool(cmd: list[str], log: Path, env: dict, timeout: float) -> dict:
         m = run(cmd, log, env, timeout)
     lines, reported = m.lines(), m.report()
     stage_peaks = {}  # quantkit's per-stage peaks (its layer reports), the largest over the layers
-    for layer in reported.get("layers", []):
+    stage_seconds: dict[str, float] = {}  # and the seconds of each stage, summed over the layers after the first
+    layers = reported.get("layers", [])
+    for layer in layers:
         for stage, mb in layer.get("stage_peak_gpu_mb", {}).items():
             stage_peaks[stage] = max(stage_peaks.get(stage, 0), mb)
+    for layer in layers[1:]:
+        for stage, seconds in layer.get("stage_seconds", {}).items():
+            stage_seconds[stage] = round(stage_seconds.get(stage, 0) + seconds, 2)
+    later = sorted(layer["seconds"] for layer in layers[1:])
     return {"rc": m.rc, "wall_s": round(m.wall_s, 1), "peak_rss_mb": round(m.peak_rss_mb),
             "peak_gpu_smi_mb": gpu.peak, "peak_gpu_torch_mb": reported.get("peak_gpu_mb"),
-            "peak_gpu_torch_mb_by_stage": stage_peaks, "log_tail": lines[-15:] if m.rc else []}
+            "peak_gpu_torch_mb_by_stage": stage_peaks, "layer_s_median": later[len(later) // 2] if later else None,
+            "stage_s_after_first": stage_seconds, "log_tail": lines[-15:] if m.rc else []}
+
+
+def estimated(model: Path, args: argparse.Namespace, env: dict) -> dict:
+    """`quantkit estimate` of the checkpoint for this calibration, one GPU: bytes of each figure."""
+    cmd = [sys.executable, "-m", "quantkit", "estimate", str(model), "--bits", str(args.bits), "--group-size",
+           str(args.group_size), "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--device", "cuda",
+           "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    mode = json.loads(out)["quantize"]["modes"][0]
+    return {"gpu_allocated": mode["gpu_allocated"], "gpu_total": mode["gpu_total"], "host": mode["host"]}
 
 
 def layer_bound_mb(config: dict, tokens_per_batch: int) -> dict:
@@ -111,6 +138,7 @@ def main() -> int:
     ap.add_argument("--llmcompressor-python", default=sys.executable)
     ap.add_argument("--timeout", type=float, default=600, help="seconds per tool before it is killed")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of this script")
+    ap.add_argument("--gpu-mem-cap", type=float, default=0, help="GB (10^9 bytes) torch may allocate on the GPU")
     args = ap.parse_args()
 
     import torch
@@ -137,39 +165,61 @@ def main() -> int:
     q = ["--bits", str(args.bits), "--group-size", str(args.group_size)]
     commands = {  # quantkit tokenizes the same windows itself (same function, same seed)
         "quantkit": lambda out: [sys.executable, "-c", QUANTKIT_RUN, str(model), str(out), args.device,
-                                 str(args.samples), str(args.seq_len), str(args.bits), str(args.group_size)],
+                                 str(args.samples), str(args.seq_len), str(args.bits), str(args.group_size),
+                                 str(args.gpu_mem_cap)],
         "llmcompressor": lambda out: [args.llmcompressor_python, str(RUNNERS / "llmcompressor_gptq.py"),
                                       str(model), str(work / "calib.safetensors"), str(out), *q],
     }
+    commands["quantkit-noprefetch"] = commands["quantkit"]
+    envs = {"quantkit-noprefetch": {**env, "QUANTKIT_PREFETCH": "0"}}
     rows = {}
     for tool in args.tools.split(","):
         rows[tool] = run_tool(commands[tool](work / f"{tool}-{args.layers}l"), work / f"{tool}-{args.layers}l.log",
-                              env, args.timeout)
+                              envs.get(tool, env), args.timeout)
         print(tool, json.dumps(rows[tool]), flush=True)
+    estimate = estimated(model, args, env)
+    print("estimate", json.dumps(estimate), flush=True)
     bound = layer_bound_mb(config, calibration_batch_size(ids, torch.device("cuda")) * args.seq_len)
-    table = render(rows, bound, args, torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (dry run)")
+    table = render(rows, bound, estimate, args,
+                   torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (dry run)")
     print(table)
     (work / "bench_gpu.md").write_text(table + "\n")
-    (work / "bench_gpu.json").write_text(json.dumps({"rows": rows, "bound_mb": bound, "args": vars(args)},
-                                                    default=str, indent=1))
+    (work / "bench_gpu.json").write_text(json.dumps({"rows": rows, "bound_mb": bound, "estimate": estimate,
+                                                     "args": vars(args)}, default=str, indent=1))
     return 0 if all(r["rc"] == 0 for r in rows.values()) else 1
 
 
-def render(rows: dict, bound: dict, args, gpu: str) -> str:
+def render(rows: dict, bound: dict, estimate: dict, args, gpu: str) -> str:
+    cap = f", torch's allocations capped at {args.gpu_mem_cap:g} GB" if args.gpu_mem_cap else ""
     lines = [f"{gpu}, {args.shape} shape with {args.layers} layers (bf16, random weights), {args.bits}-bit group "
-             f"{args.group_size} symmetric, {args.samples} x {args.seq_len} calibration tokens, "
+             f"{args.group_size} symmetric, {args.samples} x {args.seq_len} calibration tokens{cap}, "
              f"measured {time.strftime('%Y-%m-%d')} by `scripts/bench/gpu.py --layers {args.layers}`.", "",
-             "| tool | exit | wall s | peak GPU MB (torch) | peak GPU MB (nvidia-smi) | peak RSS MB |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| tool | exit | wall s | layer s (median after the first) | peak GPU MB (torch) "
+             "| peak GPU MB (nvidia-smi) | peak RSS MB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for tool, r in rows.items():
-        lines.append(f"| {tool} | {r['rc']} | {r['wall_s']:.0f} | {r['peak_gpu_torch_mb'] or '?'} | "
-                     f"{r['peak_gpu_smi_mb']} | {r['peak_rss_mb']} |")
+        lines.append(f"| {tool} | {r['rc']} | {r['wall_s']:.0f} | {r.get('layer_s_median') or '?'} | "
+                     f"{r['peak_gpu_torch_mb'] or '?'} | {r['peak_gpu_smi_mb']} | {r['peak_rss_mb']} |")
+    qk = rows.get("quantkit")
+    if qk and qk["rc"] == 0:
+        measured = {"gpu_allocated": (qk["peak_gpu_torch_mb"] or 0) * 2**20,
+                    "gpu_total": (qk["peak_gpu_smi_mb"] or 0) * 2**20, "host": qk["peak_rss_mb"] * 2**20}
+        lines += ["", "| quantkit | measured MiB | `quantkit estimate` MiB | estimated / measured |",
+                  "|---|---:|---:|---:|"]
+        for key, label in (("gpu_allocated", "GPU allocation"), ("gpu_total", "nvidia-smi"), ("host", "host RSS")):
+            ratio = f"{estimate[key] / measured[key]:.2f}" if measured[key] else "?"
+            lines.append(f"| {label} | {measured[key] / 2**20:.0f} | {estimate[key] / 2**20:.0f} | {ratio} |")
+        lines.append("quantkit's seconds by stage, layers after the first: "
+                     + ", ".join(f"{stage} {s}" for stage, s in qk["stage_s_after_first"].items()) + ".")
     lines += ["", f"One layer's weights {bound['weights']} MB + Hessians {bound['hessians']} MB + one batch of "
               f"activations {bound['batch']} MB = {bound['total']} MB."]
     by_stage = rows.get("quantkit", {}).get("peak_gpu_torch_mb_by_stage")
     if by_stage:
         lines.append("quantkit's peak GPU MB (torch) by stage of a layer, the largest over the layers: "
                      + ", ".join(f"{stage} {mb:.0f}" for stage, mb in by_stage.items()) + ".")
+    if {"quantkit", "quantkit-noprefetch"} <= rows.keys():
+        lines.append(f"quantkit reading each next layer ahead / reading it when it starts: wall time "
+                     f"{rows['quantkit']['wall_s'] / rows['quantkit-noprefetch']['wall_s']:.2f}x.")
     if {"quantkit", "llmcompressor"} <= rows.keys():
         qk, lc = rows["quantkit"], rows["llmcompressor"]
         lines.append(f"quantkit / llm-compressor: wall time {qk['wall_s'] / lc['wall_s']:.2f}x, peak GPU (torch) "
