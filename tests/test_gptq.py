@@ -32,13 +32,14 @@ def _correlated(n_out=64, n_in=128, tokens=1024, seed=0):
     QuantSpec(bits=3, group_size=-1, sym=False, act_order=True),
     QuantSpec(bits=8, group_size=64, sym=False),
 ], ids=["g32", "act-order+clip", "3bit-asym-per-channel", "8bit-g64"])
-def test_a_batch_of_solves_gives_each_solve_its_own_bits(spec):
+@pytest.mark.parametrize("n_in", [200, 130])  # a partial last block of 72 columns, and of 2
+def test_a_batch_of_solves_gives_each_solve_its_own_bits(spec, n_in):
     """Experts solved together (one column sweep for the batch) get what each solved alone gets, bit for bit: codes,
-    grids, g_idx, dequantized weights, losses and damping. Two Linears per solve (gate/up share a Hessian), 200
-    inputs (a partial last block), and one solve whose Hessian needs more damping than asked."""
+    grids, g_idx, dequantized weights, losses and damping. Two Linears per solve (gate/up share a Hessian), a
+    partial last block, and one solve whose Hessian needs more damping than asked."""
     solves = []
     for seed in range(3):
-        W, X, H = _correlated(44, 200, 600, seed=seed)  # 44 rows: no multiple of a vector width
+        W, X, H = _correlated(44, n_in, 3 * n_in, seed=seed)  # 44 rows: no multiple of a vector width
         if seed == 1:
             X[:, 7] = X[:, 8]  # two identical inputs: H is singular, so its damping is raised
             H = 2 * X.T @ X / X.shape[0]

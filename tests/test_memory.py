@@ -81,15 +81,35 @@ def test_the_spent_hessian_and_float32_results_are_freed_before_packing(monkeypa
     at_packing = []
     real_module_tensors = solves.module_tensors
 
+    stacks = []  # the solver's float32 [N, K] stacks, which the results' weights are views of
+
     def spy(name, result, *args, **kwargs):
-        at_packing.append((name, hessian_alive() is not None, result.weight is not None))
+        at_packing.append((name, hessian_alive() is not None, result.weight is not None,
+                           any(stack() is not None for stack in stacks)))
         return real_module_tensors(name, result, *args, **kwargs)
 
+    def recorded(solver):
+        def run(*args, **kwargs):
+            results = solver(*args, **kwargs)
+            first = results[0][0] if isinstance(results[0], list) else results[0]  # a batch's results share a stack
+            stacks.append(weakref.ref(first.weight._base))
+            return results
+        return run
+
     monkeypatch.setattr(solves, "module_tensors", spy)
+    monkeypatch.setattr(solves, "gptq_quantize_shared", recorded(solves.gptq_quantize_shared))
+    monkeypatch.setattr(solves, "gptq_quantize_batched", recorded(solves.gptq_quantize_batched))
     spec = QuantSpec(bits=4, group_size=32)
     packed = solves.solve_stage(Ranks.single(), "model.layers.0.mlp", [["a", "b"]], statistics, modules, spec,
                                 "gptq", lambda n: f"model.layers.0.mlp.{n}")
-    assert at_packing == [("model.layers.0.mlp.a", False, False), ("model.layers.0.mlp.b", False, False)]
+    assert at_packing == [("model.layers.0.mlp.a", False, False, False), ("model.layers.0.mlp.b", False, False, False)]
+    experts = {f"{e}.{n}": torch.nn.Linear(128, 32, bias=False) for e in range(3) for n in ("gate", "up")}
+    at_packing.clear()
+    solves.solve_stage(Ranks.single(), "model.layers.0.mlp.experts", [[f"{e}.gate", f"{e}.up"] for e in range(3)],
+                       [Statistics(2 * x.T @ x / x.shape[0], tokens=512) for _ in range(3)], experts, spec, "gptq",
+                       lambda n: n, expert=True)
+    assert len(stacks) == 2 and len(at_packing) == 6  # one batch of the three experts
+    assert not any(any(seen[1:]) for seen in at_packing)
     for name, module in modules.items():
         t = {k.rsplit(".", 1)[1]: v for k, v in packed[name].tensors.items()}
         restored = dequantize_module(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, "gptq")

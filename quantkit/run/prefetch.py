@@ -6,6 +6,7 @@ layer held ahead would add to the peak a CPU user watches (QUANTKIT_PREFETCH=1 t
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import cast
@@ -37,6 +38,7 @@ class LayerPrefetch:
         self._reads, self._pin = reads, pin
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="quantkit-prefetch")
         self._pending: tuple[int, Future[Fetched]] | None = None
+        self._stop = threading.Event()  # set by close: a read in flight stops at its next tensor
 
     def start(self, index: int, names: list[str]) -> None:
         """Read tensors `names` of layer `index` on the background thread."""
@@ -56,19 +58,30 @@ class LayerPrefetch:
         fetched: Fetched = {}
         try:
             for name in names:
+                if self._stop.is_set():
+                    break
                 tensor = self._checkpoint.get(name)
-                fetched[name] = (tensor.pin_memory() if self._pin else tensor, tensor_sha256(name, tensor))
+                fetched[name] = (_pinned(tensor) if self._pin else tensor, tensor_sha256(name, tensor))
         finally:
             self._checkpoint.close()  # unmap the shards: their pages stop counting as the process's memory
         return fetched
 
     def close(self) -> None:
-        """Wait for a read in flight (it holds the checkpoint's files) and drop what it read."""
-        if self._pending is not None:
-            self._pending[1].cancel()
-        self._pool.shutdown(wait=True)
+        """Stop a read in flight at its next tensor, wait for it (it holds the checkpoint's files) and drop what it
+        read."""
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self._pending = None
         self._checkpoint.close()
+
+
+def _pinned(tensor: Tensor) -> Tensor:
+    """tensor copied into pinned memory, or as it is where pinned memory cannot be had (a direct read would not
+    have needed it: the copy to the GPU is then a plain one)."""
+    try:
+        return tensor.pin_memory()
+    except RuntimeError:
+        return tensor
 
 
 class _FetchedReads:

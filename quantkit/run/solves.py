@@ -190,14 +190,16 @@ def solve_group(where: str, group: list[str], statistics: Statistics, modules: d
         solved = solve(f"{where}.{group[0]}", [weight_matrix(modules[name]) for name in group], statistics.hessian,
                        spec, statistics.cross)  # the group shares its Hessian: a failure is named after its first
         del statistics  # the spent Hessian (and cross term) is freed before packing, which would otherwise hold it
+    solved = _written_back(group, solved, modules)  # and the float32 weight: only the results' own tensors remain
     return _kept(group, solved, modules, spec, fmt, out_name, tokens, rounded)
 
 
 def solve_batch(where: str, groups: list[list[str]], statistics: list[Statistics], modules: dict[str, nn.Module],
                 spec: QuantSpec, fmt: str, out_name: Callable[[str], str]) -> list[dict[str, Solved]]:
     """Experts' groups of one shape solved as one batch (gptq_quantize_batched: the same bits as solve_group
-    gives each), their statistics handed over (consumed); then each written back and packed as solve_group does.
-    A numerical failure is named after the failing group's first Linear."""
+    gives each), their statistics handed over (consumed); then every group written back (which frees the batch's
+    float32 stack) and packed as solve_group does. A numerical failure is named after the failing group's first
+    Linear."""
     tokens = [s.tokens for s in statistics]
     hessians = [s.hessian for s in statistics]
     statistics.clear()
@@ -205,14 +207,14 @@ def solve_batch(where: str, groups: list[list[str]], statistics: list[Statistics
         solved = gptq_quantize_batched([[weight_matrix(modules[n]) for n in g] for g in groups], hessians, spec)
     except NumericalError as e:
         raise NumericalError(f"{where}.{groups[e.solve or 0][0]}: {e}") from None
+    solved = [_written_back(group, results, modules) for group, results in zip(groups, solved)]
     return [_kept(group, solved.pop(0), modules, spec, fmt, out_name, count, False)
             for group, count in zip(groups, tokens)]
 
 
 def _kept(group: list[str], solved: list[GPTQResult], modules: dict[str, nn.Module], spec: QuantSpec, fmt: str,
           out_name: Callable[[str], str], tokens: int | None, rounded: bool) -> dict[str, Solved]:
-    """A group's results written back (_written_back) and packed: only the packed tensors are kept."""
-    solved = _written_back(group, solved, modules)
+    """A group's results, already written back (_written_back), packed: only the packed tensors are kept."""
     return {name: replace(packed(out_name(name), res, spec, fmt, bias(modules[name])), tokens=tokens, rounded=rounded)
             for name, res in zip(group, solved)}
 

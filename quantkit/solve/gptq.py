@@ -199,9 +199,11 @@ def _static_grids(W: Tensor, group: int, spec: QuantSpec) -> list[tuple[Tensor, 
 
 def _factor_rows(factors: list[Tensor], i1: int, i2: int) -> Tensor:
     """Rows i1..i2-1 of each solve's upper factor (upper_rows), stacked [B, i2 - i1, K - i1]: a block's rows at a
-    time, so that a batch never holds a second copy of its factors (a single solve's rows are not copied again)."""
+    time, so that a batch never holds a second copy of its factors. Each solve's rows keep the memory order a
+    single solve's have (column-major: the factor is a transposed view), so the block's product takes the same
+    path through the BLAS, with the same rounding, batched or not (a single solve's are not copied again)."""
     rows = [upper_rows(X, i1, i2) for X in factors]
-    return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
+    return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack([r.mT for r in rows]).mT
 
 
 def _by_column(params: Tensor, groups: Tensor) -> Tensor:
@@ -262,7 +264,7 @@ class _ColumnSolve:
             W1 = W[:, :, i1:i2].permute(2, 0, 1).contiguous()
             Q1 = torch.empty_like(W1)    # the block's codes
             Err1 = torch.empty_like(W1)  # (w - dequantized) / d per column: what the block passes on
-            Hinv1 = Hinv1.contiguous()  # a copy only for a batch: one solve's rows are already in this order
+            Hinv1 = Hinv1.contiguous()  # a small copy ([block, block]): each column reads its row whole
         i = 0
         while i < i2 - i1:  # runs of columns that share their grid (scale, zero)
             scale, zero, run = self._grid(i1, i, i2, W1)

@@ -141,19 +141,24 @@ def _solve_bytes(n: int, k: int, gptaq: bool, backup_beside: bool) -> int:
 
 
 def _batched_beyond_one(n: int, k: int, chunk: int, on_gpu: bool) -> int:
-    """What a batch of a chunk's experts of one shape (run/solves.py) holds beyond one expert's solve: the other
-    experts' float32 weights and uint8 codes, as many as fit in BATCH_BYTES (their Hessians are factored in their
-    own memory, already counted as waiting)."""
-    return (min(chunk, batch_limit(n, k, on_gpu)) - 1) * 5 * n * k
+    """What a batch of a chunk's experts of one shape (run/solves.py) holds beyond one expert's solve (5nk: its
+    float32 weight and uint8 codes): the batch's stacked float32 weights beside one expert's own while they are
+    stacked, then the stack and every expert's codes (their Hessians are factored in their own memory, already
+    counted as waiting)."""
+    batch = min(chunk, batch_limit(n, k, on_gpu))
+    if batch < 2:
+        return 0
+    return max(4 * batch * n * k + 4 * n * k, 5 * batch * n * k) - 5 * n * k
 
 
 def read_ahead_bytes(shape: ModelShape, model_bytes: int) -> int:
     """A decoder layer's tensors read ahead into pinned memory (run/prefetch.py), each block rounded up to a power
-    of two: the larger of a dense layer's and an MoE layer's without its routed experts."""
+    of two, which torch's pinned allocator keeps and reuses only for blocks of its size: a dense layer's, plus an
+    MoE layer's without its routed experts where the model has both kinds."""
     dense, sparse = shape.layer_counts()
     kinds = [experts for experts, count in ((False, dense), (True, sparse)) if count]
     norms = pow2(shape.hidden * model_bytes) * 2  # the two layer norms (q/k norms and MLA's are smaller still)
-    return max(sum(pow2(lin.params * model_bytes) for lin in shape.layer_linears(experts)) + norms +
+    return sum(sum(pow2(lin.params * model_bytes) for lin in shape.layer_linears(experts)) + norms +
                (pow2(shape.router_params() * model_bytes) if experts else 0) for experts in kinds)
 
 
@@ -253,8 +258,8 @@ def gpu_mode(shape: ModelShape, cal: Calibration, gpus: int, output_bytes: int, 
     pinned = {"activations": activations, "saved_copy": activations if gpus == 1 else 0, "kept_inputs": kept,
               "expert_sums": sums, "hessian_copy": pow2(k * k * 4),
               "next_layer": read_ahead_bytes(shape, cal.model_bytes),
-              # the packed tensors of the layer being solved and of the one a background save holds, the layer's
-              # sum rounded up (at least the pinned allocator's rounding of each tensor)
+              # the packed tensors of the layer being solved and of the one a background save holds, each layer's
+              # sum rounded up to a power of two (the pinned allocator rounds each tensor)
               "packed_layers": 2 * pow2(math.ceil(packed_bytes / shape.layers))}
     assembly = shape.vocab * shape.hidden * 2
     host = RUNTIME_HOST_BYTES + CUDA_HOST_BYTES + sum(pinned.values()) + assembly
