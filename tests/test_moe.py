@@ -180,6 +180,39 @@ def test_experts_solved_as_a_batch_write_what_solving_each_alone_writes(qwen3_mo
     assert losses[0] == losses[1]
 
 
+@pytest.mark.parametrize("active", [None, frozenset({0, 2, 5})])
+def test_the_experts_forward_equals_running_each_expert_on_its_tokens(active):
+    """UnfusedExperts groups the routed tokens by expert with one sort and one read of the counts (not one wait for
+    the host per expert, as torch.where on each expert's mask was); the output is that form's, bit for bit, with
+    routing's "no expert" index, experts no token reaches, and a chunk's active experts."""
+    from types import SimpleNamespace
+
+    from quantkit.source.experts import FusedLayout, UnfusedExperts
+
+    torch.manual_seed(0)
+    experts, hidden, inner, tokens, k = 6, 32, 16, 40, 2
+    fused = SimpleNamespace(gate_up_proj=torch.empty(experts, 2 * inner, hidden), act_fn=torch.nn.functional.silu)
+    block = UnfusedExperts(fused, FusedLayout("gate_up_proj", "gate_proj", "up_proj", "down_proj", "down_proj"))
+    for p in block.parameters():
+        p.data.normal_()
+    block.active = active
+    x = torch.randn(tokens, hidden)
+    index = torch.randint(0, experts - 1, (tokens, k))  # expert 5 gets no token
+    index[3, 1] = experts  # routing's "no expert"
+    weights = torch.rand(tokens, k)
+
+    expected = torch.zeros_like(x)  # the per-expert form
+    mask = torch.nn.functional.one_hot(index, num_classes=experts + 1).permute(2, 1, 0)
+    for e in range(experts):
+        position, token = torch.where(mask[e])
+        if len(token) and (active is None or e in active):
+            gate, up, down = block.expert(e).linears()
+            h = down(block.act_fn(gate(x[token])) * up(x[token])) * weights[token, position, None]
+            expected.index_add_(0, token, h)
+    with torch.no_grad():
+        assert torch.equal(block(x, index, weights), expected.detach())
+
+
 def test_deepseek_routing_bias_is_read_from_the_checkpoint(tiny_tokenizer, tmp_path):
     """DeepSeek-V3's router adds a per-expert bias (a buffer, e_score_correction_bias) before its top-k: with a
     large bias on experts 0 and 1, every token goes to them, and calibration must see that routing."""

@@ -122,12 +122,18 @@ class UnfusedExperts(nn.Module):
             return self.replay
         final = torch.zeros_like(hidden_states) if self.start is None else self.start
         with torch.no_grad():
-            mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
-        for e in hit:
-            if e == self.num_experts or (self.active is not None and e not in self.active):
+            # every (slot, token) routed, grouped by expert and, within one, in slot-major order (what
+            # torch.where(one_hot mask of the expert) lists); the experts' counts are the one read back to the host
+            tokens = top_k_index.shape[0]
+            routed = top_k_index.t().reshape(-1)
+            order = torch.argsort(routed, stable=True)
+            counts = torch.bincount(routed, minlength=self.num_experts + 1).tolist()
+        end = 0
+        for e, count in enumerate(counts):
+            start, end = end, end + count
+            if not count or e == self.num_experts or (self.active is not None and e not in self.active):
                 continue
-            position, token = torch.where(mask[e])
+            position, token = order[start:end].div(tokens, rounding_mode="floor"), order[start:end] % tokens
             x = hidden_states[token]
             gate, up, down = self.expert(e).linears()
             h = down(self.act_fn(gate(x)) * up(x)) * top_k_weights[token, position, None]
