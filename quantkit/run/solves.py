@@ -251,7 +251,8 @@ def rtn_layer(layer: nn.Module, spec: QuantSpec, fmt: str, out_name: Callable[[s
     """Round-to-nearest of every Linear not skipped: GPTQ's grids, or llama.cpp's own for a GGUF output."""
     modules = {name: module for name, module in linear_modules(layer).items() if not spec.skips(name)}
     if gguf is None:
-        # rtn_result hands back its codes on the host: packed on the CPU, nothing to wait for
+        # rtn_result hands back its codes on the host (packed on the CPU); a GPU bias's copy to the host is awaited
+        # before the layer is saved (layer.quantize_layer's wait_for_copies)
         return {name: packed(out_name(name), rtn_result(weight_matrix(module), spec), spec, fmt, bias(module))
                 for name, module in modules.items()}
     weights = {name: weight_matrix(module) for name, module in modules.items()}
