@@ -45,7 +45,7 @@ import json, logging, sys
 from quantkit import CalibSpec, QuantSpec, quantize
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 model, out, device, samples, seq_len, bits, group, cap_gb = sys.argv[1:]
-if float(cap_gb) > 0:
+if float(cap_gb) > 0 and device == "cuda":  # the --device cpu dry run has no GPU to cap
     import torch
     torch.cuda.set_per_process_memory_fraction(float(cap_gb) * 1e9 / torch.cuda.get_device_properties(0).total_memory)
 r = quantize(model, QuantSpec(bits=int(bits), group_size=int(group)),
@@ -217,7 +217,8 @@ def render(rows: dict, bound: dict, estimate: dict, args, gpu: str) -> str:
     if by_stage:
         lines.append("quantkit's peak GPU MB (torch) by stage of a layer, the largest over the layers: "
                      + ", ".join(f"{stage} {mb:.0f}" for stage, mb in by_stage.items()) + ".")
-    if {"quantkit", "quantkit-noprefetch"} <= rows.keys():
+    if {"quantkit", "quantkit-noprefetch"} <= rows.keys() and \
+            rows["quantkit"]["rc"] == rows["quantkit-noprefetch"]["rc"] == 0:
         lines.append(f"quantkit reading each next layer ahead / reading it when it starts: wall time "
                      f"{rows['quantkit']['wall_s'] / rows['quantkit-noprefetch']['wall_s']:.2f}x.")
     if {"quantkit", "llmcompressor"} <= rows.keys():
