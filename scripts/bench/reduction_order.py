@@ -7,7 +7,10 @@ mean over every mini-batch against the token-weighted mean of two halves (what t
 Runs the first --samples calibration windows through the model (float32, transformers), keeps the inputs of
 o_proj and down_proj in decoder layer --layer, sums each Linear's Hessian both ways, solves GPTQ on each (4-bit,
 group 128, with and without act-order), and prints the largest difference between the two Hessians, the share of
-codes alike, and each solve's output error on the calibration inputs.
+codes alike, and each solve's output error on the calibration inputs. Then the alternative of summing in float64:
+each mini-batch's float32 product added to a float64 sum, split into 1, 2 and 3 contiguous shares of mini-batches
+(what 1, 2, 3 processes would sum), the shares added, scaled by 2/tokens and rounded to float32: the entries that
+differ from one process's.
 """
 from __future__ import annotations
 
@@ -33,6 +36,24 @@ def running_mean(batches: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
     for x in batches:
         hessian, tokens = accumulate_hessian(hessian, tokens, x)
     return hessian, tokens
+
+
+def float64_sum(batches: list[torch.Tensor]) -> torch.Tensor:
+    """Σ xᵀx over the mini-batches: each product in float32, the sum in float64."""
+    k = batches[0].shape[-1]
+    total = torch.zeros(k, k, dtype=torch.float64)
+    for x in batches:
+        x = x.reshape(-1, k)
+        total += x.t() @ x
+    return total
+
+
+def float64_mean(batches: list[torch.Tensor], shares: int) -> torch.Tensor:
+    """2·XᵀX / tokens in float32 from float64 sums over `shares` contiguous shares of the mini-batches."""
+    bounds = [len(batches) * i // shares for i in range(shares + 1)]
+    total = sum(float64_sum(batches[a:b]) for a, b in zip(bounds, bounds[1:]))
+    tokens = sum(x.reshape(-1, x.shape[-1]).shape[0] for x in batches)
+    return (total * (2.0 / tokens)).float()
 
 
 def main() -> int:
@@ -69,6 +90,10 @@ def main() -> int:
             error = [((x @ (r.weight - weight).T) ** 2).mean().item() for r in (r1, r2)]
             print(f"  act-order {act_order}: codes alike {(r1.codes == r2.codes).float().mean().item():.4f}, "
                   f"g_idx alike {torch.equal(r1.g_idx, r2.g_idx)}, output error {error[0]:.5g} against {error[1]:.5g}")
+        one64 = float64_mean(batches, 1)
+        for shares in (2, 3):
+            differing = int((float64_mean(batches, shares) != one64).sum())
+            print(f"  float64 sums in {shares} shares: {differing} of {one64.numel()} entries differ from 1 share's")
     return 0
 
 
