@@ -200,8 +200,12 @@ def render(rows: dict, bound: dict, estimate: dict, args, gpu: str) -> str:
     for tool, r in rows.items():
         lines.append(f"| {tool} | {r['rc']} | {r['wall_s']:.0f} | {r.get('layer_s_median') or '?'} | "
                      f"{r['peak_gpu_torch_mb'] or '?'} | {r['peak_gpu_smi_mb']} | {r['peak_rss_mb']} |")
+
+    def ended_well(*tools: str) -> bool:  # each tool ran and exited 0: only then are its figures compared
+        return all(tool in rows and rows[tool]["rc"] == 0 for tool in tools)
+
     qk = rows.get("quantkit")
-    if qk and qk["rc"] == 0:
+    if ended_well("quantkit"):
         measured = {"gpu_allocated": (qk["peak_gpu_torch_mb"] or 0) * 2**20,
                     "gpu_total": (qk["peak_gpu_smi_mb"] or 0) * 2**20, "host": qk["peak_rss_mb"] * 2**20}
         lines += ["", "| quantkit | measured MiB | `quantkit estimate` MiB | estimated / measured |",
@@ -217,11 +221,10 @@ def render(rows: dict, bound: dict, estimate: dict, args, gpu: str) -> str:
     if by_stage:
         lines.append("quantkit's peak GPU MB (torch) by stage of a layer, the largest over the layers: "
                      + ", ".join(f"{stage} {mb:.0f}" for stage, mb in by_stage.items()) + ".")
-    if {"quantkit", "quantkit-noprefetch"} <= rows.keys() and \
-            rows["quantkit"]["rc"] == rows["quantkit-noprefetch"]["rc"] == 0:
+    if ended_well("quantkit", "quantkit-noprefetch"):
         lines.append(f"quantkit reading each next layer ahead / reading it when it starts: wall time "
                      f"{rows['quantkit']['wall_s'] / rows['quantkit-noprefetch']['wall_s']:.2f}x.")
-    if {"quantkit", "llmcompressor"} <= rows.keys():
+    if ended_well("quantkit", "llmcompressor"):
         qk, lc = rows["quantkit"], rows["llmcompressor"]
         lines.append(f"quantkit / llm-compressor: wall time {qk['wall_s'] / lc['wall_s']:.2f}x, peak GPU (torch) "
                      + (f"{qk['peak_gpu_torch_mb'] / lc['peak_gpu_torch_mb']:.2f}x"

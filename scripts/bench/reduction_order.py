@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # quantkit from this checkout
 
 from quantkit.config import CalibSpec, QuantSpec  # noqa: E402
+from quantkit.run.ranks import window_share  # noqa: E402
 from quantkit.solve.gptq import gptq_quantize_shared  # noqa: E402
 from quantkit.solve.hessian import accumulate_hessian  # noqa: E402
 from quantkit.source.calibration import calibration_batch  # noqa: E402
@@ -38,21 +39,20 @@ def running_mean(batches: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
     return hessian, tokens
 
 
-def float64_sum(batches: list[torch.Tensor]) -> torch.Tensor:
-    """Σ xᵀx over the mini-batches: each product in float32, the sum in float64."""
-    k = batches[0].shape[-1]
-    total = torch.zeros(k, k, dtype=torch.float64)
-    for x in batches:
-        x = x.reshape(-1, k)
-        total += x.t() @ x
-    return total
+def shares(items: list, n: int) -> list[list]:
+    """`items` cut into n contiguous shares as n processes get their windows (run.ranks.window_share)."""
+    return [items[window_share(len(items), rank, n)] for rank in range(n)]
 
 
-def float64_mean(batches: list[torch.Tensor], shares: int) -> torch.Tensor:
-    """2·XᵀX / tokens in float32 from float64 sums over `shares` contiguous shares of the mini-batches."""
-    bounds = [len(batches) * i // shares for i in range(shares + 1)]
-    total = sum(float64_sum(batches[a:b]) for a, b in zip(bounds, bounds[1:]))
-    tokens = sum(x.reshape(-1, x.shape[-1]).shape[0] for x in batches)
+def float64_mean(products: list[torch.Tensor], tokens: int, n: int) -> torch.Tensor:
+    """2·XᵀX / tokens in float32 from the mini-batches' float32 products: summed in float64 within each of n
+    contiguous shares, then the shares' sums added (what n processes would reduce)."""
+    total = torch.zeros_like(products[0], dtype=torch.float64)
+    for share in shares(products, n):
+        share_sum = torch.zeros_like(total)
+        for product in share:
+            share_sum += product
+        total += share_sum
     return (total * (2.0 / tokens)).float()
 
 
@@ -76,8 +76,7 @@ def main() -> int:
     for name in LINEARS:
         batches = inputs[name]
         one, _ = running_mean(batches)
-        half = len(batches) // 2
-        (a, ta), (b, tb) = running_mean(batches[:half]), running_mean(batches[half:])
+        (a, ta), (b, tb) = (running_mean(share) for share in shares(batches, 2))
         two = a * (ta / (ta + tb)) + b * (tb / (ta + tb))
         weight = layer.get_submodule(name).weight.detach().float()
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in batches])
@@ -90,10 +89,11 @@ def main() -> int:
             error = [((x @ (r.weight - weight).T) ** 2).mean().item() for r in (r1, r2)]
             print(f"  act-order {act_order}: codes alike {(r1.codes == r2.codes).float().mean().item():.4f}, "
                   f"g_idx alike {torch.equal(r1.g_idx, r2.g_idx)}, output error {error[0]:.5g} against {error[1]:.5g}")
-        one64 = float64_mean(batches, 1)
-        for shares in (2, 3):
-            differing = int((float64_mean(batches, shares) != one64).sum())
-            print(f"  float64 sums in {shares} shares: {differing} of {one64.numel()} entries differ from 1 share's")
+        products = [x.t() @ x for x in (t.reshape(-1, t.shape[-1]) for t in batches)]  # each computed once
+        one64 = float64_mean(products, ta + tb, 1)
+        for n in (2, 3):
+            differing = int((float64_mean(products, ta + tb, n) != one64).sum())
+            print(f"  float64 sums in {n} shares: {differing} of {one64.numel()} entries differ from 1 share's")
     return 0
 
 
