@@ -73,6 +73,10 @@ class QuantSpec:
         memory holds that many); 0 = as many as EXPERT_HESSIAN_BUDGET bytes hold.
     :param expert_min_tokens: an expert the router sent fewer calibration tokens than this is quantized by
         round-to-nearest (its Hessian would describe too few inputs); recorded per expert in the manifest.
+    :param exact_sums: sum each Hessian (and GPTAQ's cross term) in float64 from each calibration mini-batch's
+        float32 product, and share the windows among torchrun's processes in whole mini-batches: the output is then
+        the same bytes whatever the number of processes. Costs 8 bytes an entry instead of 4 while a Hessian is
+        summed (solve/hessian.py).
     :param gguf_type: write one GGUF file of this llama.cpp type (GGUF_FILE_TYPES) instead of a GPTQ checkpoint:
         each tensor's block type and grid are llama.cpp's, and GPTQ (or round-to-nearest) picks the codes; bits,
         group size and sym are then the types' own.
@@ -94,6 +98,7 @@ class QuantSpec:
     gptaq: bool = False
     expert_chunk: int = 0
     expert_min_tokens: int = DEFAULT_EXPERT_MIN_TOKENS
+    exact_sums: bool = False
     gguf_type: str | None = None
     gguf_importance: bool = True
 
@@ -116,6 +121,9 @@ class QuantSpec:
                                             "float")
         if self.gptaq and self.method != "gptq":
             raise InvalidSetting("gptaq", "GPTAQ is a calibration method: it applies to --method gptq only")
+        if self.exact_sums and self.method != "gptq":
+            raise InvalidSetting("exact_sums", "exact sums are of calibration Hessians: they apply to --method gptq "
+                                               "only")
         if self.expert_chunk < 0:
             raise InvalidSetting("expert_chunk",
                                  f"expert chunk must be 0 (automatic) or positive, got {self.expert_chunk}")

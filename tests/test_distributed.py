@@ -24,6 +24,8 @@ from quantkit.write.gptq_format import checkpoint_format
 from quantkit.write.packing import unpack_qweight
 
 ARGS = ["--samples", "8", "--seq-len", "64", "--group-size", "32"]
+# 64-token windows go through a layer 16 at a time on a CPU: mini-batches of 16, 16 and 8 windows, shared 16 and 24
+EXACT = ("--exact-sums", "--samples", "40")
 
 
 def quantize(model: Path, out: Path, *extra: str, processes: int = 2, env: dict | None = None
@@ -42,6 +44,14 @@ def tensors(out: Path) -> dict[str, torch.Tensor]:
     for shard in set(index["weight_map"].values()):
         found.update(load_file(str(out / shard)))
     return found
+
+
+def assert_same_files(one: Path, two: Path) -> None:
+    """Two output directories hold the same files, byte for byte."""
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in two.iterdir())
+    for name in names:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
 
 
 def codes_equal(a: Path, b: Path, bits: int = 4) -> float:
@@ -265,3 +275,25 @@ def test_a_run_killed_after_its_last_step_or_without_inputs_resumes(tiny_llama_d
     assert "resuming after layer" in r.stderr
     expected = tensors(unbroken)
     assert all(torch.equal(t, expected[k]) for k, t in tensors(out).items()) and tensors(out).keys() == expected.keys()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
+def test_exact_sums_make_two_processes_write_the_one_process_bytes(tiny_tokenizer, tmp_path, model_type):
+    """--exact-sums: the Hessians (GPTAQ's cross terms, the head's, each expert's) summed exactly from whole
+    mini-batches, so the processes' shares add up to one process's sums bit for bit, and so does everything after."""
+    config = MOE_ARCHITECTURES[model_type] if model_type != "llama" else {}
+    base = make_tiny_model(tmp_path / "base", tiny_tokenizer, model_type=model_type, **config)
+    extra = (*EXACT, "--gptaq", "--lm-head") if model_type == "llama" else (*EXACT, "--expert-min-tokens", "4")
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1, r2 = quantize(base, one, *extra, processes=1), quantize(base, two, *extra)
+    assert r1.returncode == 0 and r2.returncode == 0, (r1.stderr + r2.stderr)[-3000:]
+    assert "(16 of them in this process of 2)" in r2.stderr or "(24 of them in this process of 2)" in r2.stderr
+    assert_same_files(one, two)
+    assert json.loads((two / "quantkit.json").read_text())["quantization"]["exact_sums"] is True
+
+
+def test_exact_sums_with_fewer_mini_batches_than_processes_is_one_line(tiny_llama_dir, tmp_path):
+    r = quantize(tiny_llama_dir, tmp_path / "out", "--exact-sums", "--samples", "16")
+    assert r.returncode != 0 and not (tmp_path / "out").exists()
+    assert "Error: --exact-sums shares the calibration among processes in whole mini-batches of 16 windows: " \
+           "--samples 16 makes 1, fewer than the run's 2 processes; use --samples 17 or more" in r.stderr

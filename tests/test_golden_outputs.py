@@ -12,7 +12,8 @@ RECORDED_TORCH = "2.13.0"
 FAST = ("--samples", "8", "--seq-len", "32")
 
 # every file of the output directory: name -> sha256, recorded on main at 183c1ca; quantkit.json re-recorded when
-# QuantSpec gained the Mixture-of-Experts settings (expert_chunk, expert_min_tokens), its only change
+# QuantSpec gained the Mixture-of-Experts settings (expert_chunk, expert_min_tokens), and again when it gained
+# exact_sums: each time the settings it records were its only change
 GOLDEN: dict[str, dict[str, str]] = {
     "4bit-g32-act-order": {
         "README.md": "4353e5b62603fb4ab38b06339da4c81eacae71e2922805486e68655eeac02b02",
@@ -21,7 +22,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "model-00001-of-00001.safetensors": "64808957b462280728f04745674df72ee82cd9f5a1eb65984397201e9ad1319c",
         "model.safetensors.index.json": "183020bcce4ed270b6ac702054907cf9d546d8abdd81a77e8a350fe6fef7e4bd",
         "quantize_config.json": "ad3933cc5c9321454230471dc1bfe99857cde89a3eec7b17b0f6397ed84ce4fe",
-        "quantkit.json": "d152819f3085c5c23205db2de085f355ab3ac537bfca697373adbce30730c301",
+        "quantkit.json": "02cb1ce57927362e81be943d4db43b9a120d9601e095753684967f7aa960b193",
         "tokenizer.json": "8ef0096c09d952db79011679e71e519f3f04952edf04525a34c6a212f44411b9",
         "tokenizer_config.json": "a32c88a67297bb9c99d8240afc75b2fe99869ae991cbcc1b0d1aacb91d32bb6b",
     },
@@ -32,7 +33,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "model-00001-of-00001.safetensors": "8570bcb306b741723962ccc8e19053f107769c23cd39b92de321f7f02d2dff2a",
         "model.safetensors.index.json": "b2d3fee48fae514f88d13088a8f32b74de0a27b219e6b780b8d7b8e758c30fec",
         "quantize_config.json": "e70940061904fc79594be2e601bc4e0f4753907cbe8d8cd48a9c72763d25292b",
-        "quantkit.json": "dfd247c19cf50a5221c46500f8ca3dc62e29fa8d45a44da5004611475b8b5972",
+        "quantkit.json": "b318244f0d79b7e69111d12bf85a624daa526f8b283971cc039269b1b354b579",
         "tokenizer.json": "8ef0096c09d952db79011679e71e519f3f04952edf04525a34c6a212f44411b9",
         "tokenizer_config.json": "a32c88a67297bb9c99d8240afc75b2fe99869ae991cbcc1b0d1aacb91d32bb6b",
     },
@@ -43,7 +44,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "model-00001-of-00001.safetensors": "0bcc317daca88d331f84e8e9d827c860884ed2ed79811dc0f8c29667415359da",
         "model.safetensors.index.json": "fe350574e4331cb298e2a28998953f716dcdeb0b90236c2fb8e3b91d1471b0f0",
         "quantize_config.json": "2f9f443056b30bb2f2bec954a22829bc4db90cbb65cb289523f2163be51cf3f2",
-        "quantkit.json": "efa8a202902bf65eaad04ddc53db256034c2c536129e8ef3b979edca1d27f910",
+        "quantkit.json": "76667fb712b8031e613c5ced7070247241f6d7f26ce60ee36f45193b4541d402",
         "tokenizer.json": "8ef0096c09d952db79011679e71e519f3f04952edf04525a34c6a212f44411b9",
         "tokenizer_config.json": "a32c88a67297bb9c99d8240afc75b2fe99869ae991cbcc1b0d1aacb91d32bb6b",
     },
@@ -54,7 +55,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "model-00001-of-00001.safetensors": "a7a9dd33883c8e360bd10b389d823cf6ebdf2e5ebb06297f5de6987941033fa2",
         "model.safetensors.index.json": "d2dfef3cb5e793c9ce6cc701b3668a2dd54d361187cbb11c0c397c56453cf19f",
         "quantize_config.json": "0fc4d4107b8f53d86130d673d16ad93c7882f62d12148ee4a717a5093d3a21d9",
-        "quantkit.json": "4c6d94f937f47d424eaa876828aba79cc5e57b0bf7b0aaf312ae57e230efa558",
+        "quantkit.json": "04bf094778433bde90c90b1f2e504176be3905129e59444bfe820d24488d553c",
         "tokenizer.json": "8ef0096c09d952db79011679e71e519f3f04952edf04525a34c6a212f44411b9",
         "tokenizer_config.json": "a32c88a67297bb9c99d8240afc75b2fe99869ae991cbcc1b0d1aacb91d32bb6b",
     },
@@ -65,7 +66,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "model-00001-of-00001.safetensors": "a486c7373d74e326defa7dc1a4cfedf3fb0039766c82563f86cfb7cc8c4b5207",
         "model.safetensors.index.json": "183020bcce4ed270b6ac702054907cf9d546d8abdd81a77e8a350fe6fef7e4bd",
         "quantize_config.json": "ad3933cc5c9321454230471dc1bfe99857cde89a3eec7b17b0f6397ed84ce4fe",
-        "quantkit.json": "922c4deacf69020bc04826c40bcbcb7cb15f25c59d9019762b020fa1ca0ae082",
+        "quantkit.json": "7ceb86db6bafb25556496e0884d959e0c85e6786a0d0cd637ff5f98316712c29",
         "tokenizer.json": "8ef0096c09d952db79011679e71e519f3f04952edf04525a34c6a212f44411b9",
         "tokenizer_config.json": "a32c88a67297bb9c99d8240afc75b2fe99869ae991cbcc1b0d1aacb91d32bb6b",
     },
@@ -76,7 +77,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "model-00001-of-00001.safetensors": "7c6f021d0bae951bb8ddb4deec7107a420c8939b77f77bf52729a2339816d7a2",
         "model.safetensors.index.json": "183020bcce4ed270b6ac702054907cf9d546d8abdd81a77e8a350fe6fef7e4bd",
         "quantize_config.json": "b457bc02712a506ef2697b3d7be20cda9cc3b77614d3317f3151cf3f56572543",
-        "quantkit.json": "921b1560e6d4db3b2d2f096f93ae774fbdd957c5c12814eacaa88fd84c2ff9a6",
+        "quantkit.json": "5ea5103717a46ee97a458a7f4cebafc5cccce0fe37aef81ebd7462c6409f2751",
         "tokenizer.json": "8ef0096c09d952db79011679e71e519f3f04952edf04525a34c6a212f44411b9",
         "tokenizer_config.json": "a32c88a67297bb9c99d8240afc75b2fe99869ae991cbcc1b0d1aacb91d32bb6b",
     },
@@ -87,7 +88,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "model-00001-of-00001.safetensors": "38aa5ef68f3218d7e455815c6188c25b6d081f6532065d87ad53a44e75bfb98d",
         "model.safetensors.index.json": "a6bd4c5d32107c1554c536a704489b1b5a5fa8adcc69435ac76042dce0913f4c",
         "quantize_config.json": "d322794ce4b7b36bf76b741c91fe317bdc99ed2cdd2ada0536e41a21051cf4d6",
-        "quantkit.json": "0973f3fbb3a8997b50b96929fcaaa6dac647639889ed25d20053323149f7a63e",
+        "quantkit.json": "a90f0eee764b3a1d3cf9b42daa82912d70c6f1810844a40f491001e59cb9fb1b",
         "tokenizer.json": "8ef0096c09d952db79011679e71e519f3f04952edf04525a34c6a212f44411b9",
         "tokenizer_config.json": "a32c88a67297bb9c99d8240afc75b2fe99869ae991cbcc1b0d1aacb91d32bb6b",
     },
@@ -101,7 +102,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "model-00004-of-00004.safetensors": "e9fb7016e69001dbfabdea40c2d2280a04f9a177f29335a62e8202c7206dbc9c",
         "model.safetensors.index.json": "1d0452c3493397c5ec687c58e73b151ad0f2c1b6838da9a67bfc0c5c62ff71ff",
         "quantize_config.json": "1da42fe2386808febe0ded68fa647f3f8a48613f48e7007a07c145862c76cbb9",
-        "quantkit.json": "46fb82f275f6fbee32bd7aed7d1c2c9bd0de755b2db5dfa3419dfeb763aced99",
+        "quantkit.json": "a885db8756761c57787e2e6ad4b26b1be83a8b6fac042b4b2bfbb276357c79b2",
         "tokenizer.json": "8ef0096c09d952db79011679e71e519f3f04952edf04525a34c6a212f44411b9",
         "tokenizer_config.json": "a32c88a67297bb9c99d8240afc75b2fe99869ae991cbcc1b0d1aacb91d32bb6b",
     },

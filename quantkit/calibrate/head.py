@@ -28,9 +28,11 @@ class _Stand(StandIn):
 
 @torch.no_grad()
 def collect_head_hessian(model: nn.Module, layers: nn.ModuleList, head: nn.Module, input_ids: Tensor,
-                         final_hidden: Iterable[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The float32 Hessian of the output head's inputs: the model's own tail (final norm, projections) applied to
-    the last decoder layer's outputs `final_hidden` (mini-batches, in order of `input_ids`).
+                         final_hidden: Iterable[Tensor], device: torch.device, dtype: torch.dtype,
+                         exact: bool = False) -> Tensor:
+    """The Hessian of the output head's inputs (a float32 running mean, or with `exact` its float64 exact sum): the
+    model's own tail (final norm, projections) applied to the last decoder layer's outputs `final_hidden`
+    (mini-batches, in order of `input_ids`).
 
     Needs the modules outside the layers materialised on `device`; the head itself stays on meta (the forward
     stops at its input).
@@ -38,7 +40,7 @@ def collect_head_hessian(model: nn.Module, layers: nn.ModuleList, head: nn.Modul
     originals = list(layers)
     current: dict[str, Tensor] = {}
     k = in_features(head)
-    sums = HessianSum(torch.zeros(k, k, device=device))
+    sums = HessianSum.zeros(k, device, exact=exact)
 
     def hook(mod: nn.Module, inp: tuple[Any, ...]) -> None:
         sums.add(inp[0])

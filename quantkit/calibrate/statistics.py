@@ -18,7 +18,7 @@ from quantkit.calibrate.memo import BlockMemo
 from quantkit.calibrate.transfer import move
 from quantkit.memory.heap import reusing_freed_memory
 from quantkit.memory.spill import Activations
-from quantkit.solve.hessian import accumulate_cross, accumulate_hessian
+from quantkit.solve.hessian import SUM_DTYPE, accumulate_cross, accumulate_hessian, add_cross, add_gram
 from quantkit.source.skeleton import in_features, linear_modules, weight_matrix
 
 
@@ -38,7 +38,8 @@ class Reference:
 @dataclass
 class Statistics:
     """What one calibration pass gathers for a group of Linears sharing an input: the Hessian, and with a
-    reference the cross term of GPTAQ (hessian.accumulate_cross)."""
+    reference the cross term of GPTAQ (hessian.accumulate_cross). Float32 running means, or with exact sums their
+    float64 sums (hessian.SUM_DTYPE), which run.ranks.Ranks.mean_to turns into the means."""
     hessian: Tensor
     cross: Tensor | None = None
     tokens: int = 0  # the inputs summed (for an expert: the tokens routed to it)
@@ -46,13 +47,34 @@ class Statistics:
 
 @dataclass
 class HessianSum:
-    """A running float32 Hessian of a Linear's inputs (hessian.accumulate_hessian), and the tokens summed so far."""
+    """The Hessian of a Linear's inputs summed so far, and the tokens it sums: a float32 running mean
+    (hessian.accumulate_hessian), or with `exact` a float64 exact sum (hessian.add_gram)."""
     hessian: Tensor
     tokens: int = 0
     cross: Tensor | None = field(default=None)  # GPTAQ's cross term, summed over the same tokens
+    exact: bool = False
+
+    @classmethod
+    def zeros(cls, k: int, device: torch.device, cross: bool = False, exact: bool = False) -> HessianSum:
+        """An empty sum for inputs of width k (and GPTAQ's cross term beside it)."""
+        dtype = SUM_DTYPE if exact else torch.float32
+        return cls(torch.zeros(k, k, device=device, dtype=dtype),
+                   cross=torch.zeros(k, k, device=device, dtype=dtype) if cross else None, exact=exact)
 
     def add(self, x: Tensor) -> None:
-        self.hessian, self.tokens = accumulate_hessian(self.hessian, self.tokens, x)
+        if self.exact:
+            self.tokens += add_gram(self.hessian, x)
+        else:
+            self.hessian, self.tokens = accumulate_hessian(self.hessian, self.tokens, x)
+
+    def add_cross(self, x_ref: Tensor, x: Tensor) -> None:
+        """GPTAQ's cross term for the tokens of x, which `add` then counts."""
+        if self.cross is None:
+            raise RuntimeError("internal error: a cross term added to a Hessian summed without one")
+        if self.exact:
+            add_cross(self.cross, x_ref, x)
+        else:
+            accumulate_cross(self.cross, self.tokens, x_ref, x)
 
 
 def collect_hessians(layer: nn.Module, groups: Sequence[Sequence[str]], batches: Activations, call: LayerCall,
@@ -69,11 +91,12 @@ def collect_hessians(layer: nn.Module, groups: Sequence[Sequence[str]], batches:
 def collect_statistics(layer: nn.Module, groups: Sequence[Sequence[str]], batches: Activations, call: LayerCall,
                        device: torch.device, dtype: torch.dtype, memo: BlockMemo | None = None,
                        done: AbstractSet[str] = frozenset(), reference: Reference | None = None,
-                       paired: bool = True) -> list[Statistics]:
+                       paired: bool = True, exact: bool = False) -> list[Statistics]:
     """`collect_hessians`, and with a `reference` each group's GPTAQ cross term too: each batch first runs through
     the unquantized copy of the layer, up to the last group, whose inputs to the groups are paired with the
     quantized layer's inputs for the same tokens. paired=False: the reference still runs (its memo keeps step
-    with the layer's) but no cross term is summed (experts: the two models route different tokens to them)."""
+    with the layer's) but no cross term is summed (experts: the two models route different tokens to them).
+    exact: float64 exact sums instead of running means (QuantSpec.exact_sums)."""
     memo = memo if memo is not None else BlockMemo(layer, enabled=False)
     ref_memo, ref_modules = None, {}
     if reference is not None:
@@ -85,8 +108,7 @@ def collect_statistics(layer: nn.Module, groups: Sequence[Sequence[str]], batche
     modules = linear_modules(layer)
     for gi, group in enumerate(groups):
         k = in_features(modules[group[0]])
-        sums.append(HessianSum(torch.zeros(k, k, device=device),
-                               cross=torch.zeros(k, k, device=device) if reference is not None and paired else None))
+        sums.append(HessianSum.zeros(k, device, cross=reference is not None and paired, exact=exact))
         last = gi == len(groups) - 1
         handles.append(modules[group[0]].register_forward_pre_hook(
             _hessian_hook(sums[-1], group[0], last, memo, ref_inputs if reference is not None else None)))
@@ -115,7 +137,7 @@ def _hessian_hook(sums: HessianSum, name: str, last: bool, memo: BlockMemo,
             if name not in ref_inputs:  # a Linear the layer calls twice per forward: no pairing of inputs
                 raise RuntimeError(f"GPTAQ: {name} ran more often in the quantized layer than in its unquantized "
                                    "copy; this layer cannot be calibrated with --gptaq")
-            accumulate_cross(sums.cross, sums.tokens, ref_inputs.pop(name), inp[0])
+            sums.add_cross(ref_inputs.pop(name), inp[0])
         sums.add(inp[0])
         memo.keep_exit_input(name, inp[0])
         if last:

@@ -127,6 +127,10 @@ def import_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, max_shard_size: st
 @click.option("--gptaq", is_flag=True,
               help="asymmetric calibration: solve each Linear against the unquantized model's outputs, so it also "
                    "corrects the error of earlier layers (more time: unquantized forwards beside the quantized ones)")
+@click.option("--exact-sums", is_flag=True,
+              help="sum Hessians in float64 and share the calibration among torchrun's processes in whole "
+                   "mini-batches: the same output bytes for any number of processes (twice the Hessians' memory "
+                   "while they are summed)")
 @click.option("--expert-chunk", type=int, default=QuantSpec.expert_chunk, show_default=True,
               help="Mixture-of-Experts: experts whose Hessians one calibration pass holds; 0 = as many as 2 GiB hold")
 @click.option("--expert-min-tokens", type=int, default=QuantSpec.expert_min_tokens, show_default=True,
@@ -159,10 +163,10 @@ def import_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, max_shard_size: st
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object; no progress or log lines")
 def quantize(model: str, bits: str, group_size: int, sym: bool, damp: float, act_order: bool, static_groups: bool,
              true_sequential: bool, clip_search: bool, skip: tuple[str, ...], lm_head: bool, gptaq: bool,
-             expert_chunk: int, expert_min_tokens: int, method: str, output_format: str, gguf_type: str | None,
-             gguf_importance: bool, calib: str, samples: int, seq_len: int, seed: int, device: str,
-             compute_dtype: str, repo_id: str | None, out: str | None, overwrite: bool, max_shard_size: str,
-             as_json: bool) -> None:
+             exact_sums: bool, expert_chunk: int, expert_min_tokens: int, method: str, output_format: str,
+             gguf_type: str | None, gguf_importance: bool, calib: str, samples: int, seq_len: int, seed: int,
+             device: str, compute_dtype: str, repo_id: str | None, out: str | None, overwrite: bool,
+             max_shard_size: str, as_json: bool) -> None:
     """Quantize MODEL (a directory or a repo id in the local hub cache) to a GPTQ checkpoint or a GGUF file."""
     from quantkit.config import CalibSpec, InvalidSetting, QuantSpec
 
@@ -179,8 +183,8 @@ def quantize(model: str, bits: str, group_size: int, sym: bool, damp: float, act
         spec = QuantSpec(bits=int(bits), group_size=group_size, sym=sym, damp=damp, act_order=act_order,
                          static_groups=static_groups, true_sequential=true_sequential, method=method,
                          clip_search=clip_search, skip=tuple(skip), lm_head=lm_head, gptaq=gptaq,
-                         expert_chunk=expert_chunk, expert_min_tokens=expert_min_tokens, gguf_type=gguf_type,
-                         gguf_importance=gguf_importance)
+                         exact_sums=exact_sums, expert_chunk=expert_chunk, expert_min_tokens=expert_min_tokens,
+                         gguf_type=gguf_type, gguf_importance=gguf_importance)
     except InvalidSetting as e:
         raise click.BadParameter(str(e), param_hint=e.flag) from None
     try:

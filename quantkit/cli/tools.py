@@ -68,6 +68,7 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> in
 @click.option("--seq-len", type=click.IntRange(min=1), default=CalibSpec.seq_len, show_default=True,
               help="tokens per calibration sample (quantize peak)")
 @click.option("--gptaq", is_flag=True, help="size the quantize peak of quantize --gptaq")
+@click.option("--exact-sums", is_flag=True, help="size the quantize peak of quantize --exact-sums")
 @click.option("--expert-chunk", type=click.IntRange(min=0), default=QuantSpec.expert_chunk, show_default=True,
               help="Mixture-of-Experts: size the quantize peak of quantize --expert-chunk N (0 = automatic)")
 @click.option("--device", type=click.Choice(ESTIMATE_DEVICES), default="auto", show_default=True,
@@ -78,7 +79,8 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> in
 @click.option("--host-mem", callback=_memory, help="the host's memory, e.g. 64GB (binary units): fits?")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def estimate_command(model_or_config: str, bits: tuple[int, ...], group_size: int, context: int, batch: int,
-                     samples: int, seq_len: int, gptaq: bool, expert_chunk: int, device: str, gpus: int,
+                     samples: int, seq_len: int, gptaq: bool, exact_sums: bool, expert_chunk: int, device: str,
+                     gpus: int,
                      gpu_mem: int | None, host_mem: int | None, as_json: bool) -> None:
     """Memory needed to run and to quantize MODEL_OR_CONFIG, from its config alone: a directory, a config.json,
     a repo id in the local hub cache, or a built-in name (llama-2-7b, llama-2-13b, llama-2-70b, mistral-7b,
@@ -90,7 +92,7 @@ def estimate_command(model_or_config: str, bits: tuple[int, ...], group_size: in
 
     result = estimate(model_or_config, bits=bits, group_size=group_size, context=context, batch=batch,
                       samples=samples, seq_len=seq_len, gptaq=gptaq, expert_chunk=expert_chunk, device=device,
-                      gpus=gpus, gpu_mem=gpu_mem, host_mem=host_mem)
+                      gpus=gpus, gpu_mem=gpu_mem, host_mem=host_mem, exact_sums=exact_sums)
     click.echo(json.dumps(result.to_dict()) if as_json else format_estimate(result))
 
 

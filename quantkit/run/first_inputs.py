@@ -75,7 +75,7 @@ def layer_zero_inputs(skeleton: PreTrainedModel, layers: nn.ModuleList, prefix: 
     its inputs are appended to `store` (a new ActivationsInMemory by default). Returns (the batches, each layer's
     call arguments)."""
     with outer_modules_materialized(skeleton, prefix, checkpoint, dev, compute_dtype):
-        return capture_layer_inputs(skeleton, layers, input_ids, calibration_batch_size(input_ids, dev), dev,
+        return capture_layer_inputs(skeleton, layers, input_ids, calibration_batch_size(input_ids.shape[1], dev), dev,
                                     storage_dtype, store)
 
 

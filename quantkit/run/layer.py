@@ -210,7 +210,7 @@ def gptq_layer(job: LayerJob, layer: nn.Module, where: str, streams: Streams, i:
                                                       only_experts(reference.layer, stage.experts_of_reference)):
                 statistics = collect_statistics(layer, stage.groups, batches, call, dev, dtype, memo,
                                                 done=set(results) | skipped, reference=reference,
-                                                paired=not stage.is_expert_stage())
+                                                paired=not stage.is_expert_stage(), exact=spec.exact_sums)
             for block in set(memo.replayed_from_now_on(len(batches))) - replayed:  # the attention, once the MLP
                 release(layer.get_submodule(block))  # stages begin: its weights leave memory
                 replayed.add(block)

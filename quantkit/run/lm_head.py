@@ -53,7 +53,7 @@ def quantize_head(job: LayerJob, source: Source, skeleton: Skeleton, streams: St
         raise QuantkitError(f"internal error: GPTQ of {head_name} without the final hidden states")
     with outer_modules_materialized(model, skeleton.prefix, checkpoint, job.device, job.compute_dtype):
         H = collect_head_hessian(model, skeleton.layers, model.get_output_embeddings(), streams.input_ids,
-                                 streams.batches, job.device, job.compute_dtype)
+                                 streams.batches, job.device, job.compute_dtype, spec.exact_sums)
     # several processes: the Hessian reduced over their windows onto process 0, which solves and writes the head;
     # the others get the result for the step's report (no later forward needs the quantized head)
     ranks, tokens = job.ranks, streams.input_ids.numel()

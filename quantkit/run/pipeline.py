@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from quantkit import __version__
+from quantkit.calibrate.batch import calibration_batch_size
 from quantkit.calibrate.precision import compute_dtype as choose_compute_dtype
 from quantkit.calibrate.precision import fast_float32_matmuls, float32_matmul_path
 from quantkit.config import DEFAULT_SHARD_SIZE, CalibSpec, QuantSpec
@@ -26,7 +28,7 @@ from quantkit.run.gguf_output import GGUFLayout
 from quantkit.run.layer import LayerJob, Streams, quantize_layers
 from quantkit.run.lm_head import head_step
 from quantkit.run.model import Skeleton, Source, check_layer_tensors, layer_tensor_names, opened, skeleton_of
-from quantkit.run.ranks import Ranks, window_share
+from quantkit.run.ranks import Ranks, batch_share, window_share
 from quantkit.run.resume import STATE, ResumeRefused, RunState, model_fingerprint, run_fingerprint
 from quantkit.run.saves import BackgroundSaves
 from quantkit.run.solves import check_packable
@@ -168,6 +170,12 @@ def _quantize(t0: float, ranks: Ranks, dev: torch.device, model: str, spec: Quan
     if ranks.distributed and spec.method == "gptq" and calib.samples < ranks.world:
         raise QuantkitError(f"--samples {calib.samples} gives fewer calibration windows than the run's "
                             f"{ranks.world} processes; use --samples {ranks.world} or more")
+    per_batch = calibration_batch_size(calib.seq_len, dev)
+    batches = math.ceil(calib.samples / per_batch)
+    if ranks.distributed and spec.method == "gptq" and spec.exact_sums and batches < ranks.world:
+        raise QuantkitError(f"--exact-sums shares the calibration among processes in whole mini-batches of {per_batch} "
+                            f"windows: --samples {calib.samples} makes {batches}, fewer than the run's {ranks.world} "
+                            f"processes; use --samples {per_batch * (ranks.world - 1) + 1} or more")
     with opened(model) as source:
         side_files(source.model_dir)  # a link leading outside the model is refused before any work
         forward_dtype = choose_compute_dtype(compute_dtype, torch_dtype_of(source.config_dict), dev)
@@ -316,7 +324,9 @@ def _quantize_steps(run: Run, skeleton: Skeleton, state: RunState, input_ids: to
     job = LayerJob(spec, checkpoint_format(spec), dev, run.compute_dtype, state, saves, run.gpu_peaks,
                    gguf=run.gguf, ranks=ranks)
     if input_ids is not None and ranks.distributed:  # each process calibrates on its own windows
-        input_ids = input_ids[window_share(len(input_ids), ranks.rank, ranks.world)]
+        input_ids = input_ids[batch_share(len(input_ids), calibration_batch_size(input_ids.shape[1], dev), ranks.rank,
+                                          ranks.world) if spec.exact_sums else
+                              window_share(len(input_ids), ranks.rank, ranks.world)]
     with contextlib.ExitStack() as stores:
         streams = Streams(input_ids)
         if input_ids is not None and state.layers_done < run.steps:

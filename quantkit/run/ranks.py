@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from quantkit.errors import QuantkitError, first_line
+from quantkit.solve.hessian import SUM_DTYPE, mean_of_sum
 
 log = logging.getLogger("quantkit")
 T = TypeVar("T")
@@ -66,6 +67,15 @@ def solve_cost(in_features: int, out_features: int) -> float:
 def window_share(samples: int, rank: int, world: int) -> slice:
     """Process `rank`'s calibration windows: a contiguous slice, the shares differing by one window at most."""
     return slice(samples * rank // world, samples * (rank + 1) // world)
+
+
+def batch_share(samples: int, per_batch: int, rank: int, world: int) -> slice:
+    """Process `rank`'s calibration windows in whole mini-batches of `per_batch` windows (the last one may be
+    short): the mini-batches one process would run, so that each batch's Hessian product is the same (exact sums,
+    QuantSpec.exact_sums). The shares differ by one mini-batch at most; with fewer mini-batches than processes
+    some are empty (the pipeline refuses such a run)."""
+    batches = window_share(-(-samples // per_batch), rank, world)
+    return slice(min(batches.start * per_batch, samples), min(batches.stop * per_batch, samples))
 
 
 def _backend_reason(error: BaseException) -> str:
@@ -231,17 +241,22 @@ class Ranks:
         self._call(what, lambda: dist.all_reduce(counts))
         return [int(c) for c in counts.tolist()]
 
-    def mean_to(self, what: str, owner: int, mean: Tensor, tokens: int, total: int) -> Tensor | None:
-        """The mean over every process's tokens, on process `owner` (None elsewhere): each process's mean over its
-        own `tokens` weighted by its share of `total`, then summed there (accumulate_hessian's running means).
-        `mean` is scaled in place, and on the other processes left meaningless: the caller drops it."""
-        if not self.distributed:
-            return mean
-        import torch.distributed as dist
+    def mean_to(self, what: str, owner: int, summed: Tensor, tokens: int, total: int) -> Tensor | None:
+        """The float32 mean over every process's `total` tokens, on process `owner` (None elsewhere). `summed`, this
+        process's over its own `tokens`, is a float32 running mean (accumulate_hessian): each process's is weighted
+        by its share of `total`, then they are summed there; or an exact sum (hessian.SUM_DTYPE, add_gram): the
+        sums are summed there, then scaled once (mean_of_sum), which one process does too. `summed` is changed in
+        place, and on the other processes left meaningless: the caller drops it."""
+        exact = summed.dtype == SUM_DTYPE
+        if self.distributed:
+            import torch.distributed as dist
 
-        mean.mul_(tokens / total if total else 0.0)
-        self._call(what, lambda: dist.reduce(mean, dst=owner))
-        return mean if self.rank == owner else None
+            if not exact:
+                summed.mul_(tokens / total if total else 0.0)
+            self._call(what, lambda: dist.reduce(summed, dst=owner))
+            if self.rank != owner:
+                return None
+        return mean_of_sum(summed, total) if exact else summed
 
     def weights_from(self, what: str, owner: int, modules: Sequence[nn.Module],
                      read: Callable[[nn.Module], Tensor], write: Callable[[nn.Module, Tensor], None]) -> None:

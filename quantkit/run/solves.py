@@ -107,15 +107,17 @@ def solve_stage(ranks: Ranks, where: str, groups: list[list[str]], statistics: l
 
 def _reduced(ranks: Ranks, what: str, statistics: list[Statistics], owners: list[int]) -> list[Statistics | None]:
     """Each group's statistics reduced onto its owner (None on the other processes); `statistics` is emptied, so
-    that the returned list holds the only reference to each Hessian."""
+    that the returned list holds the only reference to each Hessian, and each sum is dropped once its mean is made
+    (exact sums: the float64 sum and its float32 mean are held together one at a time)."""
     totals = ranks.token_totals(what, [s.tokens for s in statistics])
+    tokens = [s.tokens for s in statistics]
+    pending = [[s.hessian] if s.cross is None else [s.hessian, s.cross] for s in statistics]
+    statistics.clear()
     reduced: list[Statistics | None] = []
     for k, owner in enumerate(owners):
-        s = statistics[k]
-        hessian = ranks.mean_to(what, owner, s.hessian, s.tokens, totals[k])
-        cross = ranks.mean_to(what, owner, s.cross, s.tokens, totals[k]) if s.cross is not None else None
-        reduced.append(Statistics(hessian, cross, totals[k]) if hessian is not None else None)
-    statistics.clear()
+        means = [ranks.mean_to(what, owner, pending[k].pop(0), tokens[k], totals[k]) for _ in range(len(pending[k]))]
+        reduced.append(None if means[0] is None else Statistics(means[0], means[1] if len(means) > 1 else None,
+                                                                 totals[k]))
     return reduced
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from quantkit.config import QuantSpec
 from quantkit.memory.expert_chunks import expert_chunk
+from quantkit.solve.hessian import hessian_itemsize
 from quantkit.source.experts import UnfusedExperts, expert_blocks
 from quantkit.source.skeleton import in_features
 
@@ -57,7 +58,8 @@ def expert_stages(name: str, block: UnfusedExperts, spec: QuantSpec) -> list[Sta
     expert order."""
     layout = block.layout
     gate, _, down = block.expert(0).linears()
-    chunk = expert_chunk(block.num_experts, max(in_features(gate), in_features(down)), spec.expert_chunk)
+    chunk = expert_chunk(block.num_experts, max(in_features(gate), in_features(down)),
+                         hessian_itemsize(spec.exact_sums), spec.expert_chunk)
     planned: list[tuple[frozenset[int], list[list[list[str]]]]] = []  # (experts, the groups of each stage)
     waiting: frozenset[int] = frozenset()  # kept-float experts before the first chunk with groups
     for start in range(0, block.num_experts, chunk):

@@ -1,5 +1,12 @@
-"""The Hessians GPTQ solves on, summed over calibration batches as running means: 2·XᵀX of a Linear's inputs, and
-GPTAQ's cross term against the unquantized model's inputs. Pure tensor math."""
+"""The Hessians GPTQ solves on, summed over calibration batches: 2·XᵀX of a Linear's inputs, and GPTAQ's cross term
+against the unquantized model's inputs. Pure tensor math.
+
+Two ways to sum them. Running means in float32 (accumulate_hessian, accumulate_cross): the default, 4 bytes an
+entry, but each batch's rescaling rounds, so the result depends on how the batches were grouped. Exact sums
+(add_gram, add_cross, mean_of_sum; QuantSpec.exact_sums): each batch's float32 product is added in float64, whose
+29 further bits hold the sum of a run's float32 products without rounding in practice, so the sum is the same
+however the batches are shared among processes and in whatever order their shares are added; the mean is then
+rounded to float32 once. It costs 8 bytes an entry while summing."""
 from __future__ import annotations
 
 import functools
@@ -9,6 +16,7 @@ from torch import Tensor
 
 SYMMETRIC_BLOCK = 256  # row-block width of the lower-triangle product below
 GRAM_ROWS = 1024  # Hessian rows per 16-bit product on a GPU
+SUM_DTYPE = torch.float64  # an exact sum's dtype; a running mean is float32
 
 
 @functools.cache
@@ -54,6 +62,46 @@ def accumulate_cross(C: Tensor, n_seen: int, x_ref: Tensor, x: Tensor) -> Tensor
     C.mul_(n_seen / n_new)
     C.addmm_(drift.t(), x, alpha=2.0 / n_new)
     return C
+
+
+def add_gram(S: Tensor, x: Tensor) -> int:
+    """S += XᵀX in place, S a SUM_DTYPE [in, in] exact sum, x [..., in]; returns the tokens added. Each row block's
+    product of the lower triangle is computed in float32 (on a GPU from 16-bit inputs where torch can, as
+    accumulate_hessian does) and added to S in float64, and the block's part left of the diagonal, transposed, to
+    the upper triangle: half the full product's FLOPs."""
+    x = x.reshape(-1, x.shape[-1])
+    wide = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _has_16bit_gram(x.device, x.dtype)
+    if not wide:
+        x = x.to(torch.float32)
+    b = GRAM_ROWS if x.is_cuda else SYMMETRIC_BLOCK
+    for start in range(0, S.shape[0], b):
+        end = min(start + b, S.shape[0])
+        block = torch.mm(x[:, start:end].t(), x[:, :end], out_dtype=torch.float32) if wide else \
+            x[:, start:end].t() @ x[:, :end]
+        S[start:end, :end].add_(block)
+        S[:start, start:end].add_(block[:, :start].t())
+    return x.shape[0]
+
+
+def add_cross(S: Tensor, x_ref: Tensor, x: Tensor) -> None:
+    """S += (X̃ - X)ᵀX in place, S a SUM_DTYPE exact sum: accumulate_cross's product, in float32 row blocks each
+    added in float64 (add_gram). x_ref: the unquantized model's input to a Linear, x the quantized model's."""
+    x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    drift = x_ref.reshape(-1, x_ref.shape[-1]).to(torch.float32) - x
+    b = GRAM_ROWS if x.is_cuda else SYMMETRIC_BLOCK
+    for start in range(0, S.shape[0], b):
+        S[start:start + b].add_(drift[:, start:start + b].t() @ x)
+
+
+def mean_of_sum(S: Tensor, tokens: int) -> Tensor:
+    """An exact sum (add_gram, add_cross) as the float32 mean GPTQ solves on, 2·S/tokens, rounded once; S is
+    scaled in place (the caller drops it)."""
+    return S.mul_(2.0 / tokens if tokens else 0.0).to(torch.float32)
+
+
+def hessian_itemsize(exact_sums: bool) -> int:
+    """Bytes of one Hessian entry while it is summed: float64 exact sums, else float32 running means."""
+    return SUM_DTYPE.itemsize if exact_sums else torch.float32.itemsize
 
 
 def _add_gram_lower(H: Tensor, x: Tensor, alpha: float) -> None:

@@ -35,6 +35,7 @@ from quantkit.config import (
 )
 from quantkit.errors import QuantkitError
 from quantkit.memory import expert_chunks
+from quantkit.solve.hessian import hessian_itemsize
 from quantkit.tools.estimate_memory import Calibration, ModeMemory, cpu_mode, gpu_mode
 from quantkit.tools.estimate_shape import LinearShape, ModelShape, count_params
 from quantkit.untrusted import read_json
@@ -157,6 +158,7 @@ class Estimate:
     gpus: list[dict] = field(default_factory=list)   # {gpu_gb, run: {bits: bool}, quantize: bool (1 GPU)}
     overhead: float = OVERHEAD
     gptaq: bool = False             # the quantize peak is that of quantize --gptaq
+    exact_sums: bool = False        # and of quantize --exact-sums
     experts: ExpertEstimate | None = None  # Mixture-of-Experts models only
 
     @property
@@ -178,7 +180,8 @@ class Estimate:
             "weights": [w.to_dict() for w in self.weights],
             "group_size": self.group_size, "context": self.context, "batch": self.batch,
             "kv_cache_bytes": self.kv_cache_bytes, "kv_cache_gib": self.kv_cache_bytes / GIB,
-            "calibration": {"samples": self.samples, "seq_len": self.seq_len, "gptaq": self.gptaq},
+            "calibration": {"samples": self.samples, "seq_len": self.seq_len, "gptaq": self.gptaq,
+                            "exact_sums": self.exact_sums},
             "quantize": {"bits": self.quantize_bits, "gpu_mem": self.gpu_mem, "host_mem": self.host_mem,
                          "modes": [m.to_dict() for m in self.modes]},
             "gpus": [{**g, "run": {str(b): ok for b, ok in g["run"].items()}} for g in self.gpus],
@@ -247,23 +250,24 @@ def activation_bytes(config: dict) -> int:
     return 4 if model_dtype(config) == "float32" else 2
 
 
-def expert_pass(shape: ModelShape, chosen: int = 0) -> tuple[int, int]:
+def expert_pass(shape: ModelShape, chosen: int = 0, exact_sums: bool = False) -> tuple[int, int]:
     """(experts per calibration pass, the bytes of their Hessians) of a layer with experts; `chosen` as
-    QuantSpec.expert_chunk (0: as many as the budget holds)."""
+    QuantSpec.expert_chunk (0: as many as the budget holds), exact_sums as QuantSpec.exact_sums."""
     if shape.moe is None:
         return 0, 0
     widest = max(shape.hidden, shape.moe.expert_intermediate)
-    chunk = expert_chunks.expert_chunk(shape.moe.experts, widest, chosen)
-    return chunk, chunk * expert_chunks.expert_hessian_bytes(widest)
+    itemsize = hessian_itemsize(exact_sums)
+    chunk = expert_chunks.expert_chunk(shape.moe.experts, widest, itemsize, chosen)
+    return chunk, chunk * expert_chunks.expert_hessian_bytes(widest, itemsize)
 
 
-def expert_estimate(shape: ModelShape, bits: Iterable[int], group_size: int, chosen_chunk: int = 0
-                    ) -> ExpertEstimate | None:
+def expert_estimate(shape: ModelShape, bits: Iterable[int], group_size: int, chosen_chunk: int = 0,
+                    exact_sums: bool = False) -> ExpertEstimate | None:
     """One routed expert's size at each width, and a calibration pass's experts; None for a dense model."""
     if shape.moe is None:
         return None
     lins = shape.expert_linears()
-    chunk, hessians = expert_pass(shape, chosen_chunk)
+    chunk, hessians = expert_pass(shape, chosen_chunk, exact_sums)
     return ExpertEstimate(params=sum(lin.params for lin in lins),
                           bytes={b: sum(linear_bytes(lin, b, group_size) for lin in lins) for b in bits},
                           chunk=chunk, chunk_hessian_bytes=hessians)
@@ -306,13 +310,15 @@ def estimate(model_or_config: str | Path | dict, bits: Iterable[int] = DEFAULT_E
              group_size: int = QuantSpec.group_size, context: int = ESTIMATE_CONTEXT, batch: int = ESTIMATE_BATCH,
              samples: int = CalibSpec.samples, seq_len: int = CalibSpec.seq_len, gptaq: bool = False,
              expert_chunk: int = QuantSpec.expert_chunk, device: str = "auto", gpus: int = 1,
-             gpu_mem: int | None = None, host_mem: int | None = None, cpu_bf16: bool | None = None) -> Estimate:
+             gpu_mem: int | None = None, host_mem: int | None = None, cpu_bf16: bool | None = None,
+             exact_sums: bool = False) -> Estimate:
     """Parameter count, weight memory per bit width, KV cache, and quantize's memory per mode, from config.json.
 
     :param model_or_config: a directory with config.json, a config.json path, a repo id in the local hub cache,
         a built-in name (llama-2-7b, llama-2-70b, mistral-7b, llama-3-8b, qwen2.5-7b, smollm2-135m,
         qwen3-30b-a3b, mixtral-8x7b, deepseek-v3, ...) or a dict.
     :param gptaq: size `quantize --gptaq`.
+    :param exact_sums: size `quantize --exact-sums` (Hessians summed in float64).
     :param expert_chunk: size `quantize --expert-chunk N` (0: as many experts per pass as the Hessian budget holds).
     :param device: the modes sized: "auto" (a CPU run and GPU runs), "cpu" or "cuda".
     :param gpus: also size a `torchrun --nproc-per-node N` run on N GPUs (per process).
@@ -346,7 +352,7 @@ def estimate(model_or_config: str | Path | dict, bits: Iterable[int] = DEFAULT_E
     if cpu_bf16 is None:
         cpu_bf16 = cpu_has_native_bf16()
     cal = Calibration(samples, seq_len, gptaq, expert_chunk, activation_bytes(cfg),
-                      cpu_bf16 and model_dtype(cfg) == "bfloat16")
+                      cpu_bf16 and model_dtype(cfg) == "bfloat16", exact_sums)
     modes = quantize_modes(shape, cal, device, gpus, packed + fp16_rest, packed, gpu_mem, host_mem)
     one_gpu = gpu_mode(shape, cal, 1, packed + fp16_rest, packed).gpu_total or 0
     table = [{"gpu_gb": g, "run": {w.bits: _fits(w.run_bytes, g) for w in weights}, "quantize": _fits(one_gpu, g)}
@@ -354,4 +360,5 @@ def estimate(model_or_config: str | Path | dict, bits: Iterable[int] = DEFAULT_E
     return Estimate(model=label, source=source, path=path, shape=shape, params=params, weights=weights,
                     group_size=group_size, context=context, batch=batch, kv_cache_bytes=kv, samples=samples,
                     seq_len=seq_len, modes=modes, quantize_bits=qbits, gpu_mem=gpu_mem, host_mem=host_mem,
-                    gpus=table, gptaq=gptaq, experts=expert_estimate(shape, bits, group_size, expert_chunk))
+                    gpus=table, gptaq=gptaq, exact_sums=exact_sums,
+                    experts=expert_estimate(shape, bits, group_size, expert_chunk, exact_sums))

@@ -6,7 +6,8 @@ follow the pipeline (run/pipeline.py, run/layer.py, calibrate/statistics.py, sol
 Dtypes. The forwards run in the compute dtype (calibrate/precision.py): on a GPU the model's 16-bit dtype
 (float32 for a float32 model), on a CPU bfloat16 only for a bfloat16 model on a CPU with native bfloat16 matmuls,
 else float32. A decoder layer is materialized in it. The activations between layers keep the model's 16-bit dtype
-(float32 for a float32 model). Hessians and solves are float32 everywhere.
+(float32 for a float32 model). Hessians and solves are float32 everywhere, except that with exact sums
+(QuantSpec.exact_sums) each Hessian is summed in float64, 8 bytes an entry, then made a float32 mean beside its sum.
 
 Weights. One decoder layer at a time. Under true-sequential (quantize's default) the attention's weights are
 released once its stages are done, so the MLP's solves hold the MLP (with experts: a chunk of them, the router and
@@ -15,7 +16,8 @@ any shared expert) and the norms only. GPTAQ holds the unquantized copy of the l
 A layer's passes, per solve (rows N, inputs K), the larger of:
   forward: the stage's Hessian K^2*4 (GPTAQ: and its cross term), one mini-batch on the device (tokens * hidden in
     the compute dtype; calibrate/batch.py: 4096 tokens on a GPU, 1024 on a CPU), and the forward's temporaries:
-    the MLP's gate, up and their product alive together, 3 * tokens * width in the compute dtype.
+    the MLP's gate, up and their product alive together, 3 * tokens * width in the compute dtype. Exact sums: the
+    Hessians at K^2*8, and after the forwards, in place of the batch, the float32 mean K^2*4 made beside them.
   solve: the Hessian, in whose memory the inverse factor is made; the stacked float32 weight, which the dequantized
     result overwrites, and its uint8 codes, N*K*5 bytes. A copy of the Hessian for a retry with more damping is
     held while factorizing: beside it on a CPU, in pinned host memory on a GPU. GPTAQ adds the cross term and
@@ -62,6 +64,7 @@ from dataclasses import dataclass, field
 from quantkit.calibrate.batch import CPU_BATCH_TOKENS, MLP_BATCH_TOKENS
 from quantkit.memory import expert_chunks
 from quantkit.run.solves import batch_limit
+from quantkit.solve.hessian import hessian_itemsize
 from quantkit.solve.prepare import SHIFT_ROWS
 from quantkit.tools.estimate_shape import ModelShape
 
@@ -73,13 +76,19 @@ CUDA_CONTEXT_BYTES = 512 * MIB   # the CUDA context and library workspaces on th
 
 @dataclass(frozen=True)
 class Calibration:
-    """What a quantize run is sized for: calibration windows, GPTAQ, the expert chunk, and the dtypes."""
+    """What a quantize run is sized for: calibration windows, GPTAQ, the expert chunk, the dtypes and exact sums."""
     samples: int
     seq_len: int
     gptaq: bool = False
     expert_chunk: int = 0
     model_bytes: int = 2        # the model's dtype: 2 for a 16-bit model, 4 for float32
     cpu_bf16: bool = False      # a bfloat16 model on a CPU with native bfloat16 matmuls computes in bfloat16
+    exact_sums: bool = False    # Hessians summed in float64 (QuantSpec.exact_sums)
+
+    @property
+    def hessian_bytes(self) -> int:
+        """Bytes of a Hessian entry while it is summed."""
+        return hessian_itemsize(self.exact_sums)
 
     @property
     def streams(self) -> int:
@@ -175,8 +184,8 @@ def layer_passes(shape: ModelShape, experts: bool, cal: Calibration, compute_byt
     if experts and shape.moe is not None:
         moe = shape.moe
         widest = max(shape.hidden, moe.expert_intermediate)
-        chunk = expert_chunks.expert_chunk(moe.experts, widest, cal.expert_chunk)
-        chunk_hessians = chunk * expert_chunks.expert_hessian_bytes(widest)
+        chunk = expert_chunks.expert_chunk(moe.experts, widest, cal.hessian_bytes, cal.expert_chunk)
+        chunk_hessians = chunk * expert_chunks.expert_hessian_bytes(widest, cal.hessian_bytes)
         mlp += chunk * sum(lin.params for lin in shape.expert_linears()) + shape.router_params()
         width = max(moe.shared_intermediate, moe.active * moe.expert_intermediate)
         waiting = chunk_hessians - chunk_hessians // chunk
@@ -185,17 +194,18 @@ def layer_passes(shape: ModelShape, experts: bool, cal: Calibration, compute_byt
     moments = []
     for n, k, in_attention in _solve_plan(shape, experts):
         weights = s * (attention * in_attention + mlp + norms) * compute_bytes
-        hessians = s * k * k * 4
+        hessians = s * k * k * cal.hessian_bytes
+        # exact sums: a float32 mean is made beside the sums before the solve (run/solves.py, _reduced)
         moments.append({"weights": weights, "hessians": hessians, "forward": batch + temporaries,
-                        "solve": _solve_bytes(n, k, cal.gptaq, not on_gpu)})
+                        "mean": 4 * k * k if cal.exact_sums else 0, "solve": _solve_bytes(n, k, cal.gptaq, not on_gpu)})
     if chunk:
         weights = s * (mlp + norms) * compute_bytes
         expert_solve = max(_solve_bytes(n, k, False, not on_gpu) + _batched_beyond_one(n, k, chunk, on_gpu)
                            for n, k in shape.expert_solves())
         moments.append({"weights": weights, "hessians": s * chunk_hessians, "forward": batch + temporaries,
-                        "solve": s * waiting + expert_solve})
+                        "mean": 4 * widest * widest if cal.exact_sums else 0, "solve": s * waiting + expert_solve})
     for m in moments:
-        m["total"] = m["weights"] + max(m["hessians"] + m["forward"], m["solve"])
+        m["total"] = m["weights"] + max(m["hessians"] + max(m["forward"], m["mean"]), m["solve"])
     return max(moments, key=lambda m: m["total"])
 
 

@@ -103,7 +103,8 @@ def _fit(ok: bool | None) -> str:
 
 def _quantize_lines(e: Estimate) -> list[str]:
     """quantize's memory per mode: GPU allocation and nvidia-smi's figure, host, disk, and the fits asked for."""
-    what = f"{e.samples} x {e.seq_len} calibration tokens{', GPTAQ' if e.gptaq else ''}"
+    what = f"{e.samples} x {e.seq_len} calibration tokens{', GPTAQ' if e.gptaq else ''}" \
+        f"{', exact sums' if e.exact_sums else ''}"
     lines = [f"quantize memory (GiB; {what}; per process; disk at {_width(e.quantize_bits, e.group_size)})"]
     asked = e.gpu_mem is not None or e.host_mem is not None
     header = ["mode", "compute", "GPU alloc", "GPU nvidia-smi", "host", "host (all)", "disk work", "disk out"]

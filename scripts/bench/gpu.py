@@ -179,7 +179,7 @@ def main() -> int:
         print(tool, json.dumps(rows[tool]), flush=True)
     estimate = estimated(model, args, env)
     print("estimate", json.dumps(estimate), flush=True)
-    bound = layer_bound_mb(config, calibration_batch_size(ids, torch.device("cuda")) * args.seq_len)
+    bound = layer_bound_mb(config, calibration_batch_size(ids.shape[1], torch.device("cuda")) * args.seq_len)
     table = render(rows, bound, estimate, args,
                    torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (dry run)")
     print(table)

@@ -3,13 +3,17 @@
 process's peak RSS, and the output against the 1-process run's (GPTQ codes alike, perplexity on held-out windows).
 
     python scripts/bench/processes.py demo/SmolLM2-135M-Instruct --work /tmp/bench-processes --processes 1,2
+    python scripts/bench/processes.py demo/SmolLM2-135M-Instruct --work /tmp/bp-exact --processes 1,2 \
+        --exact-sums --threads 1
     python scripts/bench/processes.py --synthetic llama-3-8b --layers 32 --work /tmp/bp --processes 1,2,4,8 \
         --device cuda --samples 128 --seq-len 2048
 
 On a CPU each process gets the cores divided between them (torchrun sets OMP_NUM_THREADS=1 per process where
-the launcher leaves it unset; 1 process uses torch's default, every core). On a GPU machine, pass
+the launcher leaves it unset; 1 process uses torch's default, every core; --threads N sets OMP_NUM_THREADS for
+every process). --exact-sums runs quantize --exact-sums. On a GPU machine, pass
 --device cuda: one GPU per process. --synthetic SHAPE writes a checkpoint of that built-in shape with random
 bfloat16 weights into WORK (kept and reused) instead of MODEL; its perplexity says nothing and is not measured.
+Besides the codes, the table counts the output files byte-identical to the first run's.
 Writes WORK/bench_processes.{md,json}.
 """
 from __future__ import annotations
@@ -19,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from measure import QUANTKIT, absolute, run
+from measure import QUANTKIT, absolute, bench_env, run
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # quantkit from this checkout where it is not installed
@@ -29,7 +33,15 @@ def command(model: str, out: Path, processes: int, args: argparse.Namespace) -> 
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
               "-m", "quantkit"] if processes > 1 else QUANTKIT
     return [*launch, "quantize", absolute(model), "--out", str(out), "--samples", str(args.samples), "--seq-len",
-            str(args.seq_len), "--device", args.device, "--overwrite", "--json"]
+            str(args.seq_len), "--device", args.device, "--overwrite", "--json", *(["--exact-sums"] if args.exact_sums
+                                                                                  else [])]
+
+
+def same_files(a: Path, b: Path) -> str:
+    """How many of a's output files b holds byte for byte, of how many."""
+    names = sorted(p.name for p in a.iterdir())
+    same = sum((b / n).is_file() and (a / n).read_bytes() == (b / n).read_bytes() for n in names)
+    return f"{same}/{len(names)}"
 
 
 def codes_alike(a: Path, b: Path) -> float:
@@ -95,6 +107,8 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--eval-samples", type=int, default=32)
+    ap.add_argument("--exact-sums", action="store_true", help="quantize --exact-sums")
+    ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS of every process")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if (args.model is None) == (args.synthetic is None):
@@ -105,7 +119,8 @@ def main() -> int:
     rows, outputs = [], {}
     for n in counts:
         out = args.work.resolve() / f"out-{n}"
-        m = run(command(args.model, out, n, args), args.work.resolve() / f"quantize-{n}.log").check()
+        env = bench_env(OMP_NUM_THREADS=str(args.threads)) if args.threads else None
+        m = run(command(args.model, out, n, args), args.work.resolve() / f"quantize-{n}.log", env).check()
         report = m.report()
         outputs[n] = out
         rows.append({"processes": n, "wall_s": round(m.wall_s, 1), "layers_s": report["phase_seconds"]["layers"],
@@ -115,14 +130,17 @@ def main() -> int:
     for row in rows:
         n = row["processes"]
         row["codes_alike"] = round(codes_alike(outputs[counts[0]], outputs[n]), 4)
+        row["same_files"] = same_files(outputs[counts[0]], outputs[n])
         row["ppl"] = round(ppl[n], 4) if n in ppl else "-"
     what = f"--synthetic {args.synthetic} --layers {args.layers}" if args.synthetic else args.model
     lines = [f"`python scripts/bench/processes.py {what} --processes {args.processes} --samples {args.samples} "
-             f"--seq-len {args.seq_len} --device {args.device}`", "",
-             "| processes | wall s | layers s | peak RSS MB per process | codes alike (vs first) | PPL |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             f"--seq-len {args.seq_len} --device {args.device}{' --exact-sums' if args.exact_sums else ''}"
+             f"{f' --threads {args.threads}' if args.threads else ''}`", "",
+             "| processes | wall s | layers s | peak RSS MB per process | codes alike (vs first) | files identical "
+             "(vs first) | PPL |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['processes']} | {r['wall_s']} | {r['layers_s']} | {r['peak_rss_mb_per_process']} | "
-              f"{r['codes_alike']} | {r['ppl']} |" for r in rows]
+              f"{r['codes_alike']} | {r['same_files']} | {r['ppl']} |" for r in rows]
     text = "\n".join(lines)
     print(text)
     (args.work / "bench_processes.md").write_text(text + "\n")
