@@ -80,8 +80,7 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> in
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def estimate_command(model_or_config: str, bits: tuple[int, ...], group_size: int, context: int, batch: int,
                      samples: int, seq_len: int, gptaq: bool, exact_sums: bool, expert_chunk: int, device: str,
-                     gpus: int,
-                     gpu_mem: int | None, host_mem: int | None, as_json: bool) -> None:
+                     gpus: int, gpu_mem: int | None, host_mem: int | None, as_json: bool) -> None:
     """Memory needed to run and to quantize MODEL_OR_CONFIG, from its config alone: a directory, a config.json,
     a repo id in the local hub cache, or a built-in name (llama-2-7b, llama-2-13b, llama-2-70b, mistral-7b,
     llama-3-8b, llama-3-70b, qwen2.5-7b, smollm2-135m, qwen3-30b-a3b, mixtral-8x7b, deepseek-v3). Quantize's

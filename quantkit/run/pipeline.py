@@ -28,7 +28,7 @@ from quantkit.run.gguf_output import GGUFLayout
 from quantkit.run.layer import LayerJob, Streams, quantize_layers
 from quantkit.run.lm_head import head_step
 from quantkit.run.model import Skeleton, Source, check_layer_tensors, layer_tensor_names, opened, skeleton_of
-from quantkit.run.ranks import Ranks, batch_share, window_share
+from quantkit.run.ranks import Ranks
 from quantkit.run.resume import STATE, ResumeRefused, RunState, model_fingerprint, run_fingerprint
 from quantkit.run.saves import BackgroundSaves
 from quantkit.run.solves import check_packable
@@ -170,12 +170,13 @@ def _quantize(t0: float, ranks: Ranks, dev: torch.device, model: str, spec: Quan
     if ranks.distributed and spec.method == "gptq" and calib.samples < ranks.world:
         raise QuantkitError(f"--samples {calib.samples} gives fewer calibration windows than the run's "
                             f"{ranks.world} processes; use --samples {ranks.world} or more")
-    per_batch = calibration_batch_size(calib.seq_len, dev)
-    batches = math.ceil(calib.samples / per_batch)
-    if ranks.distributed and spec.method == "gptq" and spec.exact_sums and batches < ranks.world:
-        raise QuantkitError(f"--exact-sums shares the calibration among processes in whole mini-batches of {per_batch} "
-                            f"windows: --samples {calib.samples} makes {batches}, fewer than the run's {ranks.world} "
-                            f"processes; use --samples {per_batch * (ranks.world - 1) + 1} or more")
+    if ranks.distributed and spec.method == "gptq" and spec.exact_sums:
+        per_batch = calibration_batch_size(calib.seq_len, dev)
+        if math.ceil(calib.samples / per_batch) < ranks.world:
+            raise QuantkitError(f"--exact-sums shares the calibration among processes in whole mini-batches of "
+                                f"{per_batch} windows: --samples {calib.samples} makes "
+                                f"{math.ceil(calib.samples / per_batch)}, fewer than the run's {ranks.world} "
+                                f"processes; use --samples {per_batch * (ranks.world - 1) + 1} or more")
     with opened(model) as source:
         side_files(source.model_dir)  # a link leading outside the model is refused before any work
         forward_dtype = choose_compute_dtype(compute_dtype, torch_dtype_of(source.config_dict), dev)
@@ -324,9 +325,8 @@ def _quantize_steps(run: Run, skeleton: Skeleton, state: RunState, input_ids: to
     job = LayerJob(spec, checkpoint_format(spec), dev, run.compute_dtype, state, saves, run.gpu_peaks,
                    gguf=run.gguf, ranks=ranks)
     if input_ids is not None and ranks.distributed:  # each process calibrates on its own windows
-        input_ids = input_ids[batch_share(len(input_ids), calibration_batch_size(input_ids.shape[1], dev), ranks.rank,
-                                          ranks.world) if spec.exact_sums else
-                              window_share(len(input_ids), ranks.rank, ranks.world)]
+        whole = calibration_batch_size(input_ids.shape[1], dev) if spec.exact_sums else None
+        input_ids = input_ids[ranks.windows(len(input_ids), whole)]
     with contextlib.ExitStack() as stores:
         streams = Streams(input_ids)
         if input_ids is not None and state.layers_done < run.steps:

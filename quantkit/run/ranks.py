@@ -159,6 +159,13 @@ class Ranks:
             raise RankFailed(f"process {self.rank} of {self.world}: stopped by torchrun (another process of the run "
                              f"failed, or the run was interrupted) after {done}")
 
+    def windows(self, samples: int, whole: int | None = None) -> slice:
+        """This process's calibration windows of `samples`: window_share, or with `whole` in whole mini-batches of
+        that many windows (batch_share, exact sums)."""
+        if whole is None:
+            return window_share(samples, self.rank, self.world)
+        return batch_share(samples, whole, self.rank, self.world)
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
