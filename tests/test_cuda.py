@@ -9,7 +9,7 @@ from quantkit.config import CalibSpec, QuantSpec
 from quantkit.run.pipeline import quantize
 from quantkit.solve.gptq import gptq_quantize
 from quantkit.solve.grid import _clip_search_sequential, group_qparams
-from quantkit.solve.hessian import accumulate_hessian
+from quantkit.solve.hessian import SUM_DTYPE, accumulate_hessian, add_gram, mean_of_sum
 from quantkit.verification.dequantized import load_dequantized
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -31,6 +31,23 @@ def test_16_bit_hessian_products_equal_the_float32_ones():
     H32, n32 = accumulate_hessian(torch.zeros(2560, 2560, device=GPU), 0, x.float())
     assert n16 == n32 == 1536
     torch.testing.assert_close(H16, H32, rtol=1e-5, atol=1e-6)  # exact products; only the summation order differs
+
+
+def test_exact_sums_on_the_gpu_give_the_same_bits_however_shared():
+    xs = [torch.randn(n, 2560, device=GPU).bfloat16() for n in (512, 512, 300)]  # 16-bit products, two row blocks
+
+    def mean(shares: list[list[torch.Tensor]]) -> torch.Tensor:
+        total = torch.zeros(2560, 2560, device=GPU, dtype=SUM_DTYPE)
+        for share in shares:
+            S = torch.zeros_like(total)
+            for x in share:
+                add_gram(S, x)
+            total += S
+        return mean_of_sum(total, 1324)
+    one = mean([xs])
+    assert torch.equal(mean([xs[2:], xs[:2]]), one)
+    H, _ = accumulate_hessian(torch.zeros(2560, 2560, device=GPU), 0, torch.cat(xs).float())
+    torch.testing.assert_close(one, H, rtol=1e-5, atol=1e-6)
 
 
 def test_batched_clip_search_on_the_gpu_picks_the_cpus_factors():

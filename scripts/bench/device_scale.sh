@@ -9,6 +9,7 @@
 #   3. the Llama-3-8B shape, 8 layers: its peaks against the estimate;
 #   4. a Llama-2-70B-shaped slice of 3 layers with torch's allocations capped at 24 GB: it completes, its
 #      per-layer time and peaks against the estimate.
+#   5. the CUDA branches against their CPU twins (tests/test_cuda.py), where pytest is installed.
 # Each step's table lands in $OUT (or ./device-out); a failed step does not stop the next.
 #     bash scripts/bench/device_scale.sh
 set -uo pipefail
@@ -33,4 +34,5 @@ step() {  # name, then gpu.py's arguments
 step llama-2-7b --shape llama-2-7b --layers 32 --tools quantkit,quantkit-noprefetch --timeout 200
 step llama-3-8b --shape llama-3-8b --layers 8 --tools quantkit --timeout 120
 step llama-2-70b --shape llama-2-70b --layers 3 --tools quantkit --gpu-mem-cap 24 --timeout 200
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15 | tee "$out/test_cuda.txt"
 ls -l "$out"
