@@ -48,18 +48,21 @@ class Statistics:
 @dataclass
 class HessianSum:
     """The Hessian of a Linear's inputs summed so far, and the tokens it sums: a float32 running mean
-    (hessian.accumulate_hessian), or with `exact` a float64 exact sum (hessian.add_gram)."""
+    (hessian.accumulate_hessian), or in hessian.SUM_DTYPE an exact sum (hessian.add_gram)."""
     hessian: Tensor
     tokens: int = 0
     cross: Tensor | None = field(default=None)  # GPTAQ's cross term, summed over the same tokens
-    exact: bool = False
 
     @classmethod
     def zeros(cls, k: int, device: torch.device, cross: bool = False, exact: bool = False) -> HessianSum:
-        """An empty sum for inputs of width k (and GPTAQ's cross term beside it)."""
+        """An empty sum for inputs of width k (and GPTAQ's cross term beside it); exact: an exact sum."""
         dtype = SUM_DTYPE if exact else torch.float32
         return cls(torch.zeros(k, k, device=device, dtype=dtype),
-                   cross=torch.zeros(k, k, device=device, dtype=dtype) if cross else None, exact=exact)
+                   cross=torch.zeros(k, k, device=device, dtype=dtype) if cross else None)
+
+    @property
+    def exact(self) -> bool:
+        return self.hessian.dtype == SUM_DTYPE
 
     def add(self, x: Tensor) -> None:
         if self.exact:

@@ -172,11 +172,12 @@ def _quantize(t0: float, ranks: Ranks, dev: torch.device, model: str, spec: Quan
                             f"{ranks.world} processes; use --samples {ranks.world} or more")
     if ranks.distributed and spec.method == "gptq" and spec.exact_sums:
         per_batch = calibration_batch_size(calib.seq_len, dev)
-        if math.ceil(calib.samples / per_batch) < ranks.world:
+        batches = math.ceil(calib.samples / per_batch)
+        if batches < ranks.world:
             raise QuantkitError(f"--exact-sums shares the calibration among processes in whole mini-batches of "
-                                f"{per_batch} windows: --samples {calib.samples} makes "
-                                f"{math.ceil(calib.samples / per_batch)}, fewer than the run's {ranks.world} "
-                                f"processes; use --samples {per_batch * (ranks.world - 1) + 1} or more")
+                                f"{per_batch} windows: --samples {calib.samples} makes {batches}, fewer than the "
+                                f"run's {ranks.world} processes; use --samples {per_batch * (ranks.world - 1) + 1} or "
+                                "more")
     with opened(model) as source:
         side_files(source.model_dir)  # a link leading outside the model is refused before any work
         forward_dtype = choose_compute_dtype(compute_dtype, torch_dtype_of(source.config_dict), dev)

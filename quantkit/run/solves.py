@@ -110,14 +110,16 @@ def _reduced(ranks: Ranks, what: str, statistics: list[Statistics], owners: list
     that the returned list holds the only reference to each Hessian, and each sum is dropped once its mean is made
     (exact sums: the float64 sum and its float32 mean are held together one at a time)."""
     totals = ranks.token_totals(what, [s.tokens for s in statistics])
-    tokens = [s.tokens for s in statistics]
-    pending = [[s.hessian] if s.cross is None else [s.hessian, s.cross] for s in statistics]
-    statistics.clear()
+    statistics.reverse()  # popped in group order
     reduced: list[Statistics | None] = []
-    for k, owner in enumerate(owners):
-        means = [ranks.mean_to(what, owner, pending[k].pop(0), tokens[k], totals[k]) for _ in range(len(pending[k]))]
-        reduced.append(None if means[0] is None else Statistics(means[0], means[1] if len(means) > 1 else None,
-                                                                 totals[k]))
+    for total, owner in zip(totals, owners):
+        s = statistics.pop()
+        hessian, cross, tokens = s.hessian, s.cross, s.tokens
+        del s
+        mean = ranks.mean_to(what, owner, hessian, tokens, total)
+        del hessian  # the sum, dropped before the cross term's mean is made beside it
+        cross_mean = ranks.mean_to(what, owner, cross, tokens, total) if cross is not None else None
+        reduced.append(Statistics(mean, cross_mean, total) if mean is not None else None)
     return reduced
 
 

@@ -34,9 +34,7 @@ from quantkit.config import (
     QuantSpec,
 )
 from quantkit.errors import QuantkitError
-from quantkit.memory import expert_chunks
-from quantkit.solve.hessian import hessian_itemsize
-from quantkit.tools.estimate_memory import Calibration, ModeMemory, cpu_mode, gpu_mode
+from quantkit.tools.estimate_memory import Calibration, ModeMemory, cpu_mode, expert_pass, gpu_mode
 from quantkit.tools.estimate_shape import LinearShape, ModelShape, count_params
 from quantkit.untrusted import read_json
 
@@ -128,7 +126,7 @@ class ExpertEstimate:
     params: int                     # one routed expert's gate/up/down
     bytes: dict[int, int]           # {bits: one routed expert's bytes}, at each width sized
     chunk: int                      # experts per calibration pass
-    chunk_hessian_bytes: int        # that many float32 Hessians of the widest expert input
+    chunk_hessian_bytes: int        # that many Hessians of the widest expert input, as summed
 
     def to_dict(self) -> dict:
         return {"params": self.params, "bytes": {str(b): n for b, n in self.bytes.items()}, "chunk": self.chunk,
@@ -248,17 +246,6 @@ def model_dtype(config: dict) -> str:
 def activation_bytes(config: dict) -> int:
     """Bytes per stored calibration activation: quantkit keeps them in the model's dtype when it is 16-bit."""
     return 4 if model_dtype(config) == "float32" else 2
-
-
-def expert_pass(shape: ModelShape, chosen: int = 0, exact_sums: bool = False) -> tuple[int, int]:
-    """(experts per calibration pass, the bytes of their Hessians) of a layer with experts; `chosen` as
-    QuantSpec.expert_chunk (0: as many as the budget holds), exact_sums as QuantSpec.exact_sums."""
-    if shape.moe is None:
-        return 0, 0
-    widest = max(shape.hidden, shape.moe.expert_intermediate)
-    itemsize = hessian_itemsize(exact_sums)
-    chunk = expert_chunks.expert_chunk(shape.moe.experts, widest, itemsize, chosen)
-    return chunk, chunk * expert_chunks.expert_hessian_bytes(widest, itemsize)
 
 
 def expert_estimate(shape: ModelShape, bits: Iterable[int], group_size: int, chosen_chunk: int = 0,

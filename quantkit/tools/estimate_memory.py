@@ -171,6 +171,21 @@ def read_ahead_bytes(shape: ModelShape, model_bytes: int) -> int:
                (pow2(shape.router_params() * model_bytes) if experts else 0) for experts in kinds)
 
 
+def expert_pass(shape: ModelShape, chosen: int = 0, exact_sums: bool = False) -> tuple[int, int]:
+    """(experts per calibration pass, the bytes of their Hessians) of a layer with experts; `chosen` as
+    QuantSpec.expert_chunk (0: as many as the budget holds), exact_sums as QuantSpec.exact_sums."""
+    if shape.moe is None:
+        return 0, 0
+    widest, itemsize = _widest_expert_input(shape), hessian_itemsize(exact_sums)
+    chunk = expert_chunks.expert_chunk(shape.moe.experts, widest, itemsize, chosen)
+    return chunk, chunk * expert_chunks.expert_hessian_bytes(widest, itemsize)
+
+
+def _widest_expert_input(shape: ModelShape) -> int:
+    """The wider of an expert's two inputs (gate/up's: hidden; down's: its intermediate)."""
+    return max(shape.hidden, shape.moe.expert_intermediate) if shape.moe is not None else shape.hidden
+
+
 def layer_passes(shape: ModelShape, experts: bool, cal: Calibration, compute_bytes: int, batch_tokens: int,
                  on_gpu: bool) -> dict[str, int]:
     """The largest moment of a layer's passes on the compute device (module docstring): {weights, hessians,
@@ -183,9 +198,7 @@ def layer_passes(shape: ModelShape, experts: bool, cal: Calibration, compute_byt
     chunk, chunk_hessians, waiting = 0, 0, 0
     if experts and shape.moe is not None:
         moe = shape.moe
-        widest = max(shape.hidden, moe.expert_intermediate)
-        chunk = expert_chunks.expert_chunk(moe.experts, widest, cal.hessian_bytes, cal.expert_chunk)
-        chunk_hessians = chunk * expert_chunks.expert_hessian_bytes(widest, cal.hessian_bytes)
+        chunk, chunk_hessians = expert_pass(shape, cal.expert_chunk, cal.exact_sums)
         mlp += chunk * sum(lin.params for lin in shape.expert_linears()) + shape.router_params()
         width = max(moe.shared_intermediate, moe.active * moe.expert_intermediate)
         waiting = chunk_hessians - chunk_hessians // chunk
@@ -203,7 +216,8 @@ def layer_passes(shape: ModelShape, experts: bool, cal: Calibration, compute_byt
         expert_solve = max(_solve_bytes(n, k, False, not on_gpu) + _batched_beyond_one(n, k, chunk, on_gpu)
                            for n, k in shape.expert_solves())
         moments.append({"weights": weights, "hessians": s * chunk_hessians, "forward": batch + temporaries,
-                        "mean": 4 * widest * widest if cal.exact_sums else 0, "solve": s * waiting + expert_solve})
+                        "mean": 4 * _widest_expert_input(shape) ** 2 if cal.exact_sums else 0,
+                        "solve": s * waiting + expert_solve})
     for m in moments:
         m["total"] = m["weights"] + max(m["hessians"] + max(m["forward"], m["mean"]), m["solve"])
     return max(moments, key=lambda m: m["total"])

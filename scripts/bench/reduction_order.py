@@ -7,10 +7,10 @@ mean over every mini-batch against the token-weighted mean of two halves (what t
 Runs the first --samples calibration windows through the model (float32, transformers), keeps the inputs of
 o_proj and down_proj in decoder layer --layer, sums each Linear's Hessian both ways, solves GPTQ on each (4-bit,
 group 128, with and without act-order), and prints the largest difference between the two Hessians, the share of
-codes alike, and each solve's output error on the calibration inputs. Then the alternative of summing in float64:
-each mini-batch's float32 product added to a float64 sum, split into 1, 2 and 3 contiguous shares of mini-batches
-(what 1, 2, 3 processes would sum), the shares added, scaled by 2/tokens and rounded to float32: the entries that
-differ from one process's.
+codes alike, and each solve's output error on the calibration inputs. Then the exact sums of quantize
+--exact-sums (solve/hessian.py add_gram, mean_of_sum): each mini-batch's float32 product added in float64, split
+into 1, 2 and 3 contiguous shares of mini-batches (what 1, 2, 3 processes would sum), the shares added, scaled by
+2/tokens and rounded to float32: the entries that differ from one process's.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # quantkit from th
 from quantkit.config import CalibSpec, QuantSpec  # noqa: E402
 from quantkit.run.ranks import window_share  # noqa: E402
 from quantkit.solve.gptq import gptq_quantize_shared  # noqa: E402
-from quantkit.solve.hessian import accumulate_hessian  # noqa: E402
+from quantkit.solve.hessian import SUM_DTYPE, accumulate_hessian, add_gram, mean_of_sum  # noqa: E402
 from quantkit.source.calibration import calibration_batch  # noqa: E402
 
 LINEARS = ("self_attn.o_proj", "mlp.down_proj")
@@ -44,16 +44,23 @@ def shares(items: list, n: int) -> list[list]:
     return [items[window_share(len(items), rank, n)] for rank in range(n)]
 
 
-def float64_mean(products: list[torch.Tensor], tokens: int, n: int) -> torch.Tensor:
-    """2·XᵀX / tokens in float32 from the mini-batches' float32 products: summed in float64 within each of n
+def exact_mean(products: list[torch.Tensor], tokens: int, n: int) -> torch.Tensor:
+    """mean_of_sum of the mini-batches' exact sums (add_gram of each alone, computed once): added within each of n
     contiguous shares, then the shares' sums added (what n processes would reduce)."""
-    total = torch.zeros_like(products[0], dtype=torch.float64)
+    total = torch.zeros_like(products[0])
     for share in shares(products, n):
         share_sum = torch.zeros_like(total)
         for product in share:
             share_sum += product
         total += share_sum
-    return (total * (2.0 / tokens)).float()
+    return mean_of_sum(total, tokens)
+
+
+def exact_product(x: torch.Tensor) -> torch.Tensor:
+    """One mini-batch's XᵀX as add_gram adds it to an exact sum."""
+    S = torch.zeros(x.shape[-1], x.shape[-1], dtype=SUM_DTYPE)
+    add_gram(S, x)
+    return S
 
 
 def main() -> int:
@@ -89,10 +96,10 @@ def main() -> int:
             error = [((x @ (r.weight - weight).T) ** 2).mean().item() for r in (r1, r2)]
             print(f"  act-order {act_order}: codes alike {(r1.codes == r2.codes).float().mean().item():.4f}, "
                   f"g_idx alike {torch.equal(r1.g_idx, r2.g_idx)}, output error {error[0]:.5g} against {error[1]:.5g}")
-        products = [x.t() @ x for x in (t.reshape(-1, t.shape[-1]) for t in batches)]  # each computed once
-        one64 = float64_mean(products, ta + tb, 1)
+        products = [exact_product(t) for t in batches]
+        one64 = exact_mean(products, ta + tb, 1)
         for n in (2, 3):
-            differing = int((float64_mean(products, ta + tb, n) != one64).sum())
+            differing = int((exact_mean(products, ta + tb, n) != one64).sum())
             print(f"  float64 sums in {n} shares: {differing} of {one64.numel()} entries differ from 1 share's")
     return 0
 
